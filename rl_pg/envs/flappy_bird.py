@@ -1,0 +1,427 @@
+"""Flappy Bird as a pure gymnax environment, faithful to flappy-bird-gymnasium 0.4.0.
+
+The dynamics follow ``flappy_bird_gymnasium/envs/flappy_bird_env.py`` (v0.4.0)
+step for step; every constant lives in :class:`EnvParams` so it can be vmapped
+over. Per step, in the reference's order:
+
+1. flap: ``vel = flap_vel`` if the action is 1 and ``y > flap_ceiling``;
+2. score: a pipe is passed when ``pipe_x + w/2 <= bird_x + 34/2 < pipe_x + w/2 +
+   pipe_speed`` (on positions before movement);
+3. rotation ``rot -= 3`` down to -90; gravity ``vel += 1`` while ``vel < 10`` and
+   not flapping; a flap sets ``rot = 45``;
+4. ``y += min(vel, ground_y - y - bird_height)``;
+5. pipes move by ``-pipe_speed``; a pipe left of ``-pipe_width`` respawns at
+   ``spawn_x`` with the next gap of the level;
+6. observation; reward (+0.1 alive, +1 for a pipe, -0.5 when ``y < 0``, -1 on a
+   crash, later rules overriding earlier ones; in LIDAR mode, -0.5 when a ray is
+   shorter than the "private zone" and no pipe was passed, as in the reference);
+7. crash: ``y + bird_height >= ground_y - 1``, or the bird's box overlaps a pipe
+   box, with boxes truncated to integers as ``pygame.Rect`` does.
+
+Differences from the reference, all deliberate:
+
+* Episodes are truncated at ``params.max_steps_in_episode`` (default 10,000 steps,
+  about 270 pipes); the reference has no time limit. A good policy never crashes,
+  so some cap is needed; evaluation raises it.
+* Pipe gaps come from the level seed (see :mod:`rl_pg.envs.levels`), not from a
+  global RNG: the layout is a pure function of the reset key.
+* Observations are float32 and the declared Box is honest: the reference declares
+  Box(-1, 1) for features but emits pipe x down to -0.18 and bird y down to about
+  -0.18 (and LIDAR distances slightly above 1).
+* Actions other than 0 and 1 are treated as "no flap" (the state stays valid) and
+  flagged in ``info["invalid_action"]``; jitted code cannot raise.
+"""
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+from gymnax.environments import environment, spaces
+
+from rl_pg.envs import levels, lidar, render
+
+OBS_MODES = ("features", "lidar", "pixels")
+
+
+@struct.dataclass
+class EnvState(environment.EnvState):
+    """Dynamic state. Pipes are kept in screen order (leftmost first)."""
+
+    bird_y: jax.Array  # [] float32, top edge of the bird
+    bird_vel: jax.Array  # [] float32, vertical velocity (px/step, down > 0)
+    bird_rot: jax.Array  # [] float32, degrees
+    pipe_x: jax.Array  # [3] float32, left edge of each pipe
+    pipe_gap_top: jax.Array  # [3] float32, y of the upper pipe's bottom edge
+    next_pipe: jax.Array  # [] int32, index in the level of the next pipe to spawn
+    level: jax.Array  # [] uint32, level seed
+    score: jax.Array  # [] int32, pipes passed in this episode
+    time: jax.Array  # [] int32, steps taken in this episode
+
+
+@struct.dataclass
+class EnvParams(environment.EnvParams):
+    """Physics, rewards and limits; defaults are flappy-bird-gymnasium 0.4.0."""
+
+    max_steps_in_episode: int = 10_000
+    screen_width: float = 288.0
+    screen_height: float = 512.0
+    ground_y: float = 512.0 * 0.79  # 404.48
+    bird_x: float = 57.0  # int(288 * 0.2)
+    bird_width: float = 34.0
+    bird_height: float = 24.0
+    bird_start_y: float = 244.0  # int((512 - 24) / 2)
+    bird_start_vel: float = -9.0
+    bird_start_rot: float = 45.0
+    gravity: float = 1.0
+    max_fall_vel: float = 10.0
+    flap_vel: float = -9.0
+    flap_ceiling: float = -48.0  # a flap needs y > -2 * bird_height
+    rot_vel: float = 3.0
+    min_rot: float = -90.0
+    flap_rot: float = 45.0
+    pipe_width: float = 52.0
+    pipe_height: float = 320.0
+    pipe_speed: float = 4.0
+    pipe_gap: float = 100.0
+    first_pipe_x: float = 288.0
+    pipe_spacing: float = 144.0  # initial pipes at 288, 432, 576
+    spawn_x: float = 288.0 + 52.0 + 288.0 * 0.2  # 397.6
+    gap_top_base: int = 80  # int(ground_y * 0.2)
+    gap_offset_min: int = 20  # discrete gaps: base + choice({20, 30, ..., 90})
+    gap_offset_step: int = 10
+    gap_offset_count: int = 8
+    continuous_gaps: bool = False  # original game: base + randrange(0, 142)
+    continuous_gap_count: int = 142  # int(ground_y * 0.6 - 100)
+    reward_alive: float = 0.1
+    reward_pipe: float = 1.0
+    reward_top: float = -0.5
+    reward_crash: float = -1.0
+    reward_private_zone: float = -0.5  # LIDAR mode only, as in the reference
+    private_zone: float = 32.0  # (max(34, 24) + 30) / 2
+    lidar_max_distance: float = 196.0  # int(288 * 0.8) - 34
+    lidar_rot_threshold: float = 20.0
+    base_width: float = 336.0  # the ground sprite, which LIDAR rays hit
+    base_height: float = 112.0
+
+
+_POSITIVE_FIELDS = (
+    "max_steps_in_episode",
+    "screen_width",
+    "screen_height",
+    "ground_y",
+    "bird_width",
+    "bird_height",
+    "max_fall_vel",
+    "pipe_width",
+    "pipe_height",
+    "pipe_speed",
+    "pipe_gap",
+    "pipe_spacing",
+    "gap_offset_count",
+    "continuous_gap_count",
+    "lidar_max_distance",
+)
+
+
+def validate_params(params: EnvParams) -> EnvParams:
+    """Raise ValueError for physically meaningless parameters; return params.
+
+    Only concrete (Python or numpy) values are checked; traced values pass through,
+    so ``vmap`` over params still works.
+    """
+    if not isinstance(params, EnvParams):
+        raise TypeError(f"params must be an EnvParams, got {type(params).__name__}")
+    problems = []
+    for name in _POSITIVE_FIELDS:
+        value = getattr(params, name)
+        if isinstance(value, jax.core.Tracer):
+            continue
+        if not (jnp.size(value) >= 1 and bool(jnp.all(jnp.asarray(value) > 0))):
+            problems.append(f"{name} must be > 0 (got {value!r})")
+    for name in ("gravity", "gap_offset_step"):
+        value = getattr(params, name)
+        if not isinstance(value, jax.core.Tracer) and bool(
+            jnp.any(jnp.asarray(value) < 0)
+        ):
+            problems.append(f"{name} must be >= 0 (got {value!r})")
+    if problems:
+        raise ValueError("Invalid FlappyBird EnvParams: " + "; ".join(problems))
+    return params
+
+
+def gap_top(level: jax.Array, pipe_index: jax.Array, params: EnvParams) -> jax.Array:
+    """The gap top (y of the upper pipe's bottom edge) of pipe ``pipe_index``.
+
+    Discrete (reference): ``80 + 20 + 10 * u`` with ``u`` uniform on {0..7}, i.e.
+    one of {100, 110, ..., 170}. Continuous (original FlapPyBird): ``80 + u`` with
+    ``u`` uniform on {0..141}, i.e. any integer in [80, 221].
+    """
+    h = levels.pipe_hash(level, pipe_index)
+    discrete = params.gap_offset_min + params.gap_offset_step * (
+        h % jnp.asarray(params.gap_offset_count, jnp.uint32)
+    ).astype(jnp.int32)
+    continuous = (h % jnp.asarray(params.continuous_gap_count, jnp.uint32)).astype(
+        jnp.int32
+    )
+    offset = jnp.where(params.continuous_gaps, continuous, discrete)
+    return (params.gap_top_base + offset).astype(jnp.float32)
+
+
+def _trunc(x: jax.Array) -> jax.Array:
+    """pygame.Rect's float -> int conversion (towards zero)."""
+    return jnp.trunc(x)
+
+
+def crashed(state: EnvState, params: EnvParams) -> jax.Array:
+    """Ground contact, or the bird's box overlapping a pipe box (pygame rules)."""
+    on_ground = state.bird_y + params.bird_height >= params.ground_y - 1.0
+    bx, by = _trunc(jnp.asarray(params.bird_x)), _trunc(state.bird_y)
+    px = _trunc(state.pipe_x)
+    upper_y = _trunc(state.pipe_gap_top - params.pipe_height)
+    lower_y = _trunc(state.pipe_gap_top + params.pipe_gap)
+
+    def overlap(rect_y):  # Rect.colliderect for boxes of positive size
+        return (
+            (bx < px + params.pipe_width)
+            & (px < bx + params.bird_width)
+            & (by < rect_y + params.pipe_height)
+            & (rect_y < by + params.bird_height)
+        )
+
+    return on_ground | jnp.any(overlap(upper_y) | overlap(lower_y))
+
+
+def features(state: EnvState, params: EnvParams) -> jax.Array:
+    """The reference's 12-entry observation, normalised, float32.
+
+    For each pipe in screen order: (x / 288, gap_top / 512, gap_bottom / 512), a
+    pipe right of the screen replaced by (1, 0, 1); then y / 512, vel / 10,
+    rot / 90.
+    """
+    w, h = params.screen_width, params.screen_height
+    hidden = state.pipe_x > w
+    x = jnp.where(hidden, w, state.pipe_x) / w
+    top = jnp.where(hidden, 0.0, state.pipe_gap_top) / h
+    bottom = jnp.where(hidden, h, state.pipe_gap_top + params.pipe_gap) / h
+    pipes = jnp.stack([x, top, bottom], axis=-1).reshape(-1)
+    bird = jnp.stack(
+        [
+            state.bird_y / h,
+            state.bird_vel / params.max_fall_vel,
+            state.bird_rot / 90.0,
+        ]
+    )
+    return jnp.concatenate([pipes, bird]).astype(jnp.float32)
+
+
+class FlappyBird(environment.Environment[EnvState, EnvParams]):
+    """Flappy Bird (flappy-bird-gymnasium 0.4.0 physics) as a gymnax environment.
+
+    Args:
+        obs_mode: "features" (12 floats), "lidar" (``num_rays`` distances) or
+            "pixels" (``pixel_shape`` grayscale uint8 image).
+        num_rays: LIDAR rays, spread over 180 degrees (reference: 180).
+        pixel_shape: (height, width) of the pixel observation.
+    """
+
+    def __init__(
+        self,
+        obs_mode: str = "features",
+        num_rays: int = 180,
+        pixel_shape: tuple[int, int] = (84, 84),
+    ):
+        super().__init__()
+        if obs_mode not in OBS_MODES:
+            raise ValueError(f"obs_mode must be one of {OBS_MODES}, got {obs_mode!r}")
+        if not (isinstance(num_rays, int) and num_rays >= 1):
+            raise ValueError(f"num_rays must be a positive int, got {num_rays!r}")
+        pixel_shape = tuple(pixel_shape)
+        if not (
+            len(pixel_shape) == 2
+            and all(isinstance(n, int) and 8 <= n <= 1024 for n in pixel_shape)
+        ):
+            raise ValueError(
+                f"pixel_shape must be (height, width) ints in [8, 1024], "
+                f"got {pixel_shape!r}"
+            )
+        self.obs_mode = obs_mode
+        self.num_rays = num_rays
+        self.pixel_shape = pixel_shape
+
+    # Hashing on the static configuration lets jit cache across equal instances.
+    def _key(self):
+        return (type(self), self.obs_mode, self.num_rays, self.pixel_shape)
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __eq__(self, other):
+        return isinstance(other, FlappyBird) and self._key() == other._key()
+
+    def __repr__(self):
+        return (
+            f"FlappyBird(obs_mode={self.obs_mode!r}, num_rays={self.num_rays}, "
+            f"pixel_shape={self.pixel_shape})"
+        )
+
+    @property
+    def default_params(self) -> EnvParams:
+        return EnvParams()
+
+    @property
+    def name(self) -> str:
+        suffix = {"features": "", "lidar": "-lidar", "pixels": "-pixels"}
+        return f"FlappyBird{suffix[self.obs_mode]}-v0"
+
+    @property
+    def num_actions(self) -> int:
+        return 2
+
+    def reset_env(self, key: chex.PRNGKey, params: EnvParams) -> tuple[Any, EnvState]:
+        """Start the level that ``key`` selects (bird mid-screen, three pipes)."""
+        level = levels.level_seed(key)
+        index = jnp.arange(3, dtype=jnp.int32)
+        state = EnvState(
+            bird_y=jnp.asarray(params.bird_start_y, jnp.float32),
+            bird_vel=jnp.asarray(params.bird_start_vel, jnp.float32),
+            bird_rot=jnp.asarray(params.bird_start_rot, jnp.float32),
+            pipe_x=(params.first_pipe_x + params.pipe_spacing * index).astype(
+                jnp.float32
+            ),
+            pipe_gap_top=gap_top(level, index, params),
+            next_pipe=jnp.asarray(3, jnp.int32),
+            level=level,
+            score=jnp.asarray(0, jnp.int32),
+            time=jnp.asarray(0, jnp.int32),
+        )
+        return self.get_obs(state, params), state
+
+    def step_env(
+        self,
+        key: chex.PRNGKey,
+        state: EnvState,
+        action: int | jax.Array,
+        params: EnvParams,
+    ) -> tuple[Any, EnvState, jax.Array, jax.Array, dict[str, Any]]:
+        """One reference step; ``key`` is unused (the dynamics are deterministic)."""
+        del key
+        action = jnp.asarray(action)
+        invalid = (action != 0) & (action != 1)
+        wants_flap = action == 1
+
+        # 1. flap
+        flap = wants_flap & (state.bird_y > params.flap_ceiling)
+        vel = jnp.where(flap, params.flap_vel, state.bird_vel)
+
+        # 2. score, on positions before movement
+        bird_mid = params.bird_x + params.bird_width / 2
+        pipe_mid = state.pipe_x + params.pipe_width / 2
+        passed = jnp.any((pipe_mid <= bird_mid) & (bird_mid < pipe_mid + 4.0))
+        score = state.score + passed.astype(jnp.int32)
+
+        # 3. rotation and gravity
+        rot = jnp.where(
+            state.bird_rot > params.min_rot, state.bird_rot - 3.0, state.bird_rot
+        )
+        rot = jnp.where(flap, params.flap_rot, rot)
+        vel = jnp.where((vel < params.max_fall_vel) & ~flap, vel + params.gravity, vel)
+
+        # 4. move the bird, never through the ground
+        y = state.bird_y + jnp.minimum(
+            vel, params.ground_y - state.bird_y - params.bird_height
+        )
+
+        # 5. move the pipes; the leftmost leaves at x < -pipe_width
+        pipe_x = state.pipe_x - params.pipe_speed
+        leaves = pipe_x[0] < -params.pipe_width
+        new_gap = gap_top(state.level, state.next_pipe, params)
+        shifted_x = jnp.stack([pipe_x[1], pipe_x[2], jnp.float32(params.spawn_x)])
+        shifted_gap = jnp.stack([state.pipe_gap_top[1], state.pipe_gap_top[2], new_gap])
+        pipe_x = jnp.where(leaves, shifted_x, pipe_x)
+        pipe_gap = jnp.where(leaves, shifted_gap, state.pipe_gap_top)
+
+        state = state.replace(
+            bird_y=y.astype(jnp.float32),
+            bird_vel=vel.astype(jnp.float32),
+            bird_rot=rot.astype(jnp.float32),
+            pipe_x=pipe_x.astype(jnp.float32),
+            pipe_gap_top=pipe_gap.astype(jnp.float32),
+            next_pipe=state.next_pipe + leaves.astype(jnp.int32),
+            score=score,
+            time=state.time + 1,
+        )
+
+        # 6. observation and reward (later rules override earlier ones)
+        if self.obs_mode == "lidar":
+            distances = lidar.scan(state, params, self.num_rays)
+            obs = distances / params.lidar_max_distance
+            too_close = jnp.any(distances < params.private_zone)
+            not_passed = jnp.where(
+                too_close, params.reward_private_zone, params.reward_alive
+            )
+        else:
+            obs = self.get_obs(state, params)
+            not_passed = jnp.asarray(params.reward_alive, jnp.float32)
+        reward = jnp.where(passed, params.reward_pipe, not_passed)
+        reward = jnp.where(y < 0, params.reward_top, reward)
+
+        # 7. crash
+        terminated = crashed(state, params)
+        reward = jnp.where(terminated, params.reward_crash, reward).astype(jnp.float32)
+        state = state.replace(bird_vel=jnp.where(terminated, 0.0, state.bird_vel))
+
+        info = {"score": score, "invalid_action": invalid}
+        return (
+            jax.lax.stop_gradient(obs),
+            jax.lax.stop_gradient(state),
+            reward,
+            terminated,
+            info,
+        )
+
+    def get_obs(self, state: EnvState, params: EnvParams, key=None) -> jax.Array:
+        """Observation of ``state`` in this environment's mode."""
+        del key
+        if self.obs_mode == "features":
+            return features(state, params)
+        if self.obs_mode == "lidar":
+            return lidar.scan(state, params, self.num_rays) / params.lidar_max_distance
+        frame = render.render_gray(state, params, self.pixel_shape)
+        return frame[..., None]
+
+    def is_terminated(self, state: EnvState, params: EnvParams) -> jax.Array:
+        return crashed(state, params)
+
+    def action_space(self, params: EnvParams | None = None) -> spaces.Discrete:
+        """0: do nothing, 1: flap."""
+        return spaces.Discrete(2)
+
+    def observation_space(self, params: EnvParams | None = None) -> spaces.Box:
+        """An honest Box: what the observations really span under default params."""
+        if self.obs_mode == "features":
+            # pipe x >= -52/288 - eps; bird y >= about -0.2; velocity in [-0.9, 1]
+            return spaces.Box(-1.0, 1.0 + 1e-6, (12,), jnp.float32)
+        if self.obs_mode == "lidar":
+            # distances are clipped to the ray length but the ground clamp can
+            # lengthen a ray slightly; the reference emits values up to ~1.1
+            return spaces.Box(0.0, 2.0, (self.num_rays,), jnp.float32)
+        return spaces.Box(0, 255, (*self.pixel_shape, 1), jnp.uint8)
+
+    def state_space(self, params: EnvParams | None = None) -> spaces.Dict:
+        params = self.default_params if params is None else params
+        inf = jnp.inf
+        return spaces.Dict(
+            {
+                "bird_y": spaces.Box(-inf, inf, (), jnp.float32),
+                "bird_vel": spaces.Box(-inf, inf, (), jnp.float32),
+                "bird_rot": spaces.Box(-90.0, 45.0, (), jnp.float32),
+                "pipe_x": spaces.Box(-inf, inf, (3,), jnp.float32),
+                "pipe_gap_top": spaces.Box(0.0, inf, (3,), jnp.float32),
+                "next_pipe": spaces.Discrete(2**31 - 1),
+                "level": spaces.Discrete(2**32 - 1),
+                "score": spaces.Discrete(2**31 - 1),
+                "time": spaces.Discrete(params.max_steps_in_episode),
+            }
+        )

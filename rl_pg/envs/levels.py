@@ -1,0 +1,50 @@
+"""Levels: the pipe layout of an episode as a pure function of its reset key.
+
+A level is a 32-bit seed. The gap of the ``n``-th pipe of an episode (pipes are
+numbered 0, 1, 2, ... in the order they appear) is ``hash(seed, n)``, so
+
+* two environments reset with the same key see the same pipes, whatever actions
+  and step keys they are given (step keys never touch the dynamics);
+* nothing in the hot path calls ``jax.random``: a few integer multiply / xor /
+  shift rounds replace a threefry call per spawned pipe (see REFERENCE.md s. 8,
+  where random draws inside ``step`` cost 8x in throughput).
+
+The hash is the "lowbias32" integer finaliser (C. Wellons, "Prospecting for
+hash functions", 2018), which passes the usual avalanche tests.
+"""
+
+import jax
+import jax.numpy as jnp
+
+_GOLDEN = jnp.uint32(0x9E3779B9)
+
+
+def mix32(x: jax.Array) -> jax.Array:
+    """lowbias32: a bijective, well-avalanching mix of uint32 values."""
+    x = x.astype(jnp.uint32)
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    x = x ^ (x >> 16)
+    return x
+
+
+def level_seed(key: jax.Array) -> jax.Array:
+    """The level (a uint32 seed) that a reset key selects.
+
+    Works with both raw ``uint32[2]`` keys (``jax.random.PRNGKey``) and typed keys
+    (``jax.random.key``).
+    """
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    words = key.reshape(-1).astype(jnp.uint32)
+    seed = jnp.uint32(0)
+    for i in range(words.shape[0]):
+        seed = mix32(seed ^ words[i] ^ (_GOLDEN * jnp.uint32(i + 1)))
+    return seed
+
+
+def pipe_hash(seed: jax.Array, pipe_index: jax.Array) -> jax.Array:
+    """A uint32 hash of (level seed, pipe index)."""
+    return mix32(mix32(seed ^ (pipe_index.astype(jnp.uint32) * _GOLDEN)) + seed)
