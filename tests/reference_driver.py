@@ -40,7 +40,9 @@ def patched_reference(gaps, use_lidar):
 
 def scripted_action(env):
     """A simple controller that passes many pipes: stay near the gap's bottom."""
-    pipes = sorted(zip(env._upper_pipes, env._lower_pipes), key=lambda p: p[0]["x"])
+    pipes = sorted(
+        zip(env._upper_pipes, env._lower_pipes, strict=True), key=lambda p: p[0]["x"]
+    )
     ahead = [p for p in pipes if p[0]["x"] + 52 > env._player_x - 4]
     gap_bottom = ahead[0][1]["y"]
     return int(env._player_y + 24 > gap_bottom - 14 and env._player_vel_y >= 0)

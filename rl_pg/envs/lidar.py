@@ -75,23 +75,43 @@ def clip_start(x1, y1, x2, y2, left, top, width, height, rounds: int = _CLIP_ROU
     return hit, x, y
 
 
+def _reference_cos_sin_table() -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin of integer degrees as the reference gets them, in float32.
+
+    The reference computes ray ends in float64 and pygame reads coordinates as C
+    floats (float32) before truncating them to ints. For angles whose cos or sin
+    is a round number that decides the pixel: float32(cos(90 deg) in float64) is
+    6e-17 and keeps x on its pixel, while cos computed in float32 is -4e-8 and
+    drops x to the pixel on the left. A float32 table of the float64 values
+    reproduces the reference's pixels.
+    """
+    degrees = np.radians(np.arange(-_TABLE_RANGE, _TABLE_RANGE + 1, dtype=np.float64))
+    return np.cos(degrees).astype(np.float32), np.sin(degrees).astype(np.float32)
+
+
+_TABLE_RANGE = 270
+_COS_TABLE, _SIN_TABLE = _reference_cos_sin_table()
+
+
+def _cos_sin_degrees(angle: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin of angles in degrees; integer angles match the reference."""
+    rounded = jnp.round(angle)
+    exact = (rounded == angle) & (jnp.abs(rounded) <= _TABLE_RANGE)
+    index = jnp.clip(rounded, -_TABLE_RANGE, _TABLE_RANGE).astype(jnp.int32)
+    index = index + _TABLE_RANGE
+    rad = jnp.deg2rad(angle)
+    cos = jnp.where(exact, jnp.asarray(_COS_TABLE)[index], jnp.cos(rad))
+    sin = jnp.where(exact, jnp.asarray(_SIN_TABLE)[index], jnp.sin(rad))
+    return cos, sin
+
+
 def scan(state, params, num_rays: int = 180) -> jax.Array:
     """Ray lengths in pixels, float32 ``[num_rays]`` (divide by 196 to normalise)."""
     ox = params.bird_x + params.bird_width
     oy = state.bird_y + params.bird_height / 2
     visible_rot = jnp.minimum(state.bird_rot, params.lidar_rot_threshold)
-    base = np.deg2rad(np.arange(num_rays) * (180.0 / num_rays) - 90.0)
-    # cos(b - r) and sin(b - r) by the angle-difference identities: two
-    # transcendentals per step instead of 2 * num_rays.
-    cos_r, sin_r = jnp.cos(jnp.deg2rad(visible_rot)), jnp.sin(jnp.deg2rad(visible_rot))
-    cos = (
-        np.cos(base).astype(np.float32) * cos_r
-        + np.sin(base).astype(np.float32) * sin_r
-    )
-    sin = (
-        np.sin(base).astype(np.float32) * cos_r
-        - np.cos(base).astype(np.float32) * sin_r
-    )
+    angle = np.arange(num_rays) * (180.0 / num_rays) - 90.0 - visible_rot
+    cos, sin = _cos_sin_degrees(angle)
     end_x = params.lidar_max_distance * cos + ox  # [R]
     end_y = params.lidar_max_distance * sin + oy
 

@@ -1,0 +1,307 @@
+"""Rules, shapes, levels, API conformance and bad input of the FlappyBird env."""
+
+import warnings
+
+import gymnax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gymnax.wrappers.purerl import FlattenObservationWrapper, LogWrapper
+
+import rl_pg
+from rl_pg.envs import EnvState, gap_top, level_seed
+from rl_pg.envs.render import render_gray, render_rgb, write_gif
+
+ENV_IDS = ["FlappyBird-v0", "FlappyBird-lidar-v0", "FlappyBird-pixels-v0"]
+KEY = jax.random.PRNGKey(0)
+
+
+def _state(params, **overrides):
+    """A mid-flight state with pipes far away unless overridden."""
+    _, state = rl_pg.make("FlappyBird-v0")[0].reset(KEY, params)
+    state = state.replace(pipe_x=jnp.array([200.0, 344.0, 488.0]))
+    return state.replace(
+        **{k: jnp.asarray(v, jnp.float32) for k, v in overrides.items()}
+    )
+
+
+@pytest.fixture(scope="module")
+def features_env():
+    return rl_pg.make("FlappyBird-v0")
+
+
+def _step(env_params, state, action):
+    env, params = env_params
+    return jax.jit(env.step_env)(KEY, state, action, params)
+
+
+def test_gravity_adds_one_per_step_up_to_max_fall_speed(features_env):
+    _, params = features_env
+    for vel, expected in [(-9.0, -8.0), (0.0, 1.0), (9.0, 10.0), (10.0, 10.0)]:
+        state = _state(params, bird_vel=vel, bird_y=100.0)
+        _, new, _, _, _ = _step(features_env, state, 0)
+        assert float(new.bird_vel) == expected
+        assert float(new.bird_y) == 100.0 + expected  # y += vel after gravity
+
+
+def test_flap_sets_velocity_and_rotation_without_gravity(features_env):
+    _, params = features_env
+    state = _state(params, bird_vel=5.0, bird_y=100.0, bird_rot=-30.0)
+    _, new, _, _, _ = _step(features_env, state, 1)
+    assert float(new.bird_vel) == -9.0  # no +1 gravity on a flap step
+    assert float(new.bird_y) == 91.0
+    assert float(new.bird_rot) == 45.0
+
+
+def test_rotation_decreases_by_three_down_to_minus_ninety(features_env):
+    _, params = features_env
+    for rot, expected in [(45.0, 42.0), (-87.0, -90.0), (-90.0, -90.0)]:
+        _, new, _, _, _ = _step(features_env, _state(params, bird_rot=rot), 0)
+        assert float(new.bird_rot) == expected
+
+
+def test_no_flap_above_the_flap_ceiling_and_top_penalty(features_env):
+    _, params = features_env
+    # At y = -48 (not > -2 * 24) a flap is ignored: gravity applies instead.
+    state = _state(params, bird_vel=-5.0, bird_y=-48.0)
+    _, new, reward, terminated, _ = _step(features_env, state, 1)
+    assert float(new.bird_vel) == -4.0
+    assert float(reward) == pytest.approx(-0.5)  # y < 0: touching the top
+    assert not bool(terminated)  # no ceiling crash
+    state = _state(params, bird_vel=-5.0, bird_y=-47.0)
+    _, new, _, _, _ = _step(features_env, state, 1)
+    assert float(new.bird_vel) == -9.0
+
+
+def test_ground_clamps_position_and_crashes(features_env):
+    _, params = features_env
+    state = _state(params, bird_vel=10.0, bird_y=375.0)
+    _, new, reward, terminated, _ = _step(features_env, state, 0)
+    # y += min(10, 404.48 - 375 - 24) = 5.48, then y + 24 >= 403.48: crash.
+    assert float(new.bird_y) == pytest.approx(380.48, abs=1e-4)
+    assert bool(terminated)
+    assert float(reward) == -1.0
+    assert float(new.bird_vel) == 0.0  # the reference zeroes it on a crash
+
+
+def test_score_window_counts_each_pipe_once(features_env):
+    _, params = features_env
+    # Bird centre 74 passes a pipe when pipe_x + 26 <= 74 < pipe_x + 30,
+    # i.e. pipe_x in (44, 48]; pipes move 4 px a step, so exactly one step.
+    gaps = jnp.array([150.0, 150.0, 150.0])
+    scores, rewards = [], []
+    state = _state(params, bird_y=200.0, bird_vel=-9.0).replace(
+        pipe_x=jnp.array([60.0, 204.0, 348.0]), pipe_gap_top=gaps
+    )
+    for _ in range(8):
+        state = state.replace(bird_y=jnp.float32(200.0), bird_vel=jnp.float32(0.0))
+        _, state, reward, terminated, info = _step(features_env, state, 0)
+        scores.append(int(info["score"]))
+        rewards.append(float(reward))
+        assert not bool(terminated)
+    # pipe_x before each step: 60, 56, 52, 48 (scores), 44, 40, ...
+    assert scores == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert rewards[3] == 1.0 and rewards[2] == pytest.approx(0.1)
+
+
+def test_pipe_respawns_at_spawn_x_with_the_levels_next_gap(features_env):
+    _, params = features_env
+    state = _state(params, bird_y=200.0).replace(
+        pipe_x=jnp.array([-49.0, 95.0, 239.0]), next_pipe=jnp.int32(7)
+    )
+    _, new, _, _, _ = _step(features_env, state, 0)
+    # -49 - 4 = -53 < -52: the leftmost pipe leaves, pipe 7 of the level enters.
+    np.testing.assert_allclose(new.pipe_x, [91.0, 235.0, 397.6], atol=1e-4)
+    assert float(new.pipe_gap_top[2]) == float(
+        gap_top(state.level, jnp.int32(7), params)
+    )
+    assert int(new.next_pipe) == 8
+
+
+def test_pipe_collision_uses_truncated_boxes(features_env):
+    _, params = features_env
+    gaps = jnp.array([150.0, 150.0, 150.0])
+    # Upper pipe bottom at y = 150: the bird's box [y, y + 24) overlaps when
+    # int(y) < 150 and the pipe's columns overlap the bird's [57, 91).
+    for y, crash in [(149.0, True), (151.0, False), (226.0, False), (227.0, True)]:
+        state = _state(params, bird_y=y - 1.0, bird_vel=0.0).replace(
+            pipe_x=jnp.array([70.0, 214.0, 358.0]) + 4.0, pipe_gap_top=gaps
+        )
+        _, new, _, terminated, _ = _step(features_env, state, 0)
+        assert float(new.bird_y) == y
+        assert bool(terminated) == crash, y
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+def test_jit_vmap_shapes_dtypes_and_spaces(env_id):
+    env, params = rl_pg.make(env_id)
+    keys = jax.random.split(KEY, 8)
+    obs, state = jax.jit(jax.vmap(env.reset, in_axes=(0, None)))(keys, params)
+    space = env.observation_space(params)
+    assert obs.shape == (8, *space.shape) and obs.dtype == space.dtype
+    step = jax.jit(jax.vmap(env.step, in_axes=(0, 0, 0, None)))
+    actions = jnp.array([0, 1] * 4)
+    obs, state, reward, terminated, truncated, info = step(keys, state, actions, params)
+    assert obs.shape == (8, *space.shape) and obs.dtype == space.dtype
+    assert reward.dtype == jnp.float32 and reward.shape == (8,)
+    assert terminated.dtype == jnp.bool_ and truncated.dtype == jnp.bool_
+    assert info["score"].shape == (8,)
+    for o in obs:
+        assert space.contains(o)
+    assert env.action_space(params).n == 2
+
+
+def test_features_stay_in_the_declared_box():
+    env, params = rl_pg.make("FlappyBird-v0")
+    space = env.observation_space(params)
+
+    @jax.jit
+    def run(key):
+        def body(carry, key):
+            obs, state = carry
+            key_act, key_step = jax.random.split(key)
+            action = jax.random.bernoulli(key_act, 0.1).astype(jnp.int32)
+            obs, state, *_ = env.step(key_step, state, action, params)
+            return (obs, state), obs
+
+        carry = env.reset(key, params)
+        return jax.lax.scan(body, carry, jax.random.split(key, 3000))[1]
+
+    obs = run(KEY)
+    assert bool(jnp.all((obs >= space.low) & (obs <= space.high)))
+
+
+def test_levels_are_a_function_of_the_reset_key_only():
+    env, params = rl_pg.make("FlappyBird-v0")
+    actions = jax.random.bernoulli(KEY, 0.08, (400,)).astype(jnp.int32)
+
+    @jax.jit
+    def run(reset_key, step_key):
+        obs, state = env.reset(reset_key, params)
+
+        def body(state, inp):
+            key, action = inp
+            obs, state, reward, *_ = env.step_env(key, state, action, params)
+            return state, (obs, reward, state.pipe_gap_top)
+
+        keys = jax.random.split(step_key, actions.shape[0])
+        return jax.lax.scan(body, state, (keys, actions))[1]
+
+    a = run(jax.random.PRNGKey(1), jax.random.PRNGKey(2))
+    b = run(jax.random.PRNGKey(1), jax.random.PRNGKey(99))  # other step keys
+    c = run(jax.random.PRNGKey(3), jax.random.PRNGKey(2))  # another level
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert not np.array_equal(a[2], c[2])
+    # typed keys select the same level as raw keys with the same data
+    typed = jax.random.wrap_key_data(jax.random.PRNGKey(1))
+    assert int(level_seed(typed)) == int(level_seed(jax.random.PRNGKey(1)))
+
+
+def test_gap_distributions():
+    _, params = rl_pg.make("FlappyBird-v0")
+    level = level_seed(KEY)
+    gaps = np.asarray(gap_top(level, jnp.arange(20_000), params))
+    assert set(np.unique(gaps)) == set(range(100, 171, 10))
+    counts = np.bincount(((gaps - 100) / 10).astype(int))
+    assert counts.min() > 0.9 * 2500 and counts.max() < 1.1 * 2500
+    cont = np.asarray(
+        gap_top(level, jnp.arange(20_000), params.replace(continuous_gaps=True))
+    )
+    assert cont.min() == 80 and cont.max() == 221
+    assert len(np.unique(cont)) == 142
+
+
+def test_truncation_at_max_steps_and_auto_reset():
+    env, params = rl_pg.make("FlappyBird-v0", max_steps_in_episode=5)
+    obs0, state = env.reset(KEY, params)
+    step = jax.jit(env.step)
+    for t in range(5):
+        # flap only when falling: the bird stays alive
+        action = int(state.bird_vel > 0)
+        obs, state, reward, terminated, truncated, info = step(
+            KEY, state, action, params
+        )
+    assert bool(truncated) and not bool(terminated)
+    assert int(state.time) == 0  # auto-reset
+    assert info["final_observation"].shape == obs.shape
+
+
+def test_invalid_actions_do_not_flap_and_are_flagged(features_env):
+    env, params = features_env
+    _, state = env.reset(KEY, params)
+    _, ref, _, _, info0 = jax.jit(env.step_env)(KEY, state, 0, params)
+    assert not bool(info0["invalid_action"])
+    for bad in (2, -1, 7):
+        _, new, _, _, info = jax.jit(env.step_env)(KEY, state, bad, params)
+        assert bool(info["invalid_action"])
+        for x, y in zip(jax.tree.leaves(new), jax.tree.leaves(ref), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_bad_ids_and_params_raise_before_compiling():
+    with pytest.raises(ValueError, match="Unknown env id"):
+        rl_pg.make("FlappyBird-v9")
+    with pytest.raises(ValueError, match="Unknown keyword"):
+        rl_pg.make("FlappyBird-v0", gravty=2.0)
+    with pytest.raises(ValueError, match="pipe_gap must be > 0"):
+        rl_pg.make("FlappyBird-v0", pipe_gap=-10.0)
+    with pytest.raises(ValueError, match="max_steps_in_episode"):
+        rl_pg.make("FlappyBird-v0", max_steps_in_episode=0)
+    with pytest.raises(ValueError, match="obs_mode"):
+        rl_pg.FlappyBird("rgb")
+    with pytest.raises(ValueError, match="pixel_shape"):
+        rl_pg.make("FlappyBird-pixels-v0", pixel_shape=(84,))
+    with pytest.raises(ValueError, match="not in registered"):
+        gymnax.make("FlappyBird-v9")
+
+
+def test_gymnax_make_and_wrappers():
+    env, params = gymnax.make("FlappyBird-pixels-v0")
+    assert env.name == "FlappyBird-pixels-v0"
+    wrapped = LogWrapper(FlattenObservationWrapper(env))
+    obs, state = wrapped.reset(KEY, params)
+    assert obs.shape == (84 * 84,)
+    out = jax.jit(wrapped.step)(KEY, state, 1, params)
+    assert out[0].shape == (84 * 84,)
+    assert "returned_episode_returns" in out[-1]
+
+
+def test_gymnasium_adapter_passes_env_checker():
+    from gymnasium.utils.env_checker import check_env
+
+    from rl_pg.envs.gymnasium_adapter import GymnasiumFlappyBird
+
+    for env_id in ENV_IDS:
+        env, params = rl_pg.make(env_id)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no spec" notice only
+            check_env(GymnasiumFlappyBird(env, params, render_mode="rgb_array"))
+
+
+def test_renderer_shapes_and_pixel_observation(tmp_path):
+    env, params = rl_pg.make("FlappyBird-pixels-v0")
+    keys = jax.random.split(KEY, 4)
+    obs, states = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+    frames = jax.jit(jax.vmap(render_rgb, in_axes=(0, None)))(states, params)
+    assert frames.shape == (4, 512, 288, 3) and frames.dtype == jnp.uint8
+    np.testing.assert_array_equal(
+        obs[..., 0], jax.vmap(render_gray, (0, None))(states, params)
+    )
+    # the bird is drawn where the state says
+    frame = np.asarray(frames[0])
+    bird_pixel = frame[int(states.bird_y[0]) + 12, 57 + 17]
+    assert tuple(bird_pixel) == (250, 200, 40)
+    path = tmp_path / "a.gif"
+    write_gif(frames, path)
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError):
+        write_gif(frames[..., 0], path)
+
+
+def test_state_is_a_pytree_of_arrays():
+    env, params = rl_pg.make("FlappyBird-v0")
+    _, state = env.reset(KEY, params)
+    assert isinstance(state, EnvState)
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
