@@ -217,7 +217,7 @@ def test_truncation_at_max_steps_and_auto_reset():
     env, params = rl_pg.make("FlappyBird-v0", max_steps_in_episode=5)
     obs0, state = env.reset(KEY, params)
     step = jax.jit(env.step)
-    for t in range(5):
+    for _ in range(5):
         # flap only when falling: the bird stays alive
         action = int(state.bird_vel > 0)
         obs, state, reward, terminated, truncated, info = step(

@@ -57,7 +57,7 @@ def _digit_layer(wx, wy, score, screen_width, screen_height):
     """Mask [H, W] of the score drawn in seven-segment digits, top centre."""
     score = jnp.clip(score, 0, 10**_MAX_DIGITS - 1)
     powers = 10 ** jnp.arange(_MAX_DIGITS - 1, -1, -1)
-    num_digits = jnp.maximum(1, jnp.sum(score >= powers[1:]) + 1)
+    num_digits = 1 + jnp.sum(score >= 10 ** jnp.arange(1, _MAX_DIGITS))
     left = (screen_width - num_digits * _DIGIT_PITCH) / 2
     top = 0.1 * screen_height
     rel_x = wx - left  # [W]
@@ -180,3 +180,37 @@ def write_gif(frames, path, fps: int = 30) -> None:
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.shape}")
     iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+
+
+def episode_frames(env, params, key, act_fn, num_steps: int, shape=(512, 288)):
+    """RGB frames of one episode (the first ``num_steps`` steps at most).
+
+    Args:
+        act_fn: ``(obs, state, key) -> action`` for one unbatched env.
+
+    Returns:
+        uint8 numpy array ``[N, H, W, 3]``: the reset frame, then one frame per
+        step up to and including the crash.
+    """
+
+    @jax.jit
+    def run(key):
+        key_reset, key_run = jax.random.split(key)
+        obs, state = env.reset_env(key_reset, params)
+
+        def body(carry, key):
+            obs, state, alive = carry
+            key_act, key_step = jax.random.split(key)
+            action = act_fn(obs, state, key_act)
+            obs, state, _, terminated, _ = env.step_env(key_step, state, action, params)
+            frame = render_rgb(state, params, shape)
+            return (obs, state, alive & ~terminated), (frame, alive)
+
+        first = render_rgb(state, params, shape)
+        keys = jax.random.split(key_run, num_steps)
+        _, (frames, alive) = jax.lax.scan(body, (obs, state, jnp.bool_(True)), keys)
+        return first, frames, alive
+
+    first, frames, alive = run(key)
+    count = int(np.sum(np.asarray(alive)))
+    return np.concatenate([np.asarray(first)[None], np.asarray(frames)[:count]])

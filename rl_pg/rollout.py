@@ -1,0 +1,183 @@
+"""Rollouts: policies acting in a gymnax environment, collected time-major.
+
+Three ways to collect a :class:`~rl_pg.trajectory.Trajectory` ``[T, B]``, each a
+``lax.scan`` over time of a ``vmap`` over the batch, jittable end to end:
+
+* :func:`episodic_rollout`: one episode per column from a given level (reset
+  key), fixed horizon ``T``, no auto-reset; ``mask`` is 0 after the episode ends
+  and ``truncated`` marks columns still alive at ``T - 1``.
+* :func:`grouped_rollout`: ``L`` levels x ``G`` rollouts per level; the ``G``
+  columns of a level share its reset key and differ only in action sampling
+  (GRPO's group; common random numbers for estimator comparisons).
+* :func:`streaming_rollout`: auto-resetting continuous streams for training;
+  carries a :class:`StreamState` between calls.
+
+``apply_fn(params, obs) -> (logits, value)`` is a policy from
+:mod:`rl_pg.policies` (value zeros without a critic).
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rl_pg.trajectory import Trajectory
+
+ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
+
+
+def _act(key, params, apply_fn, obs):
+    """Sample a ~ pi(.|obs) for a batch; return (action, log_prob, value)."""
+    logits, value = apply_fn(params, obs)
+    action = jax.random.categorical(key, logits)
+    log_prob = jnp.take_along_axis(
+        jax.nn.log_softmax(logits), action[..., None], axis=-1
+    )[..., 0]
+    return action.astype(jnp.int32), log_prob, value
+
+
+def episodic_rollout(
+    key: jax.Array,
+    params: Any,
+    apply_fn: ApplyFn,
+    env,
+    env_params,
+    reset_keys: jax.Array,
+    horizon: int,
+    level: jax.Array | None = None,
+) -> Trajectory:
+    """One episode per reset key, ``horizon`` steps, masked after it ends.
+
+    Args:
+      key: action-sampling key (the dynamics never use it).
+      params: policy parameters.
+      apply_fn: ``(params, obs[B, ...]) -> (logits[B, A], value[B])``.
+      env, env_params: a gymnax environment (``step_env`` is used: no auto-reset).
+      reset_keys: ``[B]`` keys; each selects a level.
+      horizon: number of steps ``T`` (static).
+      level: ``[B]`` int level index per column (default ``arange(B)``).
+
+    Returns:
+      Trajectory ``[T, B]``; steps after a column's episode ended have mask 0 and
+      hold the (ignored) continuation of a crashed bird.
+    """
+    num = reset_keys.shape[0]
+    level = jnp.arange(num, dtype=jnp.int32) if level is None else level
+    obs, state = jax.vmap(env.reset_env, in_axes=(0, None))(reset_keys, env_params)
+    step = jax.vmap(env.step_env, in_axes=(None, 0, 0, None))
+
+    def body(carry, key):
+        obs, state, alive = carry
+        action, log_prob, value = _act(key, params, apply_fn, obs)
+        next_obs, next_state, reward, terminated, info = step(
+            key, state, action, env_params
+        )
+        _, next_value = apply_fn(params, next_obs)
+        out = dict(
+            observations=obs,
+            actions=action,
+            rewards=reward,
+            log_probs=log_prob,
+            values=value,
+            next_values=next_value,
+            terminated=terminated & alive,
+            mask=alive.astype(jnp.float32),
+            score=info["score"],
+        )
+        return (next_obs, next_state, alive & ~terminated), out
+
+    keys = jax.random.split(key, horizon)
+    (_, _, alive), out = jax.lax.scan(body, (obs, state, jnp.ones(num, bool)), keys)
+    truncated = jnp.zeros((horizon, num), bool).at[-1].set(alive)
+    return Trajectory(
+        truncated=truncated,
+        level=jnp.broadcast_to(level, (horizon, num)),
+        **out,
+    )
+
+
+def grouped_rollout(
+    key: jax.Array,
+    params: Any,
+    apply_fn: ApplyFn,
+    env,
+    env_params,
+    level_keys: jax.Array,
+    group_size: int,
+    horizon: int,
+) -> Trajectory:
+    """``L`` levels x ``G`` rollouts: columns ``l * G + g``, level index ``l``.
+
+    The ``G`` rollouts of a level share its reset key (same pipes) and differ
+    only in their sampled actions.
+    """
+    num_levels = level_keys.shape[0]
+    reset_keys = jnp.repeat(level_keys, group_size, axis=0)
+    level = jnp.repeat(jnp.arange(num_levels, dtype=jnp.int32), group_size)
+    return episodic_rollout(
+        key, params, apply_fn, env, env_params, reset_keys, horizon, level
+    )
+
+
+class StreamState(NamedTuple):
+    """What a streaming rollout carries between calls."""
+
+    obs: jax.Array  # [B, *obs_shape]
+    env_state: Any  # batched env state
+    episode: jax.Array  # [B] int32 episode counter per stream (the level index)
+
+
+def stream_init(key: jax.Array, env, env_params, num_envs: int) -> StreamState:
+    """Reset ``num_envs`` streams."""
+    keys = jax.random.split(key, num_envs)
+    obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, env_params)
+    return StreamState(obs, state, jnp.zeros(num_envs, jnp.int32))
+
+
+def streaming_rollout(
+    key: jax.Array,
+    params: Any,
+    apply_fn: ApplyFn,
+    env,
+    env_params,
+    stream: StreamState,
+    horizon: int,
+) -> tuple[StreamState, Trajectory]:
+    """``horizon`` steps of auto-resetting streams (``env.step``).
+
+    ``next_values`` is V of ``info["final_observation"]``, so an episode cut by
+    the env's time limit (``truncated``) bootstraps from its real last state; the
+    last step of the batch is marked ``truncated`` where it is not an episode end,
+    so returns bootstrap there too. ``level`` counts episodes per stream.
+    """
+    num = stream.obs.shape[0]
+    step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+    def body(stream, key):
+        key_act, key_step = jax.random.split(key)
+        action, log_prob, value = _act(key_act, params, apply_fn, stream.obs)
+        obs, state, reward, terminated, truncated, info = step(
+            jax.random.split(key_step, num), stream.env_state, action, env_params
+        )
+        _, next_value = apply_fn(params, info["final_observation"])
+        out = dict(
+            observations=stream.obs,
+            actions=action,
+            rewards=reward,
+            log_probs=log_prob,
+            values=value,
+            next_values=next_value,
+            terminated=terminated,
+            truncated=truncated & ~terminated,
+            mask=jnp.ones(num, jnp.float32),
+            level=stream.episode,
+            score=info["score"],
+        )
+        done = terminated | truncated
+        return StreamState(obs, state, stream.episode + done.astype(jnp.int32)), out
+
+    stream, out = jax.lax.scan(body, stream, jax.random.split(key, horizon))
+    ended = out["terminated"][-1] | out["truncated"][-1]
+    out["truncated"] = out["truncated"].at[-1].set(out["truncated"][-1] | ~ended)
+    return stream, Trajectory(**out)

@@ -1,0 +1,111 @@
+"""Episodic, grouped and streaming rollouts on FlappyBird."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import rl_pg
+from rl_pg.policies import mlp_policy
+from rl_pg.rollout import (
+    episodic_rollout,
+    grouped_rollout,
+    stream_init,
+    streaming_rollout,
+)
+
+KEY = jax.random.PRNGKey(0)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    env, env_params = rl_pg.make("FlappyBird-v0")
+    policy = mlp_policy(2, hidden=(16,))
+    params = policy.init(KEY, jnp.zeros(12))
+    return env, env_params, policy, params
+
+
+def test_episodic_masks_and_truncation(setup):
+    env, env_params, policy, params = setup
+    reset_keys = jax.random.split(KEY, 16)
+    run = jax.jit(
+        lambda k: episodic_rollout(
+            k, params, policy.apply, env, env_params, reset_keys, horizon=60
+        )
+    )
+    traj = run(jax.random.PRNGKey(1))
+    assert traj.observations.shape == (60, 16, 12)
+    for field in ("actions", "rewards", "mask", "terminated", "truncated", "level"):
+        assert getattr(traj, field).shape == (60, 16)
+    mask = np.asarray(traj.mask)
+    term = np.asarray(traj.terminated)
+    trunc = np.asarray(traj.truncated)
+    for b in range(16):
+        ends = np.flatnonzero(term[:, b])
+        assert len(ends) <= 1
+        length = ends[0] + 1 if len(ends) else 60
+        np.testing.assert_array_equal(mask[:, b], np.arange(60) < length)
+        assert trunc[-1, b] == (len(ends) == 0) and not trunc[:-1, b].any()
+        # the crash reward is the last live reward
+        if len(ends):
+            assert float(traj.rewards[ends[0], b]) == -1.0
+    # random policies crash into the first pipe quickly: most episodes end
+    assert term.any(axis=0).sum() >= 8
+    # log_probs are those of the actions under the policy
+    logits, _ = policy.apply(params, traj.observations)
+    lp = jnp.take_along_axis(jax.nn.log_softmax(logits), traj.actions[..., None], -1)
+    np.testing.assert_allclose(lp[..., 0], traj.log_probs, atol=1e-5)
+    # deterministic for a fixed key
+    again = run(jax.random.PRNGKey(1))
+    for x, y in zip(traj, again, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_grouped_rollouts_share_levels_and_differ_in_actions(setup):
+    env, env_params, policy, params = setup
+    level_keys = jax.random.split(KEY, 3)
+    traj = jax.jit(
+        lambda k: grouped_rollout(
+            k, params, policy.apply, env, env_params, level_keys, 4, horizon=150
+        )
+    )(jax.random.PRNGKey(2))
+    assert traj.actions.shape == (150, 12)
+    np.testing.assert_array_equal(traj.level[0], np.repeat(np.arange(3), 4))
+    obs0 = np.asarray(traj.observations[0])
+    for level in range(3):
+        group = obs0[4 * level : 4 * level + 4]
+        assert (group == group[0]).all()  # same level, same first observation
+    assert not (obs0[0] == obs0[4]).all()  # different levels differ
+    actions = np.asarray(traj.actions)
+    assert not (actions[:, 0] == actions[:, 1]).all()
+
+
+def test_streaming_autoreset_and_bootstrap_values(setup):
+    env, _, policy, params = setup
+    env_params = env.default_params.replace(max_steps_in_episode=40)
+    stream = stream_init(KEY, env, env_params, 8)
+    run = jax.jit(
+        lambda k, s: streaming_rollout(
+            k, params, policy.apply, env, env_params, s, horizon=100
+        )
+    )
+    stream, traj = run(jax.random.PRNGKey(3), stream)
+    assert traj.mask.shape == (100, 8) and bool(jnp.all(traj.mask == 1))
+    done = np.asarray(traj.terminated | traj.truncated)
+    level = np.asarray(traj.level)
+    # the episode counter steps exactly after each episode end
+    np.testing.assert_array_equal(level[1:], level[:-1] + done[:-1])
+    # no episode lasts more than 40 steps: the time limit truncates
+    for b in range(8):
+        ends = np.flatnonzero(done[:, b])
+        assert np.diff(np.concatenate([[-1], ends])).max() <= 40
+    # where an episode continues, next_values is the next step's value
+    cont = ~done[:-1]
+    np.testing.assert_allclose(
+        np.asarray(traj.next_values[:-1])[cont],
+        np.asarray(traj.values[1:])[cont],
+        atol=1e-5,
+    )
+    # a second call continues the same streams
+    stream2, traj2 = run(jax.random.PRNGKey(4), stream)
+    np.testing.assert_array_equal(traj2.level[0], stream.episode)
