@@ -58,6 +58,19 @@ def _render(args) -> None:
     print(f"wrote {out}: {len(frames)} frames")
 
 
+def _variance(args) -> None:
+    from rl_pg import variance_report
+
+    out = variance_report.run(
+        args.preset, args.out, checkpoints=args.checkpoints, seed=args.seed
+    )
+    print((out / "report.md").read_text())
+    print(
+        f"wrote {out}/results.csv, report.md and plots: "
+        f"{out}/variance_vs_batch_size.png, {out}/cosine_vs_batch_size.png"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-pg",
@@ -92,6 +105,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to time the Python reference per mode",
     )
     bench.set_defaults(func=_bench)
+
+    var = sub.add_parser(
+        "variance",
+        help="the estimator-variance benchmark (bias, variance, cosine to the true "
+        "gradient)",
+        description="For policies at several training stages, estimate the true "
+        "policy gradient from a large sample, then draw M batches of n trajectories "
+        "per batch size and measure every estimator's bias, variance, MSE, cosine "
+        "to the true gradient, pairwise cosine and SNR with bootstrap intervals. "
+        "Writes results.csv, per_trajectory.csv, report.md, config.json, "
+        "performance.json and plots.",
+    )
+    var.add_argument(
+        "--preset",
+        choices=["quick", "full"],
+        default="quick",
+        help="quick: a few minutes on a laptop CPU; full: research-grade",
+    )
+    var.add_argument("--out", required=True, help="new output directory")
+    var.add_argument(
+        "--checkpoints",
+        nargs="+",
+        help="policy checkpoint directories (default: the shipped "
+        "initial, partial and good policies)",
+    )
+    var.add_argument("--seed", type=int, default=0)
+    var.set_defaults(func=_variance)
 
     render = sub.add_parser(
         "render",
