@@ -37,6 +37,7 @@ from typing import Any
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 from gymnax.environments import environment, spaces
 
@@ -134,17 +135,15 @@ def validate_params(params: EnvParams) -> EnvParams:
     if not isinstance(params, EnvParams):
         raise TypeError(f"params must be an EnvParams, got {type(params).__name__}")
     problems = []
-    for name in _POSITIVE_FIELDS:
+    for name in _POSITIVE_FIELDS + ("gravity", "gap_offset_step"):
         value = getattr(params, name)
         if isinstance(value, jax.core.Tracer):
             continue
-        if not (jnp.size(value) >= 1 and bool(jnp.all(jnp.asarray(value) > 0))):
+        # numpy, not jnp: inside jit, jnp would trace even a constant
+        array = np.asarray(value)
+        if name in _POSITIVE_FIELDS and not (array.size and np.all(array > 0)):
             problems.append(f"{name} must be > 0 (got {value!r})")
-    for name in ("gravity", "gap_offset_step"):
-        value = getattr(params, name)
-        if not isinstance(value, jax.core.Tracer) and bool(
-            jnp.any(jnp.asarray(value) < 0)
-        ):
+        elif not np.all(array >= 0):
             problems.append(f"{name} must be >= 0 (got {value!r})")
     if problems:
         raise ValueError("Invalid FlappyBird EnvParams: " + "; ".join(problems))
