@@ -1,0 +1,927 @@
+"""Policy-gradient estimators as surrogate losses.
+
+Every estimator is a pure function
+
+    loss, aux = estimator(params, batch, *, apply_fn, **hyperparameters)
+
+whose ``jax.grad`` with respect to ``params`` is an estimate of -grad J, so minimising
+the loss ascends J(theta) = E_tau[sum_t r_t]. Log-probabilities are recomputed from
+``params`` through ``apply_fn(params, batch.observations) -> (logits [T, B, A], values
+[T, B])``; advantages and baselines are under ``stop_gradient``. Hyperparameters are
+keyword-only, to be bound with ``functools.partial`` (or ``get_estimator``).
+
+Aggregation. Unless stated otherwise a per-step quantity x_{t,i} enters the loss as
+
+    (1/B) sum_i sum_t m_{t,i} x_{t,i},
+
+a sum over the steps of a trajectory and a mean over the B columns, so that in an
+episodic batch the gradient estimates grad J itself (the seed's
+Loss = -(1/n) sum_i sum_t log pi(a_t|s_t) R(tau_i)). Value and entropy terms use the
+same aggregation, so the relative weights ``vf_coef`` and ``ent_coef`` mean what they
+mean in PPO implementations that average over steps; the overall scale is larger by the
+number of steps per column.
+
+Batch layout. Estimators marked *trajectory-level* (constant, mean, leave-one-out,
+optimal baselines, GRPO, Dr. GRPO) use R(tau_i) = sum_t m_{t,i} r_{t,i} of column i and
+expect episodic batches (one episode per column). Groups (RLOO, mean baseline, optimal
+baseline, GRPO) are contiguous blocks of ``group_size`` columns: column b belongs to
+group b // group_size (the "levels x G" layout of grouped rollouts; ``batch.level`` is
+not read); ``group_size=None`` makes the whole batch one group.
+
+Padding. Steps with mask 0 change nothing: their observations and actions are replaced
+by zeros before ``apply_fn`` and every weight is selected to 0 there, so arbitrary (even
+non-finite) padding leaves loss and gradient unchanged.
+"""
+
+import functools
+import inspect
+import math
+import numbers
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+
+from rl_pg import policies
+from rl_pg import returns as returns_lib
+from rl_pg.trajectory import Trajectory
+
+Params = Any
+ApplyFn = Callable[[Params, jax.Array], tuple[jax.Array, jax.Array]]
+sg = jax.lax.stop_gradient
+
+
+class LossAux(NamedTuple):
+    """Diagnostics of one loss evaluation; all scalars (0 where not applicable).
+
+    Attributes:
+      pg_loss: the policy-gradient part of the loss.
+      value_loss: 0.5 (V(s_t) - target_t)^2, aggregated like the loss (before vf_coef).
+      entropy: mean policy entropy over live steps.
+      kl: mean KL estimate to the reference policy over live steps (GRPO family).
+      approx_kl: mean KL(pi_behaviour || pi) estimate (r - 1) - log r over live steps,
+        r = pi / pi_behaviour (ratio-based estimators).
+      clip_fraction: fraction of live steps whose ratio lies outside [1 - eps, 1 + eps].
+    """
+
+    pg_loss: jax.Array
+    value_loss: jax.Array
+    entropy: jax.Array
+    kl: jax.Array
+    approx_kl: jax.Array
+    clip_fraction: jax.Array
+
+
+class _Forward(NamedTuple):
+    logits: jax.Array  # [T, B, A]
+    values: jax.Array  # [T, B] V(s_t) under params (with gradient)
+    log_probs: jax.Array  # [T, B] log pi(a_t|s_t) under params
+    mask: jax.Array  # [T, B] float32
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _live(mask: jax.Array) -> jax.Array:
+    return mask > 0
+
+
+def _zero_padding(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x where live, 0 on padding (a select, so non-finite padding does not leak)."""
+    return jnp.where(_live(mask), x, jnp.zeros_like(x))
+
+
+def _per_trajectory(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """(1/B) sum_i sum_t m_{t,i} x_{t,i} for x [T, B]."""
+    return jnp.sum(_zero_padding(x, mask)) / mask.shape[1]
+
+
+def _per_live_step(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Mean of x over live steps (0 if there are none)."""
+    return jnp.sum(_zero_padding(x, mask)) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _clean_inputs(batch: Trajectory) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(observations, actions, mask) with padding observations and actions zeroed."""
+    chex.assert_rank([batch.actions, batch.rewards, batch.mask], 2)
+    chex.assert_equal_shape([batch.actions, batch.rewards, batch.mask])
+    mask = batch.mask.astype(jnp.float32)
+    live = _live(mask)
+    obs_live = live.reshape(live.shape + (1,) * (batch.observations.ndim - 2))
+    observations = jnp.where(
+        obs_live, batch.observations, jnp.zeros_like(batch.observations)
+    )
+    return observations, jnp.where(live, batch.actions, 0), mask
+
+
+def _forward(params: Params, batch: Trajectory, apply_fn: ApplyFn) -> _Forward:
+    observations, actions, mask = _clean_inputs(batch)
+    logits, values = apply_fn(params, observations)
+    return _Forward(logits, values, policies.log_prob(logits, actions), mask)
+
+
+def _score_surrogate(log_probs: jax.Array, weights: jax.Array, mask: jax.Array):
+    """-(1/B) sum_i sum_t m log pi(a_t|s_t) w_t; gradient -(1/B) sum m w grad log pi."""
+    weights = _zero_padding(sg(weights), mask)
+    return -_per_trajectory(log_probs * weights, mask)
+
+
+def _done(batch: Trajectory) -> jax.Array:
+    return jnp.logical_or(batch.terminated, batch.truncated)
+
+
+def _episode_returns(batch: Trajectory) -> jax.Array:
+    """[B] R(tau_i) = sum_t m_{t,i} r_{t,i}."""
+    return jnp.sum(_zero_padding(batch.rewards.astype(jnp.float32), batch.mask), 0)
+
+
+def _num_groups(num_columns: int, group_size: int | None) -> int:
+    size = num_columns if group_size is None else group_size
+    if size < 1 or num_columns % size:
+        raise ValueError(
+            f"group_size={group_size} must divide the number of columns B="
+            f"{num_columns}; columns are laid out as (B // group_size) groups of "
+            "group_size consecutive columns."
+        )
+    return num_columns // size
+
+
+def _grouped(x: jax.Array, group_size: int | None) -> jax.Array:
+    """[B, ...] -> [B // G, G, ...] (column b in group b // G)."""
+    k = _num_groups(x.shape[0], group_size)
+    return x.reshape((k, x.shape[0] // k, *x.shape[1:]))
+
+
+def _group_mean(x: jax.Array, group_size: int | None) -> jax.Array:
+    """[B, ...] -> [B, ...] mean over each column's group, the column included."""
+    xg = _grouped(x, group_size)
+    mean = jnp.broadcast_to(jnp.mean(xg, axis=1, keepdims=True), xg.shape)
+    return mean.reshape(x.shape)
+
+
+def _group_sum_others(x: jax.Array, group_size: int | None) -> jax.Array:
+    """[B, ...] -> [B, ...] sum over the other members of each column's group.
+
+    Exclusive prefix plus exclusive suffix sums, so no total - x_i cancellation.
+    """
+    xg = _grouped(x, group_size)
+    zeros = jnp.zeros_like(xg[:, :1])
+    before = jnp.concatenate([zeros, jnp.cumsum(xg, axis=1)[:, :-1]], axis=1)
+    after_rev = jnp.cumsum(xg[:, ::-1], axis=1)[:, ::-1]
+    after = jnp.concatenate([after_rev[:, 1:], zeros], axis=1)
+    return (before + after).reshape(x.shape)
+
+
+def _group_sum(x: jax.Array, group_size: int | None) -> jax.Array:
+    """[B, ...] -> [B, ...] sum over each column's group, the column included."""
+    xg = _grouped(x, group_size)
+    total = jnp.broadcast_to(jnp.sum(xg, axis=1, keepdims=True), xg.shape)
+    return total.reshape(x.shape)
+
+
+def _safe_div(num: jax.Array, den: jax.Array) -> jax.Array:
+    """num / den where den > 0, else 0."""
+    positive = den > 0
+    return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
+
+
+def _make_aux(
+    fwd: _Forward,
+    pg_loss: jax.Array,
+    *,
+    value_loss: jax.Array | float = 0.0,
+    kl: jax.Array | float = 0.0,
+    approx_kl: jax.Array | float = 0.0,
+    clip_fraction: jax.Array | float = 0.0,
+) -> LossAux:
+    entropy = _per_live_step(policies.entropy(fwd.logits), fwd.mask)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return LossAux(
+        pg_loss=f32(pg_loss),
+        value_loss=f32(value_loss),
+        entropy=f32(sg(entropy)),
+        kl=f32(sg(kl)),
+        approx_kl=f32(sg(approx_kl)),
+        clip_fraction=f32(sg(clip_fraction)),
+    )
+
+
+def _value_and_entropy_terms(
+    fwd: _Forward, targets: jax.Array, vf_coef: float, ent_coef: float
+) -> tuple[jax.Array, jax.Array]:
+    """value_loss = (1/B) sum m 0.5 (V - target)^2; entropy term = (1/B) sum m H."""
+    targets = _zero_padding(sg(targets), fwd.mask)
+    value_loss = _per_trajectory(0.5 * jnp.square(fwd.values - targets), fwd.mask)
+    entropy_sum = _per_trajectory(policies.entropy(fwd.logits), fwd.mask)
+    return value_loss, vf_coef * value_loss - ent_coef * entropy_sum
+
+
+def _gae_advantages(batch: Trajectory, gamma: float, lam: float) -> jax.Array:
+    """[T, B] GAE from the collection-time values stored in the batch."""
+    return returns_lib.batch_gae(
+        batch.rewards,
+        batch.values,
+        batch.next_values,
+        batch.terminated,
+        batch.truncated,
+        gamma,
+        lam,
+    )
+
+
+def _normalize(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """(x - mean) / (std + eps) over live steps."""
+    mean = _per_live_step(x, mask)
+    var = _per_live_step(jnp.square(x - mean), mask)
+    return (x - mean) / (jnp.sqrt(var) + eps)
+
+
+class _Clipped(NamedTuple):
+    objective: jax.Array  # [T, B] min(r A, clip(r, 1 - eps, 1 + eps) A)
+    approx_kl: jax.Array  # [] (r - 1) - log r over live steps
+    clip_fraction: jax.Array  # []
+
+
+def _clipped_objective(
+    log_probs: jax.Array,
+    behaviour_log_probs: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    clip_eps: float,
+) -> _Clipped:
+    log_ratio = log_probs - _zero_padding(behaviour_log_probs, mask)
+    log_ratio = _zero_padding(log_ratio, mask)
+    ratio = jnp.exp(log_ratio)
+    advantages = _zero_padding(sg(advantages), mask)
+    unclipped = ratio * advantages
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    objective = jnp.minimum(unclipped, clipped)
+    approx_kl = _per_live_step(sg((ratio - 1.0) - log_ratio), mask)
+    clip_fraction = _per_live_step(
+        (jnp.abs(sg(ratio) - 1.0) > clip_eps).astype(jnp.float32), mask
+    )
+    return _Clipped(objective, approx_kl, clip_fraction)
+
+
+def _reference_kl(
+    fwd: _Forward,
+    batch: Trajectory,
+    apply_fn: ApplyFn,
+    ref_params: Params | None,
+    beta: float,
+) -> jax.Array:
+    """[T, B] k3 estimator of KL(pi || pi_ref) per step (Schulman 2020), 0 if beta = 0.
+
+    KL_t = pi_ref/pi - log(pi_ref/pi) - 1 at the taken action (Shao et al. 2024).
+    """
+    if isinstance(beta, int | float) and beta == 0:
+        return jnp.zeros_like(fwd.log_probs)
+    if ref_params is None:
+        raise ValueError("beta > 0 needs ref_params (the reference policy's params).")
+    ref_fwd = _forward(sg(ref_params), batch, apply_fn)
+    log_ratio = _zero_padding(ref_fwd.log_probs - fwd.log_probs, fwd.mask)
+    return jnp.exp(log_ratio) - log_ratio - 1.0
+
+
+# -------------------------------------------------------------------------- estimators
+
+
+def reinforce(
+    params: Params, batch: Trajectory, *, apply_fn: ApplyFn
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE with the total return (Williams 1992).
+
+    Loss = -(1/n) sum_i sum_t m_t log pi(a_t|s_t) R(tau_i),   n = B,
+
+    the seed's surrogate; grad J = E[sum_t grad log pi(a_t|s_t) R(tau)]. R(tau_i) is the
+    return of the episode containing step t (``returns.total_return``), so streaming
+    batches work too.
+
+    Args:
+      params: policy params.
+      batch: [T, B] trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    total = returns_lib.batch_total_return(batch.rewards, fwd.mask, _done(batch))
+    loss = _score_surrogate(fwd.log_probs, total, fwd.mask)
+    return loss, _make_aux(fwd, loss)
+
+
+def reward_to_go(
+    params: Params, batch: Trajectory, *, apply_fn: ApplyFn
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE with the reward-to-go (causality; OpenAI Spinning Up, "EGLP lemma").
+
+    Loss = -(1/B) sum_i sum_t m_t log pi(a_t|s_t) G_t,   G_t = sum_{t' >= t} r_{t'},
+
+    unbiased because rewards before t do not depend on a_t: E[grad log pi(a_t|s_t) r_k]
+    = 0 for k < t.
+
+    Args:
+      params: policy params.
+      batch: [T, B] trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    to_go = returns_lib.batch_reward_to_go(batch.rewards, fwd.mask, _done(batch))
+    loss = _score_surrogate(fwd.log_probs, to_go, fwd.mask)
+    return loss, _make_aux(fwd, loss)
+
+
+def constant_baseline(
+    params: Params, batch: Trajectory, *, apply_fn: ApplyFn, b: float = 0.0
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE with a fixed baseline b (unbiased for any constant b).
+
+    Loss = -(1/B) sum_i sum_t m_t log pi(a_t|s_t) (R(tau_i) - b).
+
+    Args:
+      params: policy params.
+      batch: [T, B] trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      b: the baseline.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    total = returns_lib.batch_total_return(batch.rewards, fwd.mask, _done(batch))
+    loss = _score_surrogate(fwd.log_probs, total - b, fwd.mask)
+    return loss, _make_aux(fwd, loss)
+
+
+def _trajectory_weighted(
+    fwd: _Forward, weights: jax.Array
+) -> tuple[jax.Array, LossAux]:
+    """Surrogate with one weight per trajectory, weights [B], given to every step."""
+    loss = _score_surrogate(
+        fwd.log_probs, jnp.broadcast_to(weights, fwd.mask.shape), fwd.mask
+    )
+    return loss, _make_aux(fwd, loss)
+
+
+def mean_baseline(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    group_size: int | None = None,
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE with the group mean return as baseline, the sample itself included.
+
+    Loss = -(1/B) sum_i (R_i - mean_{j in g(i)} R_j) sum_t m_t log pi(a_t|s_t).
+
+    Trajectory-level. Because the mean includes R_i, the expected gradient is
+    (G-1)/G grad J for groups of G independent episodes of the same level (RLOO's
+    k/(k-1) rescaling removes exactly this).
+
+    Args:
+      params: policy params.
+      batch: [T, B] episodic trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      group_size: G; None for the whole batch.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    total = _episode_returns(batch)
+    return _trajectory_weighted(fwd, total - _group_mean(total, group_size))
+
+
+def rloo(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    group_size: int | None = None,
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE leave-one-out: each return's baseline is the mean of the others.
+
+    b_i = (1/(G-1)) sum_{j in g(i), j != i} R_j,
+    Loss = -(1/B) sum_i (R_i - b_i) sum_t m_t log pi(a_t|s_t),
+
+    unbiased because b_i is independent of tau_i; R_i - b_i = G/(G-1) (R_i - mean).
+    Kool, van Hoof, Welling 2019 ("Buy 4 REINFORCE samples, get a baseline for free!");
+    Ahmadian et al. 2024 ("Back to Basics", RLOO for LLMs). Trajectory-level.
+
+    Args:
+      params: policy params.
+      batch: [T, B] episodic trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      group_size: G >= 2 columns of one level per group; None for the whole batch.
+
+    Returns:
+      (loss, LossAux).
+    """
+    size = batch.mask.shape[1] if group_size is None else group_size
+    if size < 2:
+        raise ValueError(f"rloo needs groups of at least 2 columns, got {size}.")
+    fwd = _forward(params, batch, apply_fn)
+    total = _episode_returns(batch)
+    baseline = _group_sum_others(total, group_size) / (size - 1)
+    return _trajectory_weighted(fwd, total - baseline)
+
+
+def optimal_baseline(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    variant: str = "scalar",
+    leave_one_out: bool = True,
+    group_size: int | None = None,
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE with the variance-minimising constant baseline.
+
+    With the per-trajectory score s_i = grad log p(tau_i) = sum_t m_t grad log
+    pi(a_t|s_t) (computed here with ``jax.vmap(jax.grad(.))`` over the columns):
+
+    * ``variant="scalar"`` (Greensmith, Bartlett, Baxter 2004, JMLR 5):
+      b* = E[||s||^2 R] / E[||s||^2], minimising the total variance (trace);
+    * ``variant="per_parameter"`` (Mohamed et al. 2020, JMLR 21, sec. 7.4):
+      b*_k = E[R s_k^2] / E[s_k^2], one baseline per parameter component k.
+
+    The expectations are estimated from the batch. With ``leave_one_out=True`` (default)
+    trajectory i uses b_{-i} estimated from the other members of its group only,
+
+      b_{-i} = sum_{j != i} w_j R_j / sum_{j != i} w_j,  w = ||s||^2 (or s_k^2),
+
+    which is independent of tau_i, so the estimate
+    g = (1/B) sum_i s_i (R_i - b_{-i}) stays unbiased. With ``leave_one_out=False`` the
+    whole group (i included) is used, which correlates b with s_i and biases the
+    estimate by O(1/G). A denominator of 0 (no other trajectory with a nonzero score)
+    gives b = 0.
+
+    The scalar form is a per-trajectory weight, so the loss is the usual surrogate
+    -(1/B) sum_i (R_i - b_i) log p(tau_i). The per-parameter form is not a scalar
+    weight; the loss is
+
+      -(1/B) sum_i R_i log p(tau_i; theta) + <c, theta - stop_gradient(theta)>,
+      c = stop_gradient((1/B) sum_i s_i * b_{-i}),
+
+    whose gradient is exactly -g and whose second term is 0 in value (so the loss value
+    is the REINFORCE surrogate's). Per-trajectory scores are computed at
+    stop_gradient(params); the estimate is a first-order object only (no
+    higher-order derivatives). Memory: B copies of the parameters. Trajectory-level.
+
+    Args:
+      params: policy params.
+      batch: [T, B] episodic trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      variant: "scalar" or "per_parameter".
+      leave_one_out: estimate each trajectory's baseline without it (unbiased).
+      group_size: estimate the baseline within groups of G columns; None for the batch.
+
+    Returns:
+      (loss, LossAux).
+    """
+    if variant not in ("scalar", "per_parameter"):
+        raise ValueError(
+            f"variant must be 'scalar' or 'per_parameter', got {variant!r}."
+        )
+    fwd = _forward(params, batch, apply_fn)
+    total = _episode_returns(batch)
+    observations, actions, mask = _clean_inputs(batch)
+
+    def trajectory_log_prob(p, obs, act, m):
+        logits, _ = apply_fn(p, obs)
+        return jnp.sum(_zero_padding(policies.log_prob(logits, act), m))
+
+    scores = jax.vmap(jax.grad(trajectory_log_prob), in_axes=(None, 1, 1, 1))(
+        sg(params), observations, actions, mask
+    )  # pytree of [B, *leaf_shape]
+
+    def baseline(weights):  # weights [B, ...] -> b [B, ...]
+        r = total.reshape((-1,) + (1,) * (weights.ndim - 1))
+        if leave_one_out:
+            num = _group_sum_others(weights * r, group_size)
+            den = _group_sum_others(weights, group_size)
+        else:
+            num = _group_sum(weights * r, group_size)
+            den = _group_sum(weights, group_size)
+        return _safe_div(num, den)
+
+    if variant == "scalar":
+        sq_norms = sum(
+            jnp.sum(jnp.square(s).reshape(s.shape[0], -1), axis=1)
+            for s in jax.tree.leaves(scores)
+        )
+        return _trajectory_weighted(fwd, total - baseline(sq_norms))
+
+    reinforce_loss = _score_surrogate(
+        fwd.log_probs, jnp.broadcast_to(total, mask.shape), mask
+    )
+    num_columns = mask.shape[1]
+    correction = jax.tree.map(
+        lambda s: jnp.sum(s * baseline(jnp.square(s)), axis=0) / num_columns, scores
+    )
+    linear = sum(
+        jnp.sum(sg(c) * (p - sg(p)))
+        for c, p in zip(
+            jax.tree.leaves(correction), jax.tree.leaves(params), strict=True
+        )
+    )
+    loss = reinforce_loss + linear
+    return loss, _make_aux(fwd, loss)
+
+
+def value_baseline(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> tuple[jax.Array, LossAux]:
+    """Reward-to-go with a learned state-value baseline, plus the critic's regression.
+
+    A_t = G_t - stop_gradient(V(s_t)),  G_t = sum_{t' >= t} r_{t'} (Monte Carlo, no
+    bootstrap), V from ``apply_fn(params, .)``;
+    pg_loss = -(1/B) sum_i sum_t m_t A_t log pi(a_t|s_t),
+    value_loss = (1/B) sum_i sum_t m_t 0.5 (V(s_t) - G_t)^2,
+    loss = pg_loss + vf_coef value_loss - ent_coef (1/B) sum m H(pi(.|s_t)).
+
+    A baseline that depends on s_t but not a_t keeps the policy gradient unbiased
+    (Williams 1992; Sutton et al. 2000). With ``vf_coef > 0`` the gradient also trains
+    the critic; ``aux.pg_loss`` and ``aux.value_loss`` are reported separately.
+
+    Args:
+      params: policy params (with a critic, or V = 0).
+      batch: [T, B] trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      vf_coef: weight of the value loss.
+      ent_coef: weight of the entropy bonus.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    to_go = returns_lib.batch_reward_to_go(batch.rewards, fwd.mask, _done(batch))
+    pg_loss = _score_surrogate(fwd.log_probs, to_go - sg(fwd.values), fwd.mask)
+    value_loss, extra = _value_and_entropy_terms(fwd, to_go, vf_coef, ent_coef)
+    return pg_loss + extra, _make_aux(fwd, pg_loss, value_loss=value_loss)
+
+
+def gae(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> tuple[jax.Array, LossAux]:
+    """Advantage actor-critic with generalized advantage estimation.
+
+    A_t = GAE(gamma, lam) (Schulman et al. 2016, arXiv:1506.02438; see ``returns.gae``)
+    from the collection-time ``batch.values`` / ``batch.next_values`` (the critic that
+    produced the bootstrap values, as in PPO; equal to the current critic when the batch
+    was just collected with ``params``);
+    pg_loss = -(1/B) sum_i sum_t m_t A_t log pi(a_t|s_t),
+    value_loss = (1/B) sum m 0.5 (V(s_t) - (A_t + values_t))^2 with V recomputed,
+    loss = pg_loss + vf_coef value_loss - ent_coef (1/B) sum m H.
+
+    With gamma = lam = 1 the advantage is the reward-to-go minus V(s_t) plus V at
+    truncations, unbiased for J = E[sum_t r_t] when nothing is truncated; gamma < 1 or
+    lam < 1 trade bias for variance.
+
+    Args:
+      params: policy params.
+      batch: [T, B] trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      gamma: discount.
+      lam: GAE lambda.
+      vf_coef: weight of the value loss.
+      ent_coef: weight of the entropy bonus.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    advantages = _gae_advantages(batch, gamma, lam)
+    pg_loss = _score_surrogate(fwd.log_probs, advantages, fwd.mask)
+    targets = advantages + batch.values
+    value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
+    return pg_loss + extra, _make_aux(fwd, pg_loss, value_loss=value_loss)
+
+
+def ppo_clip(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    clip_eps: float = 0.2,
+    normalize_advantages: bool = True,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.01,
+) -> tuple[jax.Array, LossAux]:
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347).
+
+    r_t = pi(a_t|s_t) / pi_behaviour(a_t|s_t) = exp(log pi - batch.log_probs),
+    pg_loss = -(1/B) sum_i sum_t m_t min(r_t A_t, clip(r_t, 1 - eps, 1 + eps) A_t),
+    loss = pg_loss + vf_coef value_loss - ent_coef (1/B) sum m H,
+
+    A_t = GAE from the batch's collection-time values (as in ``gae``), optionally
+    normalised to zero mean and unit std over the batch's live steps. The value loss is
+    unclipped, as in ``gae``. At r = 1 with ``normalize_advantages=False`` the gradient
+    equals that of ``gae`` with the same gamma, lam, vf_coef and ent_coef.
+
+    Args:
+      params: policy params.
+      batch: [T, B] trajectories with behaviour ``log_probs``.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      gamma: discount.
+      lam: GAE lambda.
+      clip_eps: ratio clip epsilon.
+      normalize_advantages: normalise A over the batch (the usual PPO default).
+      vf_coef: weight of the value loss.
+      ent_coef: weight of the entropy bonus.
+
+    Returns:
+      (loss, LossAux).
+    """
+    fwd = _forward(params, batch, apply_fn)
+    raw_advantages = _gae_advantages(batch, gamma, lam)
+    advantages = raw_advantages
+    if normalize_advantages:
+        advantages = _normalize(advantages, fwd.mask)
+    clipped = _clipped_objective(
+        fwd.log_probs, batch.log_probs, advantages, fwd.mask, clip_eps
+    )
+    pg_loss = -_per_trajectory(clipped.objective, fwd.mask)
+    targets = raw_advantages + batch.values
+    value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
+    aux = _make_aux(
+        fwd,
+        pg_loss,
+        value_loss=value_loss,
+        approx_kl=clipped.approx_kl,
+        clip_fraction=clipped.clip_fraction,
+    )
+    return pg_loss + extra, aux
+
+
+def _group_relative(
+    params: Params,
+    batch: Trajectory,
+    apply_fn: ApplyFn,
+    advantages: jax.Array,
+    length_normalize: bool,
+    clip_eps: float,
+    beta: float,
+    ref_params: Params | None,
+    ent_coef: float,
+) -> tuple[jax.Array, LossAux]:
+    """Shared body of GRPO and Dr. GRPO; advantages [B], one per trajectory."""
+    fwd = _forward(params, batch, apply_fn)
+    num_steps, num_columns = fwd.mask.shape
+    per_step_adv = jnp.broadcast_to(advantages, fwd.mask.shape)
+    clipped = _clipped_objective(
+        fwd.log_probs, batch.log_probs, per_step_adv, fwd.mask, clip_eps
+    )
+    kl = _reference_kl(fwd, batch, apply_fn, ref_params, beta)
+    per_step = _zero_padding(clipped.objective - beta * kl, fwd.mask)
+    per_sequence = jnp.sum(per_step, axis=0)  # [B]
+    if length_normalize:
+        lengths = jnp.sum(fwd.mask, axis=0)
+        per_sequence = per_sequence / jnp.maximum(lengths, 1.0)
+        pg_loss = -jnp.mean(per_sequence)
+    else:
+        pg_loss = -jnp.sum(per_sequence) / (num_columns * num_steps)
+    entropy = _per_trajectory(policies.entropy(fwd.logits), fwd.mask)
+    aux = _make_aux(
+        fwd,
+        pg_loss,
+        kl=_per_live_step(kl, fwd.mask),
+        approx_kl=clipped.approx_kl,
+        clip_fraction=clipped.clip_fraction,
+    )
+    return pg_loss - ent_coef * entropy, aux
+
+
+def grpo(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    group_size: int | None = None,
+    clip_eps: float = 0.2,
+    eps: float = 1e-4,
+    beta: float = 0.0,
+    ref_params: Params | None = None,
+    ent_coef: float = 0.0,
+) -> tuple[jax.Array, LossAux]:
+    """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath).
+
+    Over the G rollouts of one level (a "prompt"), the outcome advantage given to every
+    step of rollout i is
+
+      A_i = (R_i - mean_g R) / (std_g R + eps)     (population std, ddof = 0),
+
+    and the loss averages per-sequence means of a clipped ratio term:
+
+      loss = -(1/B) sum_i (1/|o_i|) sum_t m_t [min(r_t A_i, clip(r_t, 1-eps_c, 1+eps_c)
+             A_i) - beta KL_t],   |o_i| = sum_t m_t (at least 1),
+
+    with r_t = pi / pi_behaviour (``batch.log_probs``) and the k3 estimator
+    KL_t = pi_ref/pi - log(pi_ref/pi) - 1 to a reference policy ``ref_params`` (needed
+    when beta > 0; the KL term's default beta = 0 matches common practice since Dr. GRPO
+    and DAPO). The std division and the 1/|o_i| weights make the expected gradient
+    differ from grad J in direction, not just scale (Liu et al. 2025). ``eps`` keeps a
+    group of equal returns at A = 0. Trajectory-level; groups of ``group_size`` columns.
+
+    Args:
+      params: policy params.
+      batch: [T, B] episodic trajectories with behaviour ``log_probs``.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      group_size: G, columns per level; None for the whole batch.
+      clip_eps: ratio clip epsilon.
+      eps: added to the group std.
+      beta: weight of the KL penalty to the reference policy.
+      ref_params: params of the reference policy (same ``apply_fn``).
+      ent_coef: weight of an entropy bonus ((1/B) sum m H).
+
+    Returns:
+      (loss, LossAux).
+    """
+    total = _episode_returns(batch)
+    mean = _group_mean(total, group_size)
+    std = jnp.sqrt(_group_mean(jnp.square(total - mean), group_size))
+    advantages = (total - mean) / (std + eps)
+    return _group_relative(
+        params, batch, apply_fn, advantages, True, clip_eps, beta, ref_params, ent_coef
+    )
+
+
+def dr_grpo(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    group_size: int | None = None,
+    clip_eps: float = 0.2,
+    beta: float = 0.0,
+    ref_params: Params | None = None,
+    ent_coef: float = 0.0,
+) -> tuple[jax.Array, LossAux]:
+    """Dr. GRPO, "GRPO done right" (Liu et al. 2025, "Understanding R1-Zero-Like
+    Training: A Critical Perspective").
+
+    A_i = R_i - mean_g R (no std division), given to every step, and no per-sequence
+    length normalisation; the sum is divided by the constant B * T instead (T = the
+    batch's time dimension, the generation budget of the paper's MAX_TOKENS):
+
+      loss = -(1/(B T)) sum_i sum_t m_t [min(r_t A_i, clip(r_t, 1-eps_c, 1+eps_c) A_i)
+             - beta KL_t].
+
+    At r = 1 the expected gradient is (G-1)/(G T) grad J: the group mean includes the
+    sample itself (see ``mean_baseline``). Trajectory-level.
+
+    Args:
+      params: policy params.
+      batch: [T, B] episodic trajectories with behaviour ``log_probs``.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      group_size: G, columns per level; None for the whole batch.
+      clip_eps: ratio clip epsilon.
+      beta: weight of the KL penalty to the reference policy.
+      ref_params: params of the reference policy (same ``apply_fn``).
+      ent_coef: weight of an entropy bonus ((1/B) sum m H).
+
+    Returns:
+      (loss, LossAux).
+    """
+    total = _episode_returns(batch)
+    advantages = total - _group_mean(total, group_size)
+    return _group_relative(
+        params, batch, apply_fn, advantages, False, clip_eps, beta, ref_params, ent_coef
+    )
+
+
+# ---------------------------------------------------------------------------- registry
+
+Estimator = Callable[..., tuple[jax.Array, LossAux]]
+
+ESTIMATORS: dict[str, Estimator] = {
+    "reinforce": reinforce,
+    "reward_to_go": reward_to_go,
+    "constant_baseline": constant_baseline,
+    "mean_baseline": mean_baseline,
+    "rloo": rloo,
+    "optimal_baseline": optimal_baseline,
+    "value_baseline": value_baseline,
+    "gae": gae,
+    "ppo_clip": ppo_clip,
+    "grpo": grpo,
+    "dr_grpo": dr_grpo,
+}
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _unit_interval(v: Any) -> bool:
+    return _is_number(v) and 0.0 <= v <= 1.0
+
+
+def _non_negative(v: Any) -> bool:
+    return _is_number(v) and v >= 0.0
+
+
+def _positive(v: Any) -> bool:
+    return _is_number(v) and v > 0.0
+
+
+def _group_size_ok(v: Any, minimum: int = 1) -> bool:
+    if v is None:
+        return True
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+
+
+# name -> (check, what a valid value is)
+_CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "apply_fn": (callable, "a callable apply(params, obs) -> (logits, values)"),
+    "b": (_is_number, "a finite number"),
+    "gamma": (_unit_interval, "a number in [0, 1]"),
+    "lam": (_unit_interval, "a number in [0, 1]"),
+    "clip_eps": (lambda v: _positive(v) and v < 1.0, "a number in (0, 1)"),
+    "eps": (_positive, "a positive number"),
+    "vf_coef": (_non_negative, "a non-negative number"),
+    "ent_coef": (_non_negative, "a non-negative number"),
+    "beta": (_non_negative, "a non-negative number"),
+    "group_size": (_group_size_ok, "None or a positive int"),
+    "variant": (
+        lambda v: v in ("scalar", "per_parameter"),
+        "'scalar' or 'per_parameter'",
+    ),
+    "leave_one_out": (lambda v: isinstance(v, bool), "a bool"),
+    "normalize_advantages": (lambda v: isinstance(v, bool), "a bool"),
+    "ref_params": (lambda v: True, "a params pytree or None"),
+}
+_ESTIMATOR_CHECKS: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
+    ("rloo", "group_size"): (
+        lambda v: _group_size_ok(v, minimum=2),
+        "None or an int >= 2 (leave-one-out needs another sample)",
+    ),
+}
+
+
+def hyperparameters(name: str) -> tuple[str, ...]:
+    """The keyword-only arguments (``apply_fn`` and hyperparameters) of an estimator."""
+    signature = inspect.signature(ESTIMATORS[name])
+    return tuple(
+        p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY
+    )
+
+
+def get_estimator(name: str, **kwargs: Any) -> Estimator:
+    """Looks up an estimator and binds its keyword arguments.
+
+    Values given as jax arrays or tracers are bound without checking (so hyperparameters
+    can be vmapped over); Python values are validated.
+
+    Args:
+      name: a key of ``ESTIMATORS``.
+      **kwargs: keyword-only arguments of that estimator (``apply_fn`` and
+        hyperparameters); the rest can still be passed at call time.
+
+    Returns:
+      ``functools.partial(ESTIMATORS[name], **kwargs)``: ``loss(params, batch, ...)``.
+
+    Raises:
+      ValueError: for an unknown name, an unknown keyword or an invalid value.
+    """
+    if name not in ESTIMATORS:
+        raise ValueError(
+            f"Unknown estimator {name!r}; known estimators: {', '.join(ESTIMATORS)}."
+        )
+    allowed = hyperparameters(name)
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"Unknown argument(s) {unknown} for estimator {name!r}; it accepts "
+            f"{', '.join(allowed)}."
+        )
+    for key, value in kwargs.items():
+        if isinstance(value, jax.Array) and key != "ref_params":
+            continue
+        check, description = _ESTIMATOR_CHECKS.get((name, key), _CHECKS[key])
+        if not check(value):
+            raise ValueError(
+                f"Invalid {key}={value!r} for estimator {name!r}: "
+                f"expected {description}."
+            )
+    return functools.partial(ESTIMATORS[name], **kwargs)
