@@ -71,6 +71,63 @@ def _variance(args) -> None:
     )
 
 
+def _train(args, extra: list[str]) -> None:
+    from rl_pg import train
+
+    if args.help_config:
+        print(_config_help(args.algo))
+        return
+    overrides = train.overrides_from_argv(extra)
+    if args.algo == "dqn":
+        from rl_pg.algos import dqn
+
+        if args.resume:
+            raise ValueError("--resume is not supported for --algo dqn")
+        config = dqn.DQNConfig(**train.parse_overrides(dqn.DQNConfig, overrides))
+        result = dqn.train_dqn(config, args.out, progress=True).eval
+    else:
+        result = train.train_main(args.algo, args.out, overrides, resume=args.resume)
+    if result is not None:
+        print(
+            f"held-out median score {result['median_score']}, mean "
+            f"{result['mean_score']:.1f}; results in {args.out}"
+        )
+
+
+def _config_help(algo: str) -> str:
+    from rl_pg import train
+
+    if algo == "dqn":
+        import dataclasses
+
+        from rl_pg.algos import dqn
+
+        fields = dataclasses.fields(dqn.DQNConfig)
+        return "\n".join(
+            f"--{f.name.replace('_', '-')} (default {f.default!r})" for f in fields
+        )
+    return train.config_help(algo)
+
+
+def _eval(args) -> None:
+    from rl_pg import train
+
+    result = train.eval_main(
+        args.checkpoint,
+        args.out,
+        num_episodes=args.episodes,
+        max_score=args.max_score,
+        greedy=not args.sampled,
+        seed=args.seed,
+        gif=args.gif,
+    )
+    print(
+        f"held-out median score {result['median_score']}, mean "
+        f"{result['mean_score']:.1f} over {len(result['scores'])} levels; "
+        f"wrote {args.out}/eval.json"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rl-pg",
@@ -133,6 +190,51 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--seed", type=int, default=0)
     var.set_defaults(func=_variance)
 
+    algos = ("reinforce", "a2c", "ppo", "grpo", "qlearning", "dqn")
+    train = sub.add_parser(
+        "train",
+        help="train an agent (REINFORCE family, A2C, PPO, GRPO, Q-learning, DQN)",
+        description="Train fully inside jit, evaluate on held-out levels and write "
+        "config.json, metrics.csv, eval.json, checkpoints, learning_curve.png and "
+        "agent.gif into --out. Any config field can be set as --field-name VALUE "
+        "(see --help-config).",
+    )
+    train.add_argument("--algo", required=True, choices=algos)
+    train.add_argument("--out", required=True, help="new run directory")
+    train.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run in --out"
+    )
+    train.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list the config fields of --algo and their defaults",
+    )
+    train.set_defaults(func=_train, takes_extra=True)
+
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a saved policy on held-out levels",
+        description="Score a checkpoint (a policy checkpoint or a training run "
+        "directory) on held-out levels; writes DIR2/eval.json.",
+    )
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--out", required=True, help="new output directory")
+    ev.add_argument("--episodes", type=int, default=32, help="held-out levels")
+    ev.add_argument(
+        "--max-score",
+        type=int,
+        default=10_000,
+        help="an episode stops at this many pipes",
+    )
+    ev.add_argument(
+        "--sampled",
+        action="store_true",
+        help="sample actions instead of taking the argmax",
+    )
+    ev.add_argument("--gif", action="store_true", help="also write agent.gif")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.set_defaults(func=_eval)
+
     render = sub.add_parser(
         "render",
         help="write a GIF of one episode",
@@ -161,10 +263,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     start = time.perf_counter()
     try:
-        args.func(args)
+        if getattr(args, "takes_extra", False):
+            args.func(args, extra)
+        else:
+            args.func(args)
     except (ValueError, FileExistsError) as error:
         print(f"rl-pg {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -14,6 +14,11 @@ Three ways to collect a :class:`~rl_pg.trajectory.Trajectory` ``[T, B]``, each a
 
 ``apply_fn(params, obs) -> (logits, value)`` is a policy from
 :mod:`rl_pg.policies` (value zeros without a critic).
+
+Each takes an optional ``mesh`` (:func:`rl_pg.distributed.batch_mesh`): under
+``jit`` the batch axis (levels for grouped rollouts) is then split across its
+devices. Random bits do not depend on the layout, so the trajectories are those
+of the unsharded call.
 """
 
 from collections.abc import Callable
@@ -21,7 +26,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
+from rl_pg import distributed
 from rl_pg.trajectory import Trajectory
 
 ApplyFn = Callable[[Any, jax.Array], tuple[jax.Array, jax.Array]]
@@ -46,6 +53,7 @@ def episodic_rollout(
     reset_keys: jax.Array,
     horizon: int,
     level: jax.Array | None = None,
+    mesh: Mesh | None = None,
 ) -> Trajectory:
     """One episode per reset key, ``horizon`` steps, masked after it ends.
 
@@ -57,12 +65,15 @@ def episodic_rollout(
       reset_keys: ``[B]`` keys; each selects a level.
       horizon: number of steps ``T`` (static).
       level: ``[B]`` int level index per column (default ``arange(B)``).
+      mesh: split the B columns across its devices (B divisible by their number).
 
     Returns:
       Trajectory ``[T, B]``; steps after a column's episode ended have mask 0 and
       hold the (ignored) continuation of a crashed bird.
     """
     num = reset_keys.shape[0]
+    distributed.check_divisible(num, mesh, "rollout batch")
+    reset_keys = distributed.constrain(reset_keys, mesh)
     level = jnp.arange(num, dtype=jnp.int32) if level is None else level
     obs, state = jax.vmap(env.reset_env, in_axes=(0, None))(reset_keys, env_params)
     step = jax.vmap(env.step_env, in_axes=(None, 0, 0, None))
@@ -90,11 +101,12 @@ def episodic_rollout(
     keys = jax.random.split(key, horizon)
     (_, _, alive), out = jax.lax.scan(body, (obs, state, jnp.ones(num, bool)), keys)
     truncated = jnp.zeros((horizon, num), bool).at[-1].set(alive)
-    return Trajectory(
+    traj = Trajectory(
         truncated=truncated,
         level=jnp.broadcast_to(level, (horizon, num)),
         **out,
     )
+    return distributed.constrain(traj, mesh, axis=1)
 
 
 def grouped_rollout(
@@ -106,17 +118,21 @@ def grouped_rollout(
     level_keys: jax.Array,
     group_size: int,
     horizon: int,
+    mesh: Mesh | None = None,
 ) -> Trajectory:
     """``L`` levels x ``G`` rollouts: columns ``l * G + g``, level index ``l``.
 
     The ``G`` rollouts of a level share its reset key (same pipes) and differ
-    only in their sampled actions.
+    only in their sampled actions. With a ``mesh`` the levels are split across
+    its devices (``L`` divisible by their number), whole groups per device.
     """
     num_levels = level_keys.shape[0]
+    distributed.check_divisible(num_levels, mesh, "number of levels")
+    level_keys = distributed.constrain(level_keys, mesh)
     reset_keys = jnp.repeat(level_keys, group_size, axis=0)
     level = jnp.repeat(jnp.arange(num_levels, dtype=jnp.int32), group_size)
     return episodic_rollout(
-        key, params, apply_fn, env, env_params, reset_keys, horizon, level
+        key, params, apply_fn, env, env_params, reset_keys, horizon, level, mesh
     )
 
 
@@ -128,11 +144,16 @@ class StreamState(NamedTuple):
     episode: jax.Array  # [B] int32 episode counter per stream (the level index)
 
 
-def stream_init(key: jax.Array, env, env_params, num_envs: int) -> StreamState:
-    """Reset ``num_envs`` streams."""
-    keys = jax.random.split(key, num_envs)
+def stream_init(
+    key: jax.Array, env, env_params, num_envs: int, mesh: Mesh | None = None
+) -> StreamState:
+    """Reset ``num_envs`` streams (split across ``mesh`` if given)."""
+    distributed.check_divisible(num_envs, mesh, "num_envs")
+    keys = distributed.constrain(jax.random.split(key, num_envs), mesh)
     obs, state = jax.vmap(env.reset, in_axes=(0, None))(keys, env_params)
-    return StreamState(obs, state, jnp.zeros(num_envs, jnp.int32))
+    return distributed.constrain(
+        StreamState(obs, state, jnp.zeros(num_envs, jnp.int32)), mesh
+    )
 
 
 def streaming_rollout(
@@ -143,15 +164,19 @@ def streaming_rollout(
     env_params,
     stream: StreamState,
     horizon: int,
+    mesh: Mesh | None = None,
 ) -> tuple[StreamState, Trajectory]:
     """``horizon`` steps of auto-resetting streams (``env.step``).
 
     ``next_values`` is V of ``info["final_observation"]``, so an episode cut by
     the env's time limit (``truncated``) bootstraps from its real last state; the
     last step of the batch is marked ``truncated`` where it is not an episode end,
-    so returns bootstrap there too. ``level`` counts episodes per stream.
+    so returns bootstrap there too. ``level`` counts episodes per stream. With a
+    ``mesh`` the streams are split across its devices.
     """
     num = stream.obs.shape[0]
+    distributed.check_divisible(num, mesh, "num_envs")
+    stream = distributed.constrain(stream, mesh)
     step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
     def body(stream, key):
@@ -180,4 +205,5 @@ def streaming_rollout(
     stream, out = jax.lax.scan(body, stream, jax.random.split(key, horizon))
     ended = out["terminated"][-1] | out["truncated"][-1]
     out["truncated"] = out["truncated"].at[-1].set(out["truncated"][-1] | ~ended)
-    return stream, Trajectory(**out)
+    traj = distributed.constrain(Trajectory(**out), mesh, axis=1)
+    return distributed.constrain(stream, mesh), traj

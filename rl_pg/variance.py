@@ -4,7 +4,8 @@ The estimator-variance study after Ilyas et al. 2020 ("A Closer Look at Deep
 Policy Gradients", ICLR): for a policy theta,
 
 1. a reference gradient g = grad J(theta) from a large sample of per-trajectory
-   reward-to-go estimates (unbiased), with its standard error;
+   REINFORCE estimates with the sample-mean baseline (see
+   :func:`reference_gradient`), with its standard error;
 2. for every estimator e and batch size n, M independent batches of n
    trajectories and their estimates g_hat_{e,n,m} = -grad loss_e(theta, batch_m).
    Common random numbers: batch m holds the same trajectories for every
@@ -30,6 +31,12 @@ The study is generic: a :class:`Problem` is a policy ``apply_fn`` and a sampler
 ``group_size`` columns (levels x G). :func:`flappy_problem` samples grouped
 Flappy Bird rollouts; the tests use the exactly solvable MDP of
 :mod:`rl_pg.enumerable`.
+
+``make_runners(..., mesh=...)`` shards the study across devices (and hosts):
+the M batches of a batch-size setting and the trajectories of a gradient chunk
+are split over the mesh, parameters are replicated, and every result is gathered
+to the host. Keys stay per batch / per chunk index, so the numbers are those of a
+single-device run.
 """
 
 import dataclasses
@@ -42,7 +49,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh
 
+from rl_pg import distributed
 from rl_pg import estimators as estimators_lib
 from rl_pg.rollout import grouped_rollout
 from rl_pg.trajectory import Trajectory
@@ -241,10 +250,18 @@ class Runners(NamedTuple):
     trajectory_grads: Callable  # (params, traj) -> (score [C, P], rtg [C, P], R [C])
     batch: dict[int, Callable]  # n -> (params, keys [k], b) -> [k, E, P]
     names: tuple[str, ...]
+    mesh: Mesh | None = None  # batches and chunk trajectories split across it
 
 
-def make_runners(problem: Problem, config: "StudyConfig") -> Runners:
-    """Build (lazily compiled) jitted functions for ``problem`` and ``config``."""
+def make_runners(
+    problem: Problem, config: "StudyConfig", mesh: Mesh | None = None
+) -> Runners:
+    """Build (lazily compiled) jitted functions for ``problem`` and ``config``.
+
+    With a ``mesh`` (:func:`rl_pg.distributed.batch_mesh`) the chunk's
+    trajectories (``config.chunk`` must be divisible by the device count) and the
+    keys of the M batches are split across its devices; params are replicated.
+    """
     G = problem.group_size
     bad = [n for n in config.batch_sizes if n % G] + (
         [config.chunk] if config.chunk % G else []
@@ -253,9 +270,19 @@ def make_runners(problem: Problem, config: "StudyConfig") -> Runners:
         raise ValueError(
             f"batch sizes and chunk must be multiples of group_size {G}: {bad}"
         )
+    distributed.check_divisible(config.chunk, mesh, "chunk")
     rtg = estimators_lib.get_estimator("reward_to_go", apply_fn=problem.apply_fn)
     estimator_suite(problem, config.suite)  # validate the names before compiling
     names = tuple(config.suite.names)
+    shardings = {"sample": {}, "grads": {}, "batch": {}}
+    if mesh is not None:
+        whole, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
+        columns = distributed.batch_sharding(mesh, axis=1)  # Trajectory [T, B]
+        shardings = {
+            "sample": {"in_shardings": (whole, whole), "out_shardings": columns},
+            "grads": {"in_shardings": (whole, columns), "out_shardings": rows},
+            "batch": {"in_shardings": (whole, rows, whole), "out_shardings": rows},
+        }
 
     def batch_fn(n):
         def one(params, key, b):
@@ -263,13 +290,14 @@ def make_runners(problem: Problem, config: "StudyConfig") -> Runners:
             batch = problem.sample(key, params, n)
             return jnp.stack([flat_gradient(suite[e], params, batch) for e in names])
 
-        return jax.jit(jax.vmap(one, in_axes=(None, 0, None)))
+        return jax.jit(jax.vmap(one, in_axes=(None, 0, None)), **shardings["batch"])
 
     return Runners(
-        sample=jax.jit(problem.sample, static_argnums=2),
-        trajectory_grads=jax.jit(_score_and_rtg(problem, rtg)),
+        sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
+        trajectory_grads=jax.jit(_score_and_rtg(problem, rtg), **shardings["grads"]),
         batch={int(n): batch_fn(int(n)) for n in config.batch_sizes},
         names=names,
+        mesh=mesh,
     )
 
 
@@ -291,12 +319,17 @@ def trajectory_moments(
         raise ValueError(
             f"chunk ({chunk}) must divide num_trajectories ({num_trajectories})"
         )
+    mesh = runners.mesh
+    distributed.check_divisible(chunk, mesh, "chunk")
+    if mesh is not None:
+        params = distributed.replicate(params, mesh)
     moments = TrajectoryMoments()
     grad_seconds, flops = 0.0, float("nan")
     for i in range(num_trajectories // chunk):
-        traj = jax.block_until_ready(
-            runners.sample(jax.random.fold_in(key, i), params, chunk)
-        )
+        key_chunk = jax.random.fold_in(key, i)
+        if mesh is not None:
+            key_chunk = distributed.replicate(key_chunk, mesh)
+        traj = jax.block_until_ready(runners.sample(key_chunk, params, chunk))
         if i == 0:
             compiled = runners.trajectory_grads.lower(params, traj).compile()
             analysis = compiled.cost_analysis()
@@ -306,7 +339,9 @@ def trajectory_moments(
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(params, traj))
         grad_seconds += time.perf_counter() - start
-        score, rtg_grads, ret = (np.asarray(x, np.float64) for x in out)
+        score, rtg_grads, ret = (
+            np.asarray(x, np.float64) for x in distributed.gather(out)
+        )
         reinforce = ret[:, None] * score
         s2 = score**2
         moments.update(
@@ -347,10 +382,16 @@ def batch_estimates(
     """``num_batches`` estimates [M, P] per estimator, common random numbers.
 
     Batch m of size n is sampled from ``fold_in(key, m)``, so it is the same
-    for every estimator (and does not depend on how batches are chunked).
+    for every estimator (and does not depend on how batches are chunked or
+    sharded). With ``runners.mesh`` each call's batches are split across the
+    devices; ``batches_per_call`` is rounded up to a multiple of their number.
     """
     run = runners.batch[batch_size]
     b = jnp.float32(constant_b)
+    mesh = runners.mesh
+    if mesh is not None:
+        batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
+        params, b = distributed.replicate((params, b), mesh)
     out = []
     for start in range(0, num_batches, batches_per_call):
         idx = jnp.arange(start, min(start + batches_per_call, num_batches))
@@ -358,7 +399,9 @@ def batch_estimates(
         if len(idx) < batches_per_call:  # keep one compiled shape
             pad = batches_per_call - len(idx)
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-        out.append(np.asarray(run(params, keys, b))[: len(idx)])
+        if mesh is not None:
+            keys = distributed.shard(keys, mesh)
+        out.append(distributed.gather(run(params, keys, b))[: len(idx)])
         if progress is not None:
             progress(len(idx))
     stacked = np.concatenate(out)  # [M, E, P]
@@ -454,6 +497,22 @@ class StudyConfig:
             raise ValueError("Invalid StudyConfig: " + "; ".join(problems))
 
 
+def reference_gradient(moments: TrajectoryMoments) -> tuple[np.ndarray, float]:
+    """The "true" gradient and its squared standard error (trace).
+
+    g = (1/N) sum_i (R_i - b) s_i with b = the sample's mean return: REINFORCE
+    with the mean-return baseline, whose per-trajectory variance is a few percent
+    of plain REINFORCE's or reward-to-go's on Flappy Bird, so the reference is
+    several times more precise for the same N. Using the sample's own mean adds
+    a bias of order 1/N (-Cov(R, s) / N), far below the standard error.
+    """
+    n = moments.count
+    e = {k: v / n for k, v in moments.sums.items()}
+    g = e["R_s"] - e["R"] * e["s"]
+    se2 = moments.baseline_variances()["constant b = E[R]"] / n
+    return g, float(se2)
+
+
 class StageResult(NamedTuple):
     rows: list[dict]  # one per (estimator, batch size)
     per_trajectory: dict[str, float]  # per-trajectory tr Var by estimator/baseline
@@ -476,10 +535,8 @@ def study_stage(
     moments, perf = trajectory_moments(
         params, runners, key_ref, config.reference_trajectories, config.chunk, progress
     )
-    g = moments.mean["reward_to_go"]
-    n_ref = moments.count
-    se2 = moments.trace_variance("reward_to_go") / n_ref
-    mean_return = float(moments.sums["R"] / n_ref)
+    g, se2 = reference_gradient(moments)
+    mean_return = float(moments.sums["R"] / moments.count)
     rows = []
     start = time.perf_counter()
     for n in config.batch_sizes:

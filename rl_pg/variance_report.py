@@ -230,7 +230,8 @@ def report(results: dict, study, wall: float, matmul: float) -> str:
         "",
         f"{len(results)} policies, batch sizes {list(study.batch_sizes)}, "
         f"{study.num_batches} batches each, reference gradient from "
-        f"{study.reference_trajectories} trajectories (reward-to-go, unbiased). "
+        f"{study.reference_trajectories} trajectories (REINFORCE with the mean-return "
+        "baseline). "
         f"Wall-clock {wall:.0f} s. Plots: `variance_vs_batch_size.png`, "
         "`cosine_vs_batch_size.png`.",
         "",
