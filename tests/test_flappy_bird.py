@@ -305,3 +305,75 @@ def test_state_is_a_pytree_of_arrays():
     _, state = env.reset(KEY, params)
     assert isinstance(state, EnvState)
     assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(state))
+
+
+def _rollout_both_steps(env, params, params_axis, num_envs=32, num_steps=80):
+    """Outputs of FlappyBird.step and of gymnax's generic Environment.step."""
+    from gymnax.environments.environment import Environment
+
+    keys = jax.random.split(KEY, num_envs)
+    _, state = jax.vmap(env.reset, in_axes=(0, params_axis))(keys, params)
+    axes = (0, 0, 0, params_axis)
+    ours = jax.jit(jax.vmap(env.step, in_axes=axes))
+    generic = jax.jit(
+        jax.vmap(lambda k, s, a, p: Environment.step(env, k, s, a, p), in_axes=axes)
+    )
+    results = []
+    for t in range(num_steps):
+        key = jax.random.fold_in(KEY, t)
+        actions = jax.random.bernoulli(key, 0.2, (num_envs,)).astype(jnp.int32)
+        step_keys = jax.random.split(key, num_envs)
+        out_ours = ours(step_keys, state, actions, params)
+        out_generic = generic(step_keys, state, actions, params)
+        results.append((out_ours, out_generic))
+        state = out_ours[1]
+    return results
+
+
+@pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.parametrize("first_pipe_x", [288.0, 100.0])
+def test_step_matches_gymnax_generic_step(env_id, first_pipe_x):
+    # FlappyBird.step computes the reset observation once per batch when fresh
+    # pipes are out of sight (default), per env otherwise (first_pipe_x=100);
+    # either way every output equals gymnax's generic step, resets included.
+    env, params = rl_pg.make(env_id, first_pipe_x=first_pipe_x, max_steps_in_episode=30)
+    resets = 0
+    for out_ours, out_generic in _rollout_both_steps(env, params, None):
+        for x, y in zip(
+            jax.tree.leaves(out_ours), jax.tree.leaves(out_generic), strict=True
+        ):
+            np.testing.assert_array_equal(x, y)
+        resets += int(jnp.sum(out_ours[3] | out_ours[4]))
+    assert resets > 10
+
+
+def test_step_matches_gymnax_generic_step_with_per_env_params():
+    # vmapped params turn the shared-reset conds into selects: still equal.
+    env, params = rl_pg.make("FlappyBird-pixels-v0", max_steps_in_episode=30)
+    num_envs = 16
+    params = jax.tree.map(lambda x: jnp.full((num_envs,), x), params)
+    params = params.replace(first_pipe_x=jnp.linspace(60.0, 300.0, num_envs))
+    results = _rollout_both_steps(env, params, 0, num_envs=num_envs, num_steps=40)
+    for out_ours, out_generic in results:
+        for x, y in zip(
+            jax.tree.leaves(out_ours), jax.tree.leaves(out_generic), strict=True
+        ):
+            np.testing.assert_array_equal(x, y)
+
+
+def test_lidar_ray_directions():
+    from rl_pg.envs.lidar import ray_cos_sin
+
+    # Integer angles come from a table of float64 values rounded to float32
+    # (a few moved by one float32 step, to round sums like the reference).
+    for rot, num_rays in ((20.0, 180), (-3.0, 180), (-90.0, 90)):
+        cos, sin = ray_cos_sin(jnp.float32(rot), num_rays)
+        angles = np.radians(np.arange(num_rays) * 180 / num_rays - 90 - rot)
+        np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=1e-7)
+    # Other angles: the angle addition formula.
+    for rot, num_rays in ((12.5, 180), (7.0, 7), (-33.3, 100)):
+        cos, sin = ray_cos_sin(jnp.float32(rot), num_rays)
+        angles = np.radians(np.arange(num_rays) * 180 / num_rays - 90 - rot)
+        np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=1e-6)

@@ -81,6 +81,18 @@ def test_lidar_matches_reference():
     assert errors.max() < 3.0  # pixels
 
 
+def test_lidar_matches_reference_to_float32_rounding():
+    # Not a single pixel off: the clipping is SDL's and the ray ends round like
+    # the reference's float64 ones.
+    policies = ["scripted", 0.05, 0.1, 0.5]
+    results = _compare(
+        "FlappyBird-lidar-v0", policies, episodes=8, max_steps=500, seed=5
+    )
+    for _, ref, ours in results:
+        np.testing.assert_allclose(ours["obs0"], ref["obs0"], rtol=0, atol=1e-6)
+        np.testing.assert_allclose(ours["obs"], ref["obs"], rtol=0, atol=1e-6)
+
+
 def test_clipline_matches_pygame():
     rng = np.random.default_rng(0)
     n = 20_000

@@ -32,6 +32,7 @@ Differences from the reference, all deliberate:
   flagged in ``info["invalid_action"]``; jitted code cannot raise.
 """
 
+from functools import partial
 from typing import Any
 
 import chex
@@ -296,6 +297,92 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
             time=jnp.asarray(0, jnp.int32),
         )
         return self.get_obs(state, params), state
+
+    @partial(jax.jit, static_argnames=("self",))
+    def step(
+        self,
+        key: chex.PRNGKey,
+        state: EnvState,
+        action: int | jax.Array,
+        params: EnvParams | None = None,
+    ) -> tuple[Any, EnvState, jax.Array, jax.Array, jax.Array, dict[str, Any]]:
+        """gymnax's ``step`` (auto-reset, same info), with cheaper resets.
+
+        gymnax computes a reset, observation included, for every env on every
+        step and selects it where the episode ended; in LIDAR and pixel modes that
+        is a second scan or frame per step. See :meth:`_reset_where_done`.
+        """
+        if params is None:
+            params = self.default_params
+        key_step, key_reset = jax.random.split(key)
+        obs_st, state_st, reward, terminated, info = self.step_env(
+            key_step, state, action, params
+        )
+        truncated = self.is_truncated(state_st, params)
+        done = jnp.logical_or(terminated, truncated)
+        _, state_re = self.reset_env(key_reset, params)  # its obs is unused: dropped
+        state = jax.tree.map(
+            lambda x, y: jax.lax.select(done, x, y), state_re, state_st
+        )
+        obs = self._reset_where_done(done, state_re, obs_st, params)
+        info = {
+            **info,
+            "terminated": terminated,
+            "truncated": truncated,
+            "final_observation": obs_st,
+        }
+        return obs, state, reward, terminated, truncated, info
+
+    def _reset_where_done(self, done, fresh, obs_st, params) -> jax.Array:
+        """``obs_st``, with ``get_obs(fresh)`` where ``done``.
+
+        A fresh state's pipes usually start out of sight (x >= 288: right of the
+        screen and beyond the rays' reach of 91 + 196 px). Its observation then
+        depends on ``params`` only, not on the level, and since that condition
+        depends on ``params`` only too, ``lax.cond`` on it stays a branch under
+        ``vmap`` with shared params: the observation is computed once per batch
+        instead of once per env. (With per-env params the conds become selects
+        that run both sides, as costly as computing it per env.) The shared
+        observation is the output of a ``cond`` of its own so that XLA keeps it
+        as a buffer rather than fusing its computation into, and repeating it
+        in, the per-env select.
+
+        Pixel frames are selected without their channel axis, which is added
+        last: XLA then lays the observation out with that unit axis outermost,
+        as it does for rendered frames. (Innermost, it makes XLA's CPU
+        reductions over the observations several times slower.)
+        """
+        if self.obs_mode == "features":
+            return jax.lax.select(done, self.get_obs(fresh, params), obs_st)
+
+        def observe(state):
+            return self._strip_channel(self.get_obs(state, params))
+
+        if self.obs_mode == "lidar":
+            in_sight = lidar.pipes_in_reach(fresh.pipe_x, params)
+        else:
+            in_sight = render.pipes_in_view(fresh.pipe_x, params, self.pixel_shape)
+        gaps = fresh.pipe_gap_top
+        level_free = fresh.replace(
+            pipe_gap_top=jnp.zeros(gaps.shape, gaps.dtype),
+            level=jnp.zeros(fresh.level.shape, fresh.level.dtype),
+        )
+        stepped = self._strip_channel(obs_st)
+        shared = jax.lax.cond(
+            in_sight,
+            lambda: jnp.zeros(stepped.shape, stepped.dtype),
+            lambda: observe(level_free),
+        )
+        obs = jax.lax.cond(
+            in_sight,
+            lambda: jax.lax.select(done, observe(fresh), stepped),
+            lambda: jax.lax.select(done, shared, stepped),
+        )
+        return obs[..., None] if self.obs_mode == "pixels" else obs
+
+    def _strip_channel(self, obs: jax.Array) -> jax.Array:
+        """A pixel observation without its channel axis; others unchanged."""
+        return obs[..., 0] if self.obs_mode == "pixels" else obs
 
     def step_env(
         self,

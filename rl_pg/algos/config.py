@@ -1,0 +1,243 @@
+"""Typed, frozen, validated configs shared by the policy-gradient algorithms.
+
+Every algorithm has one frozen dataclass (``PPOConfig``, ``A2CConfig``,
+``ReinforceConfig``, ``GRPOConfig``) deriving from :class:`OnPolicyConfig`, which
+holds what all of them share: the environment, the budget, the optimizer, the
+network and the evaluation schedule. Fields are checked in ``__post_init__`` and
+all problems are reported together as one ``ValueError``, before anything is
+compiled.
+
+Configs are registered with ``jax.tree_util.register_static``: a config is a pytree
+without leaves whose value is part of the tree structure. So it can be passed to
+jitted and vmapped functions as an ordinary argument
+(``jax.jit(jax.vmap(train, in_axes=(None, 0)))(config, keys)``), and equal configs
+share one compilation.
+"""
+
+import dataclasses
+import math
+import numbers
+from typing import Any
+
+from rl_pg.envs import ENV_IDS
+
+_ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return (
+        isinstance(value, numbers.Real)
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+    )
+
+
+class Checks:
+    """Collects problems with config fields; ``raise_if_any`` reports them all."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        self.problems: list[str] = []
+
+    def require(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.problems.append(message)
+
+    def int_at_least(self, name: str, minimum: int) -> None:
+        value = getattr(self.config, name)
+        self.require(
+            _is_int(value) and value >= minimum,
+            f"{name} must be an int >= {minimum}, got {value!r}",
+        )
+
+    def real_in(
+        self,
+        name: str,
+        low: float,
+        high: float,
+        *,
+        low_open: bool = False,
+        high_open: bool = False,
+    ) -> None:
+        value = getattr(self.config, name)
+        ok = _is_real(value)
+        if ok:
+            ok = (value > low if low_open else value >= low) and (
+                value < high if high_open else value <= high
+            )
+        lo, hi = "(" if low_open else "[", ")" if high_open else "]"
+        self.require(
+            ok, f"{name} must be a number in {lo}{low}, {high}{hi}, got {value!r}"
+        )
+
+    def boolean(self, name: str) -> None:
+        value = getattr(self.config, name)
+        self.require(isinstance(value, bool), f"{name} must be a bool, got {value!r}")
+
+    def one_of(self, name: str, choices: tuple[Any, ...]) -> None:
+        value = getattr(self.config, name)
+        self.require(
+            value in choices, f"{name} must be one of {list(choices)}, got {value!r}"
+        )
+
+    def divides(self, divisor: str, dividend: str) -> None:
+        a, b = getattr(self.config, divisor), getattr(self.config, dividend)
+        if _is_int(a) and _is_int(b) and a > 0:
+            self.require(b % a == 0, f"{divisor} ({a}) must divide {dividend} ({b})")
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            name = type(self.config).__name__
+            raise ValueError(f"Invalid {name}: " + "; ".join(self.problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig:
+    """Fields shared by every policy-gradient algorithm.
+
+    Attributes:
+      seed: PRNG seed of the run (the driver's ``jax.random.PRNGKey(seed)``).
+      env_id: ``FlappyBird-v0`` (features) or ``FlappyBird-lidar-v0``; pixels take
+        ``FlappyBird-pixels-v0`` and a CNN.
+      max_steps_in_episode: training episodes are truncated (and bootstrapped
+        where a critic exists) after this many steps.
+      total_env_steps: training budget in env steps (all envs together); the run
+        does ``total_env_steps // steps_per_update`` updates.
+      lr: Adam learning rate.
+      anneal_lr: decay the learning rate linearly to 0 over the budget.
+      adam_eps: Adam's epsilon.
+      max_grad_norm: clip the gradient's global norm to this (optax).
+      reward_scale: rewards are multiplied by this before the loss (REFERENCE s.10:
+        0.1 keeps the value targets small enough for the critic to follow).
+      hidden: hidden-layer widths of the MLP (of each torso with a critic).
+      activation: "tanh", "relu", "gelu" or "silu".
+      eval_every_steps: env steps between greedy evaluations on validation levels
+        (rounded down to whole updates, at least one); the driver's jitted chunk.
+      eval_episodes: validation levels per evaluation (checkpoint selection).
+      eval_max_score: evaluation episodes stop at this many pipes.
+      stop_at_score: the driver stops once the best validation median reaches this
+        (None: use the whole budget). The pure ``train`` never stops early.
+      final_eval_episodes: held-out test levels scored at the end (``eval.json``).
+      checkpoint_every_evals: write the resumable checkpoint every this many
+        evaluations (and always at the end).
+    """
+
+    seed: int = 0
+    env_id: str = "FlappyBird-v0"
+    max_steps_in_episode: int = 10_000
+    total_env_steps: int = 10_000_000
+    lr: float = 1e-3
+    anneal_lr: bool = False
+    adam_eps: float = 1e-5
+    max_grad_norm: float = 0.5
+    reward_scale: float = 0.1
+    hidden: tuple[int, ...] = (64, 64)
+    activation: str = "tanh"
+    eval_every_steps: int = 500_000
+    eval_episodes: int = 32
+    eval_max_score: int = 10_000
+    stop_at_score: int | None = 10_000
+    final_eval_episodes: int = 32
+    checkpoint_every_evals: int = 1
+
+    def __post_init__(self):
+        hidden = self.hidden
+        if isinstance(hidden, list | tuple):
+            object.__setattr__(self, "hidden", tuple(hidden))
+        checks = Checks(self)
+        self.check(checks)
+        checks.raise_if_any()
+
+    # --- derived sizes; subclasses define steps_per_update and minibatch steps.
+
+    @property
+    def steps_per_update(self) -> int:
+        """Env steps simulated per update (one batch)."""
+        raise NotImplementedError
+
+    @property
+    def gradient_steps_per_update(self) -> int:
+        """Optimizer steps per update (epochs x minibatches)."""
+        return 1
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_env_steps // self.steps_per_update
+
+    @property
+    def updates_per_eval(self) -> int:
+        return max(
+            1, min(self.num_updates, self.eval_every_steps // self.steps_per_update)
+        )
+
+    @property
+    def uses_critic(self) -> bool:
+        raise NotImplementedError
+
+    def check(self, checks: Checks) -> None:
+        """Adds this config's problems to ``checks``; subclasses extend it."""
+        checks.require(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        checks.one_of("env_id", tuple(ENV_IDS))
+        for name in (
+            "max_steps_in_episode",
+            "total_env_steps",
+            "eval_every_steps",
+            "eval_episodes",
+            "eval_max_score",
+            "final_eval_episodes",
+            "checkpoint_every_evals",
+        ):
+            checks.int_at_least(name, 1)
+        checks.real_in("lr", 0.0, 1.0, low_open=True)
+        checks.real_in("adam_eps", 0.0, 1.0, low_open=True)
+        checks.real_in("max_grad_norm", 0.0, math.inf, low_open=True, high_open=True)
+        checks.real_in("reward_scale", 0.0, math.inf, low_open=True, high_open=True)
+        checks.boolean("anneal_lr")
+        checks.require(
+            isinstance(self.hidden, tuple)
+            and len(self.hidden) > 0
+            and all(_is_int(h) and h > 0 for h in self.hidden),
+            f"hidden must be a non-empty tuple of positive ints, got {self.hidden!r}",
+        )
+        checks.one_of("activation", _ACTIVATIONS)
+        checks.require(
+            self.stop_at_score is None
+            or (_is_int(self.stop_at_score) and self.stop_at_score >= 1),
+            f"stop_at_score must be None or an int >= 1, got {self.stop_at_score!r}",
+        )
+
+    def check_budget(self, checks: Checks) -> None:
+        """The budget must buy at least one update (call after the batch checks)."""
+        if checks.problems:
+            return
+        checks.require(
+            self.total_env_steps >= self.steps_per_update,
+            f"total_env_steps ({self.total_env_steps}) must be at least one batch "
+            f"({self.steps_per_update} env steps)",
+        )
+
+    def policy_spec(self, num_actions: int) -> dict[str, Any]:
+        """``{"kind", **factory kwargs}`` for ``rl_pg.checkpoint.save_policy``."""
+        value = "separate" if self.uses_critic else None
+        if ENV_IDS[self.env_id] == "pixels":
+            return {
+                "kind": "cnn",
+                "num_actions": num_actions,
+                "hidden": list(self.hidden),
+                "activation": self.activation,
+                "value": "shared" if self.uses_critic else None,
+            }
+        return {
+            "kind": "mlp",
+            "num_actions": num_actions,
+            "hidden": list(self.hidden),
+            "activation": self.activation,
+            "value": value,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,550 @@
+"""The training loop shared by the policy-gradient algorithms.
+
+One update = collect a batch with the current policy, then take
+``epochs x minibatches`` optimizer steps on an estimator's surrogate loss from
+:mod:`rl_pg.estimators` (the very functions the variance study measures). Two ways
+to collect:
+
+* :func:`streaming_update` (PPO, A2C): ``num_steps`` steps of ``num_envs``
+  auto-resetting streams (:func:`rl_pg.rollout.streaming_rollout`), carried in the
+  train state; truncated episodes bootstrap from ``info["final_observation"]``.
+* :func:`episodic_update` (REINFORCE family, GRPO): one episode per column from
+  fresh levels, ``num_levels x group_size`` columns
+  (:func:`rl_pg.rollout.grouped_rollout`), ``horizon`` steps, no auto-reset.
+
+Minibatches are blocks of whole columns (and of whole groups), because estimators
+compute returns and advantages along each column's time axis.
+
+Loss scale. Most estimators aggregate ``(1/B) sum_i sum_t``; the loop divides their
+loss by the batch length ``T`` so that it is the per-step mean that PPO
+implementations use (which sets what ``max_grad_norm`` means). GRPO and Dr. GRPO
+normalise by sequence length themselves and are used as they are. A constant scale
+does not change the direction of any estimate.
+
+Every function is pure. :func:`make_train` turns an algorithm's ``init`` and
+``update`` into ``train(config, key) -> (TrainState, UpdateMetrics [U])``, one
+``lax.scan`` over updates, so ``jax.jit(jax.vmap(train, in_axes=(None, 0)))``
+trains several seeds at once.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import rl_pg
+from rl_pg import estimators, policies, rollout
+from rl_pg.algos.config import OnPolicyConfig
+from rl_pg.trajectory import Trajectory
+
+Params = Any
+# Estimators that normalise their own sum over steps (per sequence or by B * T).
+_SELF_NORMALISED = frozenset({"grpo", "dr_grpo"})
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from one update to the next (and checkpoints).
+
+    Attributes:
+      params: policy (and critic) parameters.
+      opt_state: optax state (its step count drives learning-rate annealing).
+      key: [2] PRNG key of the next update.
+      update: [] int32 updates done.
+      env_steps: [] int32 env steps simulated so far (all columns, padding
+        included for episodic batches).
+      stream: auto-resetting streams (streaming algorithms), else None.
+      ref_params: reference policy of a KL penalty (GRPO with beta > 0), else None.
+    """
+
+    params: Params
+    opt_state: optax.OptState
+    key: jax.Array
+    update: jax.Array
+    env_steps: jax.Array
+    stream: rollout.StreamState | None
+    ref_params: Params | None
+
+
+class UpdateMetrics(NamedTuple):
+    """Diagnostics of one update; all scalars.
+
+    Loss terms are means over the update's optimizer steps (``LossAux`` fields);
+    episode statistics cover the episodes that ended in the batch.
+    """
+
+    loss: jax.Array
+    pg_loss: jax.Array
+    value_loss: jax.Array
+    entropy: jax.Array
+    kl: jax.Array
+    approx_kl: jax.Array
+    clip_fraction: jax.Array
+    grad_norm: jax.Array  # before clipping
+    episodes: jax.Array  # int32 episodes that ended in the batch
+    score_sum: jax.Array  # float32 sum of their final scores (pipes)
+    score_max: jax.Array  # int32
+    live_steps: jax.Array  # int32 steps inside episodes (mask > 0)
+    env_steps: jax.Array  # int32 cumulative env steps after the update
+
+
+class Algorithm(NamedTuple):
+    """An algorithm as a bundle of pure functions, for the driver.
+
+    Attributes:
+      name: the ``--algo`` name.
+      config_cls: its frozen config dataclass.
+      init: ``init(config, key) -> TrainState``.
+      update: ``update(config, state) -> (TrainState, UpdateMetrics)``.
+    """
+
+    name: str
+    config_cls: type
+    init: Callable[[Any, jax.Array], TrainState]
+    update: Callable[[Any, TrainState], tuple[TrainState, UpdateMetrics]]
+
+
+# ------------------------------------------------------------------ env and policy
+
+
+@functools.cache
+def _env(env_id: str):
+    with jax.ensure_compile_time_eval():  # make() validates with jnp: not traced
+        return rl_pg.make(env_id)[0]
+
+
+@functools.cache
+def _env_params(env_id: str, max_steps_in_episode: int):
+    with jax.ensure_compile_time_eval():
+        return rl_pg.make(env_id, max_steps_in_episode=max_steps_in_episode)[1]
+
+
+def make_env(config: OnPolicyConfig):
+    """``(env, env_params)`` for training; one env object per id (jit caches)."""
+    env = _env(config.env_id)
+    return env, _env_params(config.env_id, config.max_steps_in_episode)
+
+
+@functools.cache
+def _policy(spec: tuple[tuple[str, Any], ...]) -> policies.Policy:
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    factory = {"mlp": policies.mlp_policy, "cnn": policies.cnn_policy}[kind]
+    return factory(**spec)
+
+
+def _freeze(spec: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in sorted(spec.items())
+    )
+
+
+def policy_spec(config: OnPolicyConfig) -> dict[str, Any]:
+    """The checkpoint spec (``{"kind", **factory kwargs}``) of ``config``'s policy."""
+    env = _env(config.env_id)
+    return config.policy_spec(env.num_actions)
+
+
+def make_policy(config: OnPolicyConfig) -> policies.Policy:
+    """``config``'s policy; the same object for equal specs (jit caches)."""
+    return policy_from_spec(policy_spec(config))
+
+
+def policy_from_spec(spec: dict[str, Any]) -> policies.Policy:
+    return _policy(_freeze(spec))
+
+
+@functools.cache
+def _greedy_act_fn(policy: policies.Policy):
+    def act(params: Params, obs: jax.Array, state: Any, key: jax.Array) -> jax.Array:
+        del state, key
+        logits, _ = policy.apply(params, obs)
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    return act
+
+
+def greedy_act_fn(policy: policies.Policy):
+    """``act_fn(params, obs, state, key)`` for :func:`rl_pg.evaluate.evaluate`:
+    argmax of the logits; one function object per policy (one compilation)."""
+    return _greedy_act_fn(policy)
+
+
+# ----------------------------------------------------------------------- optimizer
+
+
+def make_optimizer(config: OnPolicyConfig) -> optax.GradientTransformation:
+    """``chain(clip_by_global_norm, adam)``, with linear annealing if asked.
+
+    The annealing schedule reaches 0 after ``num_updates x gradient steps per
+    update`` optimizer steps (the whole budget).
+    """
+    lr: float | optax.Schedule = config.lr
+    if config.anneal_lr:
+        total = config.num_updates * config.gradient_steps_per_update
+        lr = optax.linear_schedule(config.lr, 0.0, total)
+    return optax.chain(
+        optax.clip_by_global_norm(config.max_grad_norm),
+        optax.adam(lr, eps=config.adam_eps),
+    )
+
+
+def init_state(
+    config: OnPolicyConfig,
+    key: jax.Array,
+    *,
+    num_streams: int | None = None,
+    keep_reference: bool = False,
+) -> TrainState:
+    """Fresh parameters, optimizer state and (for streaming) reset streams.
+
+    Args:
+      config: the algorithm's config.
+      key: the run's key.
+      num_streams: number of auto-resetting envs (None: episodic, no streams).
+      keep_reference: keep the initial params as ``ref_params``.
+    """
+    env, env_params = make_env(config)
+    policy = make_policy(config)
+    key, key_params, key_reset = jax.random.split(key, 3)
+    obs = jnp.zeros(env.observation_space(env_params).shape, jnp.float32)
+    params = policy.init(key_params, obs)
+    opt_state = make_optimizer(config).init(params)
+    stream = None
+    if num_streams is not None:
+        stream = rollout.stream_init(key_reset, env, env_params, num_streams)
+    return TrainState(
+        params=params,
+        opt_state=opt_state,
+        key=key,
+        update=jnp.asarray(0, jnp.int32),
+        env_steps=jnp.asarray(0, jnp.int32),
+        stream=stream,
+        ref_params=params if keep_reference else None,
+    )
+
+
+# ------------------------------------------------------------------------- losses
+
+
+def make_loss(
+    name: str, apply_fn: estimators.ApplyFn, batch_length: int, **hyperparameters: Any
+) -> Callable[..., tuple[jax.Array, estimators.LossAux]]:
+    """An estimator's loss bound to its hyperparameters, scaled to a per-step mean.
+
+    Returns ``loss(params, batch, **call_kwargs) -> (loss, aux)`` that calls
+    ``rl_pg.estimators.get_estimator(name, apply_fn=..., **hyperparameters)`` and
+    multiplies the loss by ``1 / batch_length`` unless the estimator normalises
+    itself (GRPO, Dr. GRPO).
+    """
+    estimator = estimators.get_estimator(name, apply_fn=apply_fn, **hyperparameters)
+    scale = 1.0 if name in _SELF_NORMALISED else 1.0 / batch_length
+
+    def loss(params, batch, **call_kwargs):
+        value, aux = estimator(params, batch, **call_kwargs)
+        return value * scale, aux
+
+    return loss
+
+
+def estimator_kwargs(name: str, config: Any, renames: dict[str, str]) -> dict:
+    """The hyperparameters of estimator ``name`` that ``config`` sets.
+
+    An estimator argument ``arg`` takes ``config.<renames.get(arg, arg)>`` when the
+    config has that field; the others keep the estimator's defaults.
+    """
+    kwargs = {}
+    for arg in estimators.hyperparameters(name):
+        field = renames.get(arg, arg)
+        if arg not in ("apply_fn", "ref_params") and hasattr(config, field):
+            kwargs[arg] = getattr(config, field)
+    return kwargs
+
+
+# ------------------------------------------------------------------------ SGD loop
+
+
+class _SGDCarry(NamedTuple):
+    params: Params
+    opt_state: optax.OptState
+
+
+class _StepStats(NamedTuple):
+    loss: jax.Array
+    aux: estimators.LossAux
+    grad_norm: jax.Array
+
+
+def minibatch_columns(
+    key: jax.Array, num_columns: int, num_minibatches: int, block_size: int = 1
+) -> jax.Array:
+    """Column indices of one epoch's minibatches: [M, B / M].
+
+    Blocks of ``block_size`` consecutive columns (groups) are shuffled whole, so
+    each minibatch holds whole groups, in their original column order within a
+    group; every column appears exactly once.
+    """
+    num_blocks = num_columns // block_size
+    if num_blocks * block_size != num_columns or num_blocks % num_minibatches:
+        raise ValueError(
+            f"{num_columns} columns in blocks of {block_size} cannot be split into "
+            f"{num_minibatches} equal minibatches"
+        )
+    order = jax.random.permutation(key, num_blocks)
+    columns = order[:, None] * block_size + jnp.arange(block_size)
+    return columns.reshape(num_minibatches, -1)
+
+
+def sgd_on_batch(
+    loss_fn: Callable[[Params, Trajectory], tuple[jax.Array, estimators.LossAux]],
+    optimizer: optax.GradientTransformation,
+    params: Params,
+    opt_state: optax.OptState,
+    batch: Trajectory,
+    key: jax.Array,
+    *,
+    num_epochs: int,
+    num_minibatches: int,
+    block_size: int = 1,
+) -> tuple[Params, optax.OptState, _StepStats]:
+    """``num_epochs`` passes over the batch in ``num_minibatches`` column blocks.
+
+    Each epoch shuffles the batch's blocks of ``block_size`` consecutive columns
+    (a group stays whole) and splits them into equal minibatches ``[T, B / M]``.
+
+    Args:
+      loss_fn: ``(params, batch) -> (loss, LossAux)``.
+      optimizer: an optax transformation.
+      params, opt_state: current parameters and optimizer state.
+      batch: ``[T, B]`` trajectories.
+      key: shuffling key.
+      num_epochs: passes over the batch.
+      num_minibatches: M; must divide ``B / block_size``.
+      block_size: columns that must stay together (the group size).
+
+    Returns:
+      (params, opt_state, stats averaged over the ``num_epochs x M`` steps).
+    """
+    num_columns = batch.mask.shape[1]
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def minibatch_step(carry: _SGDCarry, minibatch: Trajectory):
+        (loss, aux), grads = grad_fn(carry.params, minibatch)
+        updates, opt_state = optimizer.update(grads, carry.opt_state, carry.params)
+        params = optax.apply_updates(carry.params, updates)
+        return _SGDCarry(params, opt_state), _StepStats(
+            loss, aux, optax.tree.norm(grads)
+        )
+
+    def epoch(carry: _SGDCarry, key: jax.Array):
+        columns = minibatch_columns(key, num_columns, num_minibatches, block_size)
+
+        def split(x):  # [T, B, ...] -> [M, T, B / M, ...]
+            x = jnp.take(x, columns.reshape(-1), axis=1)
+            x = x.reshape((x.shape[0], num_minibatches, -1, *x.shape[2:]))
+            return jnp.swapaxes(x, 0, 1)
+
+        return jax.lax.scan(minibatch_step, carry, jax.tree.map(split, batch))
+
+    carry, stats = jax.lax.scan(
+        epoch, _SGDCarry(params, opt_state), jax.random.split(key, num_epochs)
+    )
+    return carry.params, carry.opt_state, jax.tree.map(jnp.mean, stats)
+
+
+# ----------------------------------------------------------------- batch statistics
+
+
+class _EpisodeStats(NamedTuple):
+    episodes: jax.Array
+    score_sum: jax.Array
+    score_max: jax.Array
+    live_steps: jax.Array
+
+
+def _streaming_stats(batch: Trajectory) -> _EpisodeStats:
+    # The batch's last row is marked truncated where the stream merely goes on;
+    # only a crash there counts as an ending.
+    ended = batch.terminated | batch.truncated.at[-1].set(False)
+    scores = jnp.where(ended, batch.score, 0)
+    return _EpisodeStats(
+        episodes=jnp.sum(ended).astype(jnp.int32),
+        score_sum=jnp.sum(scores).astype(jnp.float32),
+        score_max=jnp.max(scores).astype(jnp.int32),
+        live_steps=jnp.asarray(batch.mask.size, jnp.int32),
+    )
+
+
+def _episodic_stats(batch: Trajectory) -> _EpisodeStats:
+    # One episode per column; the score only grows, so its final value is the max.
+    live = batch.mask > 0
+    final = jnp.max(jnp.where(live, batch.score, 0), axis=0)
+    return _EpisodeStats(
+        episodes=jnp.asarray(final.shape[0], jnp.int32),
+        score_sum=jnp.sum(final).astype(jnp.float32),
+        score_max=jnp.max(final).astype(jnp.int32),
+        live_steps=jnp.sum(live).astype(jnp.int32),
+    )
+
+
+def _metrics(stats: _StepStats, episodes: _EpisodeStats, env_steps) -> UpdateMetrics:
+    return UpdateMetrics(
+        loss=stats.loss,
+        pg_loss=stats.aux.pg_loss,
+        value_loss=stats.aux.value_loss,
+        entropy=stats.aux.entropy,
+        kl=stats.aux.kl,
+        approx_kl=stats.aux.approx_kl,
+        clip_fraction=stats.aux.clip_fraction,
+        grad_norm=stats.grad_norm,
+        episodes=episodes.episodes,
+        score_sum=episodes.score_sum,
+        score_max=episodes.score_max,
+        live_steps=episodes.live_steps,
+        env_steps=env_steps,
+    )
+
+
+def _scale_rewards(batch: Trajectory, scale: float) -> Trajectory:
+    return batch._replace(rewards=batch.rewards * scale)
+
+
+# ------------------------------------------------------------------------ updates
+
+
+def streaming_update(
+    config: OnPolicyConfig,
+    state: TrainState,
+    loss_fn: Callable[..., tuple[jax.Array, estimators.LossAux]],
+    *,
+    num_steps: int,
+    num_epochs: int,
+    num_minibatches: int,
+) -> tuple[TrainState, UpdateMetrics]:
+    """Collect ``num_steps`` steps of the state's streams, then SGD on them."""
+    env, env_params = make_env(config)
+    policy = make_policy(config)
+    key, key_rollout, key_sgd = jax.random.split(state.key, 3)
+    stream, batch = rollout.streaming_rollout(
+        key_rollout,
+        state.params,
+        policy.apply,
+        env,
+        env_params,
+        state.stream,
+        num_steps,
+    )
+    episodes = _streaming_stats(batch)
+    batch = _scale_rewards(batch, config.reward_scale)
+    params, opt_state, stats = sgd_on_batch(
+        loss_fn,
+        make_optimizer(config),
+        state.params,
+        state.opt_state,
+        batch,
+        key_sgd,
+        num_epochs=num_epochs,
+        num_minibatches=num_minibatches,
+    )
+    env_steps = state.env_steps + batch.mask.size
+    new_state = state._replace(
+        params=params,
+        opt_state=opt_state,
+        key=key,
+        update=state.update + 1,
+        env_steps=env_steps,
+        stream=stream,
+    )
+    return new_state, _metrics(stats, episodes, env_steps)
+
+
+def episodic_update(
+    config: OnPolicyConfig,
+    state: TrainState,
+    loss_fn: Callable[..., tuple[jax.Array, estimators.LossAux]],
+    *,
+    num_levels: int,
+    group_size: int,
+    horizon: int,
+    num_epochs: int = 1,
+    num_minibatches: int = 1,
+) -> tuple[TrainState, UpdateMetrics]:
+    """Roll out ``group_size`` episodes on each of ``num_levels`` fresh levels,
+    then SGD on them (minibatches of whole groups).
+
+    ``state.ref_params`` (when not None) is passed to the loss as ``ref_params``.
+    """
+    env, env_params = make_env(config)
+    policy = make_policy(config)
+    key, key_levels, key_rollout, key_sgd = jax.random.split(state.key, 4)
+    level_keys = jax.random.split(key_levels, num_levels)
+    batch = rollout.grouped_rollout(
+        key_rollout,
+        state.params,
+        policy.apply,
+        env,
+        env_params,
+        level_keys,
+        group_size,
+        horizon,
+    )
+    episodes = _episodic_stats(batch)
+    batch = _scale_rewards(batch, config.reward_scale)
+    if state.ref_params is not None:
+        loss_fn = functools.partial(loss_fn, ref_params=state.ref_params)
+    params, opt_state, stats = sgd_on_batch(
+        loss_fn,
+        make_optimizer(config),
+        state.params,
+        state.opt_state,
+        batch,
+        key_sgd,
+        num_epochs=num_epochs,
+        num_minibatches=num_minibatches,
+        block_size=group_size,
+    )
+    env_steps = state.env_steps + batch.mask.size
+    new_state = state._replace(
+        params=params,
+        opt_state=opt_state,
+        key=key,
+        update=state.update + 1,
+        env_steps=env_steps,
+    )
+    return new_state, _metrics(stats, episodes, env_steps)
+
+
+# ---------------------------------------------------------------------- whole runs
+
+
+def run_updates(
+    algorithm: Algorithm, config: Any, state: TrainState, num_updates: int
+) -> tuple[TrainState, UpdateMetrics]:
+    """``num_updates`` updates in one ``lax.scan``; metrics stacked ``[U]``."""
+
+    def body(state: TrainState, _):
+        return algorithm.update(config, state)
+
+    return jax.lax.scan(body, state, None, length=num_updates)
+
+
+def make_train(algorithm: Algorithm) -> Callable[[Any, jax.Array], Any]:
+    """``train(config, key) -> (final TrainState, UpdateMetrics [num_updates])``.
+
+    The whole run as one pure function (no evaluation, no early stop), so
+    ``jax.jit(jax.vmap(train, in_axes=(None, 0)))(config, keys)`` trains one seed
+    per key at once.
+    """
+
+    def train(config: Any, key: jax.Array) -> tuple[TrainState, UpdateMetrics]:
+        state = algorithm.init(config, key)
+        return run_updates(algorithm, config, state, config.num_updates)
+
+    train.__name__ = f"train_{algorithm.name}"
+    train.__doc__ = (
+        f"The whole {algorithm.name} run: ``init`` then ``config.num_updates`` "
+        "updates in one ``lax.scan``; returns (TrainState, UpdateMetrics [U])."
+    )
+    return train

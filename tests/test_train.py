@@ -1,0 +1,210 @@
+"""Tests for rl_pg.train: the run directory, learning, checkpoints, resume, seeds.
+
+One small PPO config serves every test, so the jitted chunk compiles once: the
+uninterrupted run, the interrupted and resumed run and the sequential seeds all
+reuse it.
+"""
+
+import csv
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from rl_pg import checkpoint, train
+from rl_pg.algos import ppo
+
+SMALL = {
+    "num-envs": "16",
+    "num-steps": "64",
+    "num-minibatches": "2",
+    "total-env-steps": str(16 * 64 * 96),  # 96 updates, ~98k env steps
+    "eval-every-steps": str(16 * 64 * 32),  # 3 evaluations
+    "eval-episodes": "8",
+    "final-eval-episodes": "8",
+    "eval-max-score": "50",
+    "stop-at-score": "none",
+}
+
+
+@pytest.fixture(scope="module")
+def config():
+    return train.make_config("ppo", SMALL)
+
+
+@pytest.fixture(scope="module")
+def full_run(config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return train.run(config, out, progress=False)
+
+
+# ------------------------------------------------------------------ overrides
+
+
+def test_overrides_are_parsed_to_field_types(config):
+    assert config.num_envs == 16 and config.stop_at_score is None
+    parsed = train.parse_overrides(
+        ppo.PPOConfig,
+        {
+            "lr": "3e-4",
+            "anneal-lr": "true",
+            "hidden": "32,32",
+            "total_env_steps": "1e6",
+            "env-id": "FlappyBird-lidar-v0",
+        },
+    )
+    assert parsed == dict(
+        lr=3e-4,
+        anneal_lr=True,
+        hidden=(32, 32),
+        total_env_steps=1_000_000,
+        env_id="FlappyBird-lidar-v0",
+    )
+    assert "  --num-envs int (default: 64)" in train.config_help("ppo").splitlines()
+    argv = ["--lr", "1e-3", "--anneal-lr", "--hidden=16,16", "--num-envs", "8"]
+    assert train.overrides_from_argv(argv) == {
+        "lr": "1e-3",
+        "anneal-lr": "true",
+        "hidden": "16,16",
+        "num-envs": "8",
+    }
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"no-such-option": "1"}, "Unknown option --no-such-option"),
+        ({"num-envs": "many"}, "--num-envs: cannot parse"),
+        ({"num-envs": "2.5"}, "--num-envs: cannot parse"),
+        ({"anneal-lr": "maybe"}, "--anneal-lr: cannot parse"),
+        ({"num-envs": "0"}, "num_envs must be an int >= 1"),
+    ],
+)
+def test_bad_overrides_raise_before_compiling(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train.make_config("ppo", overrides)
+
+
+def test_unknown_algo_and_qlearning_dispatch(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="Unknown algo"):
+        train.make_config("dqn2")
+    from rl_pg.algos import qlearning
+
+    calls = []
+
+    class Result:
+        eval = {"median_score": 1.0}
+
+    def fake(config, out_dir, progress=True):
+        calls.append((config, out_dir, progress))
+        return Result()
+
+    monkeypatch.setattr(qlearning, "train_qlearning", fake)
+    out = train.train_main(
+        "qlearning", tmp_path / "q", {"epsilon": "0.02"}, False, False
+    )
+    assert out == {"median_score": 1.0}
+    assert calls[0][0].epsilon == 0.02 and calls[0][2] is False
+
+
+# ------------------------------------------------------------------ a whole run
+
+
+def test_run_writes_the_contract_files(full_run, config):
+    out = full_run.out_dir
+    for name in ("config.json", "metrics.csv", "eval.json", "learning_curve.png"):
+        assert (out / name).is_file(), name
+    assert (out / "agent.gif").stat().st_size > 0
+    data = json.loads((out / "eval.json").read_text())
+    for key in ("median_score", "mean_score", "scores", "wall_clock_s", "env_steps"):
+        assert key in data
+    assert len(data["scores"]) == config.final_eval_episodes
+    assert max(data["scores"]) <= config.eval_max_score
+    assert data["wall_clock_s"] > 0 and data["env_steps"] > 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["algo"] == "ppo" and saved["config"]["num_envs"] == 16
+    assert "jax" in saved["versions"]
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["update"]) for r in rows] == [32, 64, 96]
+    assert int(rows[-1]["env_steps"]) == 96 * config.steps_per_update
+    with pytest.raises(FileExistsError):
+        train.run(config, out, progress=False)
+
+
+def test_short_ppo_run_learns(full_run):
+    # A uniformly random policy never passes a pipe (0 of 512 held-out episodes);
+    # after ~98k env steps the policy passes several on average.
+    rows = full_run.metrics
+    assert rows[-1]["train_score_mean"] > 0.5
+    assert rows[-1]["train_score_mean"] > 5 * rows[0]["train_score_mean"]
+    assert max(r["val_median"] for r in rows) >= 1
+    assert full_run.eval["mean_score"] >= 1
+
+
+def test_checkpoint_round_trip(full_run, config, tmp_path):
+    best = full_run.out_dir / "checkpoints" / "best"
+    policy, params, _, env_params, meta = checkpoint.load_policy(best)
+    jax.tree.map(np.testing.assert_array_equal, params, full_run.best_params)
+    assert meta["algo"] == "ppo" and meta["env_steps"] == full_run.eval["env_steps"]
+    assert env_params.max_steps_in_episode > 0 and policy.has_value
+    # rl-pg eval on the run directory scores the same policy on the same levels.
+    data = train.eval_main(
+        full_run.out_dir, tmp_path / "eval", num_episodes=8, max_score=50
+    )
+    assert data["scores"] == full_run.eval["scores"]
+    assert (tmp_path / "eval" / "eval.json").is_file()
+
+
+# ------------------------------------------------------------------ resume
+
+
+def test_resume_reaches_the_same_parameters(full_run, config, tmp_path):
+    out = tmp_path / "interrupted"
+    part = train.run(config, out, progress=False, max_evals=1)
+    assert not part.completed and not (out / "eval.json").exists()
+    assert int(part.state.update) == 32
+    with pytest.raises(FileExistsError):
+        train.run(config, out, progress=False)
+    other = train.make_config("ppo", {**SMALL, "lr": "3e-4"})
+    with pytest.raises(ValueError, match="config differs"):
+        train.run(other, out, resume=True, progress=False)
+    done = train.run(config, out, resume=True, progress=False)
+    assert done.completed
+    jax.tree.map(np.testing.assert_array_equal, done.state, full_run.state)
+    jax.tree.map(np.testing.assert_array_equal, done.best_params, full_run.best_params)
+    assert [r["update"] for r in done.metrics] == [32, 64, 96]
+    for a, b in zip(done.metrics, full_run.metrics, strict=True):
+        assert a["val_median"] == b["val_median"]
+        assert a["train_score_mean"] == pytest.approx(b["train_score_mean"])
+    assert done.eval["scores"] == full_run.eval["scores"]
+
+
+def test_train_main_resume_reads_the_saved_config(config, tmp_path):
+    out = tmp_path / "cli"
+    train.run(config, out, progress=False, max_evals=2)
+    data = train.train_main("ppo", out, {}, resume=True, progress=False)
+    assert data["trained_env_steps"] == config.num_updates * config.steps_per_update
+    with pytest.raises(ValueError, match="Nothing to resume"):
+        train.train_main("ppo", tmp_path / "missing", {}, resume=True, progress=False)
+
+
+# ------------------------------------------------------------------ seeds
+
+
+def test_vmap_over_seeds_equals_separate_runs():
+    seeds = [0, 1, 2]
+    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
+    small = train.make_config("ppo", {**SMALL, "total-env-steps": str(16 * 64 * 3)})
+    # The whole run as one pure function, vmapped over keys in one compilation ...
+    states, metrics = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0)))(small, keys)
+    assert metrics.loss.shape == (3, small.num_updates)
+    # ... equals each seed trained alone.
+    train_one = jax.jit(ppo.train)
+    for i, key in enumerate(keys):
+        state, alone = train_one(small, key)
+        for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(state), strict=True):
+            np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-6)
+        np.testing.assert_allclose(metrics.loss[i], alone.loss, rtol=2e-4, atol=2e-6)
+    np.testing.assert_array_equal(states.env_steps, 3 * small.steps_per_update)
