@@ -1,4 +1,4 @@
-"""Every policy-gradient algorithm under the same env-step budget, several seeds.
+"""Every algorithm under the same env-step budget, several seeds.
 
     python experiments/compare_algorithms.py --out DIR [--env-steps N] [--seeds 0,1,2]
 
@@ -15,6 +15,7 @@ Writes ``DIR/curves.csv``, ``DIR/results.csv``, ``DIR/table.md``,
 import argparse
 import csv
 
+import jax
 import numpy as np
 
 from rl_pg import io, train
@@ -30,6 +31,9 @@ ALGORITHMS = {
     "rloo": ("reinforce", {"estimator": "rloo"}),
     "grpo": ("grpo", {}),
     "dr_grpo": ("grpo", {"dr_grpo": True}),
+    # value-based baselines (rl_pg.algos.qlearning, rl_pg.algos.dqn)
+    "qlearning": ("qlearning", {}),
+    "dqn": ("dqn", {}),
 }
 
 
@@ -119,7 +123,9 @@ def main() -> None:
                     "eval_every_steps": args.speedup_env_steps,
                 },
             )
+            jax.clear_caches()  # each pass pays its own compilation
             alone = train.train_seeds(short, seeds, vmap=False, evaluate=False)
+            jax.clear_caches()
             together = train.train_seeds(short, seeds, vmap=True, evaluate=False)
             speedup = dict(
                 sequential_s=alone.train_time_s,

@@ -75,38 +75,15 @@ def _train(args, extra: list[str]) -> None:
     from rl_pg import train
 
     if args.help_config:
-        print(_config_help(args.algo))
+        print(train.config_help(args.algo))
         return
     overrides = train.overrides_from_argv(extra)
-    if args.algo == "dqn":
-        from rl_pg.algos import dqn
-
-        if args.resume:
-            raise ValueError("--resume is not supported for --algo dqn")
-        config = dqn.DQNConfig(**train.parse_overrides(dqn.DQNConfig, overrides))
-        result = dqn.train_dqn(config, args.out, progress=True).eval
-    else:
-        result = train.train_main(args.algo, args.out, overrides, resume=args.resume)
+    result = train.train_main(args.algo, args.out, overrides, resume=args.resume)
     if result is not None:
         print(
             f"held-out median score {result['median_score']}, mean "
             f"{result['mean_score']:.1f}; results in {args.out}"
         )
-
-
-def _config_help(algo: str) -> str:
-    from rl_pg import train
-
-    if algo == "dqn":
-        import dataclasses
-
-        from rl_pg.algos import dqn
-
-        fields = dataclasses.fields(dqn.DQNConfig)
-        return "\n".join(
-            f"--{f.name.replace('_', '-')} (default {f.default!r})" for f in fields
-        )
-    return train.config_help(algo)
 
 
 def _eval(args) -> None:
@@ -190,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--seed", type=int, default=0)
     var.set_defaults(func=_variance)
 
-    algos = ("reinforce", "a2c", "ppo", "grpo", "qlearning", "dqn")
+    algos = ("reinforce", "a2c", "ppo", "grpo", "qlearning", "dqn")  # train.ALGO_NAMES
     train = sub.add_parser(
         "train",
         help="train an agent (REINFORCE family, A2C, PPO, GRPO, Q-learning, DQN)",

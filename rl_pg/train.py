@@ -50,7 +50,7 @@ ALGORITHMS: dict[str, loop.Algorithm] = {
     a.name: a
     for a in (ppo.ALGORITHM, a2c.ALGORITHM, reinforce.ALGORITHM, grpo.ALGORITHM)
 }
-ALGO_NAMES = (*ALGORITHMS, "qlearning")
+ALGO_NAMES = (*ALGORITHMS, "qlearning", "dqn")
 
 STATE_FILE = "train_state.msgpack"
 METRICS_COLUMNS = (
@@ -86,6 +86,10 @@ def config_class(algo: str) -> type:
         from rl_pg.algos.qlearning import QLearningConfig
 
         return QLearningConfig
+    if algo == "dqn":
+        from rl_pg.algos.dqn import DQNConfig
+
+        return DQNConfig
     if algo not in ALGORITHMS:
         raise ValueError(f"Unknown algo {algo!r}; choose one of {list(ALGO_NAMES)}")
     return ALGORITHMS[algo].config_cls
@@ -664,7 +668,8 @@ def train_main(
 
     Args:
       algo: one of :data:`ALGO_NAMES` (``qlearning`` runs
-        ``rl_pg.algos.qlearning.train_qlearning``).
+        ``rl_pg.algos.qlearning.train_qlearning``, ``dqn``
+        ``rl_pg.algos.dqn.train_dqn``).
       out_dir: the run directory (new, or the interrupted run's with ``resume``).
       overrides: config fields as strings (``{"num-envs": "64"}``), see
         :func:`overrides_from_argv`. With ``resume`` and no overrides, the
@@ -676,12 +681,16 @@ def train_main(
       The contents of ``eval.json``.
     """
     overrides = dict(overrides or {})
-    if algo == "qlearning":
+    if algo in ("qlearning", "dqn"):
         if resume:
-            raise ValueError("--resume is not supported for --algo qlearning")
+            raise ValueError(f"--resume is not supported for --algo {algo}")
+        config = make_config(algo, overrides)
+        if algo == "dqn":
+            from rl_pg.algos.dqn import train_dqn
+
+            return train_dqn(config, out_dir, progress).eval
         from rl_pg.algos.qlearning import train_qlearning
 
-        config = make_config(algo, overrides)
         return train_qlearning(config, out_dir, progress).eval
     if resume:
         config_path = Path(out_dir) / "config.json"
@@ -847,12 +856,16 @@ def train_seeds(
 ) -> SeedsResult:
     """Train one run per seed under the same config, side by side or one by one.
 
+    ``config`` is a policy-gradient config, a ``QLearningConfig`` or a
+    ``DQNConfig`` (for these an "update" is a chunk of ``eval_every_steps``).
     With ``vmap`` the seeds train in one ``jit(vmap(chunk))`` (one compilation);
     otherwise one after another through the same jitted chunk. Every
     ``config.updates_per_eval`` updates each seed's greedy policy is scored on
     validation levels (unless ``evaluate=False``), and the best one is kept; no
     early stop, every seed gets the whole budget. Timing excludes evaluation.
     """
+    if type(config).__name__ in ("QLearningConfig", "DQNConfig"):
+        return _value_based_seeds(config, seeds, vmap, evaluate, progress)
     algorithm = algorithm_of(config)
     keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
     per_eval = config.updates_per_eval
@@ -937,6 +950,137 @@ def train_seeds(
         train_time_s=train_time,
         compile_time_s=float(compile_time),
         env_steps=config.num_updates * config.steps_per_update,
+        total_time_s=time.perf_counter() - start,
+    )
+
+
+class _ValueBased(NamedTuple):
+    """What :func:`train_seeds` needs of a value-based algorithm's module."""
+
+    module: Any  # rl_pg.algos.qlearning or rl_pg.algos.dqn
+    act_fn: Any  # greedy ``act_fn`` for rl_pg.evaluate.evaluate
+    best: Callable[[Any], Any]  # state -> the parameters with the best median
+    current: Callable[[Any], Any]  # state -> the parameters being trained
+    env: Any
+    env_params: Any
+
+
+def _value_based(config: Any) -> _ValueBased:
+    if type(config).__name__ == "DQNConfig":
+        from rl_pg.algos import dqn
+
+        env, env_params = dqn.make_env(config)
+        return _ValueBased(
+            dqn,
+            dqn.greedy_act_fn(config),
+            lambda s: s.best_params,
+            lambda s: s.params,
+            env,
+            env_params,
+        )
+    from rl_pg.algos import qlearning
+
+    env, env_params = qlearning._env(config)
+    return _ValueBased(
+        qlearning,
+        qlearning.GreedyPolicy(config.binning),
+        lambda s: s.best_q,
+        lambda s: s.q,
+        env,
+        env_params,
+    )
+
+
+@functools.cache
+def _jit_value_based(module: Any, name: str, vmapped: bool):
+    fn = getattr(module, name)
+    if vmapped:
+        fn = jax.vmap(fn, in_axes=(None, 0))
+    return jax.jit(fn, static_argnums=0)
+
+
+def _value_based_seeds(
+    config: Any, seeds: Sequence[int], vmap: bool, evaluate: bool, progress: bool
+) -> SeedsResult:
+    """:func:`train_seeds` for Q-learning and DQN: their own ``init``,
+    ``train_steps`` (one chunk) and ``validate`` (keeps the best), jitted (and
+    vmapped over seeds); the timing excludes ``validate``."""
+    algo = _value_based(config)
+    traced = algo.module._traced_config(config)
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    groups = [list(range(len(seeds)))] if vmap else [[i] for i in range(len(seeds))]
+    curves: list[list[dict[str, Any]]] = [[] for _ in seeds]
+    best_params: list[Any] = [None for _ in seeds]
+    train_time, chunk_times = 0.0, []
+    start = time.perf_counter()
+    from tqdm.auto import tqdm
+
+    bar = tqdm(
+        total=len(groups) * config.num_chunks,
+        disable=not progress,
+        desc=type(config).__name__,
+    )
+    init, steps, validate = (
+        _jit_value_based(algo.module, name, vmap)
+        for name in ("init", "train_steps", "validate")
+    )
+    for group in groups:
+        tic = time.perf_counter()
+        state = init(traced, keys if vmap else keys[group[0]])
+        jax.block_until_ready(state)
+        train_time += time.perf_counter() - tic
+        for chunk in range(config.num_chunks):
+            tic = time.perf_counter()
+            state, stats = steps(traced, state)
+            jax.block_until_ready(state)
+            chunk_times.append(time.perf_counter() - tic)
+            train_time += chunk_times[-1]
+            if evaluate:
+                state, result = validate(traced, state)
+            for j, i in enumerate(group):
+                pick = (lambda x, j=j: x[j]) if vmap else (lambda x: x)
+                episodes = int(pick(stats.episodes))
+                entry = dict(
+                    update=chunk + 1,
+                    env_steps=int(pick(state.env_steps)),
+                    train_time_s=train_time,
+                    train_score_mean=float(pick(stats.score_sum)) / episodes
+                    if episodes
+                    else float("nan"),
+                )
+                if evaluate:
+                    entry.update(
+                        val_median=float(np.median(np.asarray(pick(result.scores)))),
+                        best_median=float(pick(state.best_median)),
+                    )
+                curves[i].append(entry)
+                chosen = algo.best(state) if evaluate else algo.current(state)
+                best_params[i] = jax.tree.map(pick, chosen)
+            bar.update(1)
+    bar.close()
+    final = []
+    if evaluate:
+        for params in best_params:
+            result = evaluation.evaluate(
+                algo.act_fn,
+                params,
+                algo.env,
+                algo.env_params,
+                jax.random.PRNGKey(0),
+                max_score=config.eval_max_score,
+                reset_keys=evaluation.held_out_keys(
+                    config.final_eval_episodes, evaluation.HELD_OUT_SEED
+                ),
+            )
+            final.append(evaluation.summarize(result))
+    steady = np.median(chunk_times[1:]) if len(chunk_times) > 1 else 0.0
+    return SeedsResult(
+        curves=curves,
+        final=final,
+        best_params=best_params,
+        train_time_s=train_time,
+        compile_time_s=float(max(0.0, chunk_times[0] - steady)),
+        env_steps=int(curves[0][-1]["env_steps"]),
         total_time_s=time.perf_counter() - start,
     )
 

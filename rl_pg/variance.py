@@ -51,8 +51,9 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 from jax.sharding import Mesh
 
-from rl_pg import distributed
+from rl_pg import distributed, policies
 from rl_pg import estimators as estimators_lib
+from rl_pg import returns as returns_lib
 from rl_pg.rollout import grouped_rollout
 from rl_pg.trajectory import Trajectory
 
@@ -220,22 +221,33 @@ class TrajectoryMoments:
         return out
 
 
-def _score_and_rtg(problem: Problem, rtg_loss: Callable):
-    """Per-trajectory score s_i = grad log p(tau_i), return R_i and reward-to-go g_i."""
+def _score_and_rtg(problem: Problem):
+    """Per-trajectory score s_i = grad log p(tau_i), reward-to-go gradient and R_i.
+
+    Both gradients are sum_t w_t grad log pi(a_t|s_t), with w_t = m_t for the score
+    and w_t = m_t G_t (G_t = sum_{t' >= t} r_t') for reward-to-go, so one forward
+    pass and one VJP with the two weightings stacked as cotangents give both:
+    every weight gradient is a single [in, T] x [T, 2 * out] product instead of
+    two passes of [in, T] x [T, out].
+    """
 
     def one(params, column: Trajectory):
-        batch = jax.tree.map(lambda x: x[:, None], column)
+        live = column.mask > 0
+        obs_live = live.reshape(live.shape + (1,) * (column.observations.ndim - 1))
+        observations = jnp.where(obs_live, column.observations, 0)
+        actions = jnp.where(live, column.actions, 0)
 
-        def log_p(p):
-            logits, _ = problem.apply_fn(p, batch.observations)
-            logp = jax.nn.log_softmax(logits)
-            chosen = jnp.take_along_axis(logp, batch.actions[..., None], -1)[..., 0]
-            return jnp.sum(chosen * batch.mask)
+        def log_probs(p):  # [T]
+            logits, _ = problem.apply_fn(p, observations)
+            return policies.log_prob(logits, actions)
 
-        score = ravel_pytree(jax.grad(log_p)(params))[0]
-        rtg = flat_gradient(rtg_loss, params, batch)
-        ret = jnp.sum(batch.rewards * batch.mask)
-        return score, rtg, ret
+        _, vjp = jax.vjp(log_probs, params)
+        rewards = jnp.where(live, column.rewards.astype(jnp.float32), 0.0)
+        done = column.terminated | column.truncated
+        to_go = returns_lib.reward_to_go(rewards, column.mask, done)
+        weights = jnp.stack([live, jnp.where(live, to_go, 0.0)]).astype(jnp.float32)
+        grads = jax.vmap(lambda w: ravel_pytree(vjp(w)[0])[0])(weights)
+        return grads[0], grads[1], jnp.sum(rewards)
 
     def grads(params, traj: Trajectory):
         return jax.vmap(one, in_axes=(None, 1))(params, traj)
@@ -271,7 +283,6 @@ def make_runners(
             f"batch sizes and chunk must be multiples of group_size {G}: {bad}"
         )
     distributed.check_divisible(config.chunk, mesh, "chunk")
-    rtg = estimators_lib.get_estimator("reward_to_go", apply_fn=problem.apply_fn)
     estimator_suite(problem, config.suite)  # validate the names before compiling
     names = tuple(config.suite.names)
     shardings = {"sample": {}, "grads": {}, "batch": {}}
@@ -294,7 +305,7 @@ def make_runners(
 
     return Runners(
         sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
-        trajectory_grads=jax.jit(_score_and_rtg(problem, rtg), **shardings["grads"]),
+        trajectory_grads=jax.jit(_score_and_rtg(problem), **shardings["grads"]),
         batch={int(n): batch_fn(int(n)) for n in config.batch_sizes},
         names=names,
         mesh=mesh,
@@ -540,7 +551,9 @@ def study_stage(
     rows = []
     start = time.perf_counter()
     for n in config.batch_sizes:
-        per_call = max(1, config.steps_per_call // (n * horizon))
+        per_call = min(
+            config.num_batches, max(1, config.steps_per_call // (n * horizon))
+        )
         estimates = batch_estimates(
             params,
             runners,

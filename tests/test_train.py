@@ -6,6 +6,7 @@ reuse it.
 """
 
 import csv
+import importlib
 import json
 
 import jax
@@ -86,11 +87,19 @@ def test_bad_overrides_raise_before_compiling(overrides, message):
         train.make_config("ppo", overrides)
 
 
-def test_unknown_algo_and_qlearning_dispatch(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "algo, runner, override",
+    [
+        ("qlearning", "train_qlearning", ("epsilon", "0.02", 0.02)),
+        ("dqn", "train_dqn", ("tau", "0.5", 0.5)),
+    ],
+)
+def test_unknown_algo_and_value_based_dispatch(
+    tmp_path, monkeypatch, algo, runner, override
+):
     with pytest.raises(ValueError, match="Unknown algo"):
         train.make_config("dqn2")
-    from rl_pg.algos import qlearning
-
+    module = importlib.import_module(f"rl_pg.algos.{algo}")
     calls = []
 
     class Result:
@@ -100,12 +109,14 @@ def test_unknown_algo_and_qlearning_dispatch(tmp_path, monkeypatch):
         calls.append((config, out_dir, progress))
         return Result()
 
-    monkeypatch.setattr(qlearning, "train_qlearning", fake)
-    out = train.train_main(
-        "qlearning", tmp_path / "q", {"epsilon": "0.02"}, False, False
-    )
+    monkeypatch.setattr(module, runner, fake)
+    name, text, value = override
+    out = train.train_main(algo, tmp_path / "q", {name: text}, False, False)
     assert out == {"median_score": 1.0}
-    assert calls[0][0].epsilon == 0.02 and calls[0][2] is False
+    assert getattr(calls[0][0], name) == value and calls[0][2] is False
+    with pytest.raises(ValueError, match="--resume is not supported"):
+        train.train_main(algo, tmp_path / "q", {}, True, False)
+    assert f"--{name}" in train.config_help(algo)
 
 
 # ------------------------------------------------------------------ a whole run
@@ -208,3 +219,29 @@ def test_vmap_over_seeds_equals_separate_runs():
             np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-6)
         np.testing.assert_allclose(metrics.loss[i], alone.loss, rtol=2e-4, atol=2e-6)
     np.testing.assert_array_equal(states.env_steps, 3 * small.steps_per_update)
+
+
+def test_value_based_seeds_side_by_side_equal_one_by_one():
+    from rl_pg.algos import qlearning
+
+    config = qlearning.QLearningConfig(
+        num_envs=16,
+        total_env_steps=3 * 16_000,
+        eval_every_steps=16_000,
+        eval_episodes=4,
+        eval_max_score=20,
+        final_eval_episodes=4,
+    )
+    together = train.train_seeds(config, [0, 1], vmap=True)
+    alone = train.train_seeds(config, [0, 1], vmap=False)
+    assert together.env_steps == alone.env_steps == 3 * 16_000
+    for a, b in zip(together.curves, alone.curves, strict=True):
+        assert [r["update"] for r in a] == [1, 2, 3]
+        for key in ("env_steps", "val_median", "best_median", "train_score_mean"):
+            np.testing.assert_allclose([r[key] for r in a], [r[key] for r in b])
+    for a, b in zip(together.best_params, alone.best_params, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert [f["scores"] for f in together.final] == [f["scores"] for f in alone.final]
+    assert len(together.final[0]["scores"]) == 4
+    # the seeds differ: different envs, different tables
+    assert not np.allclose(together.best_params[0], together.best_params[1])

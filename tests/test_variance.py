@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from rl_pg import enumerable, variance
+from rl_pg import enumerable, estimators, variance
 
 IID = ("reinforce", "reward_to_go", "constant_baseline", "optimal_baseline")
 
@@ -111,6 +111,26 @@ def test_chunked_moments_equal_unchunked():
     np.testing.assert_allclose(parts.m2["x"], whole.m2["x"], rtol=1e-10)
     assert parts.trace_variance("x") == pytest.approx(data.var(0, ddof=1).sum())
     assert parts.count == 1000 and parts.sums["R"] == pytest.approx(ret.sum())
+
+
+def test_trajectory_gradients_equal_the_estimators_per_trajectory(setup):
+    params, problem, _, runners, _, _ = setup
+    traj = problem.sample(jax.random.PRNGKey(3), params, 8)
+    traj = traj._replace(rewards=traj.rewards + 0.25)  # rewards on every live step
+    score, rtg, ret = runners.trajectory_grads(params, traj)
+    rtg_loss = estimators.get_estimator("reward_to_go", apply_fn=problem.apply_fn)
+    reinforce = estimators.get_estimator("reinforce", apply_fn=problem.apply_fn)
+    for i in range(8):
+        column = jax.tree.map(lambda x, i=i: x[:, i : i + 1], traj)
+        expected_rtg = variance.flat_gradient(rtg_loss, params, column)
+        expected_reinforce = variance.flat_gradient(reinforce, params, column)
+        np.testing.assert_allclose(rtg[i], expected_rtg, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            ret[i] * score[i], expected_reinforce, rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            ret[i], np.sum(np.where(column.mask > 0, column.rewards, 0)), rtol=1e-6
+        )
 
 
 def test_batch_estimates_do_not_depend_on_chunking(setup):
