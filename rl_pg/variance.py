@@ -228,7 +228,8 @@ def _score_and_rtg(problem: Problem):
     and w_t = m_t G_t (G_t = sum_{t' >= t} r_t') for reward-to-go, so one forward
     pass and one VJP with the two weightings stacked as cotangents give both:
     every weight gradient is a single [in, T] x [T, 2 * out] product instead of
-    two passes of [in, T] x [T, out].
+    two passes of [in, T] x [T, out]. Returns ``(params, traj [T, C]) -> (score
+    [C, P], rtg [C, P], R [C])``.
     """
 
     def one(params, column: Trajectory):
@@ -255,14 +256,63 @@ def _score_and_rtg(problem: Problem):
     return grads
 
 
+def block_size(num_trajectories: int, horizon: int, block_steps: int, multiple: int):
+    """Trajectories per block: the largest divisor of ``num_trajectories`` that is a
+    multiple of ``multiple`` (the device count) with at most ``block_steps`` steps
+    (at least ``multiple`` trajectories)."""
+    target = max(multiple, block_steps // max(horizon, 1))
+    fits = [
+        b
+        for b in range(multiple, num_trajectories + 1, multiple)
+        if num_trajectories % b == 0 and b <= target
+    ]
+    return max(fits) if fits else num_trajectories
+
+
+def in_blocks(fn: Callable, block_steps: int, multiple: int = 1) -> Callable:
+    """``fn(params, traj [T, C]) -> leaves [C, ...]`` computed block by block.
+
+    A ``lax.map`` over blocks of :func:`block_size` trajectories keeps each
+    block's activations (``block x T x width`` floats per layer) in cache: the
+    layers of a small policy network are memory-bound when a whole chunk's
+    activations stream through memory. Trajectory c = s * num_blocks + b is
+    row s of block b, so a batch-sharded C (contiguous per device) stays sharded
+    inside every block. Results are in the order of ``traj``'s columns.
+    """
+
+    def blocked(params, traj: Trajectory):
+        horizon, num = traj.mask.shape
+        size = block_size(num, horizon, block_steps, multiple)
+        blocks = num // size
+
+        def split(x):  # [T, C, ...] -> [blocks, T, size, ...]
+            return jnp.moveaxis(x.reshape(horizon, size, blocks, *x.shape[2:]), 2, 0)
+
+        out = jax.lax.map(lambda t: fn(params, t), jax.tree.map(split, traj))
+        return jax.tree.map(
+            lambda x: jnp.swapaxes(x, 0, 1).reshape(num, *x.shape[2:]), out
+        )
+
+    return blocked
+
+
 class Runners(NamedTuple):
     """Jitted functions of a study, compiled once and reused for every policy."""
 
     sample: Callable  # (key, params, n) -> Trajectory, n static
     trajectory_grads: Callable  # (params, traj) -> (score [C, P], rtg [C, P], R [C])
+    trajectory_flops: Callable  # (params, traj) -> FLOPs of trajectory_grads
     batch: dict[int, Callable]  # n -> (params, keys [k], b) -> [k, E, P]
     names: tuple[str, ...]
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
+
+
+def _flops(jitted: Callable, *args) -> float:
+    """XLA's FLOP count of ``jitted(*args)`` (from the lowered HLO: a loop's body
+    would be counted once, so count an unblocked version), nan if unknown."""
+    analysis = jitted.lower(*args).cost_analysis()
+    analysis = analysis[0] if isinstance(analysis, list) else analysis
+    return float(analysis["flops"]) if analysis and "flops" in analysis else np.nan
 
 
 def make_runners(
@@ -284,6 +334,7 @@ def make_runners(
         )
     distributed.check_divisible(config.chunk, mesh, "chunk")
     estimator_suite(problem, config.suite)  # validate the names before compiling
+    grads = _score_and_rtg(problem)
     names = tuple(config.suite.names)
     shardings = {"sample": {}, "grads": {}, "batch": {}}
     if mesh is not None:
@@ -305,7 +356,11 @@ def make_runners(
 
     return Runners(
         sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
-        trajectory_grads=jax.jit(_score_and_rtg(problem), **shardings["grads"]),
+        trajectory_grads=jax.jit(
+            in_blocks(grads, config.block_steps, mesh.size if mesh else 1),
+            **shardings["grads"],
+        ),
+        trajectory_flops=functools.partial(_flops, jax.jit(grads)),
         batch={int(n): batch_fn(int(n)) for n in config.batch_sizes},
         names=names,
         mesh=mesh,
@@ -343,10 +398,7 @@ def trajectory_moments(
         traj = jax.block_until_ready(runners.sample(key_chunk, params, chunk))
         if i == 0:
             compiled = runners.trajectory_grads.lower(params, traj).compile()
-            analysis = compiled.cost_analysis()
-            analysis = analysis[0] if isinstance(analysis, list) else analysis
-            if analysis and "flops" in analysis:
-                flops = float(analysis["flops"])
+            flops = runners.trajectory_flops(params, traj)
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(params, traj))
         grad_seconds += time.perf_counter() - start
@@ -484,7 +536,8 @@ class StudyConfig:
     num_batches: int = 128
     reference_trajectories: int = 100_000
     chunk: int = 1024
-    steps_per_call: int = 2**17  # trajectory steps per vmapped batch call
+    steps_per_call: int = 2**14  # trajectory steps per vmapped batch call (cache-sized)
+    block_steps: int = 2048  # trajectory steps per cache-sized gradient block
     num_bootstrap: int = 1000
     seed: int = 0
     suite: SuiteConfig = SuiteConfig()
@@ -502,6 +555,8 @@ class StudyConfig:
                 f"chunk ({self.chunk}) must divide reference_trajectories "
                 f"({self.reference_trajectories})"
             )
+        if self.block_steps < 1:
+            problems.append(f"block_steps must be >= 1, got {self.block_steps}")
         if self.num_bootstrap < 10:
             problems.append(f"num_bootstrap must be >= 10, got {self.num_bootstrap}")
         if problems:
@@ -590,7 +645,7 @@ def study_stage(
 
 
 @functools.cache
-def matmul_flops_per_s(size: int = 1024, repeats: int = 5) -> float:
+def matmul_flops_per_s(size: int = 1024, repeats: int = 20) -> float:
     """The same-run compute ceiling: FLOP/s of a float32 ``size``^2 matmul."""
     a = jax.random.normal(jax.random.PRNGKey(0), (size, size))
     mm = jax.jit(lambda x: x @ x)

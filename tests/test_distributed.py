@@ -72,6 +72,7 @@ def _variance_setup(mesh):
         reference_trajectories=16,
         chunk=8,
         num_bootstrap=10,
+        block_steps=4,  # one trajectory per block, or one per device and block
         suite=variance.SuiteConfig(names=("reinforce", "rloo")),
     )
     return params, variance.make_runners(problem, config, mesh=mesh)

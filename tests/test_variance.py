@@ -1,5 +1,6 @@
 """The estimator-variance benchmark on the enumerable MDP, whose gradient is exact."""
 
+import dataclasses
 import functools
 
 import jax
@@ -113,8 +114,11 @@ def test_chunked_moments_equal_unchunked():
     assert parts.count == 1000 and parts.sums["R"] == pytest.approx(ret.sum())
 
 
-def test_trajectory_gradients_equal_the_estimators_per_trajectory(setup):
-    params, problem, _, runners, _, _ = setup
+@pytest.mark.parametrize("block_steps", [8, 2048])  # blocks of 2 trajectories, 1 block
+def test_trajectory_gradients_equal_the_estimators_per_trajectory(setup, block_steps):
+    params, problem, config, _, _, _ = setup
+    config = dataclasses.replace(config, block_steps=block_steps)
+    runners = variance.make_runners(problem, config)
     traj = problem.sample(jax.random.PRNGKey(3), params, 8)
     traj = traj._replace(rewards=traj.rewards + 0.25)  # rewards on every live step
     score, rtg, ret = runners.trajectory_grads(params, traj)
@@ -189,3 +193,11 @@ def test_bad_configs_raise():
                 reference_trajectories=2048,
             ),
         )
+
+
+def test_block_size():
+    assert variance.block_size(2048, 256, 2048, 1) == 8
+    assert variance.block_size(2048, 128, 2048, 4) == 16
+    assert variance.block_size(24, 256, 2048, 1) == 8  # largest divisor <= 8
+    assert variance.block_size(12, 256, 2048, 4) == 4  # a multiple of the devices
+    assert variance.block_size(8, 4096, 2048, 1) == 1
