@@ -57,8 +57,10 @@ def plot(path, curves):
     axes[0].set_xlabel("env steps per seed (millions)")
     axes[1].set_xlabel("training wall-clock of the vmapped seeds (s, compile incl.)")
     axes[0].set_ylabel("greedy validation median (pipes)")
+    axes[1].set_xscale("log")
     for ax in axes:
         ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Median over seeds (band: min to max)")

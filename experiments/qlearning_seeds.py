@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+from rl_pg import io
 from rl_pg.algos import qlearning
 
 
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         config=dataclasses.asdict(base),
         seeds=rows,
         elapsed_s=round(time.perf_counter() - start, 1),
-        versions=qlearning.versions(),
+        versions=io.versions(),
     )
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(rows, base))

@@ -1,6 +1,6 @@
 """How the variance study's wall-clock grows with the number of trajectories.
 
-    python experiments/variance_scaling.py --out DIR [--fractions 1/128,1/64,1/32,1/16]
+    python experiments/variance_scaling.py --out DIR [--fractions 1/64,1/32,1/16,1/8]
 
 The full preset's study (horizon 256, G = 4, batch sizes 4 to 1024, chunk 2048) on
 one shipped policy (``--stage``), with the reference sample (131,072 trajectories)
@@ -63,7 +63,7 @@ def plot(path, rows, fit, full_n):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="new output directory")
-    parser.add_argument("--fractions", default="1/128,1/64,1/32,1/16")
+    parser.add_argument("--fractions", default="1/64,1/32,1/16,1/8")
     parser.add_argument("--stage", default="partial", help="shipped checkpoint")
     args = parser.parse_args()
     fractions = [Fraction(f) for f in args.fractions.split(",")]

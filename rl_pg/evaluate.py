@@ -28,10 +28,8 @@ loop keeps the per-step overhead to the vmapped step itself.
 """
 
 import functools
-import json
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import chex
@@ -39,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rl_pg import io
 from rl_pg.envs import render
 
 HELD_OUT_SEED = 0x7E57_1EE1  # test levels: eval.json scores
@@ -253,14 +252,6 @@ def summarize(result: EvalResult) -> dict[str, Any]:
     )
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
-    """Write ``data`` as indented JSON to ``path`` via a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def write_eval_json(
     path: str | os.PathLike,
     result: EvalResult,
@@ -277,7 +268,7 @@ def write_eval_json(
     """
     data = summarize(result)
     data.update(wall_clock_s=float(wall_clock_s), env_steps=int(env_steps), **extra)
-    write_json_atomic(path, data)
+    io.write_json(path, data)
     return data
 
 

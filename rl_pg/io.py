@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -11,8 +12,8 @@ _PACKAGES = ("jax", "jaxlib", "flax", "optax", "chex", "gymnax", "numpy", "rl_pg
 
 
 def versions() -> dict[str, str]:
-    """Versions of the libraries a result depends on."""
-    out = {}
+    """Versions of Python and the libraries a result depends on."""
+    out = {"python": platform.python_version()}
     for name in _PACKAGES:
         try:
             out[name] = metadata.version(name)

@@ -221,7 +221,7 @@ def test_train_qlearning_learns_and_writes_the_contract(tmp_path):
     q, _ = ql.load_checkpoint(out / "checkpoints" / "best.npz")
     np.testing.assert_array_equal(q, result.q)
     # A second run refuses the now non-empty directory before doing any work.
-    with pytest.raises(FileExistsError, match="not empty"):
+    with pytest.raises(FileExistsError, match="already exists"):
         ql.train_qlearning(SMALL, out, progress=False)
 
 

@@ -43,12 +43,11 @@ files, for ``rl-pg train --algo qlearning``).
 
 import csv
 import dataclasses
-import importlib.metadata
 import json
 import math
 import os
-import platform
 import time
+from io import BytesIO
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,6 +57,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_pg import evaluate as evaluation
+from rl_pg import io
 from rl_pg.envs import EnvParams, EnvState, FlappyBird
 
 ENV_ID = "FlappyBird-v0"
@@ -670,16 +670,14 @@ def save_checkpoint(
     **metadata: Any,
 ) -> None:
     """Write the table and its config to ``path`` (.npz), atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez_compressed(
-            f,
-            q=np.asarray(q),
-            config=np.asarray(_to_json(dataclasses.asdict(config))),
-            metadata=np.asarray(_to_json(metadata)),
-        )
-    os.replace(tmp, path)
+    buffer = BytesIO()
+    np.savez_compressed(
+        buffer,
+        q=np.asarray(q),
+        config=np.asarray(_to_json(dataclasses.asdict(config))),
+        metadata=np.asarray(_to_json(metadata)),
+    )
+    io.atomic_write_bytes(path, buffer.getvalue())
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[np.ndarray, QLearningConfig]:
@@ -722,32 +720,6 @@ METRICS_COLUMNS = (
     "best_median",
     "best_env_steps",
 )
-
-
-def versions() -> dict[str, str]:
-    """Versions of Python and the libraries a run depends on."""
-    names = ("jax", "jaxlib", "flax", "optax", "gymnax", "numpy")
-    out = {"python": platform.python_version()}
-    for name in names:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
-def _prepare_out_dir(out_dir: str | os.PathLike) -> Path:
-    out_dir = Path(out_dir)
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise FileExistsError(f"--out {out_dir} exists and is not a directory")
-        if any(out_dir.iterdir()):
-            raise FileExistsError(
-                f"--out {out_dir} exists and is not empty; refusing to overwrite a "
-                f"previous run (choose a new directory or remove it)"
-            )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
 
 
 def _plot_learning_curve(path: Path, rows: list[dict[str, Any]], config) -> None:
@@ -799,11 +771,11 @@ def train_qlearning(
         raise TypeError(
             f"config must be a QLearningConfig, got {type(config).__name__}"
         )
-    out_dir = _prepare_out_dir(out_dir)
+    out_dir = io.new_out_dir(out_dir)
     start = time.perf_counter()
     env, params = _env(config)
-    evaluation.write_json_atomic(
-        out_dir / "config.json",
+    io.write_config(
+        out_dir,
         dict(
             algo="qlearning",
             env_id=ENV_ID,
@@ -812,7 +784,6 @@ def train_qlearning(
             held_out_seed=evaluation.HELD_OUT_SEED,
             validation_seed=evaluation.VALIDATION_SEED,
             env_params=_jsonable(dataclasses.asdict(params)),
-            versions=versions(),
         ),
     )
     (out_dir / "checkpoints").mkdir()
