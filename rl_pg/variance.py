@@ -221,37 +221,43 @@ class TrajectoryMoments:
         return out
 
 
-def _score_and_rtg(problem: Problem):
+def _score_and_rtg(problem: Problem, block_steps: int | None = None, multiple: int = 1):
     """Per-trajectory score s_i = grad log p(tau_i), reward-to-go gradient and R_i.
 
     Both gradients are sum_t w_t grad log pi(a_t|s_t), with w_t = m_t for the score
     and w_t = m_t G_t (G_t = sum_{t' >= t} r_t') for reward-to-go, so one forward
     pass and one VJP with the two weightings stacked as cotangents give both:
     every weight gradient is a single [in, T] x [T, 2 * out] product instead of
-    two passes of [in, T] x [T, out]. Returns ``(params, traj [T, C]) -> (score
-    [C, P], rtg [C, P], R [C])``.
+    two passes of [in, T] x [T, out]. With ``block_steps`` the VJPs run in
+    cache-sized blocks of trajectories (:func:`in_blocks`). Returns ``(params,
+    traj [T, C]) -> (score [C, P], rtg [C, P], R [C])``.
     """
 
-    def one(params, column: Trajectory):
-        live = column.mask > 0
-        obs_live = live.reshape(live.shape + (1,) * (column.observations.ndim - 1))
-        observations = jnp.where(obs_live, column.observations, 0)
-        actions = jnp.where(live, column.actions, 0)
-
+    def one(params, observations, actions, weights):  # [T, ...], [T], [T, 2]
         def log_probs(p):  # [T]
             logits, _ = problem.apply_fn(p, observations)
             return policies.log_prob(logits, actions)
 
         _, vjp = jax.vjp(log_probs, params)
-        rewards = jnp.where(live, column.rewards.astype(jnp.float32), 0.0)
-        done = column.terminated | column.truncated
-        to_go = returns_lib.reward_to_go(rewards, column.mask, done)
-        weights = jnp.stack([live, jnp.where(live, to_go, 0.0)]).astype(jnp.float32)
-        grads = jax.vmap(lambda w: ravel_pytree(vjp(w)[0])[0])(weights)
-        return grads[0], grads[1], jnp.sum(rewards)
+        return jax.vmap(lambda w: ravel_pytree(vjp(w)[0])[0], in_axes=1)(weights)
+
+    def columns_grads(params, columns):  # leaves [T, B, ...] -> [B, 2, P]
+        return jax.vmap(one, in_axes=(None, 1, 1, 1))(params, *columns)
+
+    if block_steps is not None:
+        columns_grads = in_blocks(columns_grads, block_steps, multiple)
 
     def grads(params, traj: Trajectory):
-        return jax.vmap(one, in_axes=(None, 1))(params, traj)
+        live = traj.mask > 0
+        obs_live = live.reshape(live.shape + (1,) * (traj.observations.ndim - 2))
+        observations = jnp.where(obs_live, traj.observations, 0)
+        actions = jnp.where(live, traj.actions, 0)
+        rewards = jnp.where(live, traj.rewards.astype(jnp.float32), 0.0)
+        done = traj.terminated | traj.truncated
+        to_go = returns_lib.batch_reward_to_go(rewards, traj.mask, done)
+        weights = jnp.stack([live, jnp.where(live, to_go, 0.0)], -1)  # [T, C, 2]
+        g = columns_grads(params, (observations, actions, weights.astype(jnp.float32)))
+        return g[:, 0], g[:, 1], jnp.sum(rewards, 0)
 
     return grads
 
@@ -270,25 +276,25 @@ def block_size(num_trajectories: int, horizon: int, block_steps: int, multiple: 
 
 
 def in_blocks(fn: Callable, block_steps: int, multiple: int = 1) -> Callable:
-    """``fn(params, traj [T, C]) -> leaves [C, ...]`` computed block by block.
+    """``fn(params, columns) -> leaves [C, ...]`` computed block by block.
 
-    A ``lax.map`` over blocks of :func:`block_size` trajectories keeps each
-    block's activations (``block x T x width`` floats per layer) in cache: the
-    layers of a small policy network are memory-bound when a whole chunk's
-    activations stream through memory. Trajectory c = s * num_blocks + b is
-    row s of block b, so a batch-sharded C (contiguous per device) stays sharded
-    inside every block. Results are in the order of ``traj``'s columns.
+    ``columns`` is a pytree of [T, C, ...] leaves. A ``lax.map`` over blocks of
+    :func:`block_size` columns keeps each block's activations (``block x T x
+    width`` floats per layer) in cache: the layers of a small policy network are
+    memory-bound when a whole chunk's activations stream through memory. Column
+    c = s * num_blocks + b is row s of block b, so a batch-sharded C (contiguous
+    per device) stays sharded inside every block. Results are in column order.
     """
 
-    def blocked(params, traj: Trajectory):
-        horizon, num = traj.mask.shape
+    def blocked(params, columns):
+        horizon, num = jax.tree.leaves(columns)[0].shape[:2]
         size = block_size(num, horizon, block_steps, multiple)
         blocks = num // size
 
         def split(x):  # [T, C, ...] -> [blocks, T, size, ...]
             return jnp.moveaxis(x.reshape(horizon, size, blocks, *x.shape[2:]), 2, 0)
 
-        out = jax.lax.map(lambda t: fn(params, t), jax.tree.map(split, traj))
+        out = jax.lax.map(lambda c: fn(params, c), jax.tree.map(split, columns))
         return jax.tree.map(
             lambda x: jnp.swapaxes(x, 0, 1).reshape(num, *x.shape[2:]), out
         )
@@ -334,7 +340,7 @@ def make_runners(
         )
     distributed.check_divisible(config.chunk, mesh, "chunk")
     estimator_suite(problem, config.suite)  # validate the names before compiling
-    grads = _score_and_rtg(problem)
+    multiple = mesh.size if mesh is not None else 1
     names = tuple(config.suite.names)
     shardings = {"sample": {}, "grads": {}, "batch": {}}
     if mesh is not None:
@@ -357,10 +363,10 @@ def make_runners(
     return Runners(
         sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
         trajectory_grads=jax.jit(
-            in_blocks(grads, config.block_steps, mesh.size if mesh else 1),
+            _score_and_rtg(problem, config.block_steps, multiple),
             **shardings["grads"],
         ),
-        trajectory_flops=functools.partial(_flops, jax.jit(grads)),
+        trajectory_flops=functools.partial(_flops, jax.jit(_score_and_rtg(problem))),
         batch={int(n): batch_fn(int(n)) for n in config.batch_sizes},
         names=names,
         mesh=mesh,
