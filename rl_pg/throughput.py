@@ -139,11 +139,7 @@ def markdown_table(results: dict) -> str:
         "|---|---:|---:|---:|---:|",
     ]
     for name, by_n in rates.items():
-        reference = (
-            None
-            if name == "cartpole"
-            else ref.get("features" if name == "pixels" else name)
-        )
+        reference = None if name == "cartpole" else ref.get(name)  # no pixels
         for n, rate in by_n.items():
             vs_cp = "" if name == "cartpole" else f"{rate / cartpole[n]:.2f}x"
             vs_ref = f"{rate / reference:,.0f}x" if reference else ""
