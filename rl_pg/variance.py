@@ -57,6 +57,7 @@ from rl_pg import returns as returns_lib
 from rl_pg.rollout import grouped_rollout
 from rl_pg.trajectory import Trajectory
 
+CPU_BLOCK_STEPS = 2048  # StudyConfig.block_steps on CPU when not given
 METRICS = ("bias2", "variance", "mse", "cos_true", "cos_pairwise", "snr")
 
 
@@ -341,6 +342,9 @@ def make_runners(
     distributed.check_divisible(config.chunk, mesh, "chunk")
     estimator_suite(problem, config.suite)  # validate the names before compiling
     multiple = mesh.size if mesh is not None else 1
+    block_steps = config.block_steps
+    if block_steps is None and jax.default_backend() == "cpu":
+        block_steps = CPU_BLOCK_STEPS
     names = tuple(config.suite.names)
     shardings = {"sample": {}, "grads": {}, "batch": {}}
     if mesh is not None:
@@ -363,7 +367,7 @@ def make_runners(
     return Runners(
         sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
         trajectory_grads=jax.jit(
-            _score_and_rtg(problem, config.block_steps, multiple),
+            _score_and_rtg(problem, block_steps, multiple),
             **shardings["grads"],
         ),
         trajectory_flops=functools.partial(_flops, jax.jit(_score_and_rtg(problem))),
@@ -385,7 +389,7 @@ def trajectory_moments(
 
     Returns the moments and timing of the gradient phase (rollouts excluded):
     trajectory gradients per second (a score and a reward-to-go gradient per
-    trajectory) and FLOP/s from XLA's cost analysis of the gradient computation.
+    trajectory) and FLOP/s (per device on a mesh) from XLA's cost analysis of the gradient computation.
     """
     if num_trajectories % chunk:
         raise ValueError(
@@ -404,7 +408,8 @@ def trajectory_moments(
         traj = jax.block_until_ready(runners.sample(key_chunk, params, chunk))
         if i == 0:
             compiled = runners.trajectory_grads.lower(params, traj).compile()
-            flops = runners.trajectory_flops(params, traj)
+            # FLOPs of the whole (unsharded) computation, per device
+            flops = runners.trajectory_flops(params, traj) / (mesh.size if mesh else 1)
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(params, traj))
         grad_seconds += time.perf_counter() - start
@@ -543,7 +548,9 @@ class StudyConfig:
     reference_trajectories: int = 100_000
     chunk: int = 1024
     steps_per_call: int = 2**14  # trajectory steps per vmapped batch call (cache-sized)
-    block_steps: int = 2048  # trajectory steps per cache-sized gradient block
+    # Trajectory steps per cache-sized gradient block; None: 2048 on CPU (where
+    # blocking made the gradient phase 3-4x faster), no blocking on accelerators.
+    block_steps: int | None = None
     num_bootstrap: int = 1000
     seed: int = 0
     suite: SuiteConfig = SuiteConfig()
@@ -561,7 +568,7 @@ class StudyConfig:
                 f"chunk ({self.chunk}) must divide reference_trajectories "
                 f"({self.reference_trajectories})"
             )
-        if self.block_steps < 1:
+        if self.block_steps is not None and self.block_steps < 1:
             problems.append(f"block_steps must be >= 1, got {self.block_steps}")
         if self.num_bootstrap < 10:
             problems.append(f"num_bootstrap must be >= 10, got {self.num_bootstrap}")

@@ -245,3 +245,10 @@ def test_value_based_seeds_side_by_side_equal_one_by_one():
     assert len(together.final[0]["scores"]) == 4
     # the seeds differ: different envs, different tables
     assert not np.allclose(together.best_params[0], together.best_params[1])
+    for curve in together.curves:  # the kept table is the best evaluated one
+        medians = [r["val_median"] for r in curve]
+        assert [r["best_median"] for r in curve] == list(np.maximum.accumulate(medians))
+    # without evaluation: no scores, the last tables, and the same training
+    plain = train.train_seeds(config, [0, 1], vmap=True, evaluate=False)
+    assert plain.final == [] and "val_median" not in plain.curves[0][0]
+    assert [r["env_steps"] for r in plain.curves[1]] == [16_000, 32_000, 48_000]
