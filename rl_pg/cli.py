@@ -77,6 +77,8 @@ def _train(args, extra: list[str]) -> None:
     if args.help_config:
         print(train.config_help(args.algo))
         return
+    if args.out is None:
+        raise ValueError("the following arguments are required: --out")
     overrides = train.overrides_from_argv(extra)
     result = train.train_main(args.algo, args.out, overrides, resume=args.resume)
     if result is not None:
@@ -177,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(see --help-config).",
     )
     train.add_argument("--algo", required=True, choices=algos)
-    train.add_argument("--out", required=True, help="new run directory")
+    train.add_argument(
+        "--out", help="new run directory (required unless --help-config)"
+    )
     train.add_argument(
         "--resume", action="store_true", help="continue an interrupted run in --out"
     )

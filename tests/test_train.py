@@ -252,3 +252,14 @@ def test_value_based_seeds_side_by_side_equal_one_by_one():
     plain = train.train_seeds(config, [0, 1], vmap=True, evaluate=False)
     assert plain.final == [] and "val_median" not in plain.curves[0][0]
     assert [r["env_steps"] for r in plain.curves[1]] == [16_000, 32_000, 48_000]
+
+
+def test_cli_help_config_needs_no_out_and_train_needs_it(capsys):
+    from rl_pg import cli
+
+    cli.main(["train", "--algo", "dqn", "--help-config"])
+    assert "--tau float" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--algo", "ppo"])
+    assert exit_info.value.code == 2
+    assert "required: --out" in capsys.readouterr().err
