@@ -414,6 +414,37 @@ def _scale_rewards(batch: Trajectory, scale: float) -> Trajectory:
 # ------------------------------------------------------------------------ updates
 
 
+def _learn(
+    config: OnPolicyConfig,
+    state: TrainState,
+    loss_fn: Callable[..., tuple[jax.Array, estimators.LossAux]],
+    batch: Trajectory,
+    episodes: Any,
+    key_sgd: jax.Array,
+    **sgd_options: Any,
+) -> tuple[TrainState, UpdateMetrics]:
+    """Scale the rewards, SGD on ``batch`` and count its steps: the end of every
+    update (``state`` already holds the new key and streams)."""
+    batch = _scale_rewards(batch, config.reward_scale)
+    params, opt_state, stats = sgd_on_batch(
+        loss_fn,
+        make_optimizer(config),
+        state.params,
+        state.opt_state,
+        batch,
+        key_sgd,
+        **sgd_options,
+    )
+    env_steps = state.env_steps + batch.mask.size
+    new_state = state._replace(
+        params=params,
+        opt_state=opt_state,
+        update=state.update + 1,
+        env_steps=env_steps,
+    )
+    return new_state, _metrics(stats, episodes, env_steps)
+
+
 def streaming_update(
     config: OnPolicyConfig,
     state: TrainState,
@@ -436,28 +467,16 @@ def streaming_update(
         state.stream,
         num_steps,
     )
-    episodes = _streaming_stats(batch)
-    batch = _scale_rewards(batch, config.reward_scale)
-    params, opt_state, stats = sgd_on_batch(
+    return _learn(
+        config,
+        state._replace(key=key, stream=stream),
         loss_fn,
-        make_optimizer(config),
-        state.params,
-        state.opt_state,
         batch,
+        _streaming_stats(batch),
         key_sgd,
         num_epochs=num_epochs,
         num_minibatches=num_minibatches,
     )
-    env_steps = state.env_steps + batch.mask.size
-    new_state = state._replace(
-        params=params,
-        opt_state=opt_state,
-        key=key,
-        update=state.update + 1,
-        env_steps=env_steps,
-        stream=stream,
-    )
-    return new_state, _metrics(stats, episodes, env_steps)
 
 
 def episodic_update(
@@ -490,30 +509,19 @@ def episodic_update(
         group_size,
         horizon,
     )
-    episodes = _episodic_stats(batch)
-    batch = _scale_rewards(batch, config.reward_scale)
     if state.ref_params is not None:
         loss_fn = functools.partial(loss_fn, ref_params=state.ref_params)
-    params, opt_state, stats = sgd_on_batch(
+    return _learn(
+        config,
+        state._replace(key=key),
         loss_fn,
-        make_optimizer(config),
-        state.params,
-        state.opt_state,
         batch,
+        _episodic_stats(batch),
         key_sgd,
         num_epochs=num_epochs,
         num_minibatches=num_minibatches,
         block_size=group_size,
     )
-    env_steps = state.env_steps + batch.mask.size
-    new_state = state._replace(
-        params=params,
-        opt_state=opt_state,
-        key=key,
-        update=state.update + 1,
-        env_steps=env_steps,
-    )
-    return new_state, _metrics(stats, episodes, env_steps)
 
 
 # ---------------------------------------------------------------------- whole runs
