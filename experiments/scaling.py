@@ -108,11 +108,14 @@ def measure(args: argparse.Namespace) -> list[dict]:
         study = variance.StudyConfig(
             batch_sizes=(args.group_size,),
             reference_trajectories=args.repeats * n,
+            reference_groups=args.repeats,  # one group per chunk (>= 4 repeats)
             chunk=n,
             suite=variance.SuiteConfig(names=("reinforce",)),
         )
         runners = variance.make_runners(problem, study, mesh=mesh)
-        _, perf = variance.trajectory_moments(params, runners, key, args.repeats * n, n)
+        _, perf = variance.trajectory_moments(
+            params, runners, key, args.repeats * n, n, study.reference_groups
+        )
         rows.append(
             {
                 "devices": mesh.size,

@@ -23,18 +23,20 @@ from fractions import Fraction
 
 import numpy as np
 
-from rl_pg import io, variance, variance_report
+from rl_pg import io, variance
+from rl_pg.variance import report
 
 
 def scaled(study: variance.StudyConfig, f: Fraction) -> variance.StudyConfig:
     reference = int(study.reference_trajectories * f)
     if reference < study.chunk or reference % study.chunk:
         raise ValueError(f"fraction {f} gives {reference} reference trajectories")
+    num_batches = max(4, int(study.num_batches * f))
     return dataclasses.replace(
         study,
         reference_trajectories=reference,
-        num_batches=max(3, int(study.num_batches * f)),
-        num_bootstrap=200,
+        num_batches=num_batches,
+        max_batches_per_size=max(num_batches, int(study.max_batches_per_size * f)),
     )
 
 
@@ -67,18 +69,17 @@ def main() -> None:
     parser.add_argument("--stage", default="partial", help="shipped checkpoint")
     args = parser.parse_args()
     fractions = [Fraction(f) for f in args.fractions.split(",")]
-    setting = variance_report.PRESETS["full"]
+    setting = report.PRESETS["full"]
     studies = [scaled(setting["study"], f) for f in fractions]  # validate first
-    stages = {s[0]: s for s in variance_report.load_stages(None)}
+    horizon = setting["horizon"]
+    stages = {
+        s.label: s for s in report.flappy_stages(None, horizon, setting["group_size"])
+    }
     if args.stage not in stages:
         raise SystemExit(f"--stage must be one of {sorted(stages)}")
     out = io.new_out_dir(args.out)
     io.write_config(out, {"script": "variance_scaling", **vars(args)})
-    _, policy, params, env, env_params = stages[args.stage]
-    horizon = setting["horizon"]
-    problem = variance.flappy_problem(
-        policy.apply, env, env_params, horizon, setting["group_size"]
-    )
+    params, problem = stages[args.stage].params, stages[args.stage].problem
 
     rows = []
     for f, study in zip(fractions, studies, strict=True):

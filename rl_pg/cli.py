@@ -59,15 +59,20 @@ def _render(args) -> None:
 
 
 def _variance(args) -> None:
-    from rl_pg import variance_report
+    from rl_pg.variance import report
 
-    out = variance_report.run(
-        args.preset, args.out, checkpoints=args.checkpoints, seed=args.seed
+    out = report.run(
+        args.preset,
+        args.out,
+        checkpoints=args.checkpoints,
+        seed=args.seed,
+        problem=args.problem,
     )
     print((out / "report.md").read_text())
     print(
         f"wrote {out}/results.csv, report.md and plots: "
-        f"{out}/variance_vs_batch_size.png, {out}/cosine_vs_batch_size.png"
+        f"{out}/rel_variance_vs_batch_size.png, {out}/variance_vs_batch_size.png, "
+        f"{out}/cosine_vs_batch_size.png"
     )
 
 
@@ -149,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="For policies at several training stages, estimate the true "
         "policy gradient from a large sample, then draw M batches of n trajectories "
         "per batch size and measure every estimator's bias, variance, MSE, cosine "
-        "to the true gradient, pairwise cosine and SNR with bootstrap intervals. "
-        "Writes results.csv, per_trajectory.csv, report.md, config.json, "
-        "performance.json and plots.",
+        "to the true gradient, pairwise cosine, SNR and the scale-free cos_mean and "
+        "rel_variance, with calibrated 95% intervals. Writes results.csv, slopes.csv, "
+        "per_trajectory.csv, report.md, config.json, performance.json and plots.",
     )
     var.add_argument(
         "--preset",
@@ -167,6 +172,13 @@ def build_parser() -> argparse.ArgumentParser:
         "initial, partial and good policies)",
     )
     var.add_argument("--seed", type=int, default=0)
+    var.add_argument(
+        "--problem",
+        choices=["flappy", "enumerable"],
+        default="flappy",
+        help="flappy: Flappy Bird policies; enumerable: the exactly solvable MDP, "
+        "with exact_bias2 and exact_variance columns (the benchmark's calibration)",
+    )
     var.set_defaults(func=_variance)
 
     algos = ("reinforce", "a2c", "ppo", "grpo", "qlearning", "dqn")  # train.ALGO_NAMES

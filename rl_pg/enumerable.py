@@ -140,6 +140,7 @@ class Enumeration(NamedTuple):
       mask: [N, H] float 1 on live steps.
       log_prob_env: [N] log p0(s_0) + sum_t log P(o_t|s_t, a_t).
       returns: [N] R(tau) = sum_t r_t.
+      rewards: [N, H] r_t (0 after the end).
     """
 
     states: np.ndarray
@@ -147,6 +148,7 @@ class Enumeration(NamedTuple):
     mask: np.ndarray
     log_prob_env: np.ndarray
     returns: np.ndarray
+    rewards: np.ndarray
 
 
 def _key(mdp: EnumerableMDP) -> tuple:
@@ -161,16 +163,16 @@ def _key(mdp: EnumerableMDP) -> tuple:
 
 def _enumerate(mdp: EnumerableMDP) -> Enumeration:
     num_states, horizon = mdp.num_states, mdp.horizon
-    # Partial trajectories: (states, actions, log_prob_env, return).
+    # Partial trajectories: (states, actions, log_prob_env, rewards).
     alive = [
-        ([s], [], np.log(mdp.initial[s]), 0.0)
+        ([s], [], np.log(mdp.initial[s]), [])
         for s in range(num_states)
         if mdp.initial[s] > 0
     ]
     finished = []
     for t in range(horizon):
         next_alive = []
-        for states, actions, logp, ret in alive:
+        for states, actions, logp, rew in alive:
             s = states[-1]
             for a in range(mdp.num_actions):
                 for o in range(num_states + 1):
@@ -181,7 +183,7 @@ def _enumerate(mdp: EnumerableMDP) -> Enumeration:
                         states,
                         [*actions, a],
                         logp + np.log(p),
-                        ret + mdp.rewards[s, a, o],
+                        [*rew, mdp.rewards[s, a, o]],
                     )
                     if o == num_states or t == horizon - 1:
                         finished.append(entry)
@@ -192,13 +194,16 @@ def _enumerate(mdp: EnumerableMDP) -> Enumeration:
     states = np.zeros((n, horizon), np.int32)
     actions = np.zeros((n, horizon), np.int32)
     mask = np.zeros((n, horizon), np.float32)
-    for i, (s, a, _, _) in enumerate(finished):
+    rewards = np.zeros((n, horizon), np.float64)
+    for i, (s, a, _, r) in enumerate(finished):
         states[i, : len(a)] = s[: len(a)]
         actions[i, : len(a)] = a
         mask[i, : len(a)] = 1.0
+        rewards[i, : len(a)] = r
     log_prob_env = np.array([e[2] for e in finished])
-    returns = np.array([e[3] for e in finished])
-    return Enumeration(states, actions, mask, log_prob_env, returns)
+    return Enumeration(
+        states, actions, mask, log_prob_env, rewards.sum(1), rewards.astype(np.float32)
+    )
 
 
 _ENUMERATIONS: dict[tuple, Enumeration] = {}
@@ -372,3 +377,46 @@ def sample_batches(
         return jnp.swapaxes(x, 0, 1)
 
     return jax.tree.map(split, big)
+
+
+def enumerated_batch(
+    params: Params, mdp: EnumerableMDP = DEFAULT_MDP
+) -> tuple[Trajectory, jax.Array, np.ndarray]:
+    """Every trajectory of ``mdp`` as one episodic batch, with its probability.
+
+    Args:
+      params: tabular policy params (``mdp_policy``).
+      mdp: the MDP.
+
+    Returns:
+      ``(batch, probs, initial_states)``: a ``Trajectory`` [H, N] laid out like
+      :func:`sample_batch`'s (behaviour log-probs and values from ``params``;
+      ``score`` is 0),
+      p(tau; theta) [N] (summing to 1) and s_0 [N].
+    """
+    e = enumerate_trajectories(mdp)
+    policy = mdp_policy(mdp, value="value" in params)
+    mask = jnp.asarray(e.mask.T)  # [H, N]
+    states = jnp.asarray(e.states.T)
+    actions = jnp.asarray(e.actions.T)
+    obs = jax.nn.one_hot(states, mdp.num_states) * mask[..., None]
+    logits, values = policy.apply(params, obs)
+    log_probs = policies.log_prob(logits, actions) * mask
+    live = mask > 0
+    last = jnp.arange(mdp.horizon)[:, None] == (jnp.sum(mask, 0) - 1)[None, :]
+    next_values = jnp.concatenate([values[1:], jnp.zeros_like(values[:1])]) * mask
+    probs = jnp.exp(jnp.sum(log_probs, 0) + jnp.asarray(e.log_prob_env, jnp.float32))
+    batch = Trajectory(
+        observations=obs,
+        actions=jnp.where(live, actions, 0),
+        rewards=jnp.asarray(e.rewards.T),
+        log_probs=log_probs,
+        values=values * mask,
+        next_values=jnp.where(last, 0.0, next_values),
+        terminated=live & last,
+        truncated=jnp.zeros_like(live),
+        mask=mask,
+        level=jnp.broadcast_to(states[0], mask.shape),
+        score=jnp.zeros(mask.shape, jnp.int32),
+    )
+    return batch, probs, e.states[:, 0]

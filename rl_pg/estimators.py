@@ -19,7 +19,10 @@ episodic batch the gradient estimates grad J itself (the seed's
 Loss = -(1/n) sum_i sum_t log pi(a_t|s_t) R(tau_i)). Value and entropy terms use the
 same aggregation, so the relative weights ``vf_coef`` and ``ent_coef`` mean what they
 mean in PPO implementations that average over steps; the overall scale is larger by the
-number of steps per column.
+number of steps per column. GRPO and Dr. GRPO aggregate every per-token term (policy,
+KL and entropy) their own way (per-sequence means; a constant 1/(B T)), as in
+DeepSeekMath and Liu et al. 2025, so their ``ent_coef`` weighs the mean token entropy
+as PPO's does after training divides its loss by the steps per column.
 
 Batch layout. Estimators marked *trajectory-level* (constant, mean, leave-one-out,
 optimal baselines, GRPO, Dr. GRPO) use R(tau_i) = sum_t m_{t,i} r_{t,i} of column i and
@@ -693,15 +696,16 @@ def _group_relative(
         fwd.log_probs, batch.log_probs, per_step_adv, fwd.mask, clip_eps
     )
     kl = _reference_kl(fwd, batch, apply_fn, ref_params, beta)
-    per_step = _zero_padding(clipped.objective - beta * kl, fwd.mask)
-    per_sequence = jnp.sum(per_step, axis=0)  # [B]
-    if length_normalize:
-        lengths = jnp.sum(fwd.mask, axis=0)
-        per_sequence = per_sequence / jnp.maximum(lengths, 1.0)
-        pg_loss = -jnp.mean(per_sequence)
-    else:
-        pg_loss = -jnp.sum(per_sequence) / (num_columns * num_steps)
-    entropy = _per_trajectory(policies.entropy(fwd.logits), fwd.mask)
+
+    def aggregate(x):  # per-token [T, B] -> scalar, the same for every term
+        per_sequence = jnp.sum(_zero_padding(x, fwd.mask), axis=0)  # [B]
+        if length_normalize:
+            lengths = jnp.maximum(jnp.sum(fwd.mask, axis=0), 1.0)
+            return jnp.mean(per_sequence / lengths)
+        return jnp.sum(per_sequence) / (num_columns * num_steps)
+
+    pg_loss = -aggregate(clipped.objective - beta * kl)
+    entropy = aggregate(policies.entropy(fwd.logits))
     aux = _make_aux(
         fwd,
         pg_loss,
@@ -752,7 +756,8 @@ def grpo(
       eps: added to the group std.
       beta: weight of the KL penalty to the reference policy.
       ref_params: params of the reference policy (same ``apply_fn``).
-      ent_coef: weight of an entropy bonus ((1/B) sum m H).
+      ent_coef: weight of an entropy bonus, aggregated like the policy term:
+        (1/B) sum_i (1/|o_i|) sum_t m_t H_t.
 
     Returns:
       (loss, LossAux).
@@ -798,7 +803,8 @@ def dr_grpo(
       clip_eps: ratio clip epsilon.
       beta: weight of the KL penalty to the reference policy.
       ref_params: params of the reference policy (same ``apply_fn``).
-      ent_coef: weight of an entropy bonus ((1/B) sum m H).
+      ent_coef: weight of an entropy bonus, aggregated like the policy term:
+        (1/(B T)) sum_i sum_t m_t H_t.
 
     Returns:
       (loss, LossAux).

@@ -388,13 +388,21 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def save_policy(directory: str | Path, config: Any, params: Any, **extra: Any) -> Path:
-    """A ``rl_pg.checkpoint`` policy directory for ``config``'s policy and env."""
+    """A ``rl_pg.checkpoint`` policy directory for ``config``'s policy and env.
+
+    Records the reward scale (and discount) the critic learned with, so that the
+    variance study can put V back into raw reward units.
+    """
+    critic = {
+        k: getattr(config, k) for k in ("reward_scale", "gamma") if hasattr(config, k)
+    }
     return checkpoint.save_policy(
         directory,
         params,
         policy=loop.policy_spec(config),
         env_id=config.env_id,
         env_kwargs={"max_steps_in_episode": config.max_steps_in_episode},
+        **critic,
         **extra,
     )
 

@@ -70,8 +70,8 @@ def _variance_setup(mesh):
         batch_sizes=(4,),
         num_batches=6,
         reference_trajectories=16,
+        reference_groups=4,
         chunk=8,
-        num_bootstrap=10,
         block_steps=4,  # one trajectory per block, or one per device and block
         suite=variance.SuiteConfig(names=("reinforce", "rloo")),
     )
@@ -160,20 +160,21 @@ def _batch_estimates(mesh) -> dict:
     """6 batches of 4 (2 levels x G=2), in calls of 3 (rounded up to 4 sharded)."""
     params, runners = _variance_setup(mesh)
     estimates = variance.batch_estimates(
-        params, runners, jax.random.PRNGKey(5), 4, 6, 3, constant_b=0.5
+        params, runners, jax.random.PRNGKey(5), 6, 3, constant_b=0.5
     )
-    return {f"batch_{k}": v for k, v in estimates.items()}
+    return {f"batch_{k}": v for k, v in estimates[4].items()}
 
 
 def _moments(mesh) -> dict:
     """Per-trajectory gradient moments over 2 chunks of 8 trajectories."""
     params, runners = _variance_setup(mesh)
     moments, _ = variance.trajectory_moments(
-        params, runners, jax.random.PRNGKey(6), 16, 8
+        params, runners, jax.random.PRNGKey(6), 16, 8, num_groups=4
     )
     out = {f"moments_mean_{k}": v for k, v in moments.mean.items()}
     out |= {f"moments_m2_{k}": v for k, v in moments.m2.items()}
-    return out | {f"moments_sum_{k}": np.asarray(v) for k, v in moments.sums.items()}
+    out |= {f"moments_sum_{k}": np.asarray(v) for k, v in moments.sums.items()}
+    return out | {"moments_groups": np.stack(moments.group_R_s)}
 
 
 PARTS = {
@@ -223,6 +224,7 @@ def errors(mesh) -> dict[str, np.ndarray]:
             variance.StudyConfig(
                 batch_sizes=(4,),
                 reference_trajectories=12,
+                reference_groups=6,
                 chunk=6,
                 suite=variance.SuiteConfig(names=("reinforce",)),
             ),

@@ -681,3 +681,69 @@ def test_rloo_gradient_ascent_improves_the_exact_objective():
 
     j0, j1, j_ref = (float(j) for j in objectives(start))
     assert j1 > j0 + 0.5 * (j_ref - j0), (j0, j1, j_ref)
+
+
+def _uniform_batch(num_steps, num_columns, lengths):
+    """[T, B] batch of a 2-action uniform policy (H = log 2 per step); column b is
+    live for ``lengths[b]`` steps."""
+    mask = (jnp.arange(num_steps)[:, None] < jnp.asarray(lengths)[None, :]).astype(
+        jnp.float32
+    )
+    zeros = jnp.zeros((num_steps, num_columns))
+    return Trajectory(
+        observations=jnp.ones((num_steps, num_columns, 3)) / 3,
+        actions=zeros.astype(jnp.int32),
+        rewards=jnp.arange(num_steps * num_columns, dtype=jnp.float32).reshape(
+            num_steps, num_columns
+        )
+        % 3,
+        log_probs=zeros + jnp.log(0.5),
+        values=zeros,
+        next_values=zeros,
+        terminated=mask.astype(bool) & (jnp.cumsum(mask, 0) == mask.sum(0)),
+        truncated=zeros.astype(bool),
+        mask=mask,
+        level=zeros.astype(jnp.int32),
+        score=zeros.astype(jnp.int32),
+    )
+
+
+def _entropy_weight(name, batch, **kwargs):
+    """d loss / d ent_coef (the loss is linear in ent_coef)."""
+    params = {"logits": jnp.zeros((3, 2)), "value": jnp.zeros(3)}
+
+    def loss(c):
+        fn = estimators.get_estimator(name, apply_fn=POLICY.apply, **kwargs)
+        return fn(params, batch, ent_coef=c)[0]
+
+    return float(jax.grad(loss)(0.0))
+
+
+def test_group_relative_entropy_is_aggregated_like_the_policy_term():
+    T, lengths = 16, [16, 16, 8, 4]
+    batch = _uniform_batch(T, 4, lengths)
+    h = np.log(2.0)
+    # GRPO: (1/B) sum_i (1/|o_i|) sum_t m H = mean token entropy = log 2
+    assert _entropy_weight("grpo", batch, group_size=4) == pytest.approx(-h, rel=1e-5)
+    # Dr. GRPO: (1/(B T)) sum_i sum_t m H
+    expected = -h * sum(lengths) / (4 * T)
+    assert _entropy_weight("dr_grpo", batch, group_size=4) == pytest.approx(
+        expected, rel=1e-5
+    )
+    # PPO's as training uses it (loss / steps per column): log 2 on all-live batches
+    full = _uniform_batch(T, 4, [T] * 4)
+    from rl_pg.algos import loop
+
+    params = {"logits": jnp.zeros((3, 2)), "value": jnp.zeros(3)}
+    ppo = jax.grad(
+        lambda c: loop.make_loss("ppo_clip", POLICY.apply, T, ent_coef=c)(params, full)[
+            0
+        ]
+    )
+    grpo = jax.grad(
+        lambda c: loop.make_loss("grpo", POLICY.apply, T, group_size=4, ent_coef=c)(
+            params, full
+        )[0]
+    )
+    assert float(grpo(0.0)) == pytest.approx(float(ppo(0.0)), rel=1e-5)
+    assert float(ppo(0.0)) == pytest.approx(-h, rel=1e-5)

@@ -5,31 +5,34 @@ Policy Gradients", ICLR): for a policy theta,
 
 1. a reference gradient g = grad J(theta) from a large sample of per-trajectory
    REINFORCE estimates with the sample-mean baseline (see
-   :func:`reference_gradient`), with its standard error;
-2. for every estimator e and batch size n, M independent batches of n
-   trajectories and their estimates g_hat_{e,n,m} = -grad loss_e(theta, batch_m).
-   Common random numbers: batch m holds the same trajectories for every
-   estimator, so differences between estimators are not sampling noise;
-3. per (e, n): bias2 = ||mean_m g_hat - g||^2, variance = tr Cov(g_hat) (unbiased
-   over the M batches), mse = mean_m ||g_hat - g||^2, cos_true = mean_m cos(g_hat,
-   g), cos_pairwise = mean_{m != m'} cos(g_hat_m, g_hat_m'), snr = ||mean g_hat|| /
-   sqrt(variance), each with a bootstrap confidence interval over the M batches;
+   :func:`reference_gradient`), kept as K group means of whole levels so that its
+   standard error treats the G rollouts of a level as one cluster;
+2. M independent top-level batches of n_max = max(batch sizes) trajectories. Each
+   is cut into disjoint sub-batches of every studied size n (whole groups of G),
+   so a size gets up to M n_max / n i.i.d. batches from the same trajectories
+   (nested common random numbers: estimates at every n, and of every estimator,
+   see the same trajectories, so comparisons across estimators and the slope of
+   variance against n are not blurred by sampling noise);
+3. per (estimator, n): the calibrated statistics of :mod:`rl_pg.variance.statistics`
+   (noise-corrected bias2, variance, mse, cosines, SNR, the scale-free cos_mean
+   and rel_variance, jackknife intervals) and, on a problem that knows them,
+   the exact values ``exact_bias2`` and ``exact_variance``;
 4. per-trajectory statistics, accumulated chunk by chunk (Chan et al. 1979's
    parallel update of mean and sum of squared deviations, in float64 on the host)
    so memory is bounded by the chunk, never by trajectories x parameters: the
-   per-trajectory variance of REINFORCE with the constant baselines 0, E[R], the
-   scalar optimum E[||s||^2 R] / E[||s||^2] (Greensmith et al. 2004) and the
-   per-parameter optimum E[R s_k^2] / E[s_k^2] (Mohamed et al. 2020, s. 7.4), and of
-   reward-to-go; an i.i.d. batch of n has variance Var[g] / n.
-
-``bias2`` contains the noise of the mean and of the reference: its expectation for
-an unbiased estimator is ``bias2_noise = variance / M + se_ref^2``, reported
-beside it.
+   per-trajectory variance of REINFORCE with the constant baselines 0, E[R], and
+   the oracle scalar optimum E[||s||^2 R] / E[||s||^2] (Greensmith et al. 2004) and
+   per-parameter optimum E[R s_k^2] / E[s_k^2] (Mohamed et al. 2020, s. 7.4) --
+   oracle because b* comes from the large sample, unlike the batch estimators,
+   which estimate b from the other trajectories of their batch -- and of
+   reward-to-go. Also the critic's calibration: mean V(s_t) against the mean
+   discounted return-to-go over live steps, and their correlation.
 
 The study is generic: a :class:`Problem` is a policy ``apply_fn`` and a sampler
 ``sample(key, params, n) -> Trajectory`` of n episodes in groups of
-``group_size`` columns (levels x G). :func:`flappy_problem` samples grouped
-Flappy Bird rollouts; the tests use the exactly solvable MDP of
+``group_size`` columns (levels x G), optionally with ``exact`` values.
+:func:`flappy_problem` samples grouped Flappy Bird rollouts;
+:func:`rl_pg.variance.exact.enumerable_problem` the exactly solvable MDP of
 :mod:`rl_pg.enumerable`.
 
 ``make_runners(..., mesh=...)`` shards the study across devices (and hosts):
@@ -56,17 +59,42 @@ from rl_pg import estimators as estimators_lib
 from rl_pg import returns as returns_lib
 from rl_pg.rollout import grouped_rollout
 from rl_pg.trajectory import Trajectory
+from rl_pg.variance import statistics
 
 CPU_BLOCK_STEPS = 2048  # StudyConfig.block_steps on CPU when not given
-METRICS = ("bias2", "variance", "mse", "cos_true", "cos_pairwise", "snr")
+METRICS = statistics.METRICS
 
 
 class Problem(NamedTuple):
-    """What the study needs to know about a policy-gradient problem."""
+    """What the study needs to know about a policy-gradient problem.
+
+    ``exact(params, column_grads, batch_sizes, names) -> {n: {name: {metric:
+    value}}}`` (optional) gives exact values (nan where unknown) of the metrics
+    ``bias2``, ``variance``, ``mse``, ``snr``, ``rel_variance``, ``cos_mean``;
+    ``column_grads(batch) -> {name: [B, P]}`` are their one-column estimates.
+    """
 
     apply_fn: Callable  # (params, obs) -> (logits, value)
     sample: Callable[[jax.Array, Any, int], Trajectory]  # (key, params, n)
     group_size: int  # consecutive columns sharing a level
+    exact: Callable | None = None
+
+
+def critic_in_reward_units(apply_fn: Callable, reward_scale: float) -> Callable:
+    """``apply_fn`` whose values are divided by ``reward_scale``.
+
+    A critic trained on rewards x c (PPO's ``reward_scale``) predicts c times the
+    return; the study rolls out with raw rewards, so value-based estimators must
+    see V / c.
+    """
+    if reward_scale == 1.0:
+        return apply_fn
+
+    def apply(params, obs):
+        logits, values = apply_fn(params, obs)
+        return logits, values / reward_scale
+
+    return apply
 
 
 def flappy_problem(apply_fn, env, env_params, horizon: int, group_size: int) -> Problem:
@@ -112,6 +140,17 @@ class SuiteConfig:
     )
     gamma: float = 0.99
     lam: float = 0.95
+
+
+# Estimators whose expected gradient is c grad J with c != 1 (or a normalised
+# direction): the mean baseline's (G-1)/G, PPO's batch-normalised advantages, GRPO's
+# group-std division, Dr. GRPO's 1/(B T). Compare them by scale-free metrics only.
+RESCALED_ESTIMATORS = frozenset({"mean_baseline", "ppo_clip", "grpo", "dr_grpo"})
+# Estimators whose batch estimate is the mean over columns of a function of the
+# column alone (so one-column estimates make sense and give exact variances).
+PER_TRAJECTORY_ESTIMATORS = frozenset(
+    {"reinforce", "reward_to_go", "constant_baseline", "value_baseline", "gae"}
+)
 
 
 def estimator_suite(
@@ -164,6 +203,10 @@ def flat_gradient(loss_fn: Callable, params: Any, batch: Trajectory) -> jax.Arra
 # ------------------------------------------------------ per-trajectory moments
 
 
+ORACLE_SCALAR = "oracle optimal scalar b* (from the reference sample)"
+ORACLE_PER_PARAMETER = "oracle optimal per-parameter b* (from the reference sample)"
+
+
 @dataclasses.dataclass
 class TrajectoryMoments:
     """Running float64 moments of per-trajectory quantities (Chan's update).
@@ -177,6 +220,10 @@ class TrajectoryMoments:
     mean: dict = dataclasses.field(default_factory=dict)
     m2: dict = dataclasses.field(default_factory=dict)
     sums: dict = dataclasses.field(default_factory=dict)
+    # per reference group k (whole levels): sum_i R_i s_i and sum_i s_i, [P] each
+    group_R_s: list = dataclasses.field(default_factory=list)
+    group_s: list = dataclasses.field(default_factory=list)
+    group_count: list = dataclasses.field(default_factory=list)
 
     def update(self, chunk: dict[str, np.ndarray], sums: dict[str, np.ndarray]):
         """Merge a chunk: ``chunk[name]`` is [C, P] per-trajectory estimates."""
@@ -213,8 +260,8 @@ class TrajectoryMoments:
         for label, b in (
             ("reinforce (b = 0)", 0.0),
             ("constant b = E[R]", mean_r),
-            ("optimal scalar b*", scalar),
-            ("optimal per-parameter b*", per_param),
+            (ORACLE_SCALAR, scalar),
+            (ORACLE_PER_PARAMETER, per_param),
         ):
             second = e["R2_s2"] - 2 * b * e["R_s2"] + b**2 * e["s2"]
             first = e["R_s"] - b * e["s"]
@@ -222,7 +269,12 @@ class TrajectoryMoments:
         return out
 
 
-def _score_and_rtg(problem: Problem, block_steps: int | None = None, multiple: int = 1):
+def _score_and_rtg(
+    problem: Problem,
+    block_steps: int | None = None,
+    multiple: int = 1,
+    gamma: float = 0.99,
+):
     """Per-trajectory score s_i = grad log p(tau_i), reward-to-go gradient and R_i.
 
     Both gradients are sum_t w_t grad log pi(a_t|s_t), with w_t = m_t for the score
@@ -231,7 +283,10 @@ def _score_and_rtg(problem: Problem, block_steps: int | None = None, multiple: i
     every weight gradient is a single [in, T] x [T, 2 * out] product instead of
     two passes of [in, T] x [T, out]. With ``block_steps`` the VJPs run in
     cache-sized blocks of trajectories (:func:`in_blocks`). Returns ``(params,
-    traj [T, C]) -> (score [C, P], rtg [C, P], R [C])``.
+    traj [T, C]) -> (score [C, P], rtg [C, P], R [C], critic [6])``, ``critic``
+    the sums over live steps of 1, V, G, V^2, G^2 and V G, with V(s_t) the
+    collection-time value and G the discounted (``gamma``) return-to-go,
+    bootstrapped where the horizon cuts an episode (the critic's own target).
     """
 
     def one(params, observations, actions, weights):  # [T, ...], [T], [T, 2]
@@ -258,9 +313,44 @@ def _score_and_rtg(problem: Problem, block_steps: int | None = None, multiple: i
         to_go = returns_lib.batch_reward_to_go(rewards, traj.mask, done)
         weights = jnp.stack([live, jnp.where(live, to_go, 0.0)], -1)  # [T, C, 2]
         g = columns_grads(params, (observations, actions, weights.astype(jnp.float32)))
-        return g[:, 0], g[:, 1], jnp.sum(rewards, 0)
+        return g[:, 0], g[:, 1], jnp.sum(rewards, 0), _critic_sums(traj, gamma)
 
     return grads
+
+
+def _critic_sums(traj: Trajectory, gamma: float) -> jax.Array:
+    """Sums over live steps of 1, V, G, V^2, G^2, V G (see :func:`_score_and_rtg`)."""
+    live = traj.mask > 0
+    values = jnp.where(live, traj.values, 0.0)
+    targets = returns_lib.batch_discounted_returns(
+        jnp.where(live, traj.rewards, 0.0),
+        traj.terminated,
+        traj.truncated,
+        jnp.where(live, traj.next_values, 0.0),
+        gamma,
+    )
+    targets = jnp.where(live, targets, 0.0)
+    f = live.astype(jnp.float32)
+    return jnp.stack(
+        [
+            jnp.sum(f),
+            jnp.sum(values),
+            jnp.sum(targets),
+            jnp.sum(values**2),
+            jnp.sum(targets**2),
+            jnp.sum(values * targets),
+        ]
+    )
+
+
+def critic_calibration(sums: np.ndarray) -> dict[str, float]:
+    """Mean V, mean discounted return-to-go and their correlation over live steps."""
+    n, v, g, vv, gg, vg = (float(x) for x in sums)
+    mean_v, mean_g = v / n, g / n
+    var_v, var_g = vv / n - mean_v**2, gg / n - mean_g**2
+    cov = vg / n - mean_v * mean_g
+    corr = cov / np.sqrt(var_v * var_g) if var_v > 0 and var_g > 0 else float("nan")
+    return {"mean_value": mean_v, "mean_return_to_go": mean_g, "correlation": corr}
 
 
 def block_size(num_trajectories: int, horizon: int, block_steps: int, multiple: int):
@@ -307,10 +397,17 @@ class Runners(NamedTuple):
     """Jitted functions of a study, compiled once and reused for every policy."""
 
     sample: Callable  # (key, params, n) -> Trajectory, n static
-    trajectory_grads: Callable  # (params, traj) -> (score [C, P], rtg [C, P], R [C])
+    # (params, traj) -> (score [C, P], rtg [C, P], R [C], critic sums [6])
+    trajectory_grads: Callable
     trajectory_flops: Callable  # (params, traj) -> FLOPs of trajectory_grads
-    batch: dict[int, Callable]  # n -> (params, keys [k], b) -> [k, E, P]
+    batch: Callable  # (params, keys [k], b) -> {n: [k, sub-batches, E, P]}
+    # (params, batch [T, B], b) -> [B, E', P]: one-column estimates of the
+    # per-trajectory estimators among ``names`` (``column_names``)
+    column_grads: Callable
+    column_names: tuple[str, ...]
     names: tuple[str, ...]
+    sub_batches: dict[int, int]  # n -> sub-batches of size n cut from each batch
+    problem: Problem
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
 
 
@@ -320,6 +417,25 @@ def _flops(jitted: Callable, *args) -> float:
     analysis = jitted.lower(*args).cost_analysis()
     analysis = analysis[0] if isinstance(analysis, list) else analysis
     return float(analysis["flops"]) if analysis and "flops" in analysis else np.nan
+
+
+def sub_batch_counts(config: "StudyConfig") -> dict[int, int]:
+    """n -> how many disjoint sub-batches of n each top-level batch is cut into:
+    all n_max / n of them, capped so that a size has at most
+    ``config.max_batches_per_size`` batches (and at least one per top batch)."""
+    largest = max(config.batch_sizes)
+    cap = max(1, config.max_batches_per_size // config.num_batches)
+    return {int(n): min(largest // int(n), cap) for n in config.batch_sizes}
+
+
+def _sub_batches(batch: Trajectory, n: int, count: int) -> Trajectory:
+    """The first ``count`` disjoint column blocks of size n: leaves [count, T, n]."""
+
+    def cut(x):
+        x = x[:, : count * n].reshape(x.shape[0], count, n, *x.shape[2:])
+        return jnp.moveaxis(x, 1, 0)
+
+    return jax.tree.map(cut, batch)
 
 
 def make_runners(
@@ -332,12 +448,19 @@ def make_runners(
     keys of the M batches are split across its devices; params are replicated.
     """
     G = problem.group_size
+    group_len = config.reference_trajectories // config.reference_groups
     bad = [n for n in config.batch_sizes if n % G] + (
         [config.chunk] if config.chunk % G else []
     )
     if bad:
         raise ValueError(
             f"batch sizes and chunk must be multiples of group_size {G}: {bad}"
+        )
+    if group_len % G or config.chunk % group_len:
+        raise ValueError(
+            f"a reference group ({config.reference_trajectories} / "
+            f"{config.reference_groups} = {group_len} trajectories) must hold whole "
+            f"levels of group_size {G} and divide chunk ({config.chunk})"
         )
     distributed.check_divisible(config.chunk, mesh, "chunk")
     estimator_suite(problem, config.suite)  # validate the names before compiling
@@ -346,33 +469,62 @@ def make_runners(
     if block_steps is None and jax.default_backend() == "cpu":
         block_steps = CPU_BLOCK_STEPS
     names = tuple(config.suite.names)
+    counts = sub_batch_counts(config)
+    largest = max(config.batch_sizes)
     shardings = {"sample": {}, "grads": {}, "batch": {}}
     if mesh is not None:
         whole, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
         columns = distributed.batch_sharding(mesh, axis=1)  # Trajectory [T, B]
         shardings = {
             "sample": {"in_shardings": (whole, whole), "out_shardings": columns},
-            "grads": {"in_shardings": (whole, columns), "out_shardings": rows},
+            "grads": {
+                "in_shardings": (whole, columns),
+                "out_shardings": (rows, rows, rows, whole),
+            },
             "batch": {"in_shardings": (whole, rows, whole), "out_shardings": rows},
         }
 
-    def batch_fn(n):
-        def one(params, key, b):
-            suite = estimator_suite(problem, config.suite, constant_b=b)
-            batch = problem.sample(key, params, n)
-            return jnp.stack([flat_gradient(suite[e], params, batch) for e in names])
+    def one(params, key, b):
+        suite = estimator_suite(problem, config.suite, constant_b=b)
+        batch = problem.sample(key, params, largest)
 
-        return jax.jit(jax.vmap(one, in_axes=(None, 0, None)), **shardings["batch"])
+        def estimates(sub):  # every estimator on one sub-batch -> [E, P]
+            return jnp.stack([flat_gradient(suite[e], params, sub) for e in names])
 
+        return {
+            n: jax.vmap(estimates)(_sub_batches(batch, n, count))
+            for n, count in counts.items()
+        }
+
+    column_names = tuple(e for e in names if e in PER_TRAJECTORY_ESTIMATORS)
+
+    def column_grads(params, batch, b):
+        suite = estimator_suite(problem, config.suite, constant_b=b)
+
+        def one(column):  # leaves [T, ...] -> [E', P]
+            column = jax.tree.map(lambda x: x[:, None], column)
+            return jnp.stack(
+                [flat_gradient(suite[e], params, column) for e in column_names]
+            )
+
+        return jax.vmap(one, in_axes=1)(batch)
+
+    gamma = config.suite.gamma
     return Runners(
         sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
         trajectory_grads=jax.jit(
-            _score_and_rtg(problem, block_steps, multiple),
+            _score_and_rtg(problem, block_steps, multiple, gamma),
             **shardings["grads"],
         ),
-        trajectory_flops=functools.partial(_flops, jax.jit(_score_and_rtg(problem))),
-        batch={int(n): batch_fn(int(n)) for n in config.batch_sizes},
+        trajectory_flops=functools.partial(
+            _flops, jax.jit(_score_and_rtg(problem, gamma=gamma))
+        ),
+        batch=jax.jit(jax.vmap(one, in_axes=(None, 0, None)), **shardings["batch"]),
+        column_grads=jax.jit(column_grads),
+        column_names=column_names,
         names=names,
+        sub_batches=counts,
+        problem=problem,
         mesh=mesh,
     )
 
@@ -383,18 +535,25 @@ def trajectory_moments(
     key: jax.Array,
     num_trajectories: int,
     chunk: int,
+    num_groups: int,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[TrajectoryMoments, dict[str, float]]:
     """Accumulate per-trajectory gradient moments over ``num_trajectories``.
 
+    Also keeps, per reference group of ``num_trajectories / num_groups``
+    consecutive trajectories (whole levels), sum R s and sum s, and the critic's
+    calibration sums (``moments.sums["critic"]``).
+
     Returns the moments and timing of the gradient phase (rollouts excluded):
     trajectory gradients per second (a score and a reward-to-go gradient per
-    trajectory) and FLOP/s (per device on a mesh) from XLA's cost analysis of the gradient computation.
+    trajectory) and FLOP/s (per device on a mesh) from XLA's cost analysis of the
+    gradient computation.
     """
     if num_trajectories % chunk:
         raise ValueError(
             f"chunk ({chunk}) must divide num_trajectories ({num_trajectories})"
         )
+    group_len = num_trajectories // num_groups
     mesh = runners.mesh
     distributed.check_divisible(chunk, mesh, "chunk")
     if mesh is not None:
@@ -413,7 +572,7 @@ def trajectory_moments(
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(params, traj))
         grad_seconds += time.perf_counter() - start
-        score, rtg_grads, ret = (
+        score, rtg_grads, ret, critic = (
             np.asarray(x, np.float64) for x in distributed.gather(out)
         )
         reinforce = ret[:, None] * score
@@ -422,13 +581,19 @@ def trajectory_moments(
             {"reinforce": reinforce, "reward_to_go": rtg_grads},
             {
                 "R": ret.sum(),
+                "R2": (ret**2).sum(),
                 "s": score.sum(0),
                 "s2": s2.sum(0),
                 "R_s": reinforce.sum(0),
                 "R_s2": (ret[:, None] * s2).sum(0),
                 "R2_s2": (ret[:, None] ** 2 * s2).sum(0),
+                "critic": critic,
             },
         )
+        per_group = chunk // group_len
+        moments.group_R_s += list(reinforce.reshape(per_group, group_len, -1).sum(1))
+        moments.group_s += list(score.reshape(per_group, group_len, -1).sum(1))
+        moments.group_count += [group_len] * per_group
         if progress is not None:
             progress(chunk)
     calls = num_trajectories // chunk
@@ -447,20 +612,20 @@ def batch_estimates(
     params: Any,
     runners: Runners,
     key: jax.Array,
-    batch_size: int,
     num_batches: int,
     batches_per_call: int,
     constant_b: float,
     progress: Callable[[int], None] | None = None,
-) -> dict[str, np.ndarray]:
-    """``num_batches`` estimates [M, P] per estimator, common random numbers.
+) -> dict[int, dict[str, np.ndarray]]:
+    """Estimates per batch size and estimator, common random numbers.
 
-    Batch m of size n is sampled from ``fold_in(key, m)``, so it is the same
-    for every estimator (and does not depend on how batches are chunked or
-    sharded). With ``runners.mesh`` each call's batches are split across the
-    devices; ``batches_per_call`` is rounded up to a multiple of their number.
+    Top-level batch m (of the largest size) is sampled from ``fold_in(key, m)``,
+    so it is the same for every estimator and batch size (and does not depend
+    on how batches are chunked or sharded); size n's estimates are those of its
+    sub-batches, ordered by top batch: ``{n: {name: [M * sub_batches[n], P]}}``.
+    With ``runners.mesh`` each call's batches are split across the devices;
+    ``batches_per_call`` is rounded up to a multiple of their number.
     """
-    run = runners.batch[batch_size]
     b = jnp.float32(constant_b)
     mesh = runners.mesh
     if mesh is not None:
@@ -475,65 +640,16 @@ def batch_estimates(
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
         if mesh is not None:
             keys = distributed.shard(keys, mesh)
-        out.append(distributed.gather(run(params, keys, b))[: len(idx)])
+        result = distributed.gather(runners.batch(params, keys, b))
+        out.append({n: np.asarray(v)[: len(idx)] for n, v in result.items()})
         if progress is not None:
             progress(len(idx))
-    stacked = np.concatenate(out)  # [M, E, P]
-    return {name: stacked[:, i] for i, name in enumerate(runners.names)}
-
-
-# ----------------------------------------------------------------- statistics
-
-
-def _statistics(K: np.ndarray, d: np.ndarray, gg: float, W: np.ndarray) -> dict:
-    """Metrics for weightings W [R, M] (bootstrap counts) of M estimates.
-
-    K = E E^T (Gram matrix), d = E g, gg = g.g; each row of W sums to M.
-    """
-    M = K.shape[0]
-    diag = np.diag(K)
-    norms = np.sqrt(np.maximum(diag, 1e-300))
-    mean_sq = np.einsum("rm,mn,rn->r", W, K, W) / M**2
-    mean_g = W @ d / M
-    variance = (W @ diag - M * mean_sq) / (M - 1)
-    C = K / np.outer(norms, norms)
-    return {
-        "bias2": mean_sq - 2 * mean_g + gg,
-        "variance": variance,
-        "mse": W @ (diag - 2 * d + gg) / M,
-        "cos_true": W @ (d / (norms * np.sqrt(max(gg, 1e-300)))) / M,
-        "cos_pairwise": (np.einsum("rm,mn,rn->r", W, C, W) - W @ np.diag(C))
-        / (M * (M - 1)),
-        "snr": np.sqrt(np.maximum(mean_sq, 0)) / np.sqrt(np.maximum(variance, 1e-300)),
-    }
-
-
-def summarize(
-    estimates: np.ndarray,
-    g: np.ndarray,
-    num_bootstrap: int = 200,
-    seed: int = 0,
-    level: float = 0.95,
-) -> dict[str, float]:
-    """Metrics of M estimates [M, P] against g [P], with bootstrap intervals."""
-    E = np.asarray(estimates, np.float64)
-    g = np.asarray(g, np.float64)
-    M = E.shape[0]
-    if M < 3:
-        raise ValueError(f"need at least 3 batches for the statistics, got {M}")
-    K, d, gg = E @ E.T, E @ g, float(g @ g)
-    point = {k: float(v[0]) for k, v in _statistics(K, d, gg, np.ones((1, M))).items()}
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, M, (num_bootstrap, M))
-    W = np.zeros((num_bootstrap, M))
-    np.add.at(W, (np.arange(num_bootstrap)[:, None], idx), 1.0)
-    boot = _statistics(K, d, gg, W)
-    alpha = (1 - level) / 2
-    out = dict(point)
-    for name, values in boot.items():
-        out[f"{name}_lo"] = float(np.quantile(values, alpha))
-        out[f"{name}_hi"] = float(np.quantile(values, 1 - alpha))
-    return out
+    estimates = {}
+    for n in runners.sub_batches:
+        stacked = np.concatenate([o[n] for o in out])  # [M, S, E, P]
+        flat = stacked.reshape(-1, *stacked.shape[2:])  # [M * S, E, P]
+        estimates[n] = {name: flat[:, i] for i, name in enumerate(runners.names)}
+    return estimates
 
 
 # ---------------------------------------------------------------- the study
@@ -541,26 +657,47 @@ def summarize(
 
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
-    """Sizes of one study (see the presets in :data:`PRESETS`)."""
+    """Sizes of one study (see the presets in :mod:`rl_pg.variance.report`).
+
+    ``num_batches`` top-level batches of the largest size; each smaller size n
+    gets up to ``num_batches * max(batch_sizes) / n`` sub-batches, capped at
+    ``max_batches_per_size``. The reference is kept as ``reference_groups``
+    group means of whole levels.
+    """
 
     batch_sizes: tuple[int, ...] = (4, 16, 64, 256, 1024)
     num_batches: int = 128
-    reference_trajectories: int = 100_000
-    chunk: int = 1024
+    max_batches_per_size: int = 1024
+    reference_trajectories: int = 131_072
+    reference_groups: int = 128
+    chunk: int = 2048
     steps_per_call: int = 2**14  # trajectory steps per vmapped batch call (cache-sized)
     # Trajectory steps per cache-sized gradient block; None: 2048 on CPU (where
     # blocking made the gradient phase 3-4x faster), no blocking on accelerators.
     block_steps: int | None = None
-    num_bootstrap: int = 1000
     seed: int = 0
     suite: SuiteConfig = SuiteConfig()
 
     def __post_init__(self):
         problems = []
-        if not self.batch_sizes or any(int(n) < 1 for n in self.batch_sizes):
+        sizes = tuple(int(n) for n in self.batch_sizes)
+        if not sizes or any(n < 1 for n in sizes):
             problems.append(f"batch_sizes must be positive, got {self.batch_sizes}")
-        if self.num_batches < 3:
-            problems.append(f"num_batches must be >= 3, got {self.num_batches}")
+        elif any(max(sizes) % n for n in sizes):
+            problems.append(
+                f"every batch size must divide the largest, got {self.batch_sizes}"
+            )
+        if self.num_batches < 4:
+            problems.append(f"num_batches must be >= 4, got {self.num_batches}")
+        if self.max_batches_per_size < self.num_batches:
+            problems.append(
+                f"max_batches_per_size ({self.max_batches_per_size}) must be >= "
+                f"num_batches ({self.num_batches})"
+            )
+        if self.reference_groups < 4:
+            problems.append(
+                f"reference_groups must be >= 4, got {self.reference_groups}"
+            )
         if self.reference_trajectories < 2 or self.chunk < 1:
             problems.append("reference_trajectories >= 2 and chunk >= 1 required")
         elif self.reference_trajectories % self.chunk:
@@ -568,37 +705,74 @@ class StudyConfig:
                 f"chunk ({self.chunk}) must divide reference_trajectories "
                 f"({self.reference_trajectories})"
             )
+        elif self.reference_trajectories % self.reference_groups:
+            problems.append(
+                f"reference_groups ({self.reference_groups}) must divide "
+                f"reference_trajectories ({self.reference_trajectories})"
+            )
         if self.block_steps is not None and self.block_steps < 1:
             problems.append(f"block_steps must be >= 1, got {self.block_steps}")
-        if self.num_bootstrap < 10:
-            problems.append(f"num_bootstrap must be >= 10, got {self.num_bootstrap}")
         if problems:
             raise ValueError("Invalid StudyConfig: " + "; ".join(problems))
 
 
-def reference_gradient(moments: TrajectoryMoments) -> tuple[np.ndarray, float]:
-    """The "true" gradient and its squared standard error (trace).
+def reference_gradient(moments: TrajectoryMoments) -> tuple[np.ndarray, np.ndarray]:
+    """The "true" gradient as K group means Y_k [K, P] (g_ref = their mean) and
+    g_ref itself.
 
-    g = (1/N) sum_i (R_i - b) s_i with b = the sample's mean return: REINFORCE
-    with the mean-return baseline, whose per-trajectory variance is a few percent
-    of plain REINFORCE's or reward-to-go's on Flappy Bird, so the reference is
-    several times more precise for the same N. Using the sample's own mean adds
-    a bias of order 1/N (-Cov(R, s) / N), far below the standard error.
+    Y_k = (1/n_k) sum_{i in k} (R_i - b) s_i with b = the whole sample's mean
+    return: REINFORCE with the mean-return baseline, whose per-trajectory variance
+    is a few percent of plain REINFORCE's on Flappy Bird, so the reference is
+    several times more precise for the same N. Using the sample's own mean adds a
+    bias of order 1/N (-Cov(R, s) / N), far below the standard error. Groups hold
+    whole levels, so the G correlated rollouts of a level stay in one group and
+    se_ref^2 = tr S_Y / K (see :mod:`rl_pg.variance.statistics`) treats levels as
+    clusters; treating trajectories as independent would understate it by the
+    factor 1 + (G - 1) rho.
     """
-    n = moments.count
-    e = {k: v / n for k, v in moments.sums.items()}
-    g = e["R_s"] - e["R"] * e["s"]
-    se2 = moments.baseline_variances()["constant b = E[R]"] / n
-    return g, float(se2)
+    b = moments.sums["R"] / moments.count
+    count = np.asarray(moments.group_count, np.float64)[:, None]
+    groups = (np.stack(moments.group_R_s) - b * np.stack(moments.group_s)) / count
+    return groups, groups.mean(0)
 
 
 class StageResult(NamedTuple):
     rows: list[dict]  # one per (estimator, batch size)
     per_trajectory: dict[str, float]  # per-trajectory tr Var by estimator/baseline
+    slopes: dict[str, tuple[float, float, float]]  # estimator -> slope, lo, hi
+    critic: dict[str, float]  # critic calibration (critic_calibration)
     reference_norm: float
     reference_se: float
     mean_return: float
     perf: dict[str, float]
+
+
+def _rows_for_size(n, estimates, groups, exact, units):
+    """Result rows of one batch size, and each estimator's variance replicates."""
+    rows, replicates = [], {}
+    for name, E in estimates.items():
+        stats = statistics.summarize(E, groups)
+        replicates[name] = _variance_by_unit(E, units)
+        rows.append(
+            {
+                "estimator": name,
+                "batch_size": n,
+                "num_batches": E.shape[0],
+                **{k: v for k, v in stats.items() if k != "mean_norm2"},
+                **{f"exact_{k}": v for k, v in exact.get(name, {}).items()},
+            }
+        )
+    return rows, replicates
+
+
+def _variance_by_unit(E: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """tr S of the rows, then with each top-level unit's rows deleted (for slopes)."""
+    gram = E @ E.T
+    labels = np.unique(units)
+    w = np.vstack([np.ones(len(units)), units[None, :] != labels[:, None]])
+    n = w.sum(1)
+    mean_sq = np.sum((w @ gram) * w, axis=1) / n**2
+    return (w @ np.diag(gram) - n * mean_sq) / (n - 1)
 
 
 def study_stage(
@@ -612,48 +786,68 @@ def study_stage(
     key = jax.random.PRNGKey(config.seed)
     key_ref, key_batches = jax.random.split(key)
     moments, perf = trajectory_moments(
-        params, runners, key_ref, config.reference_trajectories, config.chunk, progress
+        params,
+        runners,
+        key_ref,
+        config.reference_trajectories,
+        config.chunk,
+        config.reference_groups,
+        progress,
     )
-    g, se2 = reference_gradient(moments)
+    groups, g = reference_gradient(moments)
     mean_return = float(moments.sums["R"] / moments.count)
-    rows = []
+    largest = max(config.batch_sizes)
+    per_call = min(
+        config.num_batches, max(1, config.steps_per_call // (largest * horizon))
+    )
     start = time.perf_counter()
+    estimates = batch_estimates(
+        params,
+        runners,
+        key_batches,
+        config.num_batches,
+        per_call,
+        constant_b=mean_return,
+        progress=(lambda m: progress(m * largest)) if progress else None,
+    )
+    problem = runners.problem
+    exact = {}
+    if problem.exact is not None:
+
+        def column_grads(batch):
+            b = jnp.float32(mean_return)
+            y = np.asarray(runners.column_grads(params, batch, b), np.float64)
+            return {name: y[:, i] for i, name in enumerate(runners.column_names)}
+
+        exact = problem.exact(params, column_grads, config.batch_sizes, runners.names)
+    rows, replicates = [], {}
     for n in config.batch_sizes:
-        per_call = min(
-            config.num_batches, max(1, config.steps_per_call // (n * horizon))
+        units = np.repeat(np.arange(config.num_batches), runners.sub_batches[n])
+        size_rows, size_reps = _rows_for_size(
+            n, estimates[n], groups, exact.get(n, {}), units
         )
-        estimates = batch_estimates(
-            params,
-            runners,
-            jax.random.fold_in(key_batches, n),
-            n,
-            config.num_batches,
-            per_call,
-            constant_b=mean_return,
-            progress=(lambda m, n=n: progress(m * n)) if progress else None,
-        )
-        for name, E in estimates.items():
-            stats = summarize(E, g, config.num_bootstrap, seed=config.seed)
-            noise = stats["variance"] / config.num_batches + se2
-            rows.append(
-                {
-                    "estimator": name,
-                    "batch_size": n,
-                    "num_batches": config.num_batches,
-                    **{m: stats[m] for m in METRICS},
-                    **{
-                        f"{m}_{s}": stats[f"{m}_{s}"]
-                        for m in METRICS
-                        for s in ("lo", "hi")
-                    },
-                    "bias2_noise": noise,
-                }
+        rows += size_rows
+        for name, reps in size_reps.items():
+            replicates.setdefault(name, []).append(reps)
+    slopes = {}
+    if len(config.batch_sizes) >= 2:
+        for name, reps in replicates.items():
+            slopes[name] = statistics.log_slope(
+                config.batch_sizes, np.stack(reps, axis=1)
             )
     perf["batch_phase_seconds"] = time.perf_counter() - start
     per_traj = moments.baseline_variances()
     per_traj["reward_to_go"] = moments.trace_variance("reward_to_go")
+    se = float(rows[0]["se_ref"]) if rows else float("nan")
     return StageResult(
-        rows, per_traj, float(np.linalg.norm(g)), float(np.sqrt(se2)), mean_return, perf
+        rows,
+        per_traj,
+        slopes,
+        critic_calibration(moments.sums["critic"]),
+        float(np.linalg.norm(g)),
+        se,
+        mean_return,
+        perf,
     )
 
 
@@ -673,7 +867,7 @@ def matmul_flops_per_s(size: int = 1024, repeats: int = 20) -> float:
 
 def total_work(config: StudyConfig, num_stages: int) -> int:
     """Trajectories the study samples (for a progress bar)."""
-    per_stage = config.reference_trajectories + config.num_batches * sum(
+    per_stage = config.reference_trajectories + config.num_batches * max(
         config.batch_sizes
     )
     return per_stage * num_stages

@@ -1,0 +1,63 @@
+"""The estimator-variance benchmark: how far is each estimate from the true gradient?
+
+Modules: :mod:`~rl_pg.variance.study` (sampling, per-trajectory and batch
+gradients, the study of one policy), :mod:`~rl_pg.variance.statistics`
+(calibrated metrics and intervals), :mod:`~rl_pg.variance.exact` (exact answers on
+the enumerable MDP), :mod:`~rl_pg.variance.report` (presets, the CLI job, outputs).
+"""
+
+from rl_pg.variance.statistics import METRICS, log_slope, summarize
+from rl_pg.variance.study import (
+    ORACLE_PER_PARAMETER,
+    ORACLE_SCALAR,
+    Problem,
+    Runners,
+    StageResult,
+    StudyConfig,
+    SuiteConfig,
+    TrajectoryMoments,
+    batch_estimates,
+    block_size,
+    critic_calibration,
+    critic_in_reward_units,
+    estimator_suite,
+    flappy_problem,
+    flat_gradient,
+    in_blocks,
+    make_runners,
+    matmul_flops_per_s,
+    reference_gradient,
+    study_stage,
+    sub_batch_counts,
+    total_work,
+    trajectory_moments,
+)
+
+__all__ = [
+    "METRICS",
+    "ORACLE_PER_PARAMETER",
+    "ORACLE_SCALAR",
+    "Problem",
+    "Runners",
+    "StageResult",
+    "StudyConfig",
+    "SuiteConfig",
+    "TrajectoryMoments",
+    "batch_estimates",
+    "block_size",
+    "critic_calibration",
+    "critic_in_reward_units",
+    "estimator_suite",
+    "flappy_problem",
+    "flat_gradient",
+    "in_blocks",
+    "log_slope",
+    "make_runners",
+    "matmul_flops_per_s",
+    "reference_gradient",
+    "study_stage",
+    "sub_batch_counts",
+    "summarize",
+    "total_work",
+    "trajectory_moments",
+]

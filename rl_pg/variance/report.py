@@ -1,0 +1,527 @@
+"""The estimator-variance benchmark as a job: presets, stages, outputs, plots, report.
+
+``rl-pg variance --preset quick|full --out DIR`` runs :mod:`rl_pg.variance.study`
+on policies at several training stages (Flappy Bird checkpoints) or, with
+``--problem enumerable``, on a few policies of the exactly solvable MDP, where
+``results.csv`` also gets the exact values. Writes ``results.csv``,
+``slopes.csv``, ``per_trajectory.csv``, ``report.md``, ``config.json``,
+``performance.json`` and plots.
+"""
+
+import csv
+import dataclasses
+import io as _io
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import rl_pg
+from rl_pg import checkpoint, enumerable, io, policies
+from rl_pg.variance import exact, statistics, study
+
+PROBLEMS = ("flappy", "enumerable")
+PRESETS = {
+    "quick": dict(
+        study=study.StudyConfig(
+            batch_sizes=(4, 16, 64),
+            num_batches=32,
+            max_batches_per_size=512,
+            reference_trajectories=16_384,
+            reference_groups=128,
+            chunk=1024,
+            steps_per_call=2**14,
+        ),
+        horizon=128,
+        group_size=4,
+    ),
+    "full": dict(
+        study=study.StudyConfig(
+            batch_sizes=(4, 16, 64, 256, 1024),
+            num_batches=256,
+            max_batches_per_size=2048,
+            reference_trajectories=131_072,
+            reference_groups=128,
+            chunk=2048,
+            steps_per_call=2**14,
+        ),
+        horizon=256,
+        group_size=4,
+    ),
+}
+# the exact mode's sizes (the enumerable MDP's episodes have 4 steps)
+ENUMERABLE_STUDY = study.StudyConfig(
+    batch_sizes=(4, 16, 64),
+    num_batches=64,
+    max_batches_per_size=1024,
+    reference_trajectories=2**15,
+    reference_groups=128,
+    chunk=2**13,
+)
+STAGES = ("initial", "partial", "good")
+INTERVAL_METRICS = statistics.METRICS
+RESULT_COLUMNS = (
+    ["checkpoint", "estimator", "batch_size", "num_batches"]
+    + list(statistics.METRICS)
+    + [f"{m}_{s}" for m in statistics.METRICS for s in ("lo", "hi")]
+    + ["bias2_noise", "se_ref"]
+    + [f"exact_{m}" for m in exact.EXACT_METRICS]
+)
+
+
+class Stage(NamedTuple):
+    """One policy of the study with everything needed to study it on its own."""
+
+    label: str  # unique among the stages
+    params: Any
+    problem: study.Problem
+    horizon: int
+    key: str  # stages with equal keys share compiled runners
+    description: dict
+
+
+def shipped_checkpoints() -> list[Path]:
+    """The policies shipped with rl_pg (initial, partly trained, good), if present."""
+    root = resources.files("rl_pg") / "checkpoints"
+    found = [Path(str(root / s)) for s in STAGES]
+    return [p for p in found if (p / checkpoint.META_FILE).is_file()]
+
+
+def stage_labels(paths: list[Path]) -> list[str]:
+    """Unique labels: the fewest trailing path parts that tell the stages apart
+    (``a/best`` and ``b/best`` -> ``a/best``, ``b/best``; ``a/best`` and ``a/last``
+    -> ``best``, ``last``)."""
+    parts = [Path(p).resolve().parts for p in paths]
+    for depth in range(1, max(len(p) for p in parts) + 1):
+        labels = ["/".join(p[-depth:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise ValueError(f"the same checkpoint is given twice: {[str(p) for p in paths]}")
+
+
+def _checkpoint_stage(path: Path, label: str, horizon: int, group_size: int) -> Stage:
+    if not Path(path).is_dir():
+        raise ValueError(f"checkpoint {path} is not a directory")
+    policy, params, env, env_params, meta = checkpoint.load_policy(path)
+    scale = float(meta.get("reward_scale", 1.0))
+    if not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"{path}/meta.json: reward_scale must be > 0, got {scale}")
+    apply_fn = study.critic_in_reward_units(policy.apply, scale)
+    problem = study.flappy_problem(apply_fn, env, env_params, horizon, group_size)
+    description = {
+        "path": str(path),
+        "policy": meta["policy"],
+        "env_id": meta["env_id"],
+        "env_kwargs": meta.get("env_kwargs", {}),
+        "critic_reward_scale": scale,
+    }
+    key = json.dumps(
+        {k: v for k, v in description.items() if k != "path"}, sort_keys=True
+    )
+    return Stage(label, params, problem, horizon, key, description)
+
+
+def _initial_stage(horizon: int, group_size: int) -> Stage:
+    env, env_params = rl_pg.make("FlappyBird-v0")
+    policy = policies.mlp_policy(2)
+    obs = jnp.zeros(env.observation_space(env_params).shape)
+    params = policy.init(jax.random.PRNGKey(0), obs)
+    problem = study.flappy_problem(policy.apply, env, env_params, horizon, group_size)
+    return Stage("initial", params, problem, horizon, "initial", {"policy": "mlp"})
+
+
+def flappy_stages(
+    paths: list[str | Path] | None, horizon: int, group_size: int
+) -> list[Stage]:
+    """One stage per checkpoint (default: the shipped ones); validates every path
+    before anything compiles."""
+    if paths:
+        paths = [Path(p) for p in paths]
+        missing = [str(p) for p in paths if not Path(p).exists()]
+        if missing:
+            raise ValueError(f"checkpoint(s) not found: {', '.join(missing)}")
+    else:
+        paths = shipped_checkpoints()
+        if not paths:
+            return [_initial_stage(horizon, group_size)]
+    labels = stage_labels(paths)
+    return [
+        _checkpoint_stage(p, label, horizon, group_size)
+        for p, label in zip(paths, labels, strict=True)
+    ]
+
+
+def enumerable_stages(group_size: int) -> list[Stage]:
+    """The exact mode's policies on the enumerable MDP."""
+    problem = exact.enumerable_problem(group_size)
+    horizon = enumerable.DEFAULT_MDP.horizon
+    return [
+        Stage(label, params, problem, horizon, "enumerable", {"policy": label})
+        for label, params in exact.enumerable_policies().items()
+    ]
+
+
+def run(
+    preset: str,
+    out_dir: str | Path,
+    checkpoints: list[str] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    problem: str = "flappy",
+    config: study.StudyConfig | None = None,
+) -> Path:
+    """Run the study and write every output into a new directory.
+
+    ``config`` replaces the preset's (or the exact mode's) study sizes; the
+    preset still gives the horizon and group size.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
+    if problem not in PROBLEMS:
+        raise ValueError(f"problem must be one of {list(PROBLEMS)}, got {problem!r}")
+    setting = PRESETS[preset]
+    group_size = setting["group_size"]
+    if problem == "enumerable":
+        if checkpoints:
+            raise ValueError("--checkpoints apply to --problem flappy only")
+        config = dataclasses.replace(config or ENUMERABLE_STUDY, seed=seed)
+        stages = enumerable_stages(group_size)
+    else:
+        config = dataclasses.replace(config or setting["study"], seed=seed)
+        stages = flappy_stages(checkpoints, setting["horizon"], group_size)
+    runners = {}
+    for stage in stages:  # validate every stage's sizes before compiling
+        if stage.key not in runners:
+            runners[stage.key] = study.make_runners(stage.problem, config)
+    out = io.new_out_dir(out_dir)
+    io.write_config(
+        out,
+        {
+            "command": "variance",
+            "preset": preset,
+            "problem": problem,
+            "seed": seed,
+            "stages": {s.label: s.description for s in stages},
+            "horizon": stages[0].horizon,
+            "group_size": group_size,
+            "study": dataclasses.asdict(config),
+        },
+    )
+    start = time.perf_counter()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = study.total_work(config, len(stages))
+        bar = tqdm(total=total, unit="traj", desc="variance study")
+    results = {}
+    for stage in stages:
+        if bar is not None:
+            bar.set_postfix_str(stage.label)
+        results[stage.label] = study.study_stage(
+            stage.params,
+            runners[stage.key],
+            config,
+            stage.horizon,
+            bar.update if bar else None,
+        )
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - start
+    matmul = study.matmul_flops_per_s()
+    write_outputs(out, results, config, wall, matmul, exact_mode=problem != "flappy")
+    return out
+
+
+# ----------------------------------------------------------------------- outputs
+
+
+def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
+    buffer = _io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
+def write_outputs(
+    out: Path, results: dict, config, wall: float, matmul: float, exact_mode=False
+) -> None:
+    rows = [
+        [name] + [row.get(c, "") for c in RESULT_COLUMNS[1:]]
+        for name, res in results.items()
+        for row in res.rows
+    ]
+    io.atomic_write_bytes(out / "results.csv", _csv_bytes(RESULT_COLUMNS, rows))
+    slopes = [
+        [name, e, *values]
+        for name, res in results.items()
+        for e, values in res.slopes.items()
+    ]
+    io.atomic_write_bytes(
+        out / "slopes.csv",
+        _csv_bytes(
+            ["checkpoint", "estimator", "slope", "slope_lo", "slope_hi"], slopes
+        ),
+    )
+    per_traj = [
+        [name, label, value]
+        for name, res in results.items()
+        for label, value in res.per_trajectory.items()
+    ]
+    io.atomic_write_bytes(
+        out / "per_trajectory.csv",
+        _csv_bytes(["checkpoint", "estimator", "variance_per_trajectory"], per_traj),
+    )
+    perf = {
+        name: {**res.perf, "matmul_flops_per_s": matmul}
+        for name, res in results.items()
+    }
+    io.write_json(out / "performance.json", {"wall_clock_s": wall, "stages": perf})
+    plot(out, results)
+    text = report(results, config, wall, matmul, exact_mode)
+    io.atomic_write_bytes(out / "report.md", text.encode())
+
+
+def plot(out: Path, results: dict) -> None:
+    """Relative variance (scale-free), variance (other scales marked) and cosine
+    against batch size, one panel per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    estimators = list(dict.fromkeys(r["estimator"] for r in results[names[0]].rows))
+    cmap = plt.get_cmap("tab20")
+    colors = {e: cmap(i % 20) for i, e in enumerate(estimators)}
+    for metric, ylabel, fname, log in (
+        (
+            "rel_variance",
+            "tr Cov(g_hat) / |E g_hat|^2",
+            "rel_variance_vs_batch_size.png",
+            True,
+        ),
+        ("variance", "tr Cov(g_hat)", "variance_vs_batch_size.png", True),
+        ("cos_true", "cos(g_hat, g)", "cosine_vs_batch_size.png", False),
+    ):
+        fig, axes = plt.subplots(
+            1, len(names), figsize=(5 * len(names) + 2, 4.5), squeeze=False
+        )
+        for ax, name in zip(axes[0], names, strict=True):
+            rows = results[name].rows
+            for e in estimators:
+                sel = [r for r in rows if r["estimator"] == e]
+                n = np.array([r["batch_size"] for r in sel])
+                y = np.array([r[metric] for r in sel], float)
+                lo = np.array([r[f"{metric}_lo"] for r in sel], float)
+                hi = np.array([r[f"{metric}_hi"] for r in sel], float)
+                other = metric == "variance" and e in study.RESCALED_ESTIMATORS
+                label = f"{e} (other scale)" if other else e
+                style = "o--" if other else "o-"
+                ax.plot(n, y, style, color=colors[e], label=label, ms=3)
+                ax.fill_between(n, lo, hi, color=colors[e], alpha=0.15)
+            if log:
+                ax.set_yscale("log")
+                first = [r for r in rows if r["estimator"] == "reinforce"]
+                if first and np.isfinite(first[0][metric]):
+                    n0, v0 = first[0]["batch_size"], first[0][metric]
+                    grid = np.array([r["batch_size"] for r in first])
+                    ax.plot(grid, v0 * n0 / grid, "k:", lw=1, label="1/n")
+            else:
+                ax.set_ylim(-0.1, 1.0)
+                ax.axhline(0, color="gray", lw=0.5)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size n (trajectories)")
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{name}: |g| = {results[name].reference_norm:.3g}")
+            ax.grid(alpha=0.3)
+        axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+        fig.tight_layout()
+        buffer = _io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        io.atomic_write_bytes(out / fname, buffer.getvalue())
+
+
+# ------------------------------------------------------------------------ report
+
+
+def _fmt(x: float) -> str:
+    return "inf" if x == np.inf else f"{x:.3g}"
+
+
+def _ci(r: dict, m: str, digits: str = ".3g") -> str:
+    return f"{r[m]:{digits}} [{r[m + '_lo']:{digits}}, {r[m + '_hi']:{digits}}]"
+
+
+METHODS = (
+    "How to read it. `bias2` is noise-corrected (||mean g_hat - g_ref||^2 minus its "
+    "expected noise tr S/M + se_ref^2, so it may be negative; `bias2_noise` is that "
+    "noise). Intervals are 95%: delete-one jackknife over the batches and over the "
+    "reference's level groups, normal on the log scale for the variance, with the "
+    "jackknife's double count of the degenerate term removed for bias2; their "
+    "coverage is measured against exact answers by `rl-pg variance --problem "
+    "enumerable` (`experiments/calibration.py`). `cos_mean` (direction of the mean "
+    "estimate), `rel_variance` (tr Cov / |E g_hat|^2 = 1/SNR^2), `snr`, `cos_true` "
+    "and `cos_pairwise` do not change when an estimator is multiplied by a constant; "
+    "rankings below use only these. Estimators marked * are on another scale "
+    "(group-std or batch normalisation, Dr. GRPO's 1/(B T), the mean baseline's "
+    "(G-1)/G): compare them by the scale-free columns only. Smaller batch sizes are "
+    "disjoint sub-batches of the same top-level batches (nested common random "
+    "numbers), so the variance slope against n is measured on the same trajectories."
+)
+OBJECTIVES = (
+    "Objectives. The true gradient here is that of the finite-horizon J = "
+    "E[sum_t r_t] over the study's horizon. `gae` and `ppo_clip` target the "
+    "discounted objective (gamma = {gamma}, lambda = {lam}) and bootstrap V at the "
+    "horizon cut, so part of their bias is by design; `value_baseline` uses the "
+    "critic only as a baseline and stays unbiased for J; `grpo`'s group-std and "
+    "1/|o_i| weights change the direction of its mean, not only the scale."
+)
+
+
+def _stage_lines(name: str, res, config, exact_mode: bool) -> list[str]:
+    smallest, largest = min(config.batch_sizes), max(config.batch_sizes)
+    critic = res.critic
+    lines = [
+        f"## {name}",
+        "",
+        f"Mean return {res.mean_return:.2f}; |g| = {_fmt(res.reference_norm)} "
+        f"(standard error {_fmt(res.reference_se)}, levels as clusters). Critic "
+        f"calibration (value in the study's reward units): mean V(s_t) "
+        f"{critic['mean_value']:.3g} vs mean discounted return-to-go "
+        f"{critic['mean_return_to_go']:.3g}, correlation {critic['correlation']:.2f}.",
+        "",
+    ]
+    head = "| estimator | n | batches | cos to g | cos_mean | rel. variance | SNR | bias2 | variance |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    if exact_mode:
+        head += " exact bias2 | exact variance |"
+        sep += "---:|---:|"
+    lines += [head, sep]
+    for r in res.rows:
+        if r["batch_size"] not in (smallest, largest):
+            continue
+        mark = "*" if r["estimator"] in study.RESCALED_ESTIMATORS else ""
+        line = (
+            f"| {r['estimator']}{mark} | {r['batch_size']} | {r['num_batches']} | "
+            f"{_ci(r, 'cos_true', '.3f')} | {_ci(r, 'cos_mean', '.3f')} | "
+            f"{_fmt(r['rel_variance'])} [{_fmt(r['rel_variance_lo'])}, "
+            f"{_fmt(r['rel_variance_hi'])}] | {_ci(r, 'snr')} | {_ci(r, 'bias2')} | "
+            f"{_ci(r, 'variance')} |"
+        )
+        if exact_mode:
+            line += f" {_fmt(r['exact_bias2'])} | {_fmt(r['exact_variance'])} |"
+        lines.append(line)
+    at_largest = [r for r in res.rows if r["batch_size"] == largest]
+    finite = [r for r in at_largest if np.isfinite(r["rel_variance"])]
+    lines.append("")
+    if finite:
+        best = min(finite, key=lambda r: r["rel_variance"])
+        worst = max(finite, key=lambda r: r["rel_variance"])
+        closest = max(at_largest, key=lambda r: r["cos_true"])
+        lines.append(
+            f"At n = {largest}, {best['estimator']} has the lowest relative variance "
+            f"({_fmt(best['rel_variance'])}) and {worst['estimator']} the highest "
+            f"({_fmt(worst['rel_variance'])}); {closest['estimator']} points closest "
+            f"to the true gradient (mean cosine {closest['cos_true']:.2f})."
+        )
+    tilted = [
+        r["estimator"]
+        for r in at_largest
+        if np.isfinite(r["cos_mean_hi"]) and r["cos_mean_hi"] < 0.99
+    ]
+    lines.append(
+        "Mean estimate tilted away from g (cos_mean interval below 0.99): "
+        + (", ".join(tilted) if tilted else "none")
+        + "."
+    )
+    if res.slopes:
+        lines += [
+            "",
+            "Slope of log variance against log n (an i.i.d. estimator has -1; "
+            "jackknife interval over the top-level batches):",
+            "",
+            "| estimator | slope |",
+            "|---|---:|",
+        ]
+        lines += [
+            f"| {e} | {s:.2f} [{lo:.2f}, {hi:.2f}] |"
+            for e, (s, lo, hi) in res.slopes.items()
+        ]
+    ref = res.per_trajectory["reinforce (b = 0)"]
+    lines += [
+        "",
+        "Per-trajectory variance tr Var[g_1] (an i.i.d. batch of n has 1/n of it). "
+        "The oracle rows use b* computed from the whole reference sample, which no "
+        "batch estimator has: `optimal_baseline` estimates b from the other "
+        "trajectories of its batch and can do worse than a fixed constant at small n.",
+        "",
+        "| estimator / baseline | per-trajectory variance | relative to REINFORCE |",
+        "|---|---:|---:|",
+    ]
+    for label, value in res.per_trajectory.items():
+        lines.append(f"| {label} | {_fmt(value)} | {value / ref:.3f} |")
+    lines.append("")
+    return lines
+
+
+def report(results: dict, config, wall: float, matmul: float, exact_mode=False) -> str:
+    lines = [
+        "# Policy-gradient estimator study",
+        "",
+        f"{len(results)} policies, batch sizes {list(config.batch_sizes)} "
+        f"({config.num_batches} top-level batches of {max(config.batch_sizes)}, cut "
+        f"into up to {config.max_batches_per_size} sub-batches per size), reference "
+        f"gradient from {config.reference_trajectories} trajectories in "
+        f"{config.reference_groups} groups of whole levels (REINFORCE with the "
+        f"mean-return baseline). Wall-clock {wall:.0f} s. Plots: "
+        "`rel_variance_vs_batch_size.png`, `variance_vs_batch_size.png`, "
+        "`cosine_vs_batch_size.png`."
+        + (
+            " Exact mode: the enumerable MDP, exact values beside the estimates."
+            if exact_mode
+            else ""
+        ),
+        "",
+        METHODS,
+        "",
+        OBJECTIVES.format(gamma=config.suite.gamma, lam=config.suite.lam),
+        "",
+    ]
+    for name, res in results.items():
+        lines += _stage_lines(name, res, config, exact_mode)
+    perf = next(iter(results.values())).perf
+    lines += [
+        "## Performance",
+        "",
+        f"Gradient phase: {perf['trajectory_gradients_per_s']:,.0f} trajectory "
+        f"gradients/s, {perf['gradient_flops_per_s'] / 1e9:.2f} GFLOP/s = "
+        f"{perf['gradient_flops_per_s'] / matmul:.1%} of a same-run 1024x1024 float32 "
+        f"matmul ({matmul / 1e9:.1f} GFLOP/s). Batch phase "
+        f"{perf['batch_phase_seconds']:.1f} s per stage.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """``results.csv`` as dicts with numbers parsed (empty cells -> nan)."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = []
+    for row in rows:
+        parsed = {}
+        for k, v in row.items():
+            if k in ("checkpoint", "estimator"):
+                parsed[k] = v
+            else:
+                parsed[k] = float(v) if v not in ("", None) else float("nan")
+        out.append(parsed)
+    return out

@@ -1,0 +1,283 @@
+"""Calibrated statistics of M batch estimates against a noisy reference gradient.
+
+Setting (REFERENCE.md s. 11): batch estimates X_1..X_M in R^P, i.i.d. with mean mu and
+covariance Sigma, and a reference made of K i.i.d. group means Y_1..Y_K with mean g
+(each group holds whole levels, so levels are the clusters), g_ref = Ybar. Every
+metric is built from unbiased U-statistic pieces:
+
+  tr S_X = (1/(M-1)) sum ||X_m - Xbar||^2          unbiased for tr Sigma  (variance)
+  se_ref^2 = tr S_Y / K                            unbiased for E||g_ref - g||^2
+  bias2 = ||Xbar - Ybar||^2 - tr S_X / M - se_ref^2 unbiased for ||mu - g||^2 (may be < 0)
+  mse = mean_m ||X_m - Ybar||^2 - se_ref^2          unbiased for E||X - g||^2
+  |mu|^2 = ||Xbar||^2 - tr S_X / M,  |g|^2 = ||Ybar||^2 - se_ref^2
+  snr = sqrt(max(|mu|^2, 0) / tr S_X),   rel_variance = tr S_X / |mu|^2 (= 1 / snr^2)
+  cos_mean = <Xbar, Ybar> / sqrt(|mu|^2 |g|^2)   (direction of the mean estimate)
+  cos_true = mean_m cos(X_m, g_ref),  cos_pairwise = mean_{m != m'} cos(X_m, X_m')
+
+The plug-in ||Xbar - g_ref||^2 would carry the noise terms; ``bias2_noise`` = tr S_X / M
++ se_ref^2 is what it adds for an unbiased estimator. cos_mean, rel_variance, snr,
+cos_true and cos_pairwise do not change when an estimator is multiplied by a constant.
+
+Intervals: the delete-one jackknife over both independent samples (Efron & Stein
+1981; Arvesen 1969 for two-sample U-statistics),
+
+  Var_J(theta) = (M-1)/M sum_m (theta_(-m) - theta_(.m))^2   (each batch deleted)
+               + (K-1)/K sum_k (theta_(-k) - theta_(.k))^2   (each reference group),
+
+and a normal interval theta +- z sqrt(Var_J), on the log scale for the positive,
+right-skewed variance and mse. For bias2 the jackknife counts the degenerate
+(second-order) part of the U-statistic's variance twice, which dominates at an
+unbiased estimator; it is subtracted with unbiased estimates of tr(Sigma^2)
+(:func:`trace_sigma_squared`), and the interval is that of the plug-in
+||Xbar - g_ref||^2 (a scaled chi-square, skewed in low dimension; Wilson-Hilferty)
+minus the estimated noise. SNR and rel_variance come from one interval on
+snr^2 = |mu|^2 / tr S_X. A percentile bootstrap is wrong here: resampling adds
+the noise term again (its bias2 distribution centres near B + tr S/M) and
+shrinks tr S by (M-1)/M, which in P ~ 10^4 dimensions puts both intervals beside
+the truth. The coverage of these intervals is measured against exact values in
+``tests/test_calibration.py`` and ``experiments/calibration.py``.
+"""
+
+from statistics import NormalDist
+
+import numpy as np
+
+METRICS = (
+    "bias2",
+    "variance",
+    "mse",
+    "cos_true",
+    "cos_pairwise",
+    "snr",
+    "cos_mean",
+    "rel_variance",
+)
+LOG_SCALE = frozenset({"variance", "mse"})
+
+
+def _replicates(full: float, deleted_x, deleted_y) -> np.ndarray:
+    """[1 + M + K]: the full-sample value, then each X row deleted, then each Y row."""
+    return np.concatenate([[full], deleted_x, deleted_y])
+
+
+def _gram_sums(K: np.ndarray, own: str, other_len: int) -> np.ndarray:
+    """Sum of a one-sample Gram matrix's entries over kept rows, per replicate.
+
+    ``own`` says whether K belongs to X (deletions come first) or Y.
+    """
+    total = K.sum()
+    deleted = total - 2 * K.sum(1) + np.diag(K)
+    unchanged = np.full(other_len, total)
+    if own == "x":
+        return _replicates(total, deleted, unchanged)
+    return _replicates(total, unchanged, deleted)
+
+
+def _diag_sums(d: np.ndarray, own: str, other_len: int) -> np.ndarray:
+    total = d.sum()
+    unchanged = np.full(other_len, total)
+    if own == "x":
+        return _replicates(total, total - d, unchanged)
+    return _replicates(total, unchanged, total - d)
+
+
+def _metrics(Kxx, Kxy, Kyy) -> dict[str, np.ndarray]:
+    """Every metric per replicate (full sample, then delete-one), from Gram matrices.
+
+    O(M^2 + K^2 + M K): deleting one row changes each sum by its row's terms.
+    """
+    M, K = Kxy.shape
+    nx = _replicates(M, np.full(M, M - 1), np.full(K, M))
+    ny = _replicates(K, np.full(M, K), np.full(K, K - 1))
+    dx, dy = np.diag(Kxx), np.diag(Kyy)
+    xx = _gram_sums(Kxx, "x", K) / nx**2
+    yy = _gram_sums(Kyy, "y", M) / ny**2
+    total = Kxy.sum()
+    xy = _replicates(total, total - Kxy.sum(1), total - Kxy.sum(0)) / (nx * ny)
+    tr_x = (_diag_sums(dx, "x", K) - nx * xx) / (nx - 1)
+    se2 = (_diag_sums(dy, "y", M) - ny * yy) / (ny - 1) / ny
+    mu2 = xx - tr_x / nx
+    g2 = yy - se2
+    # cos_true = mean_m cos(X_m, Ybar) for every replicate
+    norms = np.sqrt(np.maximum(dx, 1e-300))
+    row = Kxy.sum(1)  # <X_m, sum_k Y_k>
+    cos_full = row / K / (norms * np.sqrt(max(yy[0], 1e-300)))
+    dot_del = (row[:, None] - Kxy) / (K - 1)  # [M, K]: <X_m, Ybar_(-k)>
+    cos_del = dot_del / (norms[:, None] * np.sqrt(np.maximum(yy[1 + M :], 1e-300)))
+    cos_true = _replicates(
+        cos_full.mean(), (cos_full.sum() - cos_full) / (M - 1), cos_del.mean(0)
+    )
+    C = Kxx / np.outer(norms, norms)
+    pairs = _gram_sums(C, "x", K) - _diag_sums(np.diag(C), "x", K)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return {
+            "bias2": xx - 2 * xy + yy - tr_x / nx - se2,
+            "variance": tr_x,
+            "mse": _diag_sums(dx, "x", K) / nx - 2 * xy + yy - se2,
+            "cos_true": cos_true,
+            "cos_pairwise": pairs / (nx * (nx - 1)),
+            "snr2": mu2 / tr_x,
+            "cos_mean": np.where(
+                (mu2 > 0) & (g2 > 0), xy / np.sqrt(np.abs(mu2 * g2)), np.nan
+            ),
+            "bias2_noise": tr_x / nx + se2,
+            "se_ref2": se2,
+            "mu2": mu2,
+        }
+
+
+def trace_sigma_squared(gram: np.ndarray) -> float:
+    """Unbiased tr(Sigma^2) from the Gram matrix X X^T of M >= 4 i.i.d. rows.
+
+    Chen, Zhang & Zhong 2010 (JASA 105): sums of products of Gram entries over
+    distinct indices, T = S2 / M_(2) - 2 S3 / M_(3) + S4 / M_(4) (falling factorials).
+    """
+    M = gram.shape[0]
+    off = gram - np.diag(np.diag(gram))
+    s2 = np.sum(off**2)
+    s3 = np.sum(off.sum(1) ** 2 - (off**2).sum(1))
+    s4 = off.sum() ** 2 - 2 * s2 - 4 * s3
+    p2 = M * (M - 1)
+    p3, p4 = p2 * (M - 2), p2 * (M - 2) * (M - 3)
+    return float(s2 / p2 - 2 * s3 / p3 + s4 / p4)
+
+
+def _degenerate_part(Kxx, Kxy, Kyy) -> float:
+    """The second-order (degenerate) variance of the bias2 U-statistic,
+
+    2 tr(Sx^2) / (M (M-1)) + 2 tr(Sy^2) / (K (K-1)) + 4 tr(Sx Sy) / (M K),
+
+    which the jackknife counts twice (Efron & Stein 1981): at an unbiased
+    estimator the first-order part vanishes and the jackknife interval alone
+    would cover ~99.5% instead of 95%.
+    """
+    M, K = Kxy.shape
+    cross = Kxy - Kxy.mean(0) - Kxy.mean(1)[:, None] + Kxy.mean()
+    tr_xy = np.sum(cross**2) / ((M - 1) * (K - 1))
+    return (
+        2 * trace_sigma_squared(Kxx) / (M * (M - 1))
+        + 2 * trace_sigma_squared(Kyy) / (K * (K - 1))
+        + 4 * tr_xy / (M * K)
+    )
+
+
+def _plug_in_interval(q: float, se: float, z: float) -> tuple[float, float]:
+    """Interval for E[Q] of the plug-in Q = ||Xbar - g_ref||^2 >= 0 (Wilson &
+    Hilferty 1931): Q ~ c chi^2_nu with nu = 2 Q^2 / se^2, (Q / E Q)^(1/3) ~
+    N(1 - a, a), a = 2 / (9 nu). Skewed like Q in low dimension (where the normal
+    interval undercovers at an unbiased estimator), normal in high dimension."""
+    if q <= 0 or se <= 0:
+        return q, q
+    a = 2 * se**2 / (9 * 2 * q**2)
+    low_den = 1 - a + z * np.sqrt(a)
+    high_den = 1 - a - z * np.sqrt(a)
+    return q / low_den**3, (q / high_den**3 if high_den > 0 else np.inf)
+
+
+def _jackknife_se(values: np.ndarray, num_x_units: int) -> float:
+    """sqrt of the two-sample delete-a-group jackknife variance (rows 1..: deletions)."""
+    parts = (values[1 : 1 + num_x_units], values[1 + num_x_units :])
+    var = 0.0
+    for part in parts:
+        a = len(part)
+        var += (a - 1) / a * np.sum((part - part.mean()) ** 2)
+    return float(np.sqrt(var))
+
+
+def summarize(
+    estimates: np.ndarray,
+    reference_groups: np.ndarray,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """Metrics of M estimates [M, P] against K reference group means [K, P].
+
+    Args:
+      estimates: X, one batch estimate per row.
+      reference_groups: Y, i.i.d. group means whose mean Ybar is the reference.
+      level: nominal coverage of the ``*_lo`` / ``*_hi`` intervals.
+
+    Returns:
+      Every metric of :data:`METRICS` with ``_lo`` / ``_hi``, plus ``bias2_noise``,
+      ``se_ref`` (= sqrt(se_ref^2)) and ``mean_norm2`` (the unbiased ||mu||^2).
+    """
+    X = np.asarray(estimates, np.float64)
+    Y = np.asarray(reference_groups, np.float64)
+    M, K = X.shape[0], Y.shape[0]
+    if M < 4 or K < 4:
+        raise ValueError(
+            f"need at least 4 batch estimates and 4 reference groups, got {M} and {K}"
+        )
+    A = M
+    Kxx, Kxy, Kyy = X @ X.T, X @ Y.T, Y @ Y.T
+    reps = _metrics(Kxx, Kxy, Kyy)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    out = {}
+    for name in ("bias2", "variance", "mse", "cos_true", "cos_pairwise", "cos_mean"):
+        values = reps[name]
+        point = float(values[0])
+        se = _jackknife_se(values, A)
+        if name == "bias2":
+            jack = se**2
+            se = np.sqrt(max(jack - _degenerate_part(Kxx, Kxy, Kyy), jack / 4))
+            noise = float(reps["bias2_noise"][0])
+            lo, hi = _plug_in_interval(point + noise, se, z)
+            lo, hi = lo - noise, hi - noise
+        elif name in LOG_SCALE:
+            rel = se / point if point > 0 else np.inf
+            lo, hi = point * np.exp(-z * rel), point * np.exp(z * rel)
+        else:
+            lo, hi = point - z * se, point + z * se
+        if name.startswith("cos"):
+            point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
+        out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
+    out |= _snr_intervals(reps["snr2"], A, z)
+    out["bias2_noise"] = float(reps["bias2_noise"][0])
+    out["se_ref"] = float(np.sqrt(max(reps["se_ref2"][0], 0.0)))
+    out["mean_norm2"] = float(reps["mu2"][0])
+    return out
+
+
+def _snr_intervals(snr2: np.ndarray, num_x_units: int, z: float) -> dict[str, float]:
+    """snr = sqrt(snr^2) and rel_variance = 1 / snr^2 from one interval on snr^2.
+
+    snr^2 = |mu|^2 / tr S is (nearly) unbiased and may be negative when the mean is
+    indistinguishable from 0; its normal jackknife interval maps monotonically to
+    snr (floored at 0) and to rel_variance (unbounded above when snr^2 may be 0).
+    """
+    point = float(snr2[0])
+    se = _jackknife_se(snr2, num_x_units)
+    lo, hi = point - z * se, point + z * se
+
+    def inverse(v):
+        return 1.0 / v if v > 0 else np.inf
+
+    return {
+        "snr": float(np.sqrt(max(point, 0.0))),
+        "snr_lo": float(np.sqrt(max(lo, 0.0))),
+        "snr_hi": float(np.sqrt(max(hi, 0.0))),
+        "rel_variance": inverse(point),
+        "rel_variance_lo": inverse(hi),
+        "rel_variance_hi": inverse(lo),
+    }
+
+
+def log_slope(
+    batch_sizes: np.ndarray, variances: np.ndarray, level: float = 0.95
+) -> tuple[float, float, float]:
+    """Least-squares slope of log variance against log n with a jackknife interval.
+
+    ``variances`` is [R, S]: row 0 the point estimates at the S batch sizes, rows
+    1.. jackknife replicates (deleting one independent unit everywhere at once, so
+    the correlation between sizes that share trajectories is kept). An i.i.d.
+    estimator has slope -1.
+    """
+    x = np.log(np.asarray(batch_sizes, np.float64))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = np.log(np.asarray(variances, np.float64))
+    xc = x - x.mean()
+    slopes = y @ xc / np.sum(xc**2)
+    reps = slopes[1:]
+    a = len(reps)
+    se = float(np.sqrt((a - 1) / a * np.sum((reps - reps.mean()) ** 2)))
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    return float(slopes[0]), float(slopes[0] - z * se), float(slopes[0] + z * se)
