@@ -61,19 +61,70 @@ def _render(args) -> None:
 def _variance(args) -> None:
     from rl_pg.variance import report
 
-    out = report.run(
-        args.preset,
-        args.out,
-        checkpoints=args.checkpoints,
-        seed=args.seed,
-        problem=args.problem,
-    )
+    if args.config:
+        given = [f for f in VARIANCE_OVERRIDES if getattr(args, f) is not None]
+        if given or args.checkpoints:
+            raise ValueError(
+                "--config reruns a saved run as it was; drop "
+                + ", ".join("--" + f.replace("_", "-") for f in given + ["checkpoints"])
+            )
+        out = report.rerun(args.config, args.out)
+    else:
+        config = None
+        sizes = {
+            f: getattr(args, f)
+            for f in ("batch_sizes", "num_batches", "reference_trajectories")
+            if getattr(args, f) is not None
+        }
+        if sizes or args.estimators:
+            base = (
+                report.ENUMERABLE_STUDY
+                if args.problem == "enumerable"
+                else report.PRESETS[args.preset]["study"]
+            )
+            config = report.override_study(base, args.estimators, **sizes)
+        out = report.run(
+            args.preset,
+            args.out,
+            checkpoints=args.checkpoints,
+            seed=args.seed,
+            problem=args.problem,
+            config=config,
+            horizon=args.horizon,
+            group_size=args.group_size,
+            env_id=args.env_id,
+            devices=args.devices,
+        )
     print((out / "report.md").read_text())
     print(
         f"wrote {out}/results.csv, report.md and plots: "
         f"{out}/rel_variance_vs_batch_size.png, {out}/variance_vs_batch_size.png, "
         f"{out}/cosine_vs_batch_size.png"
     )
+
+
+VARIANCE_OVERRIDES = (
+    "estimators",
+    "batch_sizes",
+    "num_batches",
+    "reference_trajectories",
+    "horizon",
+    "group_size",
+    "env_id",
+    "devices",
+)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _train(args, extra: list[str]) -> None:
@@ -179,6 +230,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="flappy: Flappy Bird policies; enumerable: the exactly solvable MDP, "
         "with exact_bias2 and exact_variance columns (the benchmark's calibration)",
     )
+    var.add_argument(
+        "--estimators",
+        help="comma-separated registered estimator names and/or module:function "
+        "loss functions (importable from the current directory or PYTHONPATH); "
+        "default: every registered estimator",
+    )
+    var.add_argument("--batch-sizes", type=_int_list, help="e.g. 4,16,64")
+    var.add_argument("--num-batches", type=int, help="top-level batches (>= 4)")
+    var.add_argument("--reference-trajectories", type=int)
+    var.add_argument("--horizon", type=int, help="steps per episode")
+    var.add_argument("--group-size", type=int, help="episodes per level (G)")
+    var.add_argument(
+        "--env-id",
+        help="FlappyBird-v0, -lidar-v0 or -pixels-v0 (checked against the "
+        "checkpoints; without checkpoints a freshly initialised policy)",
+    )
+    var.add_argument(
+        "--config", help="a previous run's config.json: run it again as it was"
+    )
+    var.add_argument("--devices", help="shard the study over N local devices, or 'all'")
     var.set_defaults(func=_variance)
 
     algos = ("reinforce", "a2c", "ppo", "grpo", "qlearning", "dqn")  # train.ALGO_NAMES

@@ -36,6 +36,7 @@ by zeros before ``apply_fn`` and every weight is selected to 0 there, so arbitra
 non-finite) padding leaves loss and gradient unchanged.
 """
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -538,6 +539,37 @@ def optimal_baseline(
     return loss, _make_aux(fwd, loss)
 
 
+def optimal_baseline_per_parameter(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    leave_one_out: bool = True,
+    group_size: int | None = None,
+) -> tuple[jax.Array, LossAux]:
+    """``optimal_baseline`` with ``variant="per_parameter"``: one baseline per
+    parameter component, b*_k = E[R s_k^2] / E[s_k^2] (Mohamed et al. 2020, sec. 7.4).
+
+    Args:
+      params: policy params.
+      batch: [T, B] episodic trajectories.
+      apply_fn: ``apply(params, obs) -> (logits, values)``.
+      leave_one_out: estimate b_k from the other members of the group only.
+      group_size: G; None for the whole batch.
+
+    Returns:
+      (loss, LossAux).
+    """
+    return optimal_baseline(
+        params,
+        batch,
+        apply_fn=apply_fn,
+        variant="per_parameter",
+        leave_one_out=leave_one_out,
+        group_size=group_size,
+    )
+
+
 def value_baseline(
     params: Params,
     batch: Trajectory,
@@ -820,19 +852,156 @@ def dr_grpo(
 
 Estimator = Callable[..., tuple[jax.Array, LossAux]]
 
-ESTIMATORS: dict[str, Estimator] = {
-    "reinforce": reinforce,
-    "reward_to_go": reward_to_go,
-    "constant_baseline": constant_baseline,
-    "mean_baseline": mean_baseline,
-    "rloo": rloo,
-    "optimal_baseline": optimal_baseline,
-    "value_baseline": value_baseline,
-    "gae": gae,
-    "ppo_clip": ppo_clip,
-    "grpo": grpo,
-    "dr_grpo": dr_grpo,
-}
+
+def _unbiased(group_size: int, horizon: int) -> float:
+    return 1.0
+
+
+def _group_mean_shrink(group_size: int, horizon: int) -> float:
+    """The group mean includes the sample itself: E = (G-1)/G grad J."""
+    return (group_size - 1) / group_size
+
+
+def _dr_grpo_shrink(group_size: int, horizon: int) -> float:
+    """(G-1)/G from the group mean, 1/T from the constant 1/(B T) normaliser."""
+    return (group_size - 1) / (group_size * horizon)
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimatorSpec:
+    """Everything the library needs to know about one estimator.
+
+    Attributes:
+      name: the registry key (and the estimator's name in outputs).
+      loss: ``loss(params, batch, *, apply_fn, **hyperparameters) -> (loss, aux)``.
+      trajectory_level: uses R(tau_i) per column, so needs episodic batches.
+      self_normalised: aggregates its per-token terms itself (GRPO's per-sequence
+        means, Dr. GRPO's 1/(B T)); training does not divide its loss by the
+        steps per column.
+      per_trajectory: its batch estimate is the mean over columns of a function of
+        each column alone (so one-column estimates and exact variances exist).
+      mean_factor: ``c(G, T)`` with E[g_hat] = c grad J at the on-policy point, if
+        known in closed form (1 for unbiased estimators); None if not.
+      rescaled: its expected gradient is not on grad J's scale (a shrink factor,
+        a normalised advantage): compare it by scale-free metrics only.
+      min_group_size: groups of at least this many columns per level.
+      checks: per-estimator overrides of the hyperparameter checks, name ->
+        (predicate, description).
+      study_kwargs: fixed hyperparameters in the variance study (on top of the
+        study's value/entropy-free defaults).
+      in_study: studied by default in ``rl-pg variance``.
+    """
+
+    name: str
+    loss: Estimator
+    trajectory_level: bool = False
+    self_normalised: bool = False
+    per_trajectory: bool = False
+    mean_factor: Callable[[int, int], float] | None = None
+    rescaled: bool = False
+    min_group_size: int = 1
+    checks: dict = dataclasses.field(default_factory=dict)
+    study_kwargs: dict = dataclasses.field(default_factory=dict)
+    in_study: bool = True
+
+
+REGISTRY: dict[str, EstimatorSpec] = {}
+ESTIMATORS: dict[str, Estimator] = {}  # name -> loss, the registry's losses
+
+
+def register(spec: EstimatorSpec) -> EstimatorSpec:
+    """Add an estimator to the registry (training, the study and the CLI read it).
+
+    Raises:
+      ValueError: for a name already registered, a loss that is not callable or
+        whose signature lacks a keyword-only ``apply_fn``.
+    """
+    if not isinstance(spec, EstimatorSpec):
+        raise ValueError(
+            f"register() takes an EstimatorSpec, got {type(spec).__name__}"
+        )
+    if spec.name in REGISTRY:
+        raise ValueError(f"an estimator named {spec.name!r} is already registered")
+    _check_loss(spec.loss, spec.name)
+    REGISTRY[spec.name] = spec
+    ESTIMATORS[spec.name] = spec.loss
+    return spec
+
+
+def _check_loss(loss: Any, name: str) -> None:
+    if not callable(loss):
+        raise ValueError(f"estimator {name!r}: loss must be callable, got {loss!r}")
+    params = inspect.signature(loss).parameters
+    if (
+        "apply_fn" not in params
+        or params["apply_fn"].kind is not params["apply_fn"].KEYWORD_ONLY
+    ):
+        raise ValueError(
+            f"estimator {name!r}: the loss must have the signature "
+            "loss(params, batch, *, apply_fn, **hyperparameters) -> (loss, aux)"
+        )
+
+
+def spec(name: str) -> EstimatorSpec:
+    """The registered estimator ``name`` (ValueError listing the known ones)."""
+    if name not in REGISTRY:
+        raise ValueError(
+            f"Unknown estimator {name!r}; known estimators: {', '.join(REGISTRY)}."
+        )
+    return REGISTRY[name]
+
+
+def resolve(ref: "str | Callable") -> EstimatorSpec:
+    """A registered name, a ``module:function`` reference or a loss function ->
+    its spec. An unregistered function gets a spec named after the function, with
+    nothing assumed about it (not per-trajectory, mean factor unknown)."""
+    if callable(ref):
+        for known in REGISTRY.values():
+            if known.loss is ref:
+                return known
+        name = getattr(ref, "__name__", None) or repr(ref)
+        _check_loss(ref, name)
+        return EstimatorSpec(name=name, loss=ref, in_study=False)
+    if not isinstance(ref, str):
+        raise ValueError(f"an estimator is a name or a function, got {ref!r}")
+    if ":" not in ref:
+        return spec(ref)
+    return resolve(load_function(ref))
+
+
+def load_function(ref: str) -> Callable:
+    """``module:function`` -> the function (modules from the current directory or
+    PYTHONPATH; dotted attributes allowed)."""
+    import importlib
+    import sys
+
+    module_name, _, attr = ref.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"expected module:function, got {ref!r}")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")
+    try:
+        obj = sys.modules.get(module_name) or importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"cannot import module {module_name!r} of {ref!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"module {module_name!r} has no {attr!r} (from {ref!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{ref!r} is not a function")
+    return obj
+
+
+def reference(fn: Callable) -> str:
+    """The ``module:function`` reference of an importable function."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or "<" in qualname:
+        raise ValueError(
+            f"{fn!r} has no importable module:function reference (define it at a "
+            "module's top level)"
+        )
+    return f"{module}:{qualname}"
 
 
 def _is_number(v: Any) -> bool:
@@ -877,17 +1046,83 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "normalize_advantages": (lambda v: isinstance(v, bool), "a bool"),
     "ref_params": (lambda v: True, "a params pytree or None"),
 }
-_ESTIMATOR_CHECKS: dict[tuple[str, str], tuple[Callable[[Any], bool], str]] = {
-    ("rloo", "group_size"): (
+_RLOO_GROUPS = {
+    "group_size": (
         lambda v: _group_size_ok(v, minimum=2),
         "None or an int >= 2 (leave-one-out needs another sample)",
     ),
 }
 
+for _spec in (
+    EstimatorSpec("reinforce", reinforce, per_trajectory=True, mean_factor=_unbiased),
+    EstimatorSpec(
+        "reward_to_go", reward_to_go, per_trajectory=True, mean_factor=_unbiased
+    ),
+    EstimatorSpec(
+        "constant_baseline",
+        constant_baseline,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+    ),
+    EstimatorSpec(
+        "mean_baseline",
+        mean_baseline,
+        trajectory_level=True,
+        mean_factor=_group_mean_shrink,
+        rescaled=True,
+    ),
+    EstimatorSpec(
+        "rloo",
+        rloo,
+        trajectory_level=True,
+        mean_factor=_unbiased,
+        min_group_size=2,
+        checks=_RLOO_GROUPS,
+    ),
+    EstimatorSpec(
+        "optimal_baseline",
+        optimal_baseline,
+        trajectory_level=True,
+        mean_factor=_unbiased,
+        study_kwargs={"group_size": None},  # leave-one-out over the whole batch
+    ),
+    EstimatorSpec(
+        "optimal_baseline_per_parameter",
+        optimal_baseline_per_parameter,
+        trajectory_level=True,
+        mean_factor=_unbiased,
+        study_kwargs={"group_size": None},
+    ),
+    EstimatorSpec(
+        "value_baseline", value_baseline, per_trajectory=True, mean_factor=_unbiased
+    ),
+    EstimatorSpec("gae", gae, per_trajectory=True),
+    EstimatorSpec("ppo_clip", ppo_clip, rescaled=True),
+    EstimatorSpec(
+        "grpo",
+        grpo,
+        trajectory_level=True,
+        self_normalised=True,
+        rescaled=True,
+        min_group_size=2,
+    ),
+    EstimatorSpec(
+        "dr_grpo",
+        dr_grpo,
+        trajectory_level=True,
+        self_normalised=True,
+        mean_factor=_dr_grpo_shrink,
+        rescaled=True,
+    ),
+):
+    register(_spec)
 
-def hyperparameters(name: str) -> tuple[str, ...]:
-    """The keyword-only arguments (``apply_fn`` and hyperparameters) of an estimator."""
-    signature = inspect.signature(ESTIMATORS[name])
+
+def hyperparameters(name: "str | Callable") -> tuple[str, ...]:
+    """The keyword-only arguments (``apply_fn`` and hyperparameters) of an estimator
+    (a registered name or a loss function)."""
+    signature = inspect.signature(ESTIMATORS[name] if isinstance(name, str) else name)
     return tuple(
         p.name for p in signature.parameters.values() if p.kind is p.KEYWORD_ONLY
     )
@@ -910,10 +1145,7 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
     Raises:
       ValueError: for an unknown name, an unknown keyword or an invalid value.
     """
-    if name not in ESTIMATORS:
-        raise ValueError(
-            f"Unknown estimator {name!r}; known estimators: {', '.join(ESTIMATORS)}."
-        )
+    checks = spec(name).checks
     allowed = hyperparameters(name)
     unknown = sorted(set(kwargs) - set(allowed))
     if unknown:
@@ -924,7 +1156,9 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
     for key, value in kwargs.items():
         if isinstance(value, jax.Array) and key != "ref_params":
             continue
-        check, description = _ESTIMATOR_CHECKS.get((name, key), _CHECKS[key])
+        check, description = checks.get(key) or _CHECKS.get(
+            key, (lambda v: True, "a value")
+        )
         if not check(value):
             raise ValueError(
                 f"Invalid {key}={value!r} for estimator {name!r}: "

@@ -42,6 +42,7 @@ DEFAULT_KWARGS = {
     "mean_baseline": {"group_size": GROUP},
     "rloo": {"group_size": GROUP},
     "optimal_baseline": {},
+    "optimal_baseline_per_parameter": {},
     "value_baseline": {},
     "gae": {},
     "ppo_clip": {},

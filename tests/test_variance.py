@@ -267,7 +267,7 @@ def test_bad_configs_raise():
                 reference_groups=1024,
             ),
         )
-    with pytest.raises(ValueError, match="Unknown estimators"):
+    with pytest.raises(ValueError, match="Unknown estimator .nope."):
         variance.make_runners(
             problem,
             variance.StudyConfig(

@@ -3,9 +3,11 @@
 Modules: :mod:`~rl_pg.variance.study` (sampling, per-trajectory and batch
 gradients, the study of one policy), :mod:`~rl_pg.variance.statistics`
 (calibrated metrics and intervals), :mod:`~rl_pg.variance.exact` (exact answers on
-the enumerable MDP), :mod:`~rl_pg.variance.report` (presets, the CLI job, outputs).
+the enumerable MDP), :mod:`~rl_pg.variance.report` (presets, the CLI job, outputs,
+and :func:`run_study`, the study from Python).
 """
 
+from rl_pg.variance.report import run_study
 from rl_pg.variance.statistics import METRICS, log_slope, summarize
 from rl_pg.variance.study import (
     ORACLE_PER_PARAMETER,
@@ -29,6 +31,7 @@ from rl_pg.variance.study import (
     reference_gradient,
     study_stage,
     sub_batch_counts,
+    suite_specs,
     total_work,
     trajectory_moments,
 )
@@ -55,8 +58,10 @@ __all__ = [
     "make_runners",
     "matmul_flops_per_s",
     "reference_gradient",
+    "run_study",
     "study_stage",
     "sub_batch_counts",
+    "suite_specs",
     "summarize",
     "total_work",
     "trajectory_moments",

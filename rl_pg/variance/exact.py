@@ -4,13 +4,14 @@
 :mod:`rl_pg.enumerable` with G > 1 (a level is an initial state s_0 shared by the
 G episodes of a group), plus exact values of the batch statistics:
 
-* the mean of an estimator, E[g_hat] = c g, where c is known in closed form:
-  c = 1 for the unbiased estimators (reinforce, reward_to_go, constant_baseline,
-  rloo, optimal_baseline with leave-one-out, value_baseline), c = (G-1)/G for the
-  mean baseline (the group mean includes the sample itself; E[s_i | s_0] = 0 makes
-  the other members' returns uncorrelated with s_i), c = (G-1)/(G T) for Dr. GRPO
-  (the same shrink, and its constant 1/(B T) normaliser); or by enumeration for a
-  per-trajectory estimator (one whose batch estimate is the mean over columns of
+* the mean of an estimator, E[g_hat] = c g, where its registry entry knows c in
+  closed form (``EstimatorSpec.mean_factor``): c = 1 for the unbiased estimators
+  (reinforce, reward_to_go, constant_baseline, rloo, optimal_baseline with
+  leave-one-out, value_baseline), c = (G-1)/G for the mean baseline (the group mean
+  includes the sample itself; E[s_i | s_0] = 0 makes the other members' returns
+  uncorrelated with s_i), c = (G-1)/(G T) for Dr. GRPO (the same shrink, and its
+  constant 1/(B T) normaliser); or by enumeration for a per-trajectory estimator
+  (``EstimatorSpec.per_trajectory``: its batch estimate is the mean over columns of
   a function of that column alone), gae included;
 * the batch variance of a per-trajectory estimator with y(tau) its one-column
   estimate: a batch of n = L G columns is the mean of L i.i.d. group terms
@@ -36,30 +37,6 @@ from jax.flatten_util import ravel_pytree
 
 from rl_pg import enumerable
 from rl_pg.variance import study
-
-UNBIASED = frozenset(
-    {
-        "reinforce",
-        "reward_to_go",
-        "constant_baseline",
-        "rloo",
-        "optimal_baseline",
-        "optimal_baseline_per_parameter",
-        "value_baseline",
-    }
-)
-PER_TRAJECTORY = study.PER_TRAJECTORY_ESTIMATORS
-
-
-def mean_factor(name: str, group_size: int, horizon: int) -> float | None:
-    """c with E[g_hat] = c grad J, where known in closed form (else None)."""
-    if name in UNBIASED:
-        return 1.0
-    if name == "mean_baseline":
-        return (group_size - 1) / group_size
-    if name == "dr_grpo":
-        return (group_size - 1) / (group_size * horizon)
-    return None
 
 
 def _conditional_moments(y: np.ndarray, probs: np.ndarray, s0: np.ndarray):
@@ -105,7 +82,7 @@ def _exact_metrics(mu: np.ndarray | None, g: np.ndarray, variance: float) -> dic
 
 
 def exact_values(
-    params, column_grads, batch_sizes, names, group_size: int, mdp
+    params, column_grads, batch_sizes, specs, group_size: int, mdp
 ) -> dict[int, dict[str, dict[str, float]]]:
     """n -> name -> exact metric -> value (:data:`EXACT_METRICS`; nan where unknown).
 
@@ -118,11 +95,10 @@ def exact_values(
     g = np.asarray(ravel_pytree(enumerable.exact_gradient(params, mdp))[0], np.float64)
     per_column = column_grads(batch)
     out = {int(n): {} for n in batch_sizes}
-    for name in names:
+    for name, spec in specs.items():
         mu, y = None, per_column.get(name)
-        factor = mean_factor(name, group_size, mdp.horizon)
-        if factor is not None:
-            mu = factor * g
+        if spec.mean_factor is not None:
+            mu = spec.mean_factor(group_size, mdp.horizon) * g
         if y is not None:
             mu = probs @ y
         for n in out:

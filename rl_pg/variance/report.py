@@ -13,6 +13,7 @@ import dataclasses
 import io as _io
 import json
 import time
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -126,20 +127,27 @@ def _checkpoint_stage(path: Path, label: str, horizon: int, group_size: int) -> 
     return Stage(label, params, problem, horizon, key, description)
 
 
-def _initial_stage(horizon: int, group_size: int) -> Stage:
-    env, env_params = rl_pg.make("FlappyBird-v0")
-    policy = policies.mlp_policy(2)
+def _initial_stage(horizon: int, group_size: int, env_id: str) -> Stage:
+    """A freshly initialised policy (CNN for pixels, else an MLP) in ``env_id``."""
+    env, env_params = rl_pg.make(env_id)
+    kind = "cnn" if env.obs_mode == "pixels" else "mlp"
+    policy = policies.cnn_policy(2) if kind == "cnn" else policies.mlp_policy(2)
     obs = jnp.zeros(env.observation_space(env_params).shape)
     params = policy.init(jax.random.PRNGKey(0), obs)
     problem = study.flappy_problem(policy.apply, env, env_params, horizon, group_size)
-    return Stage("initial", params, problem, horizon, "initial", {"policy": "mlp"})
+    description = {"policy": kind, "env_id": env_id}
+    return Stage("initial", params, problem, horizon, f"initial-{env_id}", description)
 
 
 def flappy_stages(
-    paths: list[str | Path] | None, horizon: int, group_size: int
+    paths: list[str | Path] | None,
+    horizon: int,
+    group_size: int,
+    env_id: str | None = None,
 ) -> list[Stage]:
-    """One stage per checkpoint (default: the shipped ones); validates every path
-    before anything compiles."""
+    """One stage per checkpoint (default: the shipped ones, or a freshly
+    initialised policy for another ``env_id``); every path, and every
+    checkpoint's env against ``env_id``, is checked before anything compiles."""
     if paths:
         paths = [Path(p) for p in paths]
         missing = [str(p) for p in paths if not Path(p).exists()]
@@ -147,23 +155,97 @@ def flappy_stages(
             raise ValueError(f"checkpoint(s) not found: {', '.join(missing)}")
     else:
         paths = shipped_checkpoints()
-        if not paths:
-            return [_initial_stage(horizon, group_size)]
+        if env_id not in (None, "FlappyBird-v0") or not paths:
+            return [_initial_stage(horizon, group_size, env_id or "FlappyBird-v0")]
     labels = stage_labels(paths)
-    return [
+    stages = [
         _checkpoint_stage(p, label, horizon, group_size)
         for p, label in zip(paths, labels, strict=True)
     ]
+    if env_id is not None:
+        wrong = [s.label for s in stages if s.description["env_id"] != env_id]
+        if wrong:
+            raise ValueError(f"checkpoint(s) {wrong} do not act in --env-id {env_id}")
+    return stages
 
 
-def enumerable_stages(group_size: int) -> list[Stage]:
-    """The exact mode's policies on the enumerable MDP."""
+def enumerable_stages(group_size: int, policies_: dict | None = None) -> list[Stage]:
+    """The exact mode's policies (or label -> tabular params) on the enumerable MDP."""
     problem = exact.enumerable_problem(group_size)
     horizon = enumerable.DEFAULT_MDP.horizon
+    chosen = exact.enumerable_policies() if policies_ is None else policies_
     return [
-        Stage(label, params, problem, horizon, "enumerable", {"policy": label})
-        for label, params in exact.enumerable_policies().items()
+        Stage(str(label), params, problem, horizon, "enumerable", {"policy": label})
+        for label, params in chosen.items()
     ]
+
+
+def study_config_from_dict(data: dict) -> study.StudyConfig:
+    """A :class:`StudyConfig` from its ``dataclasses.asdict`` form (config.json)."""
+    data = dict(data)
+    suite = dict(data.pop("suite", {}))
+    if "names" in suite:
+        suite["names"] = tuple(suite["names"])
+    data["batch_sizes"] = tuple(data.get("batch_sizes", ()))
+    known = {f.name for f in dataclasses.fields(study.StudyConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown study settings {unknown}; known: {sorted(known)}")
+    return study.StudyConfig(**data, suite=study.SuiteConfig(**suite))
+
+
+def override_study(
+    base: study.StudyConfig, estimators: str | None = None, **sizes
+) -> study.StudyConfig:
+    """``base`` with CLI overrides: ``estimators`` (comma-separated names and/or
+    module:function), batch sizes, number of batches, reference trajectories
+    (the chunk and reference groups follow so that they still divide it)."""
+    changes = dict(sizes)
+    if "batch_sizes" in changes:
+        changes["batch_sizes"] = tuple(int(n) for n in changes["batch_sizes"])
+    if "num_batches" in changes:
+        changes["max_batches_per_size"] = max(
+            base.max_batches_per_size, changes["num_batches"]
+        )
+    if "reference_trajectories" in changes:
+        n = int(changes["reference_trajectories"])
+        chunk = min(base.chunk, n)
+        while n % chunk:
+            chunk -= 1
+        changes["chunk"] = chunk
+        groups = min(base.reference_groups, n)
+        while groups > 4 and (n % groups or chunk % (n // groups)):
+            groups -= 1
+        changes["reference_groups"] = groups
+    if estimators:
+        names = tuple(e.strip() for e in estimators.split(",") if e.strip())
+        changes["suite"] = dataclasses.replace(base.suite, names=names)
+    config = dataclasses.replace(base, **changes)
+    study.suite_specs(config.suite)  # unknown names fail here, before compiling
+    return config
+
+
+def device_mesh(devices: "int | str | None"):
+    """None (no mesh), an int N (the first N local devices) or "all"."""
+    if devices is None:
+        return None
+    from rl_pg import distributed
+
+    local = jax.local_devices()
+    if devices == "all":
+        count = len(local)
+    else:
+        try:
+            count = int(devices)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"devices must be a positive int or 'all', got {devices!r}"
+            ) from None
+        if not 1 <= count <= len(local):
+            raise ValueError(
+                f"devices must be between 1 and {len(local)} (local devices), got {count}"
+            )
+    return distributed.batch_mesh(local[:count])
 
 
 def run(
@@ -174,44 +256,107 @@ def run(
     progress: bool = True,
     problem: str = "flappy",
     config: study.StudyConfig | None = None,
+    horizon: int | None = None,
+    group_size: int | None = None,
+    env_id: str | None = None,
+    devices: "int | str | None" = None,
 ) -> Path:
-    """Run the study and write every output into a new directory.
+    """Run the study (the ``rl-pg variance`` job) into a new directory.
 
-    ``config`` replaces the preset's (or the exact mode's) study sizes; the
-    preset still gives the horizon and group size.
+    ``config`` replaces the preset's (or the exact mode's) study sizes;
+    ``horizon`` and ``group_size`` the preset's. Everything is validated, and
+    every stage's runners built, before the directory is created.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {list(PRESETS)}, got {preset!r}")
     if problem not in PROBLEMS:
         raise ValueError(f"problem must be one of {list(PROBLEMS)}, got {problem!r}")
     setting = PRESETS[preset]
-    group_size = setting["group_size"]
+    group_size = setting["group_size"] if group_size is None else int(group_size)
+    horizon = setting["horizon"] if horizon is None else int(horizon)
+    if group_size < 1 or horizon < 1:
+        raise ValueError(
+            f"horizon and group_size must be >= 1, got {horizon}, {group_size}"
+        )
     if problem == "enumerable":
-        if checkpoints:
-            raise ValueError("--checkpoints apply to --problem flappy only")
+        if checkpoints or env_id:
+            raise ValueError(
+                "--checkpoints and --env-id apply to --problem flappy only"
+            )
         config = dataclasses.replace(config or ENUMERABLE_STUDY, seed=seed)
         stages = enumerable_stages(group_size)
     else:
         config = dataclasses.replace(config or setting["study"], seed=seed)
-        stages = flappy_stages(checkpoints, setting["horizon"], group_size)
+        stages = flappy_stages(checkpoints, horizon, group_size, env_id)
+    mesh = device_mesh(devices)
+    settings = {
+        "command": "variance",
+        "preset": preset,
+        "problem": problem,
+        "seed": seed,
+        "checkpoints": [str(p) for p in checkpoints] if checkpoints else None,
+        "env_id": env_id,
+        "devices": devices,
+        "stages": {s.label: s.description for s in stages},
+        "horizon": stages[0].horizon,
+        "group_size": group_size,
+        "study": dataclasses.asdict(config),
+    }
+    return execute(stages, config, out_dir, settings, progress, mesh)
+
+
+def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run a previous run's ``config.json`` again (same seed: the same results)."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        saved = json.loads(path.read_text())
+        return run(
+            saved["preset"],
+            out_dir,
+            checkpoints=saved.get("checkpoints"),
+            seed=int(saved["seed"]),
+            progress=progress,
+            problem=saved.get("problem", "flappy"),
+            config=study_config_from_dict(saved["study"]),
+            horizon=saved.get("horizon"),
+            group_size=saved.get("group_size"),
+            env_id=saved.get("env_id"),
+            devices=saved.get("devices"),
+        )
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(
+            f"--config {path} is not a variance run's config.json: {e}"
+        ) from e
+
+
+def _build_runners(stages: list[Stage], config, mesh) -> dict:
+    """Runners per distinct stage key (validates sizes and estimators)."""
     runners = {}
-    for stage in stages:  # validate every stage's sizes before compiling
+    for stage in stages:
         if stage.key not in runners:
-            runners[stage.key] = study.make_runners(stage.problem, config)
-    out = io.new_out_dir(out_dir)
-    io.write_config(
-        out,
-        {
-            "command": "variance",
-            "preset": preset,
-            "problem": problem,
-            "seed": seed,
-            "stages": {s.label: s.description for s in stages},
-            "horizon": stages[0].horizon,
-            "group_size": group_size,
-            "study": dataclasses.asdict(config),
-        },
-    )
+            runners[stage.key] = study.make_runners(stage.problem, config, mesh)
+    return runners
+
+
+def execute(
+    stages: list[Stage],
+    config: study.StudyConfig,
+    out_dir: str | Path | None,
+    settings: dict,
+    progress: bool = True,
+    mesh=None,
+) -> "Path | dict":
+    """Study every stage; write the outputs into ``out_dir`` (new) if given.
+
+    Returns the output directory, or the results (label -> StageResult) when
+    ``out_dir`` is None.
+    """
+    runners = _build_runners(stages, config, mesh)
+    out = io.new_out_dir(out_dir) if out_dir is not None else None
+    if out is not None:
+        io.write_config(out, settings)
     start = time.perf_counter()
     bar = None
     if progress:
@@ -232,10 +377,142 @@ def run(
         )
     if bar is not None:
         bar.close()
+    if out is None:
+        return results
     wall = time.perf_counter() - start
     matmul = study.matmul_flops_per_s()
-    write_outputs(out, results, config, wall, matmul, exact_mode=problem != "flappy")
+    exact_mode = settings.get("problem") == "enumerable"
+    write_outputs(out, results, config, wall, matmul, exact_mode=exact_mode)
     return out
+
+
+def result_rows(results: dict) -> list[dict]:
+    """The rows of ``results.csv`` (as dicts) from ``execute``'s results."""
+    return [
+        {"checkpoint": name, **{c: row.get(c, np.nan) for c in RESULT_COLUMNS[1:]}}
+        for name, res in results.items()
+        for row in res.rows
+    ]
+
+
+def run_study(
+    policies: "dict[str, Any] | None" = None,
+    *,
+    policy: "policies.Policy | None" = None,
+    checkpoints: "list[str | Path] | None" = None,
+    env_id: str = "FlappyBird-v0",
+    problem: str = "flappy",
+    estimators: "list[str | Callable] | None" = None,
+    batch_sizes: tuple[int, ...] = (4, 16, 64),
+    num_batches: int = 32,
+    max_batches_per_size: int = 512,
+    reference_trajectories: int = 16_384,
+    reference_groups: int = 128,
+    chunk: int = 1024,
+    horizon: int = 128,
+    group_size: int = 4,
+    seed: int = 0,
+    mesh=None,
+    out_dir: "str | Path | None" = None,
+    progress: bool = False,
+) -> list[dict]:
+    """The estimator study from Python; returns the rows of ``results.csv``.
+
+    Args:
+      policies: label -> params of ``policy`` (a :class:`rl_pg.policies.Policy`)
+        acting in ``env_id``; or None with ``checkpoints``, or neither (the
+        shipped checkpoints). With ``problem="enumerable"`` the exact mode's
+        policies are used (or label -> tabular params) and rows get exact values.
+      estimators: registered names, ``module:function`` references and/or loss
+        functions ``loss(params, batch, *, apply_fn, **hyperparameters) -> (loss,
+        aux)`` (named in the outputs by their function name); default: every
+        registered estimator marked ``in_study``.
+      batch_sizes ... chunk: the :class:`~rl_pg.variance.study.StudyConfig`.
+      horizon: steps per Flappy Bird episode (the enumerable MDP has 4).
+      group_size: G episodes per level.
+      mesh: a :func:`rl_pg.distributed.batch_mesh` to shard the study over.
+      out_dir: also write the CLI's outputs into this new directory.
+
+    Returns:
+      One dict per (policy, estimator, batch size) with the columns of
+      ``results.csv``.
+    """
+    names = _estimator_refs(estimators)
+    config = study.StudyConfig(
+        batch_sizes=tuple(int(n) for n in batch_sizes),
+        num_batches=num_batches,
+        max_batches_per_size=max_batches_per_size,
+        reference_trajectories=reference_trajectories,
+        reference_groups=reference_groups,
+        chunk=chunk,
+        seed=seed,
+        suite=study.SuiteConfig(names=names),
+    )
+    if problem == "enumerable":
+        stages = enumerable_stages(group_size, policies)
+    elif problem == "flappy":
+        if policies is not None:
+            if policy is None:
+                raise ValueError("params given without their policy (policy=...)")
+            stages = _param_stages(policies, policy, env_id, horizon, group_size)
+        else:
+            stages = flappy_stages(checkpoints, horizon, group_size, env_id)
+    else:
+        raise ValueError(f"problem must be one of {list(PROBLEMS)}, got {problem!r}")
+    settings = {
+        "command": "run_study",
+        "problem": problem,
+        "seed": seed,
+        "stages": {s.label: s.description for s in stages},
+        "horizon": stages[0].horizon,
+        "group_size": group_size,
+        "study": dataclasses.asdict(config),
+    }
+    results = execute(stages, config, None, settings, progress, mesh)
+    if out_dir is not None:
+        out = io.new_out_dir(out_dir)
+        io.write_config(out, settings)
+        write_outputs(
+            out,
+            results,
+            config,
+            0.0,
+            study.matmul_flops_per_s(),
+            problem == "enumerable",
+        )
+    return result_rows(results)
+
+
+def _estimator_refs(estimators) -> tuple[str, ...]:
+    """Names / module:function strings for SuiteConfig (functions -> references,
+    so that config.json can rerun them)."""
+    if estimators is None:
+        return study.SuiteConfig().names
+    if isinstance(estimators, str) or callable(estimators):
+        estimators = [estimators]
+    refs = []
+    for e in estimators:
+        if callable(e):
+            from rl_pg import estimators as estimators_lib
+
+            spec = estimators_lib.resolve(e)
+            in_registry = estimators_lib.REGISTRY.get(spec.name)
+            registered = in_registry is not None and in_registry.loss is e
+            refs.append(spec.name if registered else estimators_lib.reference(e))
+        else:
+            refs.append(e)
+    refs = tuple(refs)
+    study.suite_specs(study.SuiteConfig(names=refs))  # validate now
+    return refs
+
+
+def _param_stages(policies_, policy, env_id, horizon, group_size) -> list[Stage]:
+    env, env_params = rl_pg.make(env_id)
+    problem = study.flappy_problem(policy.apply, env, env_params, horizon, group_size)
+    return [
+        Stage(str(label), params, problem, horizon, "params", {"env_id": env_id})
+        for label, params in policies_.items()
+    ]
 
 
 # ----------------------------------------------------------------------- outputs
@@ -283,12 +560,18 @@ def write_outputs(
         for name, res in results.items()
     }
     io.write_json(out / "performance.json", {"wall_clock_s": wall, "stages": perf})
-    plot(out, results)
+    plot(out, results, _rescaled(config))
     text = report(results, config, wall, matmul, exact_mode)
     io.atomic_write_bytes(out / "report.md", text.encode())
 
 
-def plot(out: Path, results: dict) -> None:
+def _rescaled(config) -> frozenset:
+    """Names of the studied estimators on another scale than grad J."""
+    specs = study.suite_specs(config.suite)
+    return frozenset(name for name, spec in specs.items() if spec.rescaled)
+
+
+def plot(out: Path, results: dict, rescaled: frozenset = frozenset()) -> None:
     """Relative variance (scale-free), variance (other scales marked) and cosine
     against batch size, one panel per stage."""
     import matplotlib
@@ -321,7 +604,7 @@ def plot(out: Path, results: dict) -> None:
                 y = np.array([r[metric] for r in sel], float)
                 lo = np.array([r[f"{metric}_lo"] for r in sel], float)
                 hi = np.array([r[f"{metric}_hi"] for r in sel], float)
-                other = metric == "variance" and e in study.RESCALED_ESTIMATORS
+                other = metric == "variance" and e in rescaled
                 label = f"{e} (other scale)" if other else e
                 style = "o--" if other else "o-"
                 ax.plot(n, y, style, color=colors[e], label=label, ms=3)
@@ -352,12 +635,17 @@ def plot(out: Path, results: dict) -> None:
 # ------------------------------------------------------------------------ report
 
 
-def _fmt(x: float) -> str:
-    return "inf" if x == np.inf else f"{x:.3g}"
+def _fmt(x: float, digits: str = ".3g") -> str:
+    if np.isnan(x):
+        return "n/a"
+    return "inf" if x == np.inf else f"{x:{digits}}"
 
 
 def _ci(r: dict, m: str, digits: str = ".3g") -> str:
-    return f"{r[m]:{digits}} [{r[m + '_lo']:{digits}}, {r[m + '_hi']:{digits}}]"
+    if np.isnan(r[m]):
+        return "n/a"
+    lo, hi = (_fmt(r[f"{m}_{s}"], digits) for s in ("lo", "hi"))
+    return f"{_fmt(r[m], digits)} [{lo}, {hi}]"
 
 
 METHODS = (
@@ -386,7 +674,7 @@ OBJECTIVES = (
 )
 
 
-def _stage_lines(name: str, res, config, exact_mode: bool) -> list[str]:
+def _stage_lines(name: str, res, config, exact_mode: bool, rescaled) -> list[str]:
     smallest, largest = min(config.batch_sizes), max(config.batch_sizes)
     critic = res.critic
     lines = [
@@ -408,12 +696,11 @@ def _stage_lines(name: str, res, config, exact_mode: bool) -> list[str]:
     for r in res.rows:
         if r["batch_size"] not in (smallest, largest):
             continue
-        mark = "*" if r["estimator"] in study.RESCALED_ESTIMATORS else ""
+        mark = "*" if r["estimator"] in rescaled else ""
         line = (
             f"| {r['estimator']}{mark} | {r['batch_size']} | {r['num_batches']} | "
             f"{_ci(r, 'cos_true', '.3f')} | {_ci(r, 'cos_mean', '.3f')} | "
-            f"{_fmt(r['rel_variance'])} [{_fmt(r['rel_variance_lo'])}, "
-            f"{_fmt(r['rel_variance_hi'])}] | {_ci(r, 'snr')} | {_ci(r, 'bias2')} | "
+            f"{_ci(r, 'rel_variance')} | {_ci(r, 'snr')} | {_ci(r, 'bias2')} | "
             f"{_ci(r, 'variance')} |"
         )
         if exact_mode:
@@ -438,7 +725,8 @@ def _stage_lines(name: str, res, config, exact_mode: bool) -> list[str]:
         if np.isfinite(r["cos_mean_hi"]) and r["cos_mean_hi"] < 0.99
     ]
     lines.append(
-        "Mean estimate tilted away from g (cos_mean interval below 0.99): "
+        "Mean estimate tilted away from g (cos_mean interval below 0.99; n/a where "
+        "the mean is indistinguishable from 0): "
         + (", ".join(tilted) if tilted else "none")
         + "."
     )
@@ -496,7 +784,7 @@ def report(results: dict, config, wall: float, matmul: float, exact_mode=False) 
         "",
     ]
     for name, res in results.items():
-        lines += _stage_lines(name, res, config, exact_mode)
+        lines += _stage_lines(name, res, config, exact_mode, _rescaled(config))
     perf = next(iter(results.values())).perf
     lines += [
         "## Performance",

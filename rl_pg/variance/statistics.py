@@ -30,7 +30,8 @@ right-skewed variance and mse. For bias2 the jackknife counts the degenerate
 unbiased estimator; it is subtracted with unbiased estimates of tr(Sigma^2)
 (:func:`trace_sigma_squared`), and the interval is that of the plug-in
 ||Xbar - g_ref||^2 (a scaled chi-square, skewed in low dimension; Wilson-Hilferty)
-minus the estimated noise. SNR and rel_variance come from one interval on
+minus the estimated noise (where the plug-in is too noisy for that shape to bound
+it above, the bound is the point plus twice the normal half-width). SNR and rel_variance come from one interval on
 snr^2 = |mu|^2 / tr S_X. A percentile bootstrap is wrong here: resampling adds
 the noise term again (its bias2 distribution centres near B + tr S/M) and
 shrinks tr S by (M-1)/M, which in P ~ 10^4 dimensions puts both intervals beside
@@ -222,6 +223,8 @@ def summarize(
             noise = float(reps["bias2_noise"][0])
             lo, hi = _plug_in_interval(point + noise, se, z)
             lo, hi = lo - noise, hi - noise
+            if not np.isfinite(hi):  # too noisy for the chi-square shape
+                hi = point + 2 * z * se
         elif name in LOG_SCALE:
             rel = se / point if point > 0 else np.inf
             lo, hi = point * np.exp(-z * rel), point * np.exp(z * rel)

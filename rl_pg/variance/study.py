@@ -68,7 +68,7 @@ METRICS = statistics.METRICS
 class Problem(NamedTuple):
     """What the study needs to know about a policy-gradient problem.
 
-    ``exact(params, column_grads, batch_sizes, names) -> {n: {name: {metric:
+    ``exact(params, column_grads, batch_sizes, specs) -> {n: {name: {metric:
     value}}}`` (optional) gives exact values (nan where unknown) of the metrics
     ``bias2``, ``variance``, ``mse``, ``snr``, ``rel_variance``, ``cos_mean``;
     ``column_grads(batch) -> {name: [B, P]}`` are their one-column estimates.
@@ -122,35 +122,31 @@ def flappy_problem(apply_fn, env, env_params, horizon: int, group_size: int) -> 
 
 @dataclasses.dataclass(frozen=True)
 class SuiteConfig:
-    """Hyperparameters of the estimators under study (value/entropy terms off)."""
+    """The estimators under study and their shared hyperparameters.
 
-    names: tuple[str, ...] = (
-        "reinforce",
-        "reward_to_go",
-        "constant_baseline",
-        "mean_baseline",
-        "rloo",
-        "optimal_baseline",
-        "optimal_baseline_per_parameter",
-        "value_baseline",
-        "gae",
-        "ppo_clip",
-        "grpo",
-        "dr_grpo",
+    ``names`` are registered estimator names (:mod:`rl_pg.estimators`) and/or
+    ``module:function`` references to loss functions; default: every registered
+    estimator marked ``in_study``. Value and entropy terms are off.
+    """
+
+    names: tuple[str, ...] = tuple(
+        name for name, s in estimators_lib.REGISTRY.items() if s.in_study
     )
     gamma: float = 0.99
     lam: float = 0.95
 
 
-# Estimators whose expected gradient is c grad J with c != 1 (or a normalised
-# direction): the mean baseline's (G-1)/G, PPO's batch-normalised advantages, GRPO's
-# group-std division, Dr. GRPO's 1/(B T). Compare them by scale-free metrics only.
-RESCALED_ESTIMATORS = frozenset({"mean_baseline", "ppo_clip", "grpo", "dr_grpo"})
-# Estimators whose batch estimate is the mean over columns of a function of the
-# column alone (so one-column estimates make sense and give exact variances).
-PER_TRAJECTORY_ESTIMATORS = frozenset(
-    {"reinforce", "reward_to_go", "constant_baseline", "value_baseline", "gae"}
-)
+def suite_specs(config: SuiteConfig) -> dict[str, estimators_lib.EstimatorSpec]:
+    """Output name -> spec of every studied estimator (validated, unique names)."""
+    specs = {}
+    for ref in config.names:
+        spec = estimators_lib.resolve(ref)
+        if spec.name in specs:
+            raise ValueError(f"two studied estimators are named {spec.name!r}")
+        specs[spec.name] = spec
+    if not specs:
+        raise ValueError("no estimators to study")
+    return specs
 
 
 def estimator_suite(
@@ -158,15 +154,12 @@ def estimator_suite(
 ) -> dict[str, Callable]:
     """Name -> ``loss(params, batch) -> (loss, aux)`` for every studied estimator.
 
-    Group-based estimators use the problem's groups; value and entropy
-    coefficients are 0 so that each gradient is a pure policy-gradient estimate;
-    ``constant_baseline`` uses ``constant_b`` (an estimate of E[R] from the
-    reference sample, independent of the batches).
+    Each estimator gets the study's options it accepts (the problem's groups,
+    ``b`` = ``constant_b`` (an estimate of E[R] from the reference sample,
+    independent of the batches), gamma, lam; value, entropy and KL coefficients
+    0, so each gradient is a pure policy-gradient estimate), then its registry
+    entry's ``study_kwargs``.
     """
-    known = set(estimators_lib.ESTIMATORS) | {"optimal_baseline_per_parameter"}
-    unknown = [n for n in config.names if n not in known]
-    if unknown:
-        raise ValueError(f"Unknown estimators {unknown}; known: {sorted(known)}")
     G = problem.group_size
     options = {
         "group_size": G,
@@ -178,19 +171,22 @@ def estimator_suite(
         "beta": 0.0,
     }
     suite = {}
-    for label in config.names:
-        name, extra = label, {}
-        if label == "optimal_baseline_per_parameter":
-            name, extra = "optimal_baseline", {"variant": "per_parameter"}
-        if name == "optimal_baseline":
-            extra["group_size"] = None  # leave-one-out over the whole batch
-        if name in ("rloo", "grpo") and G < 2:
-            raise ValueError(f"{name} needs group_size >= 2, got {G}")
-        accepted = estimators_lib.hyperparameters(name)
-        kwargs = {k: v for k, v in options.items() if k in accepted} | extra
-        suite[label] = estimators_lib.get_estimator(
-            name, apply_fn=problem.apply_fn, **kwargs
-        )
+    for name, spec in suite_specs(config).items():
+        if spec.min_group_size > G:
+            raise ValueError(
+                f"{name} needs group_size >= {spec.min_group_size}, got {G}"
+            )
+        accepted = estimators_lib.hyperparameters(spec.loss)
+        kwargs = {k: v for k, v in options.items() if k in accepted}
+        kwargs |= spec.study_kwargs
+        if name in estimators_lib.REGISTRY:
+            suite[name] = estimators_lib.get_estimator(
+                name, apply_fn=problem.apply_fn, **kwargs
+            )
+        else:
+            suite[name] = functools.partial(
+                spec.loss, apply_fn=problem.apply_fn, **kwargs
+            )
     return suite
 
 
@@ -406,6 +402,7 @@ class Runners(NamedTuple):
     column_grads: Callable
     column_names: tuple[str, ...]
     names: tuple[str, ...]
+    specs: dict  # name -> rl_pg.estimators.EstimatorSpec
     sub_batches: dict[int, int]  # n -> sub-batches of size n cut from each batch
     problem: Problem
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
@@ -468,7 +465,8 @@ def make_runners(
     block_steps = config.block_steps
     if block_steps is None and jax.default_backend() == "cpu":
         block_steps = CPU_BLOCK_STEPS
-    names = tuple(config.suite.names)
+    specs = suite_specs(config.suite)
+    names = tuple(specs)
     counts = sub_batch_counts(config)
     largest = max(config.batch_sizes)
     shardings = {"sample": {}, "grads": {}, "batch": {}}
@@ -496,7 +494,7 @@ def make_runners(
             for n, count in counts.items()
         }
 
-    column_names = tuple(e for e in names if e in PER_TRAJECTORY_ESTIMATORS)
+    column_names = tuple(e for e in names if specs[e].per_trajectory)
 
     def column_grads(params, batch, b):
         suite = estimator_suite(problem, config.suite, constant_b=b)
@@ -523,6 +521,7 @@ def make_runners(
         column_grads=jax.jit(column_grads),
         column_names=column_names,
         names=names,
+        specs=specs,
         sub_batches=counts,
         problem=problem,
         mesh=mesh,
@@ -819,7 +818,7 @@ def study_stage(
             y = np.asarray(runners.column_grads(params, batch, b), np.float64)
             return {name: y[:, i] for i, name in enumerate(runners.column_names)}
 
-        exact = problem.exact(params, column_grads, config.batch_sizes, runners.names)
+        exact = problem.exact(params, column_grads, config.batch_sizes, runners.specs)
     rows, replicates = [], {}
     for n in config.batch_sizes:
         units = np.repeat(np.arange(config.num_batches), runners.sub_batches[n])

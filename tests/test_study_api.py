@@ -1,0 +1,160 @@
+"""The study as an instrument: the registry, run_study, the CLI's options, --config."""
+
+import csv
+import re
+import sys
+import types
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_pg import cli, estimators
+from rl_pg.variance import report, run_study
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+SMALL = dict(
+    batch_sizes=(4, 16),
+    num_batches=8,
+    max_batches_per_size=32,
+    reference_trajectories=2048,
+    reference_groups=16,
+    chunk=2048,
+)
+
+
+def scaled_reinforce(params, batch, *, apply_fn):
+    """3 x REINFORCE: the same estimates, another scale."""
+    loss, aux = estimators.reinforce(params, batch, apply_fn=apply_fn)
+    return 3.0 * loss, aux
+
+
+def test_readme_example_runs(capsys):
+    text = README.read_text()
+    match = re.search(
+        r"<!-- example: custom estimator -->\s*```python\n(.*?)```", text, re.S
+    )
+    assert match, "README lost its custom-estimator example"
+    module = types.ModuleType("readme_example")  # as if saved and run as a module
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(match.group(1), "README example", "exec"), module.__dict__)
+    finally:
+        del sys.modules[module.__name__]
+    out = capsys.readouterr().out
+    assert {"reinforce", "rloo", "median_baseline"} <= set(
+        re.findall(r"^(\w+)", out, re.M)
+    )
+
+
+def test_a_scaled_copy_has_exactly_the_scaled_variance():
+    rows = run_study(
+        problem="enumerable", estimators=["reinforce", scaled_reinforce], **SMALL
+    )
+    by = {(r["checkpoint"], r["estimator"], r["batch_size"]): r for r in rows}
+    for (stage, name, n), row in by.items():
+        if name != "reinforce":
+            continue
+        copy = by[(stage, "scaled_reinforce", n)]
+        # common random numbers: the same batches, so exactly 9x the variance
+        assert copy["variance"] == pytest.approx(9 * row["variance"], rel=1e-4)
+        for m in ("cos_mean", "rel_variance", "snr", "cos_true", "cos_pairwise"):
+            assert copy[m] == pytest.approx(row[m], rel=1e-4, abs=1e-6), m
+        assert np.isnan(copy["exact_bias2"])  # nothing is assumed about it
+
+
+def test_registry_rejects_duplicates_and_accepts_new_estimators():
+    with pytest.raises(ValueError, match="already registered"):
+        estimators.register(estimators.EstimatorSpec("reinforce", estimators.reinforce))
+    with pytest.raises(ValueError, match="signature"):
+        estimators.register(estimators.EstimatorSpec("bad", lambda p, b: (0.0, None)))
+    spec = estimators.EstimatorSpec(
+        "triple_reinforce", scaled_reinforce, per_trajectory=True, in_study=False
+    )
+    estimators.register(spec)
+    try:
+        assert estimators.resolve("triple_reinforce") is spec
+        assert estimators.resolve(scaled_reinforce) is spec
+        rows = run_study(problem="enumerable", estimators=["triple_reinforce"], **SMALL)
+        # registered as per-trajectory: its exact variance is known
+        assert all(np.isfinite(r["exact_variance"]) for r in rows)
+    finally:
+        estimators.REGISTRY.pop("triple_reinforce")
+        estimators.ESTIMATORS.pop("triple_reinforce")
+
+
+def _cli(args, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["variance", *args])
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out + captured.err
+
+
+def _results(path):
+    return (path / "results.csv").read_bytes()
+
+
+def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
+    (tmp_path / "my_estimators.py").write_text(
+        "from rl_pg import estimators\n\n\n"
+        "def half_reinforce(params, batch, *, apply_fn):\n"
+        "    loss, aux = estimators.reinforce(params, batch, apply_fn=apply_fn)\n"
+        "    return 0.5 * loss, aux\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    common = [
+        "--problem", "enumerable", "--batch-sizes", "4,16", "--num-batches", "8",
+        "--reference-trajectories", "2048",
+    ]  # fmt: skip
+    code, out = _cli(
+        [
+            "--out",
+            "a",
+            *common,
+            "--estimators",
+            "reinforce,my_estimators:half_reinforce",
+        ],
+        capsys,
+    )
+    assert code == 0, out
+    with open(tmp_path / "a" / "results.csv") as f:
+        names = {row["estimator"] for row in csv.DictReader(f)}
+    assert names == {"reinforce", "half_reinforce"}
+    code, out = _cli(["--out", "b", "--config", "a/config.json"], capsys)
+    assert code == 0, out
+    assert _results(tmp_path / "b") == _results(tmp_path / "a")  # bit-identical
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--estimators", "nope"], "Unknown estimator 'nope'"),
+        (["--estimators", "no_such_module:f"], "cannot import module"),
+        (["--estimators", "reinforce,reinforce"], "two studied estimators"),
+        (["--batch-sizes", "4,6"], "divide the largest"),
+        (["--num-batches", "2"], "num_batches"),
+        (["--group-size", "3", "--problem", "enumerable"], "multiples of group_size"),
+        (["--env-id", "FlappyBird-lidar-v0", "--problem", "enumerable"], "flappy only"),
+        (["--checkpoints", "missing_dir"], "not found"),
+        (["--devices", "99"], "devices must be between"),
+        (["--config", "missing.json"], "no such file"),
+    ],
+)
+def test_cli_bad_input_is_a_clear_error_and_writes_nothing(
+    tmp_path, monkeypatch, capsys, args, message
+):
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(["--out", "out", *args], capsys)
+    assert code == 2 and message in out, out
+    assert "Traceback" not in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_study_needs_the_policy_of_its_params():
+    with pytest.raises(ValueError, match="policy"):
+        run_study(policies={"a": {"w": jnp.zeros(2)}}, **SMALL)
+    with pytest.raises(ValueError, match="problem"):
+        run_study(problem="atari", **SMALL)
+    assert report.stage_labels(["x/best"]) == ["best"]
