@@ -713,11 +713,18 @@ def _stage_lines(name: str, res, config, exact_mode: bool, rescaled) -> list[str
         best = min(finite, key=lambda r: r["rel_variance"])
         worst = max(finite, key=lambda r: r["rel_variance"])
         closest = max(at_largest, key=lambda r: r["cos_true"])
+        lost = [r["estimator"] for r in at_largest if r not in finite]
         lines.append(
             f"At n = {largest}, {best['estimator']} has the lowest relative variance "
             f"({_fmt(best['rel_variance'])}) and {worst['estimator']} the highest "
-            f"({_fmt(worst['rel_variance'])}); {closest['estimator']} points closest "
-            f"to the true gradient (mean cosine {closest['cos_true']:.2f})."
+            f"({_fmt(worst['rel_variance'])})"
+            + (
+                f"; the mean of {', '.join(lost)} is indistinguishable from 0 here"
+                if lost
+                else ""
+            )
+            + f"; {closest['estimator']} points closest to the true gradient (mean "
+            f"cosine {closest['cos_true']:.2f})."
         )
     tilted = [
         r["estimator"]
