@@ -23,36 +23,32 @@ def versions() -> dict[str, str]:
     return out
 
 
-CLAIM_FILE = ".rl_pg-claim"  # marks an existing empty --out as taken by one run
+CLAIM_FILE = ".rl_pg-claim"  # an empty file: this directory belongs to one run
 
 
 def new_out_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` for a run's results, exclusively.
+    """Create (or take an empty) ``path`` for one run's results, exclusively.
 
-    A missing directory is created with ``mkdir`` (which fails if another process
-    made it first); an existing empty one is claimed by creating ``CLAIM_FILE``
-    in it with ``O_EXCL``. So two runs started at once never share a directory.
+    The directory is claimed by creating ``CLAIM_FILE`` in it with ``O_EXCL``,
+    which only one process can do: two runs started at once with the same
+    ``--out`` never share it.
 
     Raises:
       FileExistsError: ``path`` exists and is not an empty directory (or another
         run claimed it first).
     """
     path = Path(path)
-    refusal = (
+    refusal = FileExistsError(
         f"{path} already exists and is not an empty directory; results are never "
         "overwritten: choose a new --out"
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        path.mkdir()
-        return path
-    except FileExistsError:
-        if not path.is_dir() or any(path.iterdir()):
-            raise FileExistsError(refusal) from None
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise refusal
+    path.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        raise FileExistsError(refusal) from None
+        raise refusal from None
     return path
 
 

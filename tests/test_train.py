@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from rl_pg import checkpoint, train
+from rl_pg import checkpoint, io, train
 from rl_pg.algos import ppo
 
 SMALL = {
@@ -80,11 +80,16 @@ def test_overrides_are_parsed_to_field_types(config):
         ({"num-envs": "2.5"}, "--num-envs: cannot parse"),
         ({"anneal-lr": "maybe"}, "--anneal-lr: cannot parse"),
         ({"num-envs": "0"}, "num_envs must be an int >= 1"),
+        ({"eval-max-score": "1e9"}, "eval_max_score must be <= 50000000, got 10+$"),
+        ({"max-steps-in-episode": "3e9"}, "max_steps_in_episode must fit int32"),
     ],
 )
-def test_bad_overrides_raise_before_compiling(overrides, message):
+def test_bad_overrides_raise_before_compiling(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.make_config("ppo", overrides)
+    with pytest.raises(ValueError, match=message):
+        train.train_main("ppo", tmp_path / "run", overrides, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing created
 
 
 @pytest.mark.parametrize(
@@ -190,6 +195,90 @@ def test_resume_reaches_the_same_parameters(full_run, config, tmp_path):
         assert a["val_median"] == b["val_median"]
         assert a["train_score_mean"] == pytest.approx(b["train_score_mean"])
     assert done.eval["scores"] == full_run.eval["scores"]
+    # Integer columns stay integers in memory and in metrics.csv after a resume.
+    with open(out / "metrics.csv") as f:
+        text_rows = list(csv.DictReader(f))
+    for column in train.INT_COLUMNS:
+        assert all(isinstance(r[column], int) for r in done.metrics), column
+        assert all(r[column].lstrip("-").isdigit() for r in text_rows), column
+
+
+def _snapshot(directory):
+    return {
+        p.relative_to(directory): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_resume_on_a_finished_run_leaves_it_as_it_is(full_run, config, capsys):
+    out = full_run.out_dir
+    before = _snapshot(out)
+    again = train.run(config, out, resume=True, progress=False)
+    assert again.completed and again.eval == full_run.eval
+    assert int(again.state.update) == config.num_updates
+    data = train.train_main("ppo", out, {}, resume=True, progress=False)
+    assert data == full_run.eval
+    assert "finished run (eval.json exists): left as it is" in capsys.readouterr().out
+    assert _snapshot(out) == before
+
+
+def test_resume_after_an_early_stop_trains_no_further(config, tmp_path):
+    out = tmp_path / "stopped"
+    stopped = train.run(config, out, progress=False, gif=False, callback=lambda e: 1)
+    assert stopped.completed and int(stopped.state.update) == 32
+    before = _snapshot(out)
+    again = train.run(config, out, resume=True, progress=False, gif=False)
+    assert int(again.state.update) == 32 and _snapshot(out) == before
+    # Killed after the stop's checkpoint but before eval.json: resuming finishes
+    # the run (the held-out evaluation) without training further.
+    (out / "eval.json").unlink()
+    done = train.run(config, out, resume=True, progress=False, gif=False)
+    assert int(done.state.update) == 32
+    assert done.eval["scores"] == stopped.eval["scores"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes(full_run, config, tmp_path):
+    out = tmp_path / "killed"
+    algorithm = train.algorithm_of(config)
+    io.new_out_dir(out)  # what run() had done when it was killed
+    io.write_config(out, train._run_config(algorithm, config))
+    (out / "checkpoints").mkdir()
+    part = train.run(config, out, resume=True, progress=False, max_evals=1)
+    assert int(part.state.update) == 32
+    assert part.metrics[0]["loss"] == full_run.metrics[0]["loss"]
+    assert part.metrics[0]["val_median"] == full_run.metrics[0]["val_median"]
+    # Killed even before config.json: the directory holds only its claim.
+    bare = tmp_path / "bare"
+    io.new_out_dir(bare)
+    part = train.run(config, bare, resume=True, progress=False, max_evals=1)
+    assert int(part.state.update) == 32 and (bare / "config.json").is_file()
+    assert part.metrics[0]["loss"] == full_run.metrics[0]["loss"]
+    with pytest.raises(FileExistsError, match="continue the run in it with --resume"):
+        train.run(config, bare, progress=False)
+
+
+def test_a_non_finite_loss_stops_with_an_error_naming_the_update(tmp_path):
+    config = train.make_config(
+        "ppo",
+        {
+            "num-envs": "4",
+            "num-steps": "16",
+            "num-minibatches": "1",
+            "update-epochs": "1",
+            "hidden": "8",
+            "total-env-steps": str(4 * 16 * 4),
+            "eval-every-steps": str(4 * 16 * 2),
+            "eval-episodes": "2",
+            "eval-max-score": "5",
+            "reward-scale": "1e38",
+        },
+    )
+    out = tmp_path / "inf"
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss at update 1 "):
+        train.run(config, out, progress=False, gif=False)
+    assert not (out / "metrics.csv").exists()  # no row of infs
+    assert not (out / "eval.json").exists()
 
 
 def test_train_main_resume_reads_the_saved_config(config, tmp_path):
