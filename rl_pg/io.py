@@ -37,18 +37,28 @@ def new_out_dir(path: str | os.PathLike) -> Path:
       FileExistsError: ``path`` exists and is not an empty directory (or another
         run claimed it first).
     """
-    path = Path(path)
-    refusal = FileExistsError(
-        f"{path} already exists and is not an empty directory; results are never "
-        "overwritten: choose a new --out"
-    )
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise refusal
+    path = check_out_dir(path)
     path.mkdir(parents=True, exist_ok=True)
     try:
         os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
     except FileExistsError:
-        raise refusal from None
+        raise _refusal(path) from None
+    return path
+
+
+def _refusal(path: Path) -> FileExistsError:
+    return FileExistsError(
+        f"{path} already exists and is not an empty directory; results are never "
+        "overwritten: choose a new --out"
+    )
+
+
+def check_out_dir(path: str | os.PathLike) -> Path:
+    """Raise FileExistsError now if :func:`new_out_dir` would refuse ``path``
+    (to validate every input before any work); creates nothing."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise _refusal(path)
     return path
 
 

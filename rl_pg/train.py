@@ -776,13 +776,6 @@ def train_main(
     return run(config, out_dir, resume=resume, progress=progress).eval
 
 
-def _find_policy_checkpoint(path: Path) -> Path | None:
-    for candidate in (path, path / "checkpoints" / "best", path / "best"):
-        if (candidate / checkpoint.META_FILE).is_file():
-            return candidate
-    return None
-
-
 def eval_main(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -811,15 +804,22 @@ def eval_main(
       time; ``env_steps`` the checkpoint's training steps when it records them).
     """
     path = Path(checkpoint_dir)
+    if not (isinstance(num_episodes, int) and num_episodes >= 1):
+        raise ValueError(f"--episodes must be an int >= 1, got {num_episodes!r}")
+    limit = evaluation.MAX_SCORE_LIMIT
+    if not (isinstance(max_score, int) and 1 <= max_score <= limit):
+        raise ValueError(
+            f"--max-score must be an int in [1, {limit}], got {max_score!r}"
+        )
     if not path.exists():
         raise ValueError(f"--checkpoint {path} does not exist")
-    policy_dir = _find_policy_checkpoint(path)
+    policy_dir = checkpoint.find_policy_checkpoint(path)
     qtable = path / "checkpoints" / "best.npz"
     if policy_dir is None and not qtable.is_file():
         raise ValueError(
             f"{path} is neither a policy checkpoint nor a training run directory"
         )
-    out = io.new_out_dir(out_dir)
+    io.check_out_dir(out_dir)
     start = time.perf_counter()
     if policy_dir is not None:
         _, params, env, env_params, meta = checkpoint.load_policy(policy_dir)
@@ -835,6 +835,7 @@ def eval_main(
         env, env_params = rl_pg.make(qlearning.ENV_ID)
         act_fn = qlearning.GreedyPolicy(qconfig.binning)
         meta, source = {}, str(qtable)
+    out = io.new_out_dir(out_dir)  # only once the checkpoint has been read
     io.write_config(
         out,
         dict(
