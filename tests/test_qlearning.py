@@ -180,7 +180,7 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, loaded_config = ql.load_checkpoint(path)
     np.testing.assert_array_equal(loaded, q.astype(np.float32))
     assert loaded_config == config
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["table.npz"]  # no temporary
 
 
 # ----------------------------------------------------------------------- learning
