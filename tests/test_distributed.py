@@ -33,7 +33,7 @@ from rl_pg.rollout import (
 )
 
 # One worker shares the expensive fixture under `pytest -n N --dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("distributed")
+pytestmark = [pytest.mark.xdist_group("distributed"), pytest.mark.slow]
 
 NUM_DEVICES = 4
 HORIZON = 64

@@ -352,6 +352,7 @@ def test_train_dqn_rejects_other_configs_and_full_dirs(tmp_path):
 # ------------------------------------------------------------------------ learning
 
 
+@pytest.mark.slow
 def test_short_run_beats_random_and_writes_the_contract(tmp_path):
     # Random play scores 0 pipes on every level (the bird rises into the first
     # pipe); so does this untrained network. 256k env steps (~3 s of training

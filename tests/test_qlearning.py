@@ -195,6 +195,7 @@ SMALL = ql.QLearningConfig(
 )
 
 
+@pytest.mark.slow
 def test_train_qlearning_learns_and_writes_the_contract(tmp_path):
     out = tmp_path / "run"
     result = ql.train_qlearning(SMALL, out, progress=False)

@@ -16,6 +16,10 @@ import pytest
 from rl_pg import checkpoint, io, train
 from rl_pg.algos import ppo
 
+# The run fixtures and the jitted chunk are built once per worker: keep the module
+# on one worker under `pytest -n 2 --dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train")
+
 SMALL = {
     "num-envs": "16",
     "num-steps": "64",
@@ -149,12 +153,15 @@ def test_run_writes_the_contract_files(full_run, config):
         train.run(config, out, progress=False)
 
 
+@pytest.mark.slow
 def test_short_ppo_run_learns(full_run):
     # A uniformly random policy never passes a pipe (0 of 512 held-out episodes);
-    # after ~98k env steps the policy passes several on average.
+    # after ~98k env steps the policy passes several on average. The bounds hold
+    # with a margin for seeds 0-3 (last training mean 0.83-1.10, 5.0-8.9x the
+    # first; best validation median 1.5-2.5; held-out mean 1.75-2.5).
     rows = full_run.metrics
     assert rows[-1]["train_score_mean"] > 0.5
-    assert rows[-1]["train_score_mean"] > 5 * rows[0]["train_score_mean"]
+    assert rows[-1]["train_score_mean"] > 3 * rows[0]["train_score_mean"]
     assert max(r["val_median"] for r in rows) >= 1
     assert full_run.eval["mean_score"] >= 1
 
@@ -176,6 +183,7 @@ def test_checkpoint_round_trip(full_run, config, tmp_path):
 # ------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_parameters(full_run, config, tmp_path):
     out = tmp_path / "interrupted"
     part = train.run(config, out, progress=False, max_evals=1)
@@ -223,6 +231,7 @@ def test_resume_on_a_finished_run_leaves_it_as_it_is(full_run, config, capsys):
     assert _snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resume_after_an_early_stop_trains_no_further(config, tmp_path):
     out = tmp_path / "stopped"
     stopped = train.run(config, out, progress=False, gif=False, callback=lambda e: 1)
@@ -293,6 +302,7 @@ def test_train_main_resume_reads_the_saved_config(config, tmp_path):
 # ------------------------------------------------------------------ seeds
 
 
+@pytest.mark.slow
 def test_vmap_over_seeds_equals_separate_runs():
     seeds = [0, 1, 2]
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
@@ -310,6 +320,7 @@ def test_vmap_over_seeds_equals_separate_runs():
     np.testing.assert_array_equal(states.env_steps, 3 * small.steps_per_update)
 
 
+@pytest.mark.slow
 def test_value_based_seeds_side_by_side_equal_one_by_one():
     from rl_pg.algos import qlearning
 
