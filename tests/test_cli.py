@@ -228,3 +228,13 @@ def test_bench_tiny(capsys, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["command"] == "bench" and config["num_envs"] == "2"
     assert "| FlappyBird-v0 | 2 |" in capsys.readouterr().out
+
+
+def test_variance_missing_checkpoint(capsys, tmp_path):
+    out, missing = tmp_path / "variance", tmp_path / "missing"
+    _fails(
+        capsys,
+        ["variance", "--out", str(out), "--checkpoints", str(missing)],
+        str(missing),
+    )
+    assert not out.exists()

@@ -140,6 +140,13 @@ def test_invalid_arguments_raise(env_and_params):
         ev.evaluate(scripted, NEVER, env, params, jax.random.PRNGKey(0), N, 10**9)
     with pytest.raises(ValueError, match="num_episodes"):
         ev.evaluate(scripted, NEVER, env, params, jax.random.PRNGKey(0), 0, 5)
+    with pytest.raises(ValueError, match="max_score must be an int"):
+        ev.evaluate(scripted, NEVER, env, params, jax.random.PRNGKey(0), N, True)
+    for keys in (jnp.zeros((0, 2), jnp.uint32), jnp.zeros(2, jnp.uint32)):
+        with pytest.raises(ValueError, match=r"reset_keys must be \[N >= 1, 2\]"):
+            ev.evaluate(
+                scripted, NEVER, env, params, jax.random.PRNGKey(0), reset_keys=keys
+            )
 
 
 def test_write_eval_json_fields(tmp_path):
