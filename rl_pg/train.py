@@ -377,11 +377,17 @@ def _save_train_state(
 def _load_train_state(
     path: Path, template: loop.TrainState
 ) -> tuple[loop.TrainState, Any, _Progress]:
-    payload = serialization.msgpack_restore(path.read_bytes())
-    state = serialization.from_state_dict(template, payload["train_state"])
-    best = serialization.from_state_dict(template.params, payload["best_params"])
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        state = serialization.from_state_dict(template, payload["train_state"])
+        best = serialization.from_state_dict(template.params, payload["best_params"])
+        progress = _Progress(**payload["progress"])
+    except Exception as error:  # msgpack and flax raise several unrelated types
+        raise ValueError(
+            f"{path} is not a readable train state of this run ({error})"
+        ) from None
     state = jax.tree.map(jnp.asarray, state)
-    return state, jax.tree.map(jnp.asarray, best), _Progress(**payload["progress"])
+    return state, jax.tree.map(jnp.asarray, best), progress
 
 
 def _read_metrics(path: Path, up_to_update: int) -> list[dict[str, Any]]:

@@ -206,7 +206,15 @@ def test_resume_reaches_the_same_parameters(full_run, config, tmp_path):
     # Integer columns stay integers in memory and in metrics.csv after a resume.
     with open(out / "metrics.csv") as f:
         text_rows = list(csv.DictReader(f))
-    for column in train.INT_COLUMNS:
+    int_columns = (  # counts, not train.INT_COLUMNS: the test names them itself
+        "update",
+        "env_steps",
+        "live_env_steps",
+        "train_episodes",
+        "train_score_max",
+        "best_env_steps",
+    )
+    for column in int_columns:
         assert all(isinstance(r[column], int) for r in done.metrics), column
         assert all(r[column].lstrip("-").isdigit() for r in text_rows), column
 
@@ -265,6 +273,13 @@ def test_a_run_killed_before_its_first_checkpoint_resumes(full_run, config, tmp_
     assert part.metrics[0]["loss"] == full_run.metrics[0]["loss"]
     with pytest.raises(FileExistsError, match="continue the run in it with --resume"):
         train.run(config, bare, progress=False)
+
+
+def test_a_broken_train_state_names_the_file(tmp_path):
+    path = tmp_path / train.STATE_FILE
+    path.write_bytes(b"\x93\x01")  # truncated msgpack
+    with pytest.raises(ValueError, match=f"{path} is not a readable train state"):
+        train._load_train_state(path, None)
 
 
 def test_a_non_finite_loss_stops_with_an_error_naming_the_update(tmp_path):
