@@ -7,11 +7,15 @@ rename), so an interrupted write never leaves a half checkpoint behind.
 """
 
 import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import serialization
 
 import rl_pg
@@ -19,6 +23,10 @@ from rl_pg import io, policies
 
 PARAMS_FILE, META_FILE = "params.msgpack", "meta.json"
 _FACTORIES = {"mlp": policies.mlp_policy, "cnn": policies.cnn_policy}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, unreadable or inconsistent (names the file)."""
 
 
 def save_policy(
@@ -30,11 +38,15 @@ def save_policy(
     env_kwargs: dict[str, Any] | None = None,
     **extra: Any,
 ) -> Path:
-    """Write a policy checkpoint.
+    """Write a policy checkpoint, atomically as a whole.
+
+    Both files are written into a temporary directory beside ``directory``,
+    which is then renamed onto it (an existing checkpoint is moved aside first
+    and removed after), so a reader finds the old checkpoint, the new one or
+    (for an instant while one replaces another) none, never a mix or a part.
 
     Args:
-      directory: created if missing; existing checkpoint files are replaced
-        atomically.
+      directory: the checkpoint directory; an existing checkpoint is replaced.
       params: the policy parameters (a pytree of arrays).
       policy: ``{"kind": "mlp" | "cnn", **factory_kwargs}`` for
         :func:`rl_pg.policies.mlp_policy` / ``cnn_policy``.
@@ -44,28 +56,128 @@ def save_policy(
     if policy.get("kind") not in _FACTORIES:
         raise ValueError(f"policy['kind'] must be one of {list(_FACTORIES)}")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
     params = jax.device_get(params)
-    io.atomic_write_bytes(directory / PARAMS_FILE, serialization.to_bytes(params))
     meta = {"policy": policy, "env_id": env_id, "env_kwargs": env_kwargs or {}, **extra}
-    io.write_json(directory / META_FILE, meta)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
+    try:
+        io.atomic_write_bytes(tmp / PARAMS_FILE, serialization.to_bytes(params))
+        io.write_json(tmp / META_FILE, meta)
+        os.chmod(tmp, 0o755)
+        old = None
+        if directory.exists():
+            old = Path(
+                tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.old.")
+            )
+            os.replace(directory, old)  # onto the empty temporary directory
+        os.replace(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
-def load_policy(directory: str | Path):
-    """Read a checkpoint: ``(policy, params, env, env_params, meta)``."""
+def find_policy_checkpoint(path: str | Path) -> Path | None:
+    """The policy checkpoint in ``path``: itself, or a run's ``checkpoints/best``."""
+    path = Path(path)
+    for candidate in (path, path / "checkpoints" / "best", path / "best"):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    return None
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint, checked for the fields a loader needs.
+
+    Raises:
+      CheckpointError: naming the file that is missing or malformed.
+    """
     directory = Path(directory)
-    for name in (PARAMS_FILE, META_FILE):
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint {directory} does not exist")
+    for name in (META_FILE, PARAMS_FILE):
         if not (directory / name).is_file():
-            raise FileNotFoundError(
+            raise CheckpointError(
                 f"{directory} is not a policy checkpoint (missing {name})"
             )
-    meta = json.loads((directory / META_FILE).read_text())
+    path = directory / META_FILE
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path} must hold a JSON object")
+    spec = meta.get("policy")
+    if not isinstance(spec, dict) or spec.get("kind") not in _FACTORIES:
+        kind = spec.get("kind") if isinstance(spec, dict) else spec
+        raise CheckpointError(
+            f"{path}: unknown policy kind {kind!r}; expected one of {list(_FACTORIES)}"
+        )
+    if not isinstance(meta.get("env_id"), str):
+        raise CheckpointError(f"{path}: env_id missing or not a string")
+    if not isinstance(meta.get("env_kwargs", {}), dict):
+        raise CheckpointError(f"{path}: env_kwargs must be a JSON object")
+    return meta
+
+
+def _shapes(tree: Any) -> dict[str, str]:
+    """``{"['params']['Dense_0']['kernel']": "float32[12, 64]", ...}``."""
+    leaves = jax.tree_util.tree_leaves_with_path(tree)
+    return {
+        jax.tree_util.keystr(k): f"{np.dtype(v.dtype)}{list(np.shape(v))}"
+        if hasattr(v, "dtype")
+        else type(v).__name__
+        for k, v in leaves
+    }
+
+
+def _first_difference(expected: dict, found: dict) -> str:
+    for key in sorted(set(expected) | set(found)):
+        if expected.get(key, "missing") != found.get(key, "missing"):
+            return (
+                f"params{key}: expected {expected.get(key, 'missing')}, "
+                f"found {found.get(key, 'missing')}"
+            )
+    return "same leaves"
+
+
+def load_policy(directory: str | Path):
+    """Read a checkpoint: ``(policy, params, env, env_params, meta)``.
+
+    The parameters are checked against the policy that ``meta.json`` describes
+    (same tree, shapes and dtypes), before anything is compiled.
+
+    Raises:
+      CheckpointError: a missing, truncated or foreign file, an unknown policy
+        kind or environment, or parameters that do not fit the policy; the
+        message names the file.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    meta_path, params_path = directory / META_FILE, directory / PARAMS_FILE
     spec = dict(meta["policy"])
     kind = spec.pop("kind")
-    policy = _FACTORIES[kind](**spec)
-    env, env_params = rl_pg.make(meta["env_id"], **meta.get("env_kwargs", {}))
-    raw = serialization.msgpack_restore((directory / PARAMS_FILE).read_bytes())
+    try:
+        policy = _FACTORIES[kind](**spec)
+        env, env_params = rl_pg.make(meta["env_id"], **meta.get("env_kwargs", {}))
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{meta_path}: {error}") from None
+    try:
+        raw = serialization.msgpack_restore(params_path.read_bytes())
+    except Exception as error:  # msgpack raises several unrelated types
+        raise CheckpointError(
+            f"{params_path} is not a readable parameter file ({error})"
+        ) from None
+    space = env.observation_space(env_params)
+    obs = jax.ShapeDtypeStruct(space.shape, space.dtype)
+    expected = _shapes(jax.eval_shape(policy.init, jax.random.PRNGKey(0), obs))
+    found = _shapes(raw) if isinstance(raw, dict) else {}
+    if found != expected:
+        raise CheckpointError(
+            f"{params_path} does not hold the parameters of the policy in "
+            f"{meta_path} ({meta['policy']}): {_first_difference(expected, found)}"
+        )
     params = jax.tree.map(jnp.asarray, raw)
     return policy, params, env, env_params, meta
 

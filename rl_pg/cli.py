@@ -11,9 +11,10 @@ EPILOG = "Every command writes into a new directory (or file) and never overwrit
 def _bench(args) -> None:
     from rl_pg import io, throughput
 
-    out = io.new_out_dir(args.out)
-    num_envs = [int(n) for n in args.num_envs.split(",")]
+    num_envs = throughput.parse_ints(args.num_envs, "--num-envs")
     modes = args.modes.split(",")
+    throughput.check_args(num_envs, modes, args.reference_seconds)
+    out = io.new_out_dir(args.out)
     io.write_config(out, {"command": "bench", **vars(args) | {"func": None}})
     results = throughput.run_benchmark(
         num_envs=num_envs,
@@ -26,6 +27,22 @@ def _bench(args) -> None:
     print(f"wrote {out / 'throughput.md'} and {out / 'throughput.json'}")
 
 
+def _check_render_args(args) -> Path:
+    """Every check of ``rl-pg render`` before anything is loaded or compiled."""
+    out = Path(args.out)
+    if out.suffix.lower() != ".gif":
+        raise ValueError(f"--out must name a .gif file, got {out}")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    if args.frame_skip < 1:
+        raise ValueError(f"--frame-skip must be >= 1, got {args.frame_skip}")
+    if args.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {args.steps}")
+    if not 0.0 <= args.flap_prob <= 1.0:  # also rejects nan
+        raise ValueError(f"--flap-prob must be in [0, 1], got {args.flap_prob}")
+    return out
+
+
 def _render(args) -> None:
     import jax
 
@@ -33,16 +50,18 @@ def _render(args) -> None:
     from rl_pg.envs.render import episode_frames, write_gif
     from rl_pg.scripted import scripted_action
 
-    out = Path(args.out)
-    if out.suffix.lower() != ".gif":
-        raise SystemExit(f"--out must name a .gif file, got {out}")
-    if out.exists():
-        raise SystemExit(f"{out} exists; refusing to overwrite it")
+    out = _check_render_args(args)
     env, params = rl_pg.make("FlappyBird-v0")
     if args.checkpoint:
-        from rl_pg.checkpoint import load_act_fn
+        from rl_pg import checkpoint
 
-        act_fn, env, params = load_act_fn(args.checkpoint)
+        found = checkpoint.find_policy_checkpoint(args.checkpoint)
+        if found is None:
+            raise ValueError(
+                f"--checkpoint {args.checkpoint} is neither a policy checkpoint nor "
+                "a training run directory"
+            )
+        act_fn, env, params = checkpoint.load_act_fn(found)
     elif args.policy == "scripted":
         act_fn = lambda obs, state, key: scripted_action(state, params)
     else:
@@ -54,7 +73,7 @@ def _render(args) -> None:
     )
     frames = frames[:: args.frame_skip]
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_gif(frames, out, fps=max(1, 30 // args.frame_skip))
+    write_gif(frames, out, fps=max(1, 30 // args.frame_skip), exclusive=True)
     print(f"wrote {out}: {len(frames)} frames")
 
 
@@ -308,7 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     render.add_argument("--out", required=True, help="GIF file to create")
     render.add_argument("--policy", choices=["scripted", "random"], default="scripted")
     render.add_argument(
-        "--checkpoint", help="a training run directory (trained policy)"
+        "--checkpoint",
+        help="a trained policy: a training run directory or a policy checkpoint",
     )
     render.add_argument(
         "--flap-prob",
@@ -336,8 +356,9 @@ def main(argv: list[str] | None = None) -> None:
             args.func(args, extra)
         else:
             args.func(args)
-    except (ValueError, FileExistsError) as error:
-        print(f"rl-pg {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # bad input, missing or existing files
+        message = " ".join(str(error).split())  # one line
+        print(f"rl-pg {args.command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None
     print(f"done in {time.perf_counter() - start:.1f} s")
 

@@ -214,7 +214,11 @@ def evaluate(
     Returns:
       EvalResult with [N] scores (capped at ``max_score``), lengths and crash flags.
     """
-    if not (isinstance(max_score, int) and 1 <= max_score <= MAX_SCORE_LIMIT):
+    if not (
+        isinstance(max_score, int)
+        and not isinstance(max_score, bool)
+        and 1 <= max_score <= MAX_SCORE_LIMIT
+    ):
         raise ValueError(
             f"max_score must be an int in [1, {MAX_SCORE_LIMIT}], got {max_score!r}"
         )
@@ -224,7 +228,9 @@ def evaluate(
         if not (isinstance(num_episodes, int) and num_episodes >= 1):
             raise ValueError(f"num_episodes must be an int >= 1, got {num_episodes!r}")
         reset_keys = held_out_keys(num_episodes)
-    chex.assert_rank(reset_keys, 2)
+    shape = getattr(reset_keys, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] < 1:
+        raise ValueError(f"reset_keys must be [N >= 1, 2] PRNG keys, got shape {shape}")
     return _evaluate(
         act_fn,
         agent_params,

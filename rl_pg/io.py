@@ -1,5 +1,6 @@
 """Output directories, JSON and versions: nothing on disk is lost or half-written."""
 
+import contextlib
 import json
 import os
 import platform
@@ -22,32 +23,93 @@ def versions() -> dict[str, str]:
     return out
 
 
+CLAIM_FILE = ".rl_pg-claim"  # an empty file: this directory belongs to one run
+
+
 def new_out_dir(path: str | os.PathLike) -> Path:
-    """Create ``path`` for a run's results; refuse one that exists and is not empty."""
+    """Create (or take an empty) ``path`` for one run's results, exclusively.
+
+    The directory is claimed by creating ``CLAIM_FILE`` in it with ``O_EXCL``,
+    which only one process can do: two runs started at once with the same
+    ``--out`` never share it.
+
+    Raises:
+      FileExistsError: ``path`` exists and is not an empty directory (or another
+        run claimed it first).
+    """
+    path = check_out_dir(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path / CLAIM_FILE, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        raise _refusal(path) from None
+    return path
+
+
+def _refusal(path: Path) -> FileExistsError:
+    return FileExistsError(
+        f"{path} already exists and is not an empty directory; results are never "
+        "overwritten: choose a new --out"
+    )
+
+
+def check_out_dir(path: str | os.PathLike) -> Path:
+    """Raise FileExistsError now if :func:`new_out_dir` would refuse ``path``
+    (to validate every input before any work); creates nothing."""
     path = Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(
-            f"{path} already exists and is not an empty directory; results are never "
-            "overwritten: choose a new --out"
-        )
-    path.mkdir(parents=True, exist_ok=True)
+        raise _refusal(path)
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, exclusive: bool = False):
+    """Yield a temporary path beside ``path``; on success move it onto ``path``.
+
+    The temporary file is ``.NAME.XXXXXXXX.SUFFIX`` (the suffix kept, so writers
+    that pick a format by extension, such as matplotlib and imageio, still do);
+    on error it is removed. Readers see the old file or the whole new one, never
+    a partial one. ``exclusive``: never replace an existing ``path``
+    (``FileExistsError``), even one created meanwhile by another process.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix
+    )
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
+        if exclusive:
+            try:
+                os.link(tmp, path)  # fails if path exists: no overwrite, no race
+            except FileExistsError:
+                raise FileExistsError(
+                    f"{path} exists; refusing to overwrite it"
+                ) from None
+        else:
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, then rename it over."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig: Any, path: str | os.PathLike, **kwargs: Any) -> None:
+    """``fig.savefig(path, **kwargs)``, atomically."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **kwargs)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -7,7 +7,8 @@ in Python. The machine is shared and noisy, so ratios from the same run are the
 numbers to compare.
 """
 
-import json
+import math
+import numbers
 import os
 import time
 from collections.abc import Sequence
@@ -19,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import rl_pg
+from rl_pg import io
 
 MODES = {
     "features": "FlappyBird-v0",
@@ -86,6 +88,38 @@ def reference_steps_per_second(use_lidar: bool, seconds: float = 2.0) -> float |
     return steps / (time.perf_counter() - start)
 
 
+def check_args(
+    num_envs: Sequence[int], modes: Sequence[str], reference_seconds: float
+) -> None:
+    """Raise ValueError for arguments :func:`run_benchmark` cannot use."""
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise ValueError(
+            f"Unknown modes {sorted(unknown) or list(modes)}; choose from {list(MODES)}"
+        )
+    if not num_envs or any(
+        isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1
+        for n in num_envs
+    ):
+        raise ValueError(f"num_envs must be positive ints, got {list(num_envs)}")
+    if not (
+        isinstance(reference_seconds, numbers.Real)
+        and math.isfinite(reference_seconds)
+        and reference_seconds > 0
+    ):
+        raise ValueError(
+            f"reference_seconds must be a positive number, got {reference_seconds!r}"
+        )
+
+
+def parse_ints(text: str, name: str) -> list[int]:
+    """``"64,1024"`` -> ``[64, 1024]``; a ValueError names ``name`` otherwise."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{name} takes comma-separated ints, got {text!r}") from None
+
+
 def run_benchmark(
     num_envs: Sequence[int] = (1, 64, 1024, 16384, 65536),
     modes: Sequence[str] = ("features", "lidar", "pixels"),
@@ -94,11 +128,7 @@ def run_benchmark(
     progress=None,
 ) -> dict:
     """All measurements of one run as a dict (see :func:`write_results`)."""
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise ValueError(f"Unknown modes {sorted(unknown)}; choose from {list(MODES)}")
-    if not num_envs or any(int(n) < 1 for n in num_envs):
-        raise ValueError(f"num_envs must be positive ints, got {list(num_envs)}")
+    check_args(num_envs, modes, reference_seconds)
     key = jax.random.PRNGKey(seed)
     envs = {"cartpole": gymnax.make("CartPole-v1")}
     envs.update({mode: rl_pg.make(MODES[mode]) for mode in modes})
@@ -161,5 +191,5 @@ def markdown_table(results: dict) -> str:
 
 def write_results(results: dict, out_dir: Path) -> None:
     out_dir = Path(out_dir)
-    (out_dir / "throughput.json").write_text(json.dumps(results, indent=2))
-    (out_dir / "throughput.md").write_text(markdown_table(results))
+    io.write_json(out_dir / "throughput.json", results)
+    io.atomic_write_text(out_dir / "throughput.md", markdown_table(results))

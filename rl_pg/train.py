@@ -75,6 +75,20 @@ METRICS_COLUMNS = (
     "best_median",
     "best_env_steps",
 )
+INT_COLUMNS = frozenset(
+    (
+        "update",
+        "env_steps",
+        "live_env_steps",
+        "train_episodes",
+        "train_score_max",
+        "best_env_steps",
+    )
+)
+
+
+class NonFiniteLossError(ValueError):
+    """Training produced a non-finite loss or gradient; the run stops there."""
 
 
 # ------------------------------------------------------------------------- configs
@@ -333,6 +347,7 @@ class _Progress(NamedTuple):
     live_env_steps: int
     wall_clock_s: float
     evals: int
+    stopped: bool = False  # ended early (stop_at_score or the callback)
 
 
 def _run_config(algorithm: loop.Algorithm, config: Any) -> dict[str, Any]:
@@ -362,11 +377,17 @@ def _save_train_state(
 def _load_train_state(
     path: Path, template: loop.TrainState
 ) -> tuple[loop.TrainState, Any, _Progress]:
-    payload = serialization.msgpack_restore(path.read_bytes())
-    state = serialization.from_state_dict(template, payload["train_state"])
-    best = serialization.from_state_dict(template.params, payload["best_params"])
+    try:
+        payload = serialization.msgpack_restore(path.read_bytes())
+        state = serialization.from_state_dict(template, payload["train_state"])
+        best = serialization.from_state_dict(template.params, payload["best_params"])
+        progress = _Progress(**payload["progress"])
+    except Exception as error:  # msgpack and flax raise several unrelated types
+        raise ValueError(
+            f"{path} is not a readable train state of this run ({error})"
+        ) from None
     state = jax.tree.map(jnp.asarray, state)
-    return state, jax.tree.map(jnp.asarray, best), _Progress(**payload["progress"])
+    return state, jax.tree.map(jnp.asarray, best), progress
 
 
 def _read_metrics(path: Path, up_to_update: int) -> list[dict[str, Any]]:
@@ -377,7 +398,7 @@ def _read_metrics(path: Path, up_to_update: int) -> list[dict[str, Any]]:
     rows = [r for r in rows if int(r["update"]) <= up_to_update]
     for r in rows:
         for k, v in r.items():
-            r[k] = float(v) if k not in ("update", "env_steps") else int(v)
+            r[k] = int(v) if k in INT_COLUMNS else float(v)
     return rows
 
 
@@ -448,8 +469,26 @@ def plot_learning_curve(path: Path, rows: list[dict[str, Any]], title: str) -> N
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    io.save_figure(fig, path, dpi=100)
     plt.close(fig)
+
+
+def _check_finite(metrics: loop.UpdateMetrics, first_update: int) -> None:
+    """Raise :class:`NonFiniteLossError` naming the first update whose loss or
+    gradient norm is not finite (``metrics`` holds a chunk's [n] updates)."""
+    loss, grad_norm = jax.device_get((metrics.loss, metrics.grad_norm))
+    bad = ~(np.isfinite(loss) & np.isfinite(grad_norm))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise NonFiniteLossError(
+            f"non-finite loss at update {first_update + i} (loss {loss[i]}, "
+            f"gradient norm {grad_norm[i]}): training stopped; the run keeps its "
+            "last checkpoint. Lower --reward-scale or --lr"
+        )
+
+
+def _is_finished(out_dir: Path) -> bool:
+    return (out_dir / "eval.json").is_file()
 
 
 def run(
@@ -468,7 +507,9 @@ def run(
       config: a ``PPOConfig``, ``A2CConfig``, ``ReinforceConfig`` or ``GRPOConfig``.
       out_dir: a new (or empty) directory; with ``resume``, an interrupted run's.
       resume: continue from ``out_dir/checkpoints/train_state.msgpack``; the
-        config must equal the one in ``out_dir/config.json``.
+        config must equal the one in ``out_dir/config.json``. A finished run
+        (``eval.json`` written, also after an early stop) is left as it is and
+        returned; a run killed before its first checkpoint starts again in place.
       progress: show a tqdm bar with the validation score.
       max_evals: stop after this many evaluations in this call (the run stays
         resumable; no ``eval.json``). For time-sliced jobs and tests.
@@ -482,6 +523,8 @@ def run(
     Raises:
       FileExistsError: ``out_dir`` is not empty and ``resume`` is False.
       ValueError: nothing to resume, or a config that differs from the run's.
+      NonFiniteLossError: a loss or gradient norm became inf or NaN (the update
+        is named; the last checkpoint is kept).
     """
     algorithm = algorithm_of(config)
     out_dir = Path(out_dir)
@@ -490,9 +533,15 @@ def run(
     run_config = _run_config(algorithm, config)
     start = time.perf_counter()
     key = jax.random.PRNGKey(config.seed)
+    if resume and not (out_dir / "config.json").is_file():
+        if out_dir.is_dir() and [p.name for p in out_dir.iterdir()] == [io.CLAIM_FILE]:
+            resume = False  # killed before it wrote anything: start it here
+            (out_dir / io.CLAIM_FILE).unlink()
+        else:
+            raise ValueError(
+                f"Nothing to resume: {out_dir / 'config.json'} does not exist"
+            )
     if resume:
-        if not state_path.is_file():
-            raise ValueError(f"Nothing to resume: {state_path} does not exist")
         saved = json.loads((out_dir / "config.json").read_text())
         saved.pop("versions", None)
         if saved != json.loads(json.dumps(run_config)):
@@ -500,15 +549,34 @@ def run(
                 f"--resume: the config differs from the one in {out_dir}/config.json; "
                 "resume with the same options (or none)"
             )
+    if resume and _is_finished(out_dir):
+        # A finished run stays as it is: nothing is trained, nothing rewritten.
+        template = _jit_init(algorithm)(config, key)
+        state, best_params, _ = _load_train_state(state_path, template)
+        rows = _read_metrics(out_dir / "metrics.csv", int(state.update))
+        eval_data = json.loads((out_dir / "eval.json").read_text())
+        return RunResult(out_dir, eval_data, rows, state, best_params, True)
+    if resume and state_path.is_file():
         template = _jit_init(algorithm)(config, key)
         state, best_params, prog = _load_train_state(state_path, template)
         rows = _read_metrics(out_dir / "metrics.csv", int(state.update))
         _write_metrics(out_dir / "metrics.csv", rows)
         elapsed_before = prog.wall_clock_s
     else:
-        io.new_out_dir(out_dir)
-        io.write_config(out_dir, run_config)
-        ckpt_dir.mkdir()
+        if resume:  # killed before its first checkpoint: start again in place
+            (out_dir / "metrics.csv").unlink(missing_ok=True)
+            ckpt_dir.mkdir(exist_ok=True)
+        else:
+            try:
+                io.new_out_dir(out_dir)
+            except FileExistsError as error:
+                if (out_dir / "config.json").is_file():
+                    raise FileExistsError(
+                        f"{error} (or continue the run in it with --resume)"
+                    ) from None
+                raise
+            io.write_config(out_dir, run_config)
+            ckpt_dir.mkdir()
         state = _jit_init(algorithm)(config, key)
         best_params = state.params
         rows = []
@@ -531,12 +599,14 @@ def run(
     )
     evals_here = 0
     completed = True
-    while int(state.update) < config.num_updates:
+    while int(state.update) < config.num_updates and not prog.stopped:
         if max_evals is not None and evals_here >= max_evals:
             completed = False
             break
         n = min(config.updates_per_eval, config.num_updates - int(state.update))
+        first_update = int(state.update) + 1
         state, metrics = _jit_chunk(algorithm, n)(config, state)
+        _check_finite(metrics, first_update)
         row = _chunk_row(metrics)
         update, env_steps = int(state.update), int(state.env_steps)
         result = _validate(
@@ -598,6 +668,7 @@ def run(
             )
             stop = bool(callback(event)) or stop
             prog = prog._replace(wall_clock_s=elapsed())
+        prog = prog._replace(stopped=stop)
         if finished or stop or prog.evals % config.checkpoint_every_evals == 0:
             _save_train_state(state_path, state, best_params, prog)
             _save_best(ckpt_dir / "best", config, algorithm, best_params, prog)
@@ -700,10 +771,8 @@ def train_main(
         from rl_pg.algos.qlearning import train_qlearning
 
         return train_qlearning(config, out_dir, progress).eval
-    if resume:
-        config_path = Path(out_dir) / "config.json"
-        if not config_path.is_file():
-            raise ValueError(f"Nothing to resume: {config_path} does not exist")
+    config_path = Path(out_dir) / "config.json"
+    if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
         if saved.get("algo") != algo:
             raise ValueError(f"{out_dir} is a {saved.get('algo')!r} run, not {algo!r}")
@@ -714,16 +783,11 @@ def train_main(
         config = config_class(algo)(
             **{**saved_config, **parse_overrides(config_class(algo), overrides)}
         )
-    else:
+    else:  # a new run (or one killed before it wrote its config)
         config = make_config(algo, overrides)
+    if resume and _is_finished(Path(out_dir)):
+        print(f"{out_dir} is a finished run (eval.json exists): left as it is")
     return run(config, out_dir, resume=resume, progress=progress).eval
-
-
-def _find_policy_checkpoint(path: Path) -> Path | None:
-    for candidate in (path, path / "checkpoints" / "best", path / "best"):
-        if (candidate / checkpoint.META_FILE).is_file():
-            return candidate
-    return None
 
 
 def eval_main(
@@ -754,15 +818,22 @@ def eval_main(
       time; ``env_steps`` the checkpoint's training steps when it records them).
     """
     path = Path(checkpoint_dir)
+    if not (isinstance(num_episodes, int) and num_episodes >= 1):
+        raise ValueError(f"--episodes must be an int >= 1, got {num_episodes!r}")
+    limit = evaluation.MAX_SCORE_LIMIT
+    if not (isinstance(max_score, int) and 1 <= max_score <= limit):
+        raise ValueError(
+            f"--max-score must be an int in [1, {limit}], got {max_score!r}"
+        )
     if not path.exists():
         raise ValueError(f"--checkpoint {path} does not exist")
-    policy_dir = _find_policy_checkpoint(path)
+    policy_dir = checkpoint.find_policy_checkpoint(path)
     qtable = path / "checkpoints" / "best.npz"
     if policy_dir is None and not qtable.is_file():
         raise ValueError(
             f"{path} is neither a policy checkpoint nor a training run directory"
         )
-    out = io.new_out_dir(out_dir)
+    io.check_out_dir(out_dir)
     start = time.perf_counter()
     if policy_dir is not None:
         _, params, env, env_params, meta = checkpoint.load_policy(policy_dir)
@@ -778,6 +849,7 @@ def eval_main(
         env, env_params = rl_pg.make(qlearning.ENV_ID)
         act_fn = qlearning.GreedyPolicy(qconfig.binning)
         meta, source = {}, str(qtable)
+    out = io.new_out_dir(out_dir)  # only once the checkpoint has been read
     io.write_config(
         out,
         dict(

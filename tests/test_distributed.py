@@ -33,7 +33,7 @@ from rl_pg.rollout import (
 )
 
 # One worker shares the expensive fixture under `pytest -n N --dist loadgroup`.
-pytestmark = pytest.mark.xdist_group("distributed")
+pytestmark = [pytest.mark.xdist_group("distributed"), pytest.mark.slow]
 
 NUM_DEVICES = 4
 HORIZON = 64
@@ -312,11 +312,23 @@ def runs(tmp_path_factory):
     return reference, _wait(single, tmp / "single.npz"), _wait(multi, tmp / "multi.npz")
 
 
+# docs/distributed.md: what a rollout produces (actions, observations, rewards,
+# episode ends and counters) is bit-identical; floating-point reductions
+# (log-probabilities, values, gradient estimates, moments, the seeds' toy function)
+# may differ by a float32 rounding, because XLA orders the sums per batch shape.
+ROUNDED = ("log_probs", "values", "seeds_", "batch_", "moments_")
+
+
 def _compare(reference, sharded, prefix):
     keys = [k for k in reference if k.startswith(prefix)]
     assert keys
     for k in keys:
-        np.testing.assert_allclose(sharded[k], reference[k], rtol=1e-5, atol=1e-6)
+        if any(name in k for name in ROUNDED):
+            np.testing.assert_allclose(
+                sharded[k], reference[k], rtol=1e-6, atol=1e-6, err_msg=k
+            )
+        else:
+            np.testing.assert_array_equal(sharded[k], reference[k], err_msg=k)
 
 
 def test_vmapped_seeds_equal_single_device(runs):

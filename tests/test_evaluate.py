@@ -62,7 +62,8 @@ def test_held_out_keys_follow_the_documented_stream():
 def test_max_steps_covers_the_slowest_pipe_cycle():
     for max_score in (1, 2, 3, 4, 10, 10_000):
         assert ev.max_steps_for(max_score) >= pipe_step(max_score - 1)
-    assert pipe_step(9_999) == 376_691  # 37.67 steps per pipe
+    # pipe_step itself is checked against the environment, up to pipe 9,999
+    # (step 376,691), in test_max_score_caps_and_stops_episodes.
 
 
 def test_never_flapping_falls_to_the_ground(env_and_params):
@@ -77,7 +78,7 @@ def test_never_flapping_falls_to_the_ground(env_and_params):
 
 def test_max_score_caps_and_stops_episodes(wide_gap):
     env, params = wide_gap
-    for max_score in (3, 20):
+    for max_score in (3, 20, 10_000):  # 10,000 pipes: 376,691 steps, ~2 s
         result = ev.evaluate(
             scripted, (300.0, 0.0), env, params, jax.random.PRNGKey(0), N, max_score
         )
@@ -139,6 +140,13 @@ def test_invalid_arguments_raise(env_and_params):
         ev.evaluate(scripted, NEVER, env, params, jax.random.PRNGKey(0), N, 10**9)
     with pytest.raises(ValueError, match="num_episodes"):
         ev.evaluate(scripted, NEVER, env, params, jax.random.PRNGKey(0), 0, 5)
+    with pytest.raises(ValueError, match="max_score must be an int"):
+        ev.evaluate(scripted, NEVER, env, params, jax.random.PRNGKey(0), N, True)
+    for keys in (jnp.zeros((0, 2), jnp.uint32), jnp.zeros(2, jnp.uint32)):
+        with pytest.raises(ValueError, match=r"reset_keys must be \[N >= 1, 2\]"):
+            ev.evaluate(
+                scripted, NEVER, env, params, jax.random.PRNGKey(0), reset_keys=keys
+            )
 
 
 def test_write_eval_json_fields(tmp_path):
@@ -157,7 +165,7 @@ def test_write_eval_json_fields(tmp_path):
     assert data["scores"] == [3, 10, 7, 10]
     assert data["wall_clock_s"] == 12.5 and data["env_steps"] == 1_000
     assert data["num_crashed"] == 2 and data["max_score"] == 10
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["eval.json"]  # no temporary
 
 
 def test_agent_gif_stops_at_the_crash(env_and_params, tmp_path):

@@ -32,6 +32,7 @@ def _compare(env_id, policies, episodes, max_steps, seed):
     return results
 
 
+@pytest.mark.slow  # many random-policy episodes of the Python reference
 def test_features_match_reference_exactly():
     policies = ["scripted", 0.05, 0.1, 0.2, 0.5]
     results = _compare("FlappyBird-v0", policies, episodes=60, max_steps=4000, seed=1)
@@ -62,6 +63,7 @@ def test_random_policy_episode_length_matches_reference_fact():
     assert all(len(ref["action"]) == 50 for _, ref, _ in results)
 
 
+@pytest.mark.slow  # many random-policy episodes of the Python reference
 def test_lidar_matches_reference():
     policies = ["scripted", 0.05, 0.1, 0.5]
     results = _compare(
@@ -81,6 +83,7 @@ def test_lidar_matches_reference():
     assert errors.max() < 3.0  # pixels
 
 
+@pytest.mark.slow  # many random-policy episodes of the Python reference
 def test_lidar_matches_reference_to_float32_rounding():
     # Not a single pixel off: the clipping is SDL's and the ray ends round like
     # the reference's float64 ones.

@@ -180,7 +180,7 @@ def test_checkpoint_round_trip(tmp_path):
     loaded, loaded_config = ql.load_checkpoint(path)
     np.testing.assert_array_equal(loaded, q.astype(np.float32))
     assert loaded_config == config
-    assert not list(tmp_path.glob("*.tmp"))
+    assert [p.name for p in tmp_path.iterdir()] == ["table.npz"]  # no temporary
 
 
 # ----------------------------------------------------------------------- learning
@@ -195,6 +195,7 @@ SMALL = ql.QLearningConfig(
 )
 
 
+@pytest.mark.slow
 def test_train_qlearning_learns_and_writes_the_contract(tmp_path):
     out = tmp_path / "run"
     result = ql.train_qlearning(SMALL, out, progress=False)
@@ -216,7 +217,8 @@ def test_train_qlearning_learns_and_writes_the_contract(tmp_path):
     assert set(config["versions"]) >= {"jax", "jaxlib", "flax", "optax", "gymnax"}
     assert len(result.metrics) == 3
     # An untrained (all-zero) table never flaps and scores 0 on every level; after
-    # 960k steps the kept table is clearly better on the held-out test levels.
+    # 960k steps the kept table is clearly better on the held-out test levels
+    # (held-out medians 82.5, 9, 12 and 11 for seeds 0-3).
     assert data["median_score"] >= 3
     q, _ = ql.load_checkpoint(out / "checkpoints" / "best.npz")
     np.testing.assert_array_equal(q, result.q)

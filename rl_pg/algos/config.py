@@ -20,8 +20,10 @@ import numbers
 from typing import Any
 
 from rl_pg.envs import ENV_IDS
+from rl_pg.evaluate import MAX_SCORE_LIMIT
 
 _ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
+INT32_MAX = 2**31 - 1
 
 
 def _is_int(value: Any) -> bool:
@@ -192,6 +194,16 @@ class OnPolicyConfig:
             "checkpoint_every_evals",
         ):
             checks.int_at_least(name, 1)
+        checks.require(
+            not _is_int(self.eval_max_score) or self.eval_max_score <= MAX_SCORE_LIMIT,
+            f"eval_max_score must be <= {MAX_SCORE_LIMIT}, got {self.eval_max_score!r}",
+        )
+        checks.require(
+            not _is_int(self.max_steps_in_episode)
+            or self.max_steps_in_episode <= INT32_MAX,
+            f"max_steps_in_episode must fit int32 (<= {INT32_MAX}), got "
+            f"{self.max_steps_in_episode!r}",
+        )
         checks.real_in("lr", 0.0, 1.0, low_open=True)
         checks.real_in("adam_eps", 0.0, 1.0, low_open=True)
         checks.real_in("max_grad_norm", 0.0, math.inf, low_open=True, high_open=True)

@@ -960,7 +960,7 @@ def _plot_learning_curve(path: Path, rows: list[dict[str, Any]], title: str) -> 
     for a in (ax, ax_loss):
         a.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    io.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

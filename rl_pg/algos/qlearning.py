@@ -744,7 +744,7 @@ def _plot_learning_curve(path: Path, rows: list[dict[str, Any]], config) -> None
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    io.save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 

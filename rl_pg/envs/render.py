@@ -287,14 +287,21 @@ def render_rgb(
     return _paint(RGB_PALETTE, _layers(state, params, shape, show_score))
 
 
-def write_gif(frames, path, fps: int = 30) -> None:
-    """Write ``frames`` (uint8 ``[N, H, W, 3]``) to an animated GIF at ``path``."""
+def write_gif(frames, path, fps: int = 30, *, exclusive: bool = False) -> None:
+    """Write ``frames`` (uint8 ``[N, H, W, 3]``) to an animated GIF at ``path``.
+
+    Atomically (a temporary file, then a rename); ``exclusive``: never replace
+    an existing file (``FileExistsError``).
+    """
     import imageio.v3 as iio  # only needed here; keeps import rl_pg light
+
+    from rl_pg import io
 
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.shape}")
-    iio.imwrite(path, frames, duration=1000 / fps, loop=0)
+    with io.atomic_path(path, exclusive=exclusive) as tmp:
+        iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
 
 
 def episode_frames(env, params, key, act_fn, num_steps: int, shape=(512, 288)):

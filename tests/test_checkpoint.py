@@ -1,0 +1,134 @@
+"""Policy checkpoints: round trip, atomic replacement, and a clear error naming the
+file for every broken checkpoint."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_pg import checkpoint
+from rl_pg.policies import mlp_policy
+
+SPEC = {"kind": "mlp", "num_actions": 2, "hidden": [4], "activation": "tanh"}
+
+
+def _params(seed=0, hidden=(4,)):
+    return mlp_policy(2, hidden=hidden).init(jax.random.PRNGKey(seed), jnp.zeros(12))
+
+
+@pytest.fixture
+def saved(tmp_path):
+    return checkpoint.save_policy(
+        tmp_path / "ckpt", _params(), policy=SPEC, env_id="FlappyBird-v0", step=7
+    )
+
+
+def test_round_trip(saved):
+    policy, params, _, env_params, meta = checkpoint.load_policy(saved)
+    jax.tree.map(np.testing.assert_array_equal, params, _params())
+    assert meta["step"] == 7 and meta["policy"] == SPEC
+    assert int(env_params.max_steps_in_episode) == 10_000
+    logits, _ = policy.apply(params, jnp.ones(12))
+    assert logits.shape == (2,)
+
+
+def test_replacing_leaves_the_new_checkpoint_and_no_temporary(saved):
+    checkpoint.save_policy(
+        saved, _params(seed=1), policy=SPEC, env_id="FlappyBird-v0", step=8
+    )
+    _, params, _, _, meta = checkpoint.load_policy(saved)
+    jax.tree.map(np.testing.assert_array_equal, params, _params(seed=1))
+    assert meta["step"] == 8
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+    assert sorted(p.name for p in saved.iterdir()) == ["meta.json", "params.msgpack"]
+
+
+def test_a_failed_write_keeps_the_old_checkpoint(saved, monkeypatch):
+    def disk_full(*args, **kwargs):  # fails after params.msgpack was written
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint.io, "write_json", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        checkpoint.save_policy(
+            saved, _params(seed=1), policy=SPEC, env_id="FlappyBird-v0", step=8
+        )
+    monkeypatch.undo()
+    _, params, _, _, meta = checkpoint.load_policy(saved)
+    jax.tree.map(np.testing.assert_array_equal, params, _params())
+    assert meta["step"] == 7
+    assert sorted(p.name for p in saved.parent.iterdir()) == ["ckpt"]
+
+
+def _broken(saved, what):
+    meta_path, params_path = saved / "meta.json", saved / "params.msgpack"
+    meta = json.loads(meta_path.read_text())
+    if what == "no params":
+        params_path.unlink()
+    elif what == "no meta":
+        meta_path.unlink()
+    elif what == "truncated":
+        params_path.write_bytes(params_path.read_bytes()[:100])
+    elif what == "random":
+        params_path.write_bytes(np.random.default_rng(0).bytes(500))
+    elif what == "bad json":
+        meta_path.write_text("{not json")
+    elif what == "kind":
+        meta["policy"]["kind"] = "transformer"
+        meta_path.write_text(json.dumps(meta))
+    elif what == "hidden":
+        meta["policy"]["hidden"] = [5]
+        meta_path.write_text(json.dumps(meta))
+    elif what == "env":
+        meta["env_id"] = "FlappyBird-v9"
+        meta_path.write_text(json.dumps(meta))
+    elif what == "factory kwargs":
+        meta["policy"]["depth"] = 3
+        meta_path.write_text(json.dumps(meta))
+    return saved
+
+
+@pytest.mark.parametrize(
+    "what, match",
+    [
+        ("no params", r"ckpt is not a policy checkpoint \(missing params.msgpack\)"),
+        ("no meta", r"ckpt is not a policy checkpoint \(missing meta.json\)"),
+        ("truncated", r"ckpt/params.msgpack is not a readable parameter file"),
+        ("random", r"ckpt/params.msgpack"),
+        ("bad json", r"ckpt/meta.json is not valid JSON"),
+        ("kind", r"ckpt/meta.json: unknown policy kind 'transformer'"),
+        ("hidden", r"ckpt/params.msgpack does not hold the parameters of the policy"),
+        ("env", r"ckpt/meta.json: Unknown env id 'FlappyBird-v9'"),
+        ("factory kwargs", r"ckpt/meta.json: .*depth"),
+    ],
+)
+def test_broken_checkpoints_raise_an_error_naming_the_file(saved, what, match):
+    with pytest.raises(checkpoint.CheckpointError, match=match):
+        checkpoint.load_policy(_broken(saved, what))
+
+
+def test_params_of_another_policy_name_the_leaf(tmp_path):
+    path = checkpoint.save_policy(
+        tmp_path / "ckpt", _params(hidden=(3,)), policy=SPEC, env_id="FlappyBird-v0"
+    )
+    with pytest.raises(
+        checkpoint.CheckpointError,
+        match=r"\['Dense_0'\]\['kernel'\]: expected float32\[4, 2\], found float32\[3, 2\]",
+    ):
+        checkpoint.load_policy(path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="nope does not exist"):
+        checkpoint.load_policy(tmp_path / "nope")
+
+
+def test_find_policy_checkpoint(saved, tmp_path):
+    run = tmp_path / "run"
+    checkpoint.save_policy(
+        run / "checkpoints" / "best", _params(), policy=SPEC, env_id="FlappyBird-v0"
+    )
+    assert checkpoint.find_policy_checkpoint(saved) == saved
+    assert checkpoint.find_policy_checkpoint(run) == run / "checkpoints" / "best"
+    assert checkpoint.find_policy_checkpoint(tmp_path) is None

@@ -1,0 +1,240 @@
+"""``rl-pg`` end to end: render and bench at tiny sizes, and every expected user
+error as one ``rl-pg CMD: error: ...`` line, exit status 2 and nothing written."""
+
+import json
+
+import imageio.v3 as iio
+import jax
+import jax.numpy as jnp
+import pytest
+
+from rl_pg import checkpoint, cli
+from rl_pg.policies import mlp_policy
+
+SPEC = {"kind": "mlp", "num_actions": 2, "hidden": [4], "activation": "tanh"}
+
+
+def _policy_run(directory):
+    """A training run directory holding only ``checkpoints/best`` (tiny MLP)."""
+    params = mlp_policy(2, hidden=(4,)).init(jax.random.PRNGKey(0), jnp.zeros(12))
+    checkpoint.save_policy(
+        directory / "checkpoints" / "best",
+        params,
+        policy=SPEC,
+        env_id="FlappyBird-v0",
+        env_steps=5,
+    )
+    return directory
+
+
+def _fails(capsys, argv, *expected):
+    """Run ``rl-pg argv``; it must exit 2 with one error line holding ``expected``."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"rl-pg {argv[0]}: error: "), lines[0]
+    for text in expected:
+        assert text in lines[0], lines[0]
+    assert "Traceback" not in captured.err and "done in" not in captured.out
+
+
+@pytest.fixture
+def broken_checkpoint(tmp_path):
+    run = _policy_run(tmp_path / "broken_run")
+    params = run / "checkpoints" / "best" / "params.msgpack"
+    params.write_bytes(params.read_bytes()[:50])
+    return run
+
+
+# ------------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--num-envs", "0"], "num_envs must be positive ints, got [0]"),
+        (["--num-envs", "64,x"], "--num-envs takes comma-separated ints, got '64,x'"),
+        (["--modes", "features,sonar"], "Unknown modes ['sonar']"),
+        (["--reference-seconds", "0"], "reference_seconds must be a positive number"),
+    ],
+)
+def test_bench_bad_input(capsys, tmp_path, flags, expected):
+    out = tmp_path / "bench"
+    _fails(capsys, ["bench", "--out", str(out), *flags], expected)
+    assert not out.exists()
+
+
+def test_bench_refuses_an_existing_directory(capsys, tmp_path):
+    (tmp_path / "keep.txt").write_text("x")
+    _fails(capsys, ["bench", "--out", str(tmp_path)], "already exists")
+    assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--episodes", "0"], "--episodes must be an int >= 1, got 0"),
+        (["--max-score", "0"], "--max-score must be an int in [1, 50000000], got 0"),
+        (["--max-score", "100000000"], "--max-score must be an int in [1,"),
+    ],
+)
+def test_eval_bad_numbers(capsys, tmp_path, flags, expected):
+    run, out = _policy_run(tmp_path / "run"), tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(run), "--out", str(out), *flags]
+    _fails(capsys, argv, expected)
+    assert not out.exists()
+
+
+def test_eval_bad_checkpoints(capsys, tmp_path, broken_checkpoint):
+    out = tmp_path / "eval"
+    missing = tmp_path / "missing"
+    _fails(
+        capsys,
+        ["eval", "--checkpoint", str(missing), "--out", str(out)],
+        f"--checkpoint {missing} does not exist",
+    )
+    _fails(
+        capsys,
+        ["eval", "--checkpoint", str(tmp_path), "--out", str(out)],
+        "is neither a policy checkpoint nor a training run directory",
+    )
+    _fails(
+        capsys,
+        ["eval", "--checkpoint", str(broken_checkpoint), "--out", str(out)],
+        "best/params.msgpack is not a readable parameter file",
+    )
+    assert not out.exists()
+
+
+def test_eval_refuses_an_existing_directory(capsys, tmp_path):
+    run, out = _policy_run(tmp_path / "run"), tmp_path / "eval"
+    out.mkdir()
+    (out / "eval.json").write_text("{}")
+    _fails(
+        capsys,
+        ["eval", "--checkpoint", str(run), "--out", str(out)],
+        "already exists",
+    )
+    assert (out / "eval.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--frame-skip", "0"], "--frame-skip must be >= 1, got 0"),
+        (["--steps", "0"], "--steps must be >= 1, got 0"),
+        (["--policy", "random", "--flap-prob", "2"], "--flap-prob must be in [0, 1]"),
+        (["--flap-prob", "nan"], "--flap-prob must be in [0, 1], got nan"),
+    ],
+)
+def test_render_bad_input(capsys, tmp_path, flags, expected):
+    out = tmp_path / "a.gif"
+    _fails(capsys, ["render", "--out", str(out), *flags], expected)
+    assert not out.exists()
+
+
+def test_render_bad_paths(capsys, tmp_path, broken_checkpoint):
+    _fails(
+        capsys,
+        ["render", "--out", str(tmp_path / "a.png")],
+        "--out must name a .gif file",
+    )
+    (tmp_path / "old.gif").write_bytes(b"old")
+    _fails(
+        capsys,
+        ["render", "--out", str(tmp_path / "old.gif")],
+        "old.gif exists; refusing to overwrite it",
+    )
+    assert (tmp_path / "old.gif").read_bytes() == b"old"
+    out = tmp_path / "a.gif"
+    _fails(
+        capsys,
+        ["render", "--out", str(out), "--checkpoint", str(tmp_path / "nope")],
+        "nope is neither a policy checkpoint nor a training run directory",
+    )
+    _fails(
+        capsys,
+        ["render", "--out", str(out), "--checkpoint", str(broken_checkpoint)],
+        "params.msgpack is not a readable parameter file",
+    )
+    assert not out.exists()
+
+
+def test_train_bad_input(capsys, tmp_path):
+    out = tmp_path / "run"
+    _fails(
+        capsys,
+        ["train", "--algo", "ppo", "--out", str(out), "--eval-max-score", "1e9"],
+        "eval_max_score must be <= 50000000",
+    )
+    _fails(
+        capsys,
+        ["train", "--algo", "ppo", "--out", str(out), "--num-envs", "0"],
+        "num_envs must be an int >= 1",
+    )
+    _fails(
+        capsys,
+        ["train", "--algo", "ppo", "--out", str(out), "--resume"],
+        "Nothing to resume",
+    )
+    _fails(
+        capsys,
+        ["train", "--algo", "ppo", "--out", str(out), "--no-such-flag", "1"],
+        "Unknown option --no-such-flag",
+    )
+    assert not out.exists()
+    _policy_run(out)
+    _fails(
+        capsys,
+        ["train", "--algo", "ppo", "--out", str(out), "--total-env-steps", "8192"],
+        "already exists",
+    )
+
+
+# ------------------------------------------------------------------- success
+
+
+def test_render_scripted_gif(capsys, tmp_path):
+    out = tmp_path / "sub" / "scripted.gif"
+    cli.main(["render", "--out", str(out), "--steps", "20", "--frame-skip", "3"])
+    # reset frame + 20 steps (the scripted bird does not crash that early),
+    # every 3rd: frames 0, 3, ..., 18
+    assert iio.imread(out).shape == (7, 512, 288, 3)
+    assert f"wrote {out}: 7 frames" in capsys.readouterr().out
+    assert [p.name for p in out.parent.iterdir()] == ["scripted.gif"]
+
+
+def test_render_checkpoint_run_directory(capsys, tmp_path):
+    run = _policy_run(tmp_path / "run")
+    out = tmp_path / "policy.gif"
+    cli.main(["render", "--out", str(out), "--checkpoint", str(run), "--steps", "6"])
+    frames = iio.imread(out)
+    assert frames.ndim == 4 and 1 <= frames.shape[0] <= 4  # 7 frames at most, /2
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_tiny(capsys, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["bench", "--out", str(out), "--num-envs", "2", "--modes", "features"]
+    cli.main([*argv, "--reference-seconds", "0.05"])
+    data = json.loads((out / "throughput.json").read_text())
+    assert set(data["steps_per_second"]) == {"cartpole", "features"}
+    assert data["steps_per_second"]["features"]["2"] > 0
+    table = (out / "throughput.md").read_text()
+    assert "| FlappyBird-v0 | 2 |" in table and "FlappyBird-lidar-v0" not in table
+    config = json.loads((out / "config.json").read_text())
+    assert config["command"] == "bench" and config["num_envs"] == "2"
+    assert "| FlappyBird-v0 | 2 |" in capsys.readouterr().out
+
+
+def test_variance_missing_checkpoint(capsys, tmp_path):
+    out, missing = tmp_path / "variance", tmp_path / "missing"
+    _fails(
+        capsys,
+        ["variance", "--out", str(out), "--checkpoints", str(missing)],
+        str(missing),
+    )
+    assert not out.exists()

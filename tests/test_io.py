@@ -1,0 +1,62 @@
+"""Output directories are claimed by one run only; writes are atomic."""
+
+import pytest
+
+from rl_pg import io
+
+
+def test_new_out_dir_creates_nested_and_refuses_a_second_claim(tmp_path):
+    out = io.new_out_dir(tmp_path / "a" / "b")
+    assert out.is_dir()
+    with pytest.raises(FileExistsError, match="b already exists"):
+        io.new_out_dir(out)  # still empty, but taken
+
+
+def test_an_existing_empty_directory_is_claimed_once(tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert io.new_out_dir(empty) == empty
+    with pytest.raises(FileExistsError, match="empty already exists"):
+        io.new_out_dir(empty)
+
+
+def test_new_out_dir_refuses_a_file_and_a_non_empty_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    for name in ("file", "full"):
+        with pytest.raises(FileExistsError, match=f"{name} already exists"):
+            io.new_out_dir(tmp_path / name)
+    assert (tmp_path / "full" / "keep.txt").read_text() == "x"
+
+
+def test_atomic_write_replaces_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "out.json"
+    io.write_json(path, {"a": 1})
+    io.write_json(path, {"a": 2})
+    assert path.read_text() == '{\n  "a": 2\n}\n'
+    assert [p.name for p in tmp_path.iterdir()] == ["out.json"]
+
+
+def test_atomic_path_keeps_the_old_file_on_error(tmp_path):
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old")
+    with pytest.raises(RuntimeError), io.atomic_path(path) as tmp:
+        assert tmp.suffix == ".png" and tmp.name.startswith(".plot.png.")
+        tmp.write_bytes(b"half")
+        raise RuntimeError
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_atomic_path_exclusive_never_overwrites(tmp_path):
+    path = tmp_path / "a.gif"
+    with io.atomic_path(path, exclusive=True) as tmp:
+        tmp.write_bytes(b"first")
+    with (
+        pytest.raises(FileExistsError, match="a.gif exists"),
+        io.atomic_path(path, exclusive=True) as tmp,
+    ):
+        tmp.write_bytes(b"second")
+    assert path.read_bytes() == b"first"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.gif"]
