@@ -82,10 +82,12 @@ def _variance(args) -> None:
 
     if args.config:
         given = [f for f in VARIANCE_OVERRIDES if getattr(args, f) is not None]
-        if given or args.checkpoints:
+        if given or args.checkpoints or args.run:
             raise ValueError(
                 "--config reruns a saved run as it was; drop "
-                + ", ".join("--" + f.replace("_", "-") for f in given + ["checkpoints"])
+                + ", ".join(
+                    "--" + f.replace("_", "-") for f in given + ["checkpoints", "run"]
+                )
             )
         out = report.rerun(args.config, args.out)
     else:
@@ -102,10 +104,15 @@ def _variance(args) -> None:
                 else report.PRESETS[args.preset]["study"]
             )
             config = report.override_study(base, args.estimators, **sizes)
+        checkpoints = args.checkpoints
+        if args.run:
+            if checkpoints:
+                raise ValueError("give --run or --checkpoints, not both")
+            checkpoints = report.run_checkpoints(args.run)
         out = report.run(
             args.preset,
             args.out,
-            checkpoints=args.checkpoints,
+            checkpoints=checkpoints,
             seed=args.seed,
             problem=args.problem,
             config=config,
@@ -155,7 +162,13 @@ def _train(args, extra: list[str]) -> None:
     if args.out is None:
         raise ValueError("the following arguments are required: --out")
     overrides = train.overrides_from_argv(extra)
-    result = train.train_main(args.algo, args.out, overrides, resume=args.resume)
+    result = train.train_main(
+        args.algo,
+        args.out,
+        overrides,
+        resume=args.resume,
+        keep_checkpoints=args.keep_checkpoints,
+    )
     if result is not None:
         print(
             f"held-out median score {result['median_score']}, mean "
@@ -268,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument(
         "--config", help="a previous run's config.json: run it again as it was"
     )
+    var.add_argument(
+        "--run",
+        help="a training run trained with --keep-checkpoints all: study every kept "
+        "policy in training order and plot along_training.png",
+    )
     var.add_argument("--devices", help="shard the study over N local devices, or 'all'")
     var.set_defaults(func=_variance)
 
@@ -291,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--help-config",
         action="store_true",
         help="list the config fields of --algo and their defaults",
+    )
+    train.add_argument(
+        "--keep-checkpoints",
+        choices=["best", "all"],
+        default="best",
+        help="all: also keep the policy of every evaluation, in "
+        "checkpoints/evaluations/ (for rl-pg variance --run)",
     )
     train.set_defaults(func=_train, takes_extra=True)
 

@@ -53,6 +53,8 @@ ALGORITHMS: dict[str, loop.Algorithm] = {
 ALGO_NAMES = (*ALGORITHMS, "qlearning", "dqn")
 
 STATE_FILE = "train_state.msgpack"
+EVALUATIONS_DIR = "evaluations"  # checkpoints/evaluations/: every evaluated policy
+KEEP_CHECKPOINTS = ("best", "all")
 METRICS_COLUMNS = (
     "update",
     "env_steps",
@@ -500,6 +502,7 @@ def run(
     max_evals: int | None = None,
     gif: bool = True,
     callback: Callable[[EvalEvent], bool | None] | None = None,
+    keep_checkpoints: str = "best",
 ) -> RunResult:
     """Train ``config``'s algorithm and write a run directory.
 
@@ -516,6 +519,9 @@ def run(
       gif: write ``agent.gif`` at the end.
       callback: called after every evaluation with an :class:`EvalEvent`; a
         true return value ends training there (the run completes as usual).
+      keep_checkpoints: ``"best"`` (and ``last``), or ``"all"``: also the policy
+        of every evaluation, in ``checkpoints/evaluations/env_steps_<N>/`` (for
+        ``rl-pg variance --run``: estimator quality along training).
 
     Returns:
       RunResult.
@@ -630,6 +636,17 @@ def run(
             live_env_steps=live, wall_clock_s=elapsed(), evals=prog.evals + 1
         )
         evals_here += 1
+        if keep_checkpoints == "all":
+            save_policy(
+                ckpt_dir / EVALUATIONS_DIR / f"env_steps_{env_steps:012d}",
+                config,
+                state.params,
+                algo=algorithm.name,
+                seed=config.seed,
+                update=update,
+                env_steps=env_steps,
+                validation_median=val_median,
+            )
         rows.append(
             dict(
                 update=update,
@@ -742,6 +759,7 @@ def train_main(
     overrides: Mapping[str, Any] | None = None,
     resume: bool = False,
     progress: bool = True,
+    keep_checkpoints: str = "best",
 ) -> dict[str, Any] | None:
     """``rl-pg train --algo ALGO --out DIR [--resume] [--field value ...]``.
 
@@ -755,11 +773,21 @@ def train_main(
         config is read from ``out_dir/config.json``.
       resume: continue an interrupted run.
       progress: show a progress bar.
+      keep_checkpoints: ``"best"`` or ``"all"`` (every evaluated policy; see
+        :func:`run`).
 
     Returns:
       The contents of ``eval.json``.
     """
     overrides = dict(overrides or {})
+    if keep_checkpoints not in KEEP_CHECKPOINTS:
+        raise ValueError(
+            f"keep_checkpoints must be one of {KEEP_CHECKPOINTS}, got {keep_checkpoints!r}"
+        )
+    if algo in ("qlearning", "dqn") and keep_checkpoints != "best":
+        raise ValueError(
+            f"--keep-checkpoints all is for policy-gradient runs, not {algo}"
+        )
     if algo in ("qlearning", "dqn"):
         if resume:
             raise ValueError(f"--resume is not supported for --algo {algo}")
@@ -787,7 +815,13 @@ def train_main(
         config = make_config(algo, overrides)
     if resume and _is_finished(Path(out_dir)):
         print(f"{out_dir} is a finished run (eval.json exists): left as it is")
-    return run(config, out_dir, resume=resume, progress=progress).eval
+    return run(
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        keep_checkpoints=keep_checkpoints,
+    ).eval
 
 
 def eval_main(

@@ -1,6 +1,7 @@
 """The study as an instrument: the registry, run_study, the CLI's options, --config."""
 
 import csv
+import dataclasses
 import re
 import sys
 import types
@@ -158,3 +159,38 @@ def test_run_study_needs_the_policy_of_its_params():
     with pytest.raises(ValueError, match="problem"):
         run_study(problem="atari", **SMALL)
     assert report.stage_labels(["x/best"]) == ["best"]
+
+
+@pytest.mark.slow
+def test_variance_along_training_studies_every_kept_checkpoint(tmp_path):
+    """`rl-pg train --keep-checkpoints all` then `rl-pg variance --run`."""
+    from rl_pg import train
+
+    overrides = {
+        "num-envs": "8",
+        "num-steps": "32",
+        "num-minibatches": "2",
+        "total-env-steps": str(8 * 32 * 6),
+        "eval-every-steps": str(8 * 32 * 2),  # 3 evaluations
+        "eval-episodes": "4",
+        "final-eval-episodes": "4",
+        "eval-max-score": "5",
+        "stop-at-score": "none",
+    }
+    run_dir = tmp_path / "run"
+    train.train_main("ppo", run_dir, overrides, progress=False, keep_checkpoints="all")
+    kept = report.run_checkpoints(run_dir)
+    assert [p.name for p in kept] == [f"env_steps_{8 * 32 * k:012d}" for k in (2, 4, 6)]
+    config = report.study_config_from_dict(
+        {**dataclasses.asdict(report.PRESETS["quick"]["study"]), **SMALL}
+        | {"suite": {"names": ["reinforce", "rloo"]}}
+    )
+    out = report.run(
+        "quick", tmp_path / "study", checkpoints=kept, horizon=16, config=config,
+        progress=False,
+    )  # fmt: skip
+    rows = report.read_results(out / "results.csv")
+    assert sorted({r["checkpoint"] for r in rows}) == [p.name for p in kept]
+    assert (out / "along_training.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="keep-checkpoints all"):
+        report.run_checkpoints(tmp_path / "study")

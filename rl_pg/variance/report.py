@@ -120,6 +120,7 @@ def _checkpoint_stage(path: Path, label: str, horizon: int, group_size: int) -> 
         "env_id": meta["env_id"],
         "env_kwargs": meta.get("env_kwargs", {}),
         "critic_reward_scale": scale,
+        "env_steps": meta.get("env_steps"),
     }
     key = json.dumps(
         {k: v for k, v in description.items() if k != "path"}, sort_keys=True
@@ -167,6 +168,25 @@ def flappy_stages(
         if wrong:
             raise ValueError(f"checkpoint(s) {wrong} do not act in --env-id {env_id}")
     return stages
+
+
+def run_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The policies a training run kept at every evaluation
+    (``rl-pg train --keep-checkpoints all``), in training order."""
+    root = Path(run_dir) / "checkpoints" / "evaluations"
+    if not Path(run_dir).is_dir():
+        raise ValueError(f"--run {run_dir}: no such directory")
+    found = (
+        sorted(p for p in root.glob("env_steps_*") if p.is_dir())
+        if root.is_dir()
+        else []
+    )
+    if not found:
+        raise ValueError(
+            f"{run_dir} kept no evaluated policies (train it with "
+            "--keep-checkpoints all)"
+        )
+    return found
 
 
 def enumerable_stages(group_size: int, policies_: dict | None = None) -> list[Stage]:
@@ -383,7 +403,64 @@ def execute(
     matmul = study.matmul_flops_per_s()
     exact_mode = settings.get("problem") == "enumerable"
     write_outputs(out, results, config, wall, matmul, exact_mode=exact_mode)
+    steps = {s.label: s.description.get("env_steps") for s in stages}
+    if len(stages) > 1 and all(v is not None for v in steps.values()):
+        plot_along_training(out / "along_training.png", results, steps, config)
     return out
+
+
+def plot_along_training(path: Path, results: dict, steps: dict, config) -> None:
+    """Cosine to the true gradient, SNR and relative variance of each estimator at
+    the largest batch size against env steps (Ilyas et al. 2020, figure 2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(config.batch_sizes)
+    labels = sorted(results, key=lambda k: steps[k])
+    x = np.array([steps[k] for k in labels], float)
+    names = list(dict.fromkeys(r["estimator"] for r in results[labels[0]].rows))
+    cmap = plt.get_cmap("tab20")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for ax, metric, ylabel in zip(
+        axes,
+        ("cos_true", "snr", "rel_variance"),
+        ("cos(g_hat, g)", "SNR", "tr Cov / |E g_hat|^2"),
+        strict=True,
+    ):
+        for i, e in enumerate(names):
+            rows = [
+                next(
+                    r
+                    for r in results[k].rows
+                    if r["estimator"] == e and r["batch_size"] == n
+                )
+                for k in labels
+            ]
+            y = np.array([r[metric] for r in rows], float)
+            lo = np.array([r[f"{metric}_lo"] for r in rows], float)
+            hi = np.array([r[f"{metric}_hi"] for r in rows], float)
+            ax.plot(x, y, "o-", color=cmap(i % 20), label=e, ms=3)
+            ax.fill_between(
+                x,
+                lo,
+                np.where(np.isfinite(hi), hi, np.nan),
+                color=cmap(i % 20),
+                alpha=0.12,
+            )
+        if metric == "rel_variance":
+            _log_y(ax)
+        ax.set_xlabel("env steps")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{metric}, n = {n}")
+        ax.grid(alpha=0.3)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    io.atomic_write_bytes(path, buffer.getvalue())
 
 
 def result_rows(results: dict) -> list[dict]:
@@ -571,6 +648,18 @@ def _rescaled(config) -> frozenset:
     return frozenset(name for name, spec in specs.items() if spec.rescaled)
 
 
+def _log_y(ax) -> None:
+    """Log y scale with limits from the lines' finite positive values (linear if
+    there are none: e.g. every relative variance infinite)."""
+    values = np.concatenate(
+        [np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [[]]
+    )
+    values = values[np.isfinite(values) & (values > 0)]
+    if values.size:
+        ax.set_yscale("log")
+        ax.set_ylim(values.min() / 2, values.max() * 2)
+
+
 def plot(out: Path, results: dict, rescaled: frozenset = frozenset()) -> None:
     """Relative variance (scale-free), variance (other scales marked) and cosine
     against batch size, one panel per stage."""
@@ -610,16 +699,18 @@ def plot(out: Path, results: dict, rescaled: frozenset = frozenset()) -> None:
                 ax.plot(n, y, style, color=colors[e], label=label, ms=3)
                 ax.fill_between(n, lo, hi, color=colors[e], alpha=0.15)
             if log:
-                ax.set_yscale("log")
                 first = [r for r in rows if r["estimator"] == "reinforce"]
                 if first and np.isfinite(first[0][metric]):
                     n0, v0 = first[0]["batch_size"], first[0][metric]
                     grid = np.array([r["batch_size"] for r in first])
                     ax.plot(grid, v0 * n0 / grid, "k:", lw=1, label="1/n")
+                _log_y(ax)
             else:
                 ax.set_ylim(-0.1, 1.0)
                 ax.axhline(0, color="gray", lw=0.5)
             ax.set_xscale("log", base=2)
+            sizes = [r["batch_size"] for r in rows]
+            ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # also when y is all nan
             ax.set_xlabel("batch size n (trajectories)")
             ax.set_ylabel(ylabel)
             ax.set_title(f"{name}: |g| = {results[name].reference_norm:.3g}")
