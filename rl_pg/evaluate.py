@@ -43,12 +43,10 @@ from rl_pg.envs import render
 HELD_OUT_SEED = 0x7E57_1EE1  # test levels: eval.json scores
 VALIDATION_SEED = 0x5E1E_C7ED  # validation levels: checkpoint selection in training
 
-# Pipes reach the bird every 36, 36, 41 steps (a 113-step cycle): 37.67 per pipe.
-STEPS_PER_PIPE = 38
-# Pipe 0 is passed at step 61 and the first cycle is one step longer (42).
-STEPS_BEFORE_FIRST_PIPE = 200
-# Step counts are int32: keep max_steps_for(max_score) below 2**31.
+# Step counts are int32: max_steps_for(max_score, params) is clamped below 2**31
+# (with the default physics 50M pipes take 1.9e9 steps).
 MAX_SCORE_LIMIT = 50_000_000
+_MAX_STEPS = 2**31 - 2**20
 
 ActFn = Callable[[Any, jax.Array, Any, chex.PRNGKey], jax.Array]
 
@@ -78,9 +76,33 @@ class _EvalCarry(NamedTuple):
     key: chex.PRNGKey
 
 
-def max_steps_for(max_score: int) -> int:
-    """A step limit that a never-crashing bird needs to pass ``max_score`` pipes."""
-    return STEPS_PER_PIPE * max_score + STEPS_BEFORE_FIRST_PIPE
+def max_steps_for(max_score: int | jax.Array, params: Any) -> jax.Array:
+    """A step limit that a never-crashing bird needs to pass ``max_score`` pipes,
+    from the pipe geometry of ``params`` (Flappy Bird's ``EnvParams``).
+
+    The first pipe reaches the bird after ``(first_pipe_x + pipe_width / 2 -
+    bird_x - bird_width / 2) / pipe_speed`` steps. The three pipes then cycle: one
+    leaves at ``x < -pipe_width`` and respawns at ``spawn_x``, so any three
+    consecutive pipes pass within ``(spawn_x + pipe_width + pipe_speed) /
+    pipe_speed`` steps (113 with the defaults: every 36, 36, 41 steps). The limit
+    allows one cycle per three pipes plus two spare cycles (380,365 steps for
+    10,000 pipes with the defaults; the bird needs 376,691). int32, traceable.
+    """
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    speed = f32(params.pipe_speed)
+    first = jnp.ceil(
+        (
+            f32(params.first_pipe_x)
+            + f32(params.pipe_width) / 2
+            - f32(params.bird_x)
+            - f32(params.bird_width) / 2
+        )
+        / speed
+    )
+    cycle = jnp.ceil((f32(params.spawn_x) + f32(params.pipe_width) + speed) / speed)
+    cycles = jnp.ceil(f32(max_score) / 3.0) + 2.0
+    steps = jnp.maximum(first, 0.0) + 1.0 + cycles * cycle
+    return jnp.minimum(steps, _MAX_STEPS).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -117,7 +139,7 @@ def _evaluate(
     median_only: jax.Array,
     chunk_size: int,
 ) -> EvalResult:
-    max_steps = max_steps_for(max_score)
+    max_steps = max_steps_for(max_score, env_params)
     env_params = env_params.replace(max_steps_in_episode=max_steps)
     num_episodes = reset_keys.shape[0]
     _, state = jax.vmap(env.reset_env, (0, None))(reset_keys, env_params)
@@ -200,7 +222,7 @@ def evaluate(
       agent_params: whatever ``act_fn`` reads (network params, a Q-table, ...).
       env: a Flappy Bird environment (``rl_pg.make``).
       env_params: its ``EnvParams``; ``max_steps_in_episode`` is replaced by
-        ``max_steps_for(max_score)``.
+        ``max_steps_for(max_score, env_params)``.
       key: action-sampling key (the levels do not depend on it).
       num_episodes: N, the number of levels; ignored when ``reset_keys`` is given.
       max_score: an episode stops counting (and stops) at this many pipes.
