@@ -42,6 +42,7 @@ from rl_pg.envs import render
 
 HELD_OUT_SEED = 0x7E57_1EE1  # test levels: eval.json scores
 VALIDATION_SEED = 0x5E1E_C7ED  # validation levels: checkpoint selection in training
+CONFIRMATION_SEED = VALIDATION_SEED + 1000  # more validation levels: the stop rule
 
 # Step counts are int32: max_steps_for(max_score, params) is clamped below 2**31
 # (with the default physics 50M pipes take 1.9e9 steps).

@@ -6,8 +6,10 @@ reuse it.
 """
 
 import csv
+import dataclasses
 import importlib
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -263,3 +265,29 @@ def test_cli_help_config_needs_no_out_and_train_needs_it(capsys):
         cli.main(["train", "--algo", "ppo"])
     assert exit_info.value.code == 2
     assert "required: --out" in capsys.readouterr().err
+
+
+def test_stop_rule_needs_a_confirmation_on_fresh_validation_levels():
+    # One validation median at the target no longer stops a run: the policy must
+    # also reach it on stop_confirm_fraction of stop_confirm_episodes fresh levels.
+    shipped = Path(train.__file__).parent / "checkpoints"
+    _, good, *_ = checkpoint.load_policy(shipped / "good")
+    _, partial, *_ = checkpoint.load_policy(shipped / "partial")
+    config = ppo.PPOConfig(
+        eval_max_score=30, stop_at_score=30, stop_confirm_episodes=16
+    )
+    assert train._stop_rule(config, good, 30.0, 30.0)
+    assert not train._stop_rule(config, good, 29.0, 30.0)  # val median short
+    # the partial policy (held-out median 6) fails the confirmation even when a
+    # lucky validation round reached the target; without one it would stop
+    assert not train._stop_rule(config, partial, 30.0, 30.0)
+    unconfirmed = dataclasses.replace(config, stop_confirm_episodes=0)
+    assert train._stop_rule(unconfirmed, partial, 30.0, 30.0)
+    assert not train._stop_rule(unconfirmed, partial, 5.0, 29.0)
+    strict = dataclasses.replace(config, stop_confirm_fraction=1.0)
+    lenient = dataclasses.replace(config, stop_confirm_fraction=0.01)
+    assert train._stop_rule(lenient, partial, 30.0, 30.0)  # some levels reach 30
+    assert not train._stop_rule(strict, partial, 30.0, 30.0)
+    assert not train._stop_rule(
+        dataclasses.replace(config, stop_at_score=None), good, 1e4, 1e4
+    )

@@ -119,8 +119,15 @@ class OnPolicyConfig:
         (rounded down to whole updates, at least one); the driver's jitted chunk.
       eval_episodes: validation levels per evaluation (checkpoint selection).
       eval_max_score: evaluation episodes stop at this many pipes.
-      stop_at_score: the driver stops once the best validation median reaches this
-        (None: use the whole budget). The pure ``train`` never stops early.
+      stop_at_score: the driver stops once a validation median reaches this and
+        the stop is confirmed (None: use the whole budget). The pure ``train``
+        never stops early.
+      stop_confirm_episodes: confirm a stop on this many fresh validation levels
+        (``rl_pg.evaluate.CONFIRMATION_SEED``); 0 stops on the first validation
+        median that reaches ``stop_at_score``.
+      stop_confirm_fraction: the fraction of those levels on which the policy
+        must reach ``stop_at_score`` (0.5 is a median; held-out medians need a
+        margin above it, see the README).
       final_eval_episodes: held-out test levels scored at the end (``eval.json``).
       checkpoint_every_evals: write the resumable checkpoint every this many
         evaluations (and always at the end).
@@ -141,6 +148,8 @@ class OnPolicyConfig:
     eval_episodes: int = 32
     eval_max_score: int = 10_000
     stop_at_score: int | None = 10_000
+    stop_confirm_episodes: int = 128
+    stop_confirm_fraction: float = 0.65
     final_eval_episodes: int = 32
     checkpoint_every_evals: int = 1
 
@@ -192,6 +201,8 @@ class OnPolicyConfig:
             "checkpoint_every_evals",
         ):
             checks.int_at_least(name, 1)
+        checks.int_at_least("stop_confirm_episodes", 0)
+        checks.real_in("stop_confirm_fraction", 0.0, 1.0, low_open=True)
         checks.real_in("lr", 0.0, 1.0, low_open=True)
         checks.real_in("adam_eps", 0.0, 1.0, low_open=True)
         checks.real_in("max_grad_norm", 0.0, math.inf, low_open=True, high_open=True)
