@@ -93,7 +93,7 @@ def main() -> None:
     lines = [
         f"# PPO (default) time to a held-out median of {args.target:,} pipes",
         "",
-        "| seed | held-out median 10,000 | held-out levels at the cap | "
+        f"| seed | held-out median {args.target:,} | held-out levels at the cap | "
         "wall-clock s (compile incl.) | env steps |",
         "|---:|:---:|---:|---:|---:|",
     ]

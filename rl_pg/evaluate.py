@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_pg import io
-from rl_pg.envs import render
+from rl_pg.envs import FlappyBird, render
 
 HELD_OUT_SEED = 0x7E57_1EE1  # test levels: eval.json scores
 VALIDATION_SEED = 0x5E1E_C7ED  # validation levels: checkpoint selection in training
@@ -140,8 +140,11 @@ def _evaluate(
     median_only: jax.Array,
     chunk_size: int,
 ) -> EvalResult:
-    max_steps = max_steps_for(max_score, env_params)
-    env_params = env_params.replace(max_steps_in_episode=max_steps)
+    if isinstance(env, FlappyBird):
+        max_steps = max_steps_for(max_score, env_params)
+        env_params = env_params.replace(max_steps_in_episode=max_steps)
+    else:  # another gymnax env: its own time limit, score = episode return
+        max_steps = env_params.max_steps_in_episode
     num_episodes = reset_keys.shape[0]
     _, state = jax.vmap(env.reset_env, (0, None))(reset_keys, env_params)
     # Observations are recomputed from the state rather than carried: an act_fn
@@ -191,8 +194,9 @@ def _evaluate(
     done = jnp.zeros(num_episodes, bool)
     carry = _EvalCarry(state, done, done, key)
     carry = jax.lax.while_loop(keep_going, chunk, carry)
+    score_dtype = jnp.int32 if isinstance(env, FlappyBird) else jnp.float32
     return EvalResult(
-        scores=jnp.minimum(carry.state.score, max_score).astype(jnp.int32),
+        scores=jnp.minimum(carry.state.score, max_score).astype(score_dtype),
         lengths=carry.state.time.astype(jnp.int32),
         crashed=carry.crashed,
         finished=carry.done,
@@ -221,9 +225,11 @@ def evaluate(
       act_fn: ``(agent_params, obs, state, key) -> action`` for one environment;
         greedy or sampled as it decides.
       agent_params: whatever ``act_fn`` reads (network params, a Q-table, ...).
-      env: a Flappy Bird environment (``rl_pg.make``).
-      env_params: its ``EnvParams``; ``max_steps_in_episode`` is replaced by
-        ``max_steps_for(max_score, env_params)``.
+      env: a Flappy Bird environment (``rl_pg.make``), or another gymnax env
+        wrapped by ``rl_pg.envs.scored.EpisodeReturn`` (scores are then float32
+        episode returns; ``median_only`` is ignored).
+      env_params: its ``EnvParams``; for Flappy Bird ``max_steps_in_episode`` is
+        replaced by ``max_steps_for(max_score, env_params)``.
       key: action-sampling key (the levels do not depend on it).
       num_episodes: N, the number of levels; ignored when ``reset_keys`` is given.
       max_score: an episode stops counting (and stops) at this many pipes.
@@ -248,6 +254,8 @@ def evaluate(
             raise ValueError(f"num_episodes must be an int >= 1, got {num_episodes!r}")
         reset_keys = held_out_keys(num_episodes)
     chex.assert_rank(reset_keys, 2)
+    if not isinstance(env, FlappyBird):
+        median_only = False  # the early stop relies on pipes' common timing
     return _evaluate(
         act_fn,
         agent_params,
@@ -261,17 +269,23 @@ def evaluate(
     )
 
 
+def _number(x: Any) -> int | float:
+    """An int for integral scores (pipes, most returns), else a float."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
 def summarize(result: EvalResult) -> dict[str, Any]:
     """JSON-ready statistics of an evaluation (median, mean, min, max, scores)."""
     scores = np.asarray(result.scores)
     return dict(
         median_score=float(np.median(scores)),
         mean_score=float(np.mean(scores)),
-        min_score=int(scores.min()),
-        max_score_reached=int(scores.max()),
+        min_score=_number(scores.min()),
+        max_score_reached=_number(scores.max()),
         num_episodes=int(scores.size),
         num_crashed=int(np.sum(np.asarray(result.crashed))),
-        scores=[int(s) for s in scores],
+        scores=[_number(s) for s in scores],
     )
 
 
@@ -342,7 +356,10 @@ def agent_gif(
     the crash (the crash frame is included). Frames are 512 x 288 RGB from
     ``rl_pg.envs.render.render_rgb``, every ``frame_skip``-th step, at ``fps``
     (the game runs at 30 steps per second: ``fps = 30 / frame_skip`` is real time).
+    Other gymnax envs have no renderer here: nothing is written and 0 returned.
     """
+    if not isinstance(env, FlappyBird):
+        return 0
     if not (isinstance(max_frames, int) and max_frames >= 2):
         raise ValueError(f"max_frames must be an int >= 2, got {max_frames!r}")
     if not (isinstance(frame_skip, int) and frame_skip >= 1):

@@ -422,7 +422,9 @@ def save_policy(directory: str | Path, config: Any, params: Any, **extra: Any) -
         params,
         policy=loop.policy_spec(config),
         env_id=config.env_id,
-        env_kwargs={"max_steps_in_episode": config.max_steps_in_episode},
+        env_kwargs={
+            "max_steps_in_episode": int(loop.make_env(config)[1].max_steps_in_episode)
+        },
         **extra,
     )
 

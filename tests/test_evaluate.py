@@ -208,3 +208,42 @@ def test_physics_constants_reach_score_window_step_caps_and_binning(pipe_speed):
         100.0,
         (-9, 10),
     )
+
+
+def test_other_gymnax_envs_are_scored_by_episode_return():
+    from rl_pg.algos import ppo
+    from rl_pg.envs import scored
+
+    env, params = scored.make("CartPole-v1")
+    assert params.max_steps_in_episode == 500
+    obs, state = env.reset(jax.random.PRNGKey(0), params)
+    total = 0.0
+    for t in range(5):
+        obs, state, reward, terminated, truncated, info = env.step(
+            jax.random.PRNGKey(t), state, 1, params
+        )
+        total += float(reward)
+        assert float(info["score"]) == total == float(state.score)
+        assert int(state.time) == t + 1 and "final_observation" in info
+
+    def always(action):
+        return lambda params, obs, state, key: jnp.int32(action)
+
+    # pushing one way topples the pole within ~10 steps: return = length
+    result = ev.evaluate(always(1), None, env, params, jax.random.PRNGKey(0), N, 10**4)
+    scores, lengths = np.asarray(result.scores), np.asarray(result.lengths)
+    assert scores.dtype == np.float32 and bool(jnp.all(result.crashed))
+    np.testing.assert_array_equal(scores, lengths)
+    assert scores.min() >= 5 and scores.max() < 20
+    # the time limit (500, not Flappy Bird's pipe-based cap) ends the episode
+    short = params.replace(max_steps_in_episode=7)
+    result = ev.evaluate(always(1), None, env, short, jax.random.PRNGKey(0), N, 10**4)
+    np.testing.assert_array_equal(result.scores, 7)
+    assert not bool(jnp.any(result.crashed))
+    for bad, why in [
+        ("Pendulum-v1", "no discrete action space"),
+        ("Breakout-MinAtar", "no flat"),
+        ("Nope-v0", "not a gymnax environment id"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            ppo.PPOConfig(env_id=bad)

@@ -291,3 +291,32 @@ def test_stop_rule_needs_a_confirmation_on_fresh_validation_levels():
     assert not train._stop_rule(
         dataclasses.replace(config, stop_at_score=None), good, 1e4, 1e4
     )
+
+
+def test_cartpole_trains_end_to_end(tmp_path):
+    # Any gymnax env with discrete actions: CartPole-v1 with PureJaxRL's PPO
+    # settings, scored by episode return (random play returns ~22).
+    config = train.make_config(
+        "ppo",
+        {
+            "env-id": "CartPole-v1",
+            "num-envs": "4",
+            "num-steps": "128",
+            "lr": "2.5e-4",
+            "anneal-lr": "true",
+            "update-epochs": "4",
+            "num-minibatches": "4",
+            "reward-scale": "1",
+            "total-env-steps": "40960",
+            "eval-every-steps": "20480",
+        },
+    )
+    result = train.run(config, tmp_path / "run", progress=False)
+    data = result.eval
+    assert len(data["scores"]) == 32 and max(data["scores"]) <= 500
+    assert data["mean_score"] > 100, data  # learned well beyond random play
+    assert [r["env_steps"] for r in result.metrics] == [20480, 40960]
+    meta = json.loads((tmp_path / "run/checkpoints/best/meta.json").read_text())
+    assert meta["env_id"] == "CartPole-v1"
+    assert meta["env_kwargs"] == {"max_steps_in_episode": 500}
+    assert not (tmp_path / "run/agent.gif").exists()  # no renderer for CartPole

@@ -19,7 +19,7 @@ import math
 import numbers
 from typing import Any
 
-from rl_pg.envs import ENV_IDS
+from rl_pg.envs import ENV_IDS, scored
 
 _ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
 
@@ -102,9 +102,12 @@ class OnPolicyConfig:
     Attributes:
       seed: PRNG seed of the run (the driver's ``jax.random.PRNGKey(seed)``).
       env_id: ``FlappyBird-v0`` (features) or ``FlappyBird-lidar-v0``; pixels take
-        ``FlappyBird-pixels-v0`` and a CNN.
+        ``FlappyBird-pixels-v0`` and a CNN. Any other gymnax id with discrete
+        actions and flat observations (``CartPole-v1``, ``Acrobot-v1``, ...)
+        works too, scored by its episode return.
       max_steps_in_episode: training episodes are truncated (and bootstrapped
-        where a critic exists) after this many steps.
+        where a critic exists) after this many steps (None: the env's own
+        limit, 10,000 steps for Flappy Bird, 500 for CartPole-v1).
       total_env_steps: training budget in env steps (all envs together); the run
         does ``total_env_steps // steps_per_update`` updates.
       lr: Adam learning rate.
@@ -135,7 +138,7 @@ class OnPolicyConfig:
 
     seed: int = 0
     env_id: str = "FlappyBird-v0"
-    max_steps_in_episode: int = 10_000
+    max_steps_in_episode: int | None = None
     total_env_steps: int = 10_000_000
     lr: float = 1e-3
     anneal_lr: bool = False
@@ -190,9 +193,20 @@ class OnPolicyConfig:
     def check(self, checks: Checks) -> None:
         """Adds this config's problems to ``checks``; subclasses extend it."""
         checks.require(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
-        checks.one_of("env_id", tuple(ENV_IDS))
+        if self.env_id not in ENV_IDS:
+            problem = (
+                scored.check_env_id(self.env_id)
+                if isinstance(self.env_id, str)
+                else f"{self.env_id!r} is not a string"
+            )
+            checks.require(
+                problem is None,
+                f"env_id must be one of {list(ENV_IDS)} or a gymnax id with "
+                f"discrete actions and flat observations: {problem}",
+            )
+        if self.max_steps_in_episode is not None:
+            checks.int_at_least("max_steps_in_episode", 1)
         for name in (
-            "max_steps_in_episode",
             "total_env_steps",
             "eval_every_steps",
             "eval_episodes",
@@ -234,7 +248,7 @@ class OnPolicyConfig:
     def policy_spec(self, num_actions: int) -> dict[str, Any]:
         """``{"kind", **factory kwargs}`` for ``rl_pg.checkpoint.save_policy``."""
         value = "separate" if self.uses_critic else None
-        if ENV_IDS[self.env_id] == "pixels":
+        if ENV_IDS.get(self.env_id) == "pixels":
             return {
                 "kind": "cnn",
                 "num_actions": num_actions,

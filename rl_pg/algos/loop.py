@@ -39,6 +39,7 @@ import optax
 import rl_pg
 from rl_pg import estimators, policies, returns, rollout
 from rl_pg.algos.config import OnPolicyConfig
+from rl_pg.envs import ENV_IDS, scored
 from rl_pg.trajectory import Trajectory
 
 Params = Any
@@ -112,18 +113,29 @@ class Algorithm(NamedTuple):
 
 @functools.cache
 def _env(env_id: str):
+    if env_id not in ENV_IDS:  # another gymnax env, scored by its episode return
+        return scored.make(env_id)[0]
     with jax.ensure_compile_time_eval():  # make() validates with jnp: not traced
         return rl_pg.make(env_id)[0]
 
 
 @functools.cache
-def _env_params(env_id: str, max_steps_in_episode: int):
+def _env_params(env_id: str, max_steps_in_episode: int | None):
+    if env_id not in ENV_IDS:
+        return scored.make(env_id, max_steps_in_episode)[1]
+    kwargs = {}
+    if max_steps_in_episode is not None:
+        kwargs["max_steps_in_episode"] = max_steps_in_episode
     with jax.ensure_compile_time_eval():
-        return rl_pg.make(env_id, max_steps_in_episode=max_steps_in_episode)[1]
+        return rl_pg.make(env_id, **kwargs)[1]
 
 
 def make_env(config: OnPolicyConfig):
-    """``(env, env_params)`` for training; one env object per id (jit caches)."""
+    """``(env, env_params)`` for training; one env object per id (jit caches).
+
+    Flappy Bird ids come from ``rl_pg.make``; any other gymnax id with discrete
+    actions is wrapped by :class:`rl_pg.envs.scored.EpisodeReturn` (score =
+    episode return)."""
     env = _env(config.env_id)
     return env, _env_params(config.env_id, config.max_steps_in_episode)
 
