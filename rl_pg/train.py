@@ -608,12 +608,16 @@ def run(
         stop = _stop_rule(config, state.params, val_median, prog.best_median)
         if stop and config.stop_confirm_episodes:  # the confirmed policy is the best
             best_params = state.params
+            now = elapsed()  # the confirmation's evaluation included
             prog = prog._replace(
                 best_median=val_median,
                 best_update=update,
                 best_env_steps=env_steps,
-                best_wall_clock_s=elapsed(),
+                best_wall_clock_s=now,
+                wall_clock_s=now,
             )
+            rows[-1].update(best_median=val_median, best_env_steps=env_steps)
+            _write_metrics(out_dir / "metrics.csv", rows)
         if callback is not None:
             event = EvalEvent(
                 update,

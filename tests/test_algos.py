@@ -45,7 +45,7 @@ def test_defaults_are_valid_and_ppo_matches_reference_settings():
         (ppo.PPOConfig, dict(anneal_lr="yes"), "anneal_lr must be a bool"),
         (ppo.PPOConfig, dict(hidden=(64, 0)), "hidden must be"),
         (ppo.PPOConfig, dict(activation="sigmoid"), "activation must be one of"),
-        (ppo.PPOConfig, dict(env_id="CartPole-v1"), "env_id must be one of"),
+        (ppo.PPOConfig, dict(env_id="Pendulum-v1"), "env_id must be one of"),
         (ppo.PPOConfig, dict(total_env_steps=100), "at least one batch"),
         (ppo.PPOConfig, dict(stop_at_score=0), "stop_at_score"),
         (a2c.A2CConfig, dict(num_steps=2.5), "num_steps must be an int"),
