@@ -662,6 +662,8 @@ def ppo_clip(
     normalize_advantages: bool = True,
     vf_coef: float = 0.5,
     ent_coef: float = 0.01,
+    clip_value_loss: bool = False,
+    advantages: jax.Array | None = None,
 ) -> tuple[jax.Array, LossAux]:
     """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347).
 
@@ -671,7 +673,7 @@ def ppo_clip(
 
     A_t = GAE from the batch's collection-time values (as in ``gae``), optionally
     normalised to zero mean and unit std over the batch's live steps. The value loss is
-    unclipped, as in ``gae``. At r = 1 with ``normalize_advantages=False`` the gradient
+    unclipped, as in ``gae``, unless ``clip_value_loss``. At r = 1 with ``normalize_advantages=False`` the gradient
     equals that of ``gae`` with the same gamma, lam, vf_coef and ent_coef.
 
     Args:
@@ -684,12 +686,20 @@ def ppo_clip(
       normalize_advantages: normalise A over the batch (the usual PPO default).
       vf_coef: weight of the value loss.
       ent_coef: weight of the entropy bonus.
+      clip_value_loss: use max((V - target)^2, (V_clip - target)^2) with
+        V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps), V_old the batch's
+        collection-time values (PureJaxRL, CleanRL).
+      advantages: [T, B] precomputed GAE (then ``gamma`` and ``lam`` are unused),
+        for minibatches of shuffled single transitions whose GAE was computed once
+        over the whole batch.
 
     Returns:
       (loss, LossAux).
     """
     fwd = _forward(params, batch, apply_fn)
-    raw_advantages = _gae_advantages(batch, gamma, lam)
+    if advantages is None:
+        advantages = _gae_advantages(batch, gamma, lam)
+    raw_advantages = sg(advantages)
     advantages = raw_advantages
     if normalize_advantages:
         advantages = _normalize(advantages, fwd.mask)
@@ -698,7 +708,23 @@ def ppo_clip(
     )
     pg_loss = -_per_trajectory(clipped.objective, fwd.mask)
     targets = raw_advantages + batch.values
-    value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
+    if clip_value_loss:
+        old_values = sg(batch.values)
+        clipped_values = old_values + jnp.clip(
+            fwd.values - old_values, -clip_eps, clip_eps
+        )
+        fwd_max = fwd._replace(
+            values=jnp.where(  # the larger of the two squared errors, per step
+                jnp.abs(clipped_values - targets) > jnp.abs(fwd.values - targets),
+                clipped_values,
+                fwd.values,
+            )
+        )
+        value_loss, extra = _value_and_entropy_terms(
+            fwd_max, targets, vf_coef, ent_coef
+        )
+    else:
+        value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
     aux = _make_aux(
         fwd,
         pg_loss,
@@ -1044,6 +1070,8 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     ),
     "leave_one_out": (lambda v: isinstance(v, bool), "a bool"),
     "normalize_advantages": (lambda v: isinstance(v, bool), "a bool"),
+    "clip_value_loss": (lambda v: isinstance(v, bool), "a bool"),
+    "advantages": (lambda v: v is None, "None (or an array at call time)"),
     "ref_params": (lambda v: True, "a params pytree or None"),
 }
 _RLOO_GROUPS = {

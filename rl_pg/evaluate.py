@@ -38,17 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_pg import io
-from rl_pg.envs import render
+from rl_pg.envs import FlappyBird, render
 
 HELD_OUT_SEED = 0x7E57_1EE1  # test levels: eval.json scores
 VALIDATION_SEED = 0x5E1E_C7ED  # validation levels: checkpoint selection in training
+CONFIRMATION_SEED = VALIDATION_SEED + 1000  # more validation levels: the stop rule
 
-# Pipes reach the bird every 36, 36, 41 steps (a 113-step cycle): 37.67 per pipe.
-STEPS_PER_PIPE = 38
-# Pipe 0 is passed at step 61 and the first cycle is one step longer (42).
-STEPS_BEFORE_FIRST_PIPE = 200
-# Step counts are int32: keep max_steps_for(max_score) below 2**31.
+# Step counts are int32: max_steps_for(max_score, params) is clamped below 2**31
+# (with the default physics 50M pipes take 1.9e9 steps).
 MAX_SCORE_LIMIT = 50_000_000
+_MAX_STEPS = 2**31 - 2**20
 
 ActFn = Callable[[Any, jax.Array, Any, chex.PRNGKey], jax.Array]
 
@@ -78,9 +77,33 @@ class _EvalCarry(NamedTuple):
     key: chex.PRNGKey
 
 
-def max_steps_for(max_score: int) -> int:
-    """A step limit that a never-crashing bird needs to pass ``max_score`` pipes."""
-    return STEPS_PER_PIPE * max_score + STEPS_BEFORE_FIRST_PIPE
+def max_steps_for(max_score: int | jax.Array, params: Any) -> jax.Array:
+    """A step limit that a never-crashing bird needs to pass ``max_score`` pipes,
+    from the pipe geometry of ``params`` (Flappy Bird's ``EnvParams``).
+
+    The first pipe reaches the bird after ``(first_pipe_x + pipe_width / 2 -
+    bird_x - bird_width / 2) / pipe_speed`` steps. The three pipes then cycle: one
+    leaves at ``x < -pipe_width`` and respawns at ``spawn_x``, so any three
+    consecutive pipes pass within ``(spawn_x + pipe_width + pipe_speed) /
+    pipe_speed`` steps (113 with the defaults: every 36, 36, 41 steps). The limit
+    allows one cycle per three pipes plus two spare cycles (380,365 steps for
+    10,000 pipes with the defaults; the bird needs 376,691). int32, traceable.
+    """
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    speed = f32(params.pipe_speed)
+    first = jnp.ceil(
+        (
+            f32(params.first_pipe_x)
+            + f32(params.pipe_width) / 2
+            - f32(params.bird_x)
+            - f32(params.bird_width) / 2
+        )
+        / speed
+    )
+    cycle = jnp.ceil((f32(params.spawn_x) + f32(params.pipe_width) + speed) / speed)
+    cycles = jnp.ceil(f32(max_score) / 3.0) + 2.0
+    steps = jnp.maximum(first, 0.0) + 1.0 + cycles * cycle
+    return jnp.minimum(steps, _MAX_STEPS).astype(jnp.int32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -117,8 +140,11 @@ def _evaluate(
     median_only: jax.Array,
     chunk_size: int,
 ) -> EvalResult:
-    max_steps = max_steps_for(max_score)
-    env_params = env_params.replace(max_steps_in_episode=max_steps)
+    if isinstance(env, FlappyBird):
+        max_steps = max_steps_for(max_score, env_params)
+        env_params = env_params.replace(max_steps_in_episode=max_steps)
+    else:  # another gymnax env: its own time limit, score = episode return
+        max_steps = env_params.max_steps_in_episode
     num_episodes = reset_keys.shape[0]
     _, state = jax.vmap(env.reset_env, (0, None))(reset_keys, env_params)
     # Observations are recomputed from the state rather than carried: an act_fn
@@ -168,8 +194,9 @@ def _evaluate(
     done = jnp.zeros(num_episodes, bool)
     carry = _EvalCarry(state, done, done, key)
     carry = jax.lax.while_loop(keep_going, chunk, carry)
+    score_dtype = jnp.int32 if isinstance(env, FlappyBird) else jnp.float32
     return EvalResult(
-        scores=jnp.minimum(carry.state.score, max_score).astype(jnp.int32),
+        scores=jnp.minimum(carry.state.score, max_score).astype(score_dtype),
         lengths=carry.state.time.astype(jnp.int32),
         crashed=carry.crashed,
         finished=carry.done,
@@ -198,9 +225,11 @@ def evaluate(
       act_fn: ``(agent_params, obs, state, key) -> action`` for one environment;
         greedy or sampled as it decides.
       agent_params: whatever ``act_fn`` reads (network params, a Q-table, ...).
-      env: a Flappy Bird environment (``rl_pg.make``).
-      env_params: its ``EnvParams``; ``max_steps_in_episode`` is replaced by
-        ``max_steps_for(max_score)``.
+      env: a Flappy Bird environment (``rl_pg.make``), or another gymnax env
+        wrapped by ``rl_pg.envs.scored.EpisodeReturn`` (scores are then float32
+        episode returns; ``median_only`` is ignored).
+      env_params: its ``EnvParams``; for Flappy Bird ``max_steps_in_episode`` is
+        replaced by ``max_steps_for(max_score, env_params)``.
       key: action-sampling key (the levels do not depend on it).
       num_episodes: N, the number of levels; ignored when ``reset_keys`` is given.
       max_score: an episode stops counting (and stops) at this many pipes.
@@ -231,6 +260,8 @@ def evaluate(
     shape = getattr(reset_keys, "shape", None)
     if shape is None or len(shape) != 2 or shape[0] < 1:
         raise ValueError(f"reset_keys must be [N >= 1, 2] PRNG keys, got shape {shape}")
+    if not isinstance(env, FlappyBird):
+        median_only = False  # the early stop relies on pipes' common timing
     return _evaluate(
         act_fn,
         agent_params,
@@ -244,17 +275,23 @@ def evaluate(
     )
 
 
+def _number(x: Any) -> int | float:
+    """An int for integral scores (pipes, most returns), else a float."""
+    x = float(x)
+    return int(x) if x.is_integer() else x
+
+
 def summarize(result: EvalResult) -> dict[str, Any]:
     """JSON-ready statistics of an evaluation (median, mean, min, max, scores)."""
     scores = np.asarray(result.scores)
     return dict(
         median_score=float(np.median(scores)),
         mean_score=float(np.mean(scores)),
-        min_score=int(scores.min()),
-        max_score_reached=int(scores.max()),
+        min_score=_number(scores.min()),
+        max_score_reached=_number(scores.max()),
         num_episodes=int(scores.size),
         num_crashed=int(np.sum(np.asarray(result.crashed))),
-        scores=[int(s) for s in scores],
+        scores=[_number(s) for s in scores],
     )
 
 
@@ -325,7 +362,10 @@ def agent_gif(
     the crash (the crash frame is included). Frames are 512 x 288 RGB from
     ``rl_pg.envs.render.render_rgb``, every ``frame_skip``-th step, at ``fps``
     (the game runs at 30 steps per second: ``fps = 30 / frame_skip`` is real time).
+    Other gymnax envs have no renderer here: nothing is written and 0 returned.
     """
+    if not isinstance(env, FlappyBird):
+        return 0
     if not (isinstance(max_frames, int) and max_frames >= 2):
         raise ValueError(f"max_frames must be an int >= 2, got {max_frames!r}")
     if not (isinstance(frame_skip, int) and frame_skip >= 1):

@@ -44,6 +44,15 @@ def _act(key, params, apply_fn, obs):
     return action.astype(jnp.int32), log_prob, value
 
 
+def _shift_in(values: jax.Array, last: jax.Array) -> jax.Array:
+    """[T, B] ``values[t + 1]``, with ``last`` (V after the final step) at T - 1.
+
+    The collection-time value of the next step is the bootstrap value wherever an
+    episode goes on, so rollouts need no second network pass per step.
+    """
+    return jnp.concatenate([values[1:], last[None]], axis=0)
+
+
 def episodic_rollout(
     key: jax.Array,
     params: Any,
@@ -84,14 +93,12 @@ def episodic_rollout(
         next_obs, next_state, reward, terminated, info = step(
             key, state, action, env_params
         )
-        _, next_value = apply_fn(params, next_obs)
         out = dict(
             observations=obs,
             actions=action,
             rewards=reward,
             log_probs=log_prob,
             values=value,
-            next_values=next_value,
             terminated=terminated & alive,
             mask=alive.astype(jnp.float32),
             score=info["score"],
@@ -99,10 +106,14 @@ def episodic_rollout(
         return (next_obs, next_state, alive & ~terminated), out
 
     keys = jax.random.split(key, horizon)
-    (_, _, alive), out = jax.lax.scan(body, (obs, state, jnp.ones(num, bool)), keys)
+    (last_obs, _, alive), out = jax.lax.scan(
+        body, (obs, state, jnp.ones(num, bool)), keys
+    )
     truncated = jnp.zeros((horizon, num), bool).at[-1].set(alive)
+    _, last_value = apply_fn(params, last_obs)  # one pass, for the cut at T - 1
     traj = Trajectory(
         truncated=truncated,
+        next_values=_shift_in(out["values"], last_value),
         level=jnp.broadcast_to(level, (horizon, num)),
         **out,
     )
@@ -168,10 +179,12 @@ def streaming_rollout(
 ) -> tuple[StreamState, Trajectory]:
     """``horizon`` steps of auto-resetting streams (``env.step``).
 
-    ``next_values`` is V of ``info["final_observation"]``, so an episode cut by
-    the env's time limit (``truncated``) bootstraps from its real last state; the
-    last step of the batch is marked ``truncated`` where it is not an episode end,
-    so returns bootstrap there too. ``level`` counts episodes per stream. With a
+    ``next_values`` is the collection-time ``values[t + 1]`` (and V of the stream's
+    observation after the last step, from one extra pass); where the env's time
+    limit cut an episode (``truncated``) it is V of ``info["final_observation"]``,
+    computed only in steps that have such a cut, so the episode bootstraps from its
+    real last state. The last step of the batch is marked ``truncated`` where it is
+    not an episode end, so returns bootstrap there too. ``level`` counts episodes per stream. With a
     ``mesh`` the streams are split across its devices.
     """
     num = stream.obs.shape[0]
@@ -179,22 +192,31 @@ def streaming_rollout(
     stream = distributed.constrain(stream, mesh)
     step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
 
+    def cut_value(cut, final_obs):
+        # V(final observation) where the time limit cut an episode: rare, so the
+        # network runs only in steps that have one (under vmap both branches run).
+        return jax.lax.cond(
+            jnp.any(cut),
+            lambda: jnp.where(cut, apply_fn(params, final_obs)[1], 0.0),
+            lambda: jnp.zeros(cut.shape, jnp.float32),
+        )
+
     def body(stream, key):
         key_act, key_step = jax.random.split(key)
         action, log_prob, value = _act(key_act, params, apply_fn, stream.obs)
         obs, state, reward, terminated, truncated, info = step(
             jax.random.split(key_step, num), stream.env_state, action, env_params
         )
-        _, next_value = apply_fn(params, info["final_observation"])
+        cut = truncated & ~terminated
         out = dict(
             observations=stream.obs,
             actions=action,
             rewards=reward,
             log_probs=log_prob,
             values=value,
-            next_values=next_value,
+            cut_values=cut_value(cut, info["final_observation"]),
             terminated=terminated,
-            truncated=truncated & ~terminated,
+            truncated=cut,
             mask=jnp.ones(num, jnp.float32),
             level=stream.episode,
             score=info["score"],
@@ -203,6 +225,10 @@ def streaming_rollout(
         return StreamState(obs, state, stream.episode + done.astype(jnp.int32)), out
 
     stream, out = jax.lax.scan(body, stream, jax.random.split(key, horizon))
+    _, last_value = apply_fn(params, stream.obs)  # one pass, for the batch's end
+    next_values = _shift_in(out["values"], last_value)
+    cut_values = out.pop("cut_values")
+    out["next_values"] = jnp.where(out["truncated"], cut_values, next_values)
     ended = out["terminated"][-1] | out["truncated"][-1]
     out["truncated"] = out["truncated"].at[-1].set(out["truncated"][-1] | ~ended)
     traj = distributed.constrain(Trajectory(**out), mesh, axis=1)

@@ -275,6 +275,34 @@ def _validate(config: Any, params: Any, *, seed: int, num_episodes: int) -> Any:
     )
 
 
+def _stop_rule(config: Any, params: Any, val_median: float, best: float) -> bool:
+    """Stop once a validation median reaches ``stop_at_score`` and, unless
+    ``stop_confirm_episodes`` is 0, the same policy reaches it on at least
+    ``stop_confirm_fraction`` of that many fresh validation levels (one lucky
+    validation round does not stop the run)."""
+    target = config.stop_at_score
+    if target is None:
+        return False
+    if not config.stop_confirm_episodes:
+        return best >= target
+    if val_median < target:
+        return False
+    env, env_params = loop.make_env(config)
+    result = evaluation.evaluate(
+        loop.greedy_act_fn(loop.make_policy(config)),
+        params,
+        env,
+        env_params,
+        jax.random.PRNGKey(0),
+        max_score=config.eval_max_score,
+        reset_keys=evaluation.held_out_keys(
+            config.stop_confirm_episodes, evaluation.CONFIRMATION_SEED
+        ),
+    )
+    reached = np.mean(np.asarray(result.scores) >= target)
+    return bool(reached >= config.stop_confirm_fraction)
+
+
 def _current_lr(config: Any, update: int) -> float:
     if not config.anneal_lr:
         return float(config.lr)
@@ -424,7 +452,9 @@ def save_policy(directory: str | Path, config: Any, params: Any, **extra: Any) -
         params,
         policy=loop.policy_spec(config),
         env_id=config.env_id,
-        env_kwargs={"max_steps_in_episode": config.max_steps_in_episode},
+        env_kwargs={
+            "max_steps_in_episode": int(loop.make_env(config)[1].max_steps_in_episode)
+        },
         **critic,
         **extra,
     )
@@ -670,10 +700,19 @@ def run(
             refresh=False,
         )
         finished = update >= config.num_updates
-        stop = (
-            config.stop_at_score is not None
-            and prog.best_median >= config.stop_at_score
-        )
+        stop = _stop_rule(config, state.params, val_median, prog.best_median)
+        if stop and config.stop_confirm_episodes:  # the confirmed policy is the best
+            best_params = state.params
+            now = elapsed()  # the confirmation's evaluation included
+            prog = prog._replace(
+                best_median=val_median,
+                best_update=update,
+                best_env_steps=env_steps,
+                best_wall_clock_s=now,
+                wall_clock_s=now,
+            )
+            rows[-1].update(best_median=val_median, best_env_steps=env_steps)
+            _write_metrics(out_dir / "metrics.csv", rows)
         if callback is not None:
             event = EvalEvent(
                 update,

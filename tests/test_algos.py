@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from rl_pg import estimators
+from rl_pg import estimators, returns
 from rl_pg.algos import a2c, grpo, loop, ppo, reinforce
 from rl_pg.trajectory import Trajectory
 
@@ -34,14 +34,18 @@ def test_defaults_are_valid_and_ppo_matches_reference_settings():
     ("cls", "kwargs", "message"),
     [
         (ppo.PPOConfig, dict(num_envs=0), "num_envs must be an int >= 1"),
-        (ppo.PPOConfig, dict(num_envs=6, num_minibatches=4), "must divide num_envs"),
+        (
+            ppo.PPOConfig,
+            dict(num_envs=3, num_steps=5, num_minibatches=2),
+            "must divide steps_per_update",
+        ),
         (ppo.PPOConfig, dict(lr=-1.0), "lr must be a number in (0.0, 1.0]"),
         (ppo.PPOConfig, dict(gamma=1.5), "gamma must be a number in [0.0, 1.0]"),
         (ppo.PPOConfig, dict(clip_eps=0.0), "clip_eps"),
         (ppo.PPOConfig, dict(anneal_lr="yes"), "anneal_lr must be a bool"),
         (ppo.PPOConfig, dict(hidden=(64, 0)), "hidden must be"),
         (ppo.PPOConfig, dict(activation="sigmoid"), "activation must be one of"),
-        (ppo.PPOConfig, dict(env_id="CartPole-v1"), "env_id must be one of"),
+        (ppo.PPOConfig, dict(env_id="Pendulum-v1"), "env_id must be one of"),
         (ppo.PPOConfig, dict(total_env_steps=100), "at least one batch"),
         (ppo.PPOConfig, dict(stop_at_score=0), "stop_at_score"),
         (a2c.A2CConfig, dict(num_steps=2.5), "num_steps must be an int"),
@@ -224,11 +228,12 @@ def test_episodic_train_runs_and_counts_steps(module, config):
     assert metrics.loss.shape == (num_updates,)
     assert np.all(np.isfinite(np.asarray(metrics.loss)))
     assert np.all(np.asarray(metrics.grad_norm) > 0)
-    np.testing.assert_array_equal(
-        metrics.env_steps, config.steps_per_update * np.arange(1, num_updates + 1)
-    )
+    # only live steps count: the padding after a crash is not an env step
+    live = np.asarray(metrics.live_steps)
+    np.testing.assert_array_equal(metrics.env_steps, np.cumsum(live))
     np.testing.assert_array_equal(metrics.episodes, [4, 4])  # one per column
-    assert np.all(np.asarray(metrics.live_steps) <= config.steps_per_update)
+    assert np.all(live <= config.steps_per_update)
+    assert np.any(live < config.steps_per_update)  # random birds crash early
     assert int(state.update) == num_updates and state.stream is None
     assert (state.ref_params is not None) == (module is grpo)
     if module is grpo:  # the reference stays at the initial params, params move
@@ -237,3 +242,72 @@ def test_episodic_train_runs_and_counts_steps(module, config):
         )
         assert max(jax.tree.leaves(diff)) > 0
         assert np.all(np.asarray(metrics.kl) >= 0)
+
+
+# ------------------------------------------------------- PPO as the references do it
+
+
+def _random_batch(key, num_steps=6, num_columns=4):
+    ks = jax.random.split(key, 6)
+    shape = (num_steps, num_columns)
+    return _toy_batch(num_steps, num_columns)._replace(
+        observations=jax.random.normal(ks[0], (*shape, 2)),
+        actions=jax.random.bernoulli(ks[1], 0.5, shape).astype(jnp.int32),
+        rewards=jax.random.normal(ks[2], shape),
+        log_probs=jnp.log(jnp.full(shape, 0.5)),
+        values=jax.random.normal(ks[3], shape),
+        next_values=jax.random.normal(ks[4], shape),
+        terminated=jax.random.bernoulli(ks[5], 0.2, shape),
+        truncated=jnp.zeros(shape, bool).at[2, 1].set(True),
+    )
+
+
+def test_gae_transitions_flatten_one_gae_over_the_batch():
+    batch = _random_batch(jax.random.PRNGKey(0))
+    flat = loop.gae_transitions(batch, gamma=0.9, lam=0.8)
+    want = returns.batch_gae(
+        batch.rewards,
+        batch.values,
+        batch.next_values,
+        batch.terminated,
+        batch.truncated,
+        0.9,
+        0.8,
+    )
+    assert flat.advantages.shape == (1, 24)
+    np.testing.assert_allclose(flat.advantages[0], np.asarray(want).ravel(), rtol=1e-6)
+    assert flat.batch.observations.shape == (1, 24, 2)
+    np.testing.assert_array_equal(
+        flat.batch.observations[0, 5], batch.observations[1, 1]
+    )  # time-major: transition t * B + b
+    # shuffling [1, N] columns mixes time steps and envs in each minibatch
+    columns = np.asarray(loop.minibatch_columns(jax.random.PRNGKey(1), 24, 4))
+    assert len(set((columns[0] // 4).tolist())) > 1
+    assert len(set((columns[0] % 4).tolist())) > 1
+
+
+def test_ppo_clip_with_precomputed_advantages_and_value_clipping():
+    def apply_fn(p, obs):
+        return obs @ p["pi"], obs @ p["v"]
+
+    params = {"pi": jnp.array([[0.3, -0.2], [0.1, 0.4]]), "v": jnp.array([1.0, -2.0])}
+    batch = _random_batch(jax.random.PRNGKey(2))
+    kw = dict(apply_fn=apply_fn, gamma=0.9, lam=0.8)
+    plain, aux = estimators.ppo_clip(params, batch, **kw)
+    adv = loop.gae_transitions(batch, 0.9, 0.8).advantages.reshape(6, 4)
+    given, aux_given = estimators.ppo_clip(
+        params, batch, advantages=adv, **kw | dict(gamma=0.0, lam=0.0)
+    )
+    np.testing.assert_allclose(given, plain, rtol=1e-6)
+    np.testing.assert_allclose(aux_given.value_loss, aux.value_loss, rtol=1e-6)
+    # value clipping: 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2), mean/step
+    _, clipped = estimators.ppo_clip(params, batch, clip_value_loss=True, **kw)
+    v = np.asarray(batch.observations @ params["v"])
+    old = np.asarray(batch.values)
+    target = np.asarray(adv) + old
+    v_clip = old + np.clip(v - old, -0.2, 0.2)
+    want = 0.5 * np.maximum((v - target) ** 2, (v_clip - target) ** 2).sum() / 4
+    np.testing.assert_allclose(clipped.value_loss, want, rtol=1e-5)
+    assert float(clipped.value_loss) > float(aux.value_loss)
+    with pytest.raises(ValueError, match="clip_value_loss"):
+        estimators.get_estimator("ppo_clip", apply_fn=apply_fn, clip_value_loss=1)

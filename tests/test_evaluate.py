@@ -59,11 +59,13 @@ def test_held_out_keys_follow_the_documented_stream():
     assert not np.any(np.all(np.asarray(validation) == np.asarray(keys), axis=1))
 
 
-def test_max_steps_covers_the_slowest_pipe_cycle():
-    for max_score in (1, 2, 3, 4, 10, 10_000):
-        assert ev.max_steps_for(max_score) >= pipe_step(max_score - 1)
-    # pipe_step itself is checked against the environment, up to pipe 9,999
-    # (step 376,691), in test_max_score_caps_and_stops_episodes.
+def test_max_steps_covers_the_slowest_pipe_cycle(env_and_params):
+    _, params = env_and_params
+    for max_score in (1, 2, 3, 4, 5, 6, 7, 10, 10_000):
+        cap = int(ev.max_steps_for(max_score, params))
+        assert pipe_step(max_score - 1) <= cap <= pipe_step(max_score - 1) * 1.01 + 400
+    assert pipe_step(9_999) == 376_691  # 37.67 steps per pipe
+    assert int(ev.max_steps_for(ev.MAX_SCORE_LIMIT, params)) < 2**31 - 1
 
 
 def test_never_flapping_falls_to_the_ground(env_and_params):
@@ -178,3 +180,77 @@ def test_agent_gif_stops_at_the_crash(env_and_params, tmp_path):
     assert n == 17
     frames = iio.imread(path)
     assert frames.shape == (17, 512, 288, 3)
+
+
+@pytest.mark.parametrize("pipe_speed", [3.0, 6.0])
+def test_physics_constants_reach_score_window_step_caps_and_binning(pipe_speed):
+    # EnvParams is the one home of the physics: with other pipe speeds every pipe
+    # still counts exactly once (the score window is one move wide: a copied 4 px
+    # window counts some pipes twice at 3 px/step and misses some at 6), the
+    # evaluation's step cap still lets a never-crashing bird reach max_score (a
+    # copied 38 steps per pipe is too few at 3 px/step), and Q-learning's state
+    # reads the changed geometry.
+    from rl_pg.algos import qlearning
+
+    env, params = rl_pg.make("FlappyBird-v0", pipe_gap=400.0, pipe_speed=pipe_speed)
+    result = ev.evaluate(
+        scripted, (300.0, 0.0), env, params, jax.random.PRNGKey(0), N, 30
+    )
+    np.testing.assert_array_equal(result.scores, 30)
+    assert not bool(jnp.any(result.crashed)) and bool(jnp.all(result.finished))
+    # pipes come every (spawn_x + pipe_width) / speed / 3 steps on average
+    per_pipe = (params.spawn_x + params.pipe_width) / pipe_speed / 3
+    np.testing.assert_allclose(np.asarray(result.lengths) / 30, per_pipe, rtol=0.05)
+    assert int(ev.max_steps_for(30, params)) >= int(result.lengths[0])
+    moved = params.replace(bird_x=60.0, pipe_width=48.0, flap_vel=-8.0, pipe_gap=120.0)
+    binning = qlearning.StateBinning.for_params(moved, bin_size=4.0)
+    assert (binning.bird_x, binning.pipe_width, binning.pipe_gap) == (60, 48, 120)
+    assert binning.velocity_range == (-9, 10)  # start velocity -9, max fall 10
+    moved = moved.replace(bird_start_vel=-7.0, max_fall_vel=12.0)
+    assert qlearning.StateBinning.for_params(moved).velocity_range == (-8, 12)
+    default = qlearning.QLearningConfig().binning
+    assert default == qlearning.StateBinning()
+    assert (default.bird_x, default.pipe_gap, default.velocity_range) == (
+        57.0,
+        100.0,
+        (-9, 10),
+    )
+
+
+def test_other_gymnax_envs_are_scored_by_episode_return():
+    from rl_pg.algos import ppo
+    from rl_pg.envs import scored
+
+    env, params = scored.make("CartPole-v1")
+    assert params.max_steps_in_episode == 500
+    obs, state = env.reset(jax.random.PRNGKey(0), params)
+    total = 0.0
+    for t in range(5):
+        obs, state, reward, terminated, truncated, info = env.step(
+            jax.random.PRNGKey(t), state, 1, params
+        )
+        total += float(reward)
+        assert float(info["score"]) == total == float(state.score)
+        assert int(state.time) == t + 1 and "final_observation" in info
+
+    def always(action):
+        return lambda params, obs, state, key: jnp.int32(action)
+
+    # pushing one way topples the pole within ~10 steps: return = length
+    result = ev.evaluate(always(1), None, env, params, jax.random.PRNGKey(0), N, 10**4)
+    scores, lengths = np.asarray(result.scores), np.asarray(result.lengths)
+    assert scores.dtype == np.float32 and bool(jnp.all(result.crashed))
+    np.testing.assert_array_equal(scores, lengths)
+    assert scores.min() >= 5 and scores.max() < 20
+    # the time limit (500, not Flappy Bird's pipe-based cap) ends the episode
+    short = params.replace(max_steps_in_episode=7)
+    result = ev.evaluate(always(1), None, env, short, jax.random.PRNGKey(0), N, 10**4)
+    np.testing.assert_array_equal(result.scores, 7)
+    assert not bool(jnp.any(result.crashed))
+    for bad, why in [
+        ("Pendulum-v1", "no discrete action space"),
+        ("Breakout-MinAtar", "no flat"),
+        ("Nope-v0", "not a gymnax environment id"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            ppo.PPOConfig(env_id=bad)

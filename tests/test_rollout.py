@@ -109,3 +109,58 @@ def test_streaming_autoreset_and_bootstrap_values(setup):
     # a second call continues the same streams
     stream2, traj2 = run(jax.random.PRNGKey(4), stream)
     np.testing.assert_array_equal(traj2.level[0], stream.episode)
+
+
+def test_bootstrap_values_equal_a_second_pass_per_step(setup):
+    # next_values without a second network pass per step equals what a second
+    # pass gives where it is read: truncated steps (time limit: V of the final
+    # observation, not of the reset one) and the batch's last step.
+    env, _, _, _ = setup
+    policy = mlp_policy(2, hidden=(16,), value="separate")
+    params = policy.init(KEY, jnp.zeros(12))
+    env_params = env.default_params.replace(max_steps_in_episode=30)
+    stream = stream_init(KEY, env, env_params, 8)
+
+    def reference(key, stream):
+        step = jax.vmap(env.step, in_axes=(0, 0, 0, None))
+
+        def body(s, k):
+            key_act, key_step = jax.random.split(k)
+            logits, _ = policy.apply(params, s.obs)
+            action = jax.random.categorical(key_act, logits).astype(jnp.int32)
+            obs, state, _, term, trunc, info = step(
+                jax.random.split(key_step, 8), s.env_state, action, env_params
+            )
+            _, next_value = policy.apply(params, info["final_observation"])
+            done = (term | trunc).astype(jnp.int32)
+            return s._replace(obs=obs, env_state=state, episode=s.episode + done), (
+                next_value
+            )
+
+        return jax.lax.scan(body, stream, jax.random.split(key, 100))[1]
+
+    key = jax.random.PRNGKey(5)
+    _, traj = jax.jit(
+        lambda k, s: streaming_rollout(
+            k, params, policy.apply, env, env_params, s, horizon=100
+        )
+    )(key, stream)
+    want = np.asarray(jax.jit(reference)(key, stream))
+    trunc = np.asarray(traj.truncated & ~traj.terminated)
+    cut = trunc.copy()
+    cut[-1] = False
+    assert cut.sum() >= 8  # the 30-step limit cuts episodes inside the batch
+    np.testing.assert_allclose(np.asarray(traj.next_values)[trunc], want[trunc], 1e-5)
+    # the reset observation's value (values[t + 1]) would be wrong there
+    assert not np.allclose(np.asarray(traj.values)[1:][cut[:-1]], want[cut])
+    # episodic: the cut at T - 1 bootstraps from V of the state after the last step
+    reset_keys = jax.random.split(KEY, 4)
+    ep = episodic_rollout(
+        key, params, policy.apply, env, env_params, reset_keys, horizon=20
+    )
+    alive = np.asarray(ep.truncated[-1])
+    assert alive.any()
+    np.testing.assert_allclose(
+        np.asarray(ep.next_values[:-1]), np.asarray(ep.values[1:]), atol=1e-6
+    )
+    assert np.all(np.isfinite(np.asarray(ep.next_values[-1])))

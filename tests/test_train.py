@@ -6,8 +6,10 @@ reuse it.
 """
 
 import csv
+import dataclasses
 import importlib
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -378,3 +380,58 @@ def test_cli_help_config_needs_no_out_and_train_needs_it(capsys):
         cli.main(["train", "--algo", "ppo"])
     assert exit_info.value.code == 2
     assert "required: --out" in capsys.readouterr().err
+
+
+def test_stop_rule_needs_a_confirmation_on_fresh_validation_levels():
+    # One validation median at the target no longer stops a run: the policy must
+    # also reach it on stop_confirm_fraction of stop_confirm_episodes fresh levels.
+    shipped = Path(train.__file__).parent / "checkpoints"
+    _, good, *_ = checkpoint.load_policy(shipped / "good")
+    _, partial, *_ = checkpoint.load_policy(shipped / "partial")
+    config = ppo.PPOConfig(
+        eval_max_score=30, stop_at_score=30, stop_confirm_episodes=16
+    )
+    assert train._stop_rule(config, good, 30.0, 30.0)
+    assert not train._stop_rule(config, good, 29.0, 30.0)  # val median short
+    # the partial policy (held-out median 6) fails the confirmation even when a
+    # lucky validation round reached the target; without one it would stop
+    assert not train._stop_rule(config, partial, 30.0, 30.0)
+    unconfirmed = dataclasses.replace(config, stop_confirm_episodes=0)
+    assert train._stop_rule(unconfirmed, partial, 30.0, 30.0)
+    assert not train._stop_rule(unconfirmed, partial, 5.0, 29.0)
+    strict = dataclasses.replace(config, stop_confirm_fraction=1.0)
+    lenient = dataclasses.replace(config, stop_confirm_fraction=0.01)
+    assert train._stop_rule(lenient, partial, 30.0, 30.0)  # some levels reach 30
+    assert not train._stop_rule(strict, partial, 30.0, 30.0)
+    assert not train._stop_rule(
+        dataclasses.replace(config, stop_at_score=None), good, 1e4, 1e4
+    )
+
+
+def test_cartpole_trains_end_to_end(tmp_path):
+    # Any gymnax env with discrete actions: CartPole-v1 with PureJaxRL's PPO
+    # settings, scored by episode return (random play returns ~22).
+    config = train.make_config(
+        "ppo",
+        {
+            "env-id": "CartPole-v1",
+            "num-envs": "4",
+            "num-steps": "128",
+            "lr": "2.5e-4",
+            "anneal-lr": "true",
+            "update-epochs": "4",
+            "num-minibatches": "4",
+            "reward-scale": "1",
+            "total-env-steps": "40960",
+            "eval-every-steps": "20480",
+        },
+    )
+    result = train.run(config, tmp_path / "run", progress=False)
+    data = result.eval
+    assert len(data["scores"]) == 32 and max(data["scores"]) <= 500
+    assert data["mean_score"] > 100, data  # learned well beyond random play
+    assert [r["env_steps"] for r in result.metrics] == [20480, 40960]
+    meta = json.loads((tmp_path / "run/checkpoints/best/meta.json").read_text())
+    assert meta["env_id"] == "CartPole-v1"
+    assert meta["env_kwargs"] == {"max_steps_in_episode": 500}
+    assert not (tmp_path / "run/agent.gif").exists()  # no renderer for CartPole

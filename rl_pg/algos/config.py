@@ -19,7 +19,7 @@ import math
 import numbers
 from typing import Any
 
-from rl_pg.envs import ENV_IDS
+from rl_pg.envs import ENV_IDS, scored
 from rl_pg.evaluate import MAX_SCORE_LIMIT
 
 _ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
@@ -104,9 +104,12 @@ class OnPolicyConfig:
     Attributes:
       seed: PRNG seed of the run (the driver's ``jax.random.PRNGKey(seed)``).
       env_id: ``FlappyBird-v0`` (features) or ``FlappyBird-lidar-v0``; pixels take
-        ``FlappyBird-pixels-v0`` and a CNN.
+        ``FlappyBird-pixels-v0`` and a CNN. Any other gymnax id with discrete
+        actions and flat observations (``CartPole-v1``, ``Acrobot-v1``, ...)
+        works too, scored by its episode return.
       max_steps_in_episode: training episodes are truncated (and bootstrapped
-        where a critic exists) after this many steps.
+        where a critic exists) after this many steps (None: the env's own
+        limit, 10,000 steps for Flappy Bird, 500 for CartPole-v1).
       total_env_steps: training budget in env steps (all envs together); the run
         does ``total_env_steps // steps_per_update`` updates.
       lr: Adam learning rate.
@@ -121,8 +124,15 @@ class OnPolicyConfig:
         (rounded down to whole updates, at least one); the driver's jitted chunk.
       eval_episodes: validation levels per evaluation (checkpoint selection).
       eval_max_score: evaluation episodes stop at this many pipes.
-      stop_at_score: the driver stops once the best validation median reaches this
-        (None: use the whole budget). The pure ``train`` never stops early.
+      stop_at_score: the driver stops once a validation median reaches this and
+        the stop is confirmed (None: use the whole budget). The pure ``train``
+        never stops early.
+      stop_confirm_episodes: confirm a stop on this many fresh validation levels
+        (``rl_pg.evaluate.CONFIRMATION_SEED``); 0 stops on the first validation
+        median that reaches ``stop_at_score``.
+      stop_confirm_fraction: the fraction of those levels on which the policy
+        must reach ``stop_at_score`` (0.5 is a median; held-out medians need a
+        margin above it, see the README).
       final_eval_episodes: held-out test levels scored at the end (``eval.json``).
       checkpoint_every_evals: write the resumable checkpoint every this many
         evaluations (and always at the end).
@@ -130,7 +140,7 @@ class OnPolicyConfig:
 
     seed: int = 0
     env_id: str = "FlappyBird-v0"
-    max_steps_in_episode: int = 10_000
+    max_steps_in_episode: int | None = None
     total_env_steps: int = 10_000_000
     lr: float = 1e-3
     anneal_lr: bool = False
@@ -143,6 +153,8 @@ class OnPolicyConfig:
     eval_episodes: int = 32
     eval_max_score: int = 10_000
     stop_at_score: int | None = 10_000
+    stop_confirm_episodes: int = 128
+    stop_confirm_fraction: float = 0.65
     final_eval_episodes: int = 32
     checkpoint_every_evals: int = 1
 
@@ -183,9 +195,20 @@ class OnPolicyConfig:
     def check(self, checks: Checks) -> None:
         """Adds this config's problems to ``checks``; subclasses extend it."""
         checks.require(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
-        checks.one_of("env_id", tuple(ENV_IDS))
+        if self.env_id not in ENV_IDS:
+            problem = (
+                scored.check_env_id(self.env_id)
+                if isinstance(self.env_id, str)
+                else f"{self.env_id!r} is not a string"
+            )
+            checks.require(
+                problem is None,
+                f"env_id must be one of {list(ENV_IDS)} or a gymnax id with "
+                f"discrete actions and flat observations: {problem}",
+            )
+        if self.max_steps_in_episode is not None:
+            checks.int_at_least("max_steps_in_episode", 1)
         for name in (
-            "max_steps_in_episode",
             "total_env_steps",
             "eval_every_steps",
             "eval_episodes",
@@ -204,6 +227,8 @@ class OnPolicyConfig:
             f"max_steps_in_episode must fit int32 (<= {INT32_MAX}), got "
             f"{self.max_steps_in_episode!r}",
         )
+        checks.int_at_least("stop_confirm_episodes", 0)
+        checks.real_in("stop_confirm_fraction", 0.0, 1.0, low_open=True)
         checks.real_in("lr", 0.0, 1.0, low_open=True)
         checks.real_in("adam_eps", 0.0, 1.0, low_open=True)
         checks.real_in("max_grad_norm", 0.0, math.inf, low_open=True, high_open=True)
@@ -235,7 +260,7 @@ class OnPolicyConfig:
     def policy_spec(self, num_actions: int) -> dict[str, Any]:
         """``{"kind", **factory kwargs}`` for ``rl_pg.checkpoint.save_policy``."""
         value = "separate" if self.uses_critic else None
-        if ENV_IDS[self.env_id] == "pixels":
+        if ENV_IDS.get(self.env_id) == "pixels":
             return {
                 "kind": "cnn",
                 "num_actions": num_actions,

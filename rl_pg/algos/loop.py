@@ -13,7 +13,8 @@ to collect:
   (:func:`rl_pg.rollout.grouped_rollout`), ``horizon`` steps, no auto-reset.
 
 Minibatches are blocks of whole columns (and of whole groups), because estimators
-compute returns and advantages along each column's time axis.
+compute returns and advantages along each column's time axis; PPO instead computes
+GAE once per batch and shuffles single transitions (:func:`gae_transitions`).
 
 Loss scale. Most estimators aggregate ``(1/B) sum_i sum_t``; the loop divides their
 loss by the batch length ``T`` so that it is the per-step mean that PPO
@@ -36,13 +37,13 @@ import jax.numpy as jnp
 import optax
 
 import rl_pg
-from rl_pg import estimators, policies, rollout
+from rl_pg import estimators, policies, returns, rollout
 from rl_pg.algos.config import OnPolicyConfig
+from rl_pg.envs import ENV_IDS, scored
 from rl_pg.trajectory import Trajectory
 
 Params = Any
 # Estimators that normalise their own sum over steps (per sequence or by B * T).
-_SELF_NORMALISED = frozenset({"grpo", "dr_grpo"})
 
 
 class TrainState(NamedTuple):
@@ -53,8 +54,8 @@ class TrainState(NamedTuple):
       opt_state: optax state (its step count drives learning-rate annealing).
       key: [2] PRNG key of the next update.
       update: [] int32 updates done.
-      env_steps: [] int32 env steps simulated so far (all columns, padding
-        included for episodic batches).
+      env_steps: [] int32 env steps taken so far (all streams; for episodic
+        batches only the live steps, not the padding after an episode ended).
       stream: auto-resetting streams (streaming algorithms), else None.
       ref_params: reference policy of a KL penalty (GRPO with beta > 0), else None.
     """
@@ -111,18 +112,29 @@ class Algorithm(NamedTuple):
 
 @functools.cache
 def _env(env_id: str):
+    if env_id not in ENV_IDS:  # another gymnax env, scored by its episode return
+        return scored.make(env_id)[0]
     with jax.ensure_compile_time_eval():  # make() validates with jnp: not traced
         return rl_pg.make(env_id)[0]
 
 
 @functools.cache
-def _env_params(env_id: str, max_steps_in_episode: int):
+def _env_params(env_id: str, max_steps_in_episode: int | None):
+    if env_id not in ENV_IDS:
+        return scored.make(env_id, max_steps_in_episode)[1]
+    kwargs = {}
+    if max_steps_in_episode is not None:
+        kwargs["max_steps_in_episode"] = max_steps_in_episode
     with jax.ensure_compile_time_eval():
-        return rl_pg.make(env_id, max_steps_in_episode=max_steps_in_episode)[1]
+        return rl_pg.make(env_id, **kwargs)[1]
 
 
 def make_env(config: OnPolicyConfig):
-    """``(env, env_params)`` for training; one env object per id (jit caches)."""
+    """``(env, env_params)`` for training; one env object per id (jit caches).
+
+    Flappy Bird ids come from ``rl_pg.make``; any other gymnax id with discrete
+    actions is wrapped by :class:`rl_pg.envs.scored.EpisodeReturn` (score =
+    episode return)."""
     env = _env(config.env_id)
     return env, _env_params(config.env_id, config.max_steps_in_episode)
 
@@ -236,11 +248,11 @@ def make_loss(
 
     Returns ``loss(params, batch, **call_kwargs) -> (loss, aux)`` that calls
     ``rl_pg.estimators.get_estimator(name, apply_fn=..., **hyperparameters)`` and
-    multiplies the loss by ``1 / batch_length`` unless the estimator normalises
-    itself (GRPO, Dr. GRPO).
+    multiplies the loss by ``1 / batch_length`` unless its registry entry says it
+    normalises itself (GRPO, Dr. GRPO).
     """
     estimator = estimators.get_estimator(name, apply_fn=apply_fn, **hyperparameters)
-    scale = 1.0 if name in _SELF_NORMALISED else 1.0 / batch_length
+    scale = 1.0 if estimators.spec(name).self_normalised else 1.0 / batch_length
 
     def loss(params, batch, **call_kwargs):
         value, aux = estimator(params, batch, **call_kwargs)
@@ -327,7 +339,7 @@ def sgd_on_batch(
     Returns:
       (params, opt_state, stats averaged over the ``num_epochs x M`` steps).
     """
-    num_columns = batch.mask.shape[1]
+    num_columns = jax.tree.leaves(batch)[0].shape[1]
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def minibatch_step(carry: _SGDCarry, minibatch: Trajectory):
@@ -421,11 +433,15 @@ def _learn(
     batch: Trajectory,
     episodes: Any,
     key_sgd: jax.Array,
+    prepare: Callable[[Trajectory], Any] | None = None,
     **sgd_options: Any,
 ) -> tuple[TrainState, UpdateMetrics]:
-    """Scale the rewards, SGD on ``batch`` and count its steps: the end of every
-    update (``state`` already holds the new key and streams)."""
+    """Scale the rewards, ``prepare`` the batch (if given), SGD on it and count its
+    live steps: the end of every update (``state`` already holds the new key and
+    streams). Episodic batches count only their live steps, not the padding."""
     batch = _scale_rewards(batch, config.reward_scale)
+    if prepare is not None:
+        batch = prepare(batch)
     params, opt_state, stats = sgd_on_batch(
         loss_fn,
         make_optimizer(config),
@@ -435,7 +451,7 @@ def _learn(
         key_sgd,
         **sgd_options,
     )
-    env_steps = state.env_steps + batch.mask.size
+    env_steps = state.env_steps + episodes.live_steps
     new_state = state._replace(
         params=params,
         opt_state=opt_state,
@@ -453,8 +469,10 @@ def streaming_update(
     num_steps: int,
     num_epochs: int,
     num_minibatches: int,
+    prepare: Callable[[Trajectory], Any] | None = None,
 ) -> tuple[TrainState, UpdateMetrics]:
-    """Collect ``num_steps`` steps of the state's streams, then SGD on them."""
+    """Collect ``num_steps`` steps of the state's streams, then SGD on them
+    (after ``prepare``, for instance :func:`gae_transitions`)."""
     env, env_params = make_env(config)
     policy = make_policy(config)
     key, key_rollout, key_sgd = jax.random.split(state.key, 3)
@@ -474,9 +492,40 @@ def streaming_update(
         batch,
         _streaming_stats(batch),
         key_sgd,
+        prepare,
         num_epochs=num_epochs,
         num_minibatches=num_minibatches,
     )
+
+
+class Transitions(NamedTuple):
+    """A batch flattened to ``[1, T * B]`` single transitions with their GAE.
+
+    ``sgd_on_batch`` shuffles the columns, so minibatches are random transitions
+    from the whole batch (PureJaxRL, CleanRL), not whole env columns.
+    """
+
+    batch: Trajectory
+    advantages: jax.Array
+
+
+def gae_transitions(batch: Trajectory, gamma: float, lam: float) -> Transitions:
+    """GAE once over the ``[T, B]`` batch from its collection-time values, then
+    every field flattened to ``[1, T * B]`` (time-major order)."""
+    advantages = returns.batch_gae(
+        batch.rewards,
+        batch.values,
+        batch.next_values,
+        batch.terminated,
+        batch.truncated,
+        gamma,
+        lam,
+    )
+
+    def flat(x):
+        return x.reshape((1, x.shape[0] * x.shape[1], *x.shape[2:]))
+
+    return Transitions(jax.tree.map(flat, batch), flat(advantages))
 
 
 def episodic_update(

@@ -207,7 +207,9 @@ class QLearningConfig:
 
     @property
     def binning(self) -> "StateBinning":
-        return StateBinning(
+        """The binning for the physics this config trains on (``_env``)."""
+        return StateBinning.for_params(
+            _env(self)[1],
             bin_size=float(self.bin_size),
             horizontal_range=self.horizontal_range,
             vertical_range=self.vertical_range,
@@ -245,22 +247,49 @@ def preset(name: str, **overrides: Any) -> QLearningConfig:
 # --------------------------------------------------------------------------- binning
 
 
+def _geometry(params: EnvParams) -> dict[str, Any]:
+    """What the tabular state reads from the physics: the bird's x, the pipes'
+    width and gap, and the integer velocities a bird can have (from the flap and
+    start velocities up to the maximum fall speed)."""
+    low = min(float(params.flap_vel), float(params.bird_start_vel))
+    return dict(
+        bird_x=float(params.bird_x),
+        pipe_width=float(params.pipe_width),
+        pipe_gap=float(params.pipe_gap),
+        velocity_range=(math.floor(low), math.ceil(float(params.max_fall_vel))),
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class StateBinning:
     """The tabular state: binned distances to the next lower pipe (+ velocity).
 
-    Geometry defaults are the reference's (``EnvParams``): bird at x = 57, pipes
-    52 px wide with a 100 px gap. Hashable, so jitted code can take it as static.
+    The geometry (bird x, pipe width and gap, the velocity's range) comes from
+    ``EnvParams``: :meth:`for_params` reads it from the params an env runs with;
+    the field defaults are those of ``EnvParams()`` (bird at x = 57, pipes 52 px
+    wide with a 100 px gap, velocities -9 .. 10). Hashable, so jitted code can
+    take it as static.
     """
 
     bin_size: float = 4.0
     horizontal_range: tuple[float, float] = (0.0, 180.0)
     vertical_range: tuple[float, float] = (-350.0, 190.0)
     use_velocity: bool = True
-    velocity_range: tuple[int, int] = (-9, 10)  # flap velocity .. max fall speed
-    bird_x: float = 57.0
-    pipe_width: float = 52.0
-    pipe_gap: float = 100.0
+    velocity_range: tuple[int, int] = None  # type: ignore[assignment]
+    bird_x: float = None  # type: ignore[assignment]
+    pipe_width: float = None  # type: ignore[assignment]
+    pipe_gap: float = None  # type: ignore[assignment]
+
+    def __post_init__(self):
+        geometry = _geometry(EnvParams())
+        for name, value in geometry.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+
+    @classmethod
+    def for_params(cls, params: EnvParams, **fields: Any) -> "StateBinning":
+        """The binning of ``params``'s geometry (concrete params, not traced)."""
+        return cls(**(_geometry(params) | fields))
 
     def _num_bins(self, lo: float, hi: float) -> int:
         return math.floor((hi - lo - 1) / self.bin_size) + 1

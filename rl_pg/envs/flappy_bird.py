@@ -404,7 +404,9 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
         # 2. score, on positions before movement
         bird_mid = params.bird_x + params.bird_width / 2
         pipe_mid = state.pipe_x + params.pipe_width / 2
-        passed = jnp.any((pipe_mid <= bird_mid) & (bird_mid < pipe_mid + 4.0))
+        passed = jnp.any(
+            (pipe_mid <= bird_mid) & (bird_mid < pipe_mid + params.pipe_speed)
+        )
         score = state.score + passed.astype(jnp.int32)
 
         # 3. rotation and gravity
