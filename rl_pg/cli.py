@@ -82,11 +82,12 @@ def _variance(args) -> None:
 
     if args.config:
         given = [f for f in VARIANCE_OVERRIDES if getattr(args, f) is not None]
-        if given or args.checkpoints or args.run:
+        if given or args.checkpoints or args.run or args.decompose:
             raise ValueError(
                 "--config reruns a saved run as it was; drop "
                 + ", ".join(
-                    "--" + f.replace("_", "-") for f in given + ["checkpoints", "run"]
+                    "--" + f.replace("_", "-")
+                    for f in given + ["checkpoints", "run", "decompose"]
                 )
             )
         out = report.rerun(args.config, args.out)
@@ -120,6 +121,7 @@ def _variance(args) -> None:
             group_size=args.group_size,
             env_id=args.env_id,
             devices=args.devices,
+            decompose=args.decompose,
         )
     print((out / "report.md").read_text())
     print(
@@ -280,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     var.add_argument(
         "--config", help="a previous run's config.json: run it again as it was"
+    )
+    var.add_argument(
+        "--decompose",
+        action="store_true",
+        help="also decompose each estimator's per-step variance into state, action "
+        "and trajectory parts (Tucker et al. 2018): decomposition.csv/.png",
     )
     var.add_argument(
         "--run",

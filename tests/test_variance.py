@@ -344,3 +344,37 @@ def test_stage_labels_are_unique():
     assert report.stage_labels(["a/ckpt/best", "a/ckpt/last"]) == ["best", "last"]
     with pytest.raises(ValueError, match="twice"):
         report.stage_labels(["a/best", "a/best"])
+
+
+def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
+    """`rl-pg variance --problem enumerable --decompose`: estimates beside exact."""
+    config = dataclasses.replace(
+        CONFIG,
+        batch_sizes=(4,),
+        num_batches=8,
+        max_batches_per_size=8,
+        suite=variance.SuiteConfig(names=("reinforce",)),
+    )
+    out = report.run(
+        "quick",
+        tmp_path / "d",
+        problem="enumerable",
+        progress=False,
+        config=config,
+        decompose=True,
+    )
+    import csv
+
+    with open(out / "decomposition.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["component"] for r in rows} == {"state", "action", "trajectory", "total"}
+    assert len({r["checkpoint"] for r in rows}) == 3
+    for r in rows:
+        if r["estimator"] == "reward_to_go":
+            lo, hi, ex = float(r["variance_lo"]), float(r["variance_hi"]), float(
+                r["exact_variance"]
+            )
+            half = (hi - lo) / 2
+            assert lo - 2 * half <= ex <= hi + 2 * half, r  # within ~4 se
+    assert (out / "decomposition.png").stat().st_size > 0
+    assert "Variance decomposed" in (out / "report.md").read_text()
