@@ -371,8 +371,10 @@ def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
     assert len({r["checkpoint"] for r in rows}) == 3
     for r in rows:
         if r["estimator"] == "reward_to_go":
-            lo, hi, ex = float(r["variance_lo"]), float(r["variance_hi"]), float(
-                r["exact_variance"]
+            lo, hi, ex = (
+                float(r["variance_lo"]),
+                float(r["variance_hi"]),
+                float(r["exact_variance"]),
             )
             half = (hi - lo) / 2
             assert lo - 2 * half <= ex <= hi + 2 * half, r  # within ~4 se
