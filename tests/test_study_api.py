@@ -194,3 +194,42 @@ def test_variance_along_training_studies_every_kept_checkpoint(tmp_path):
     assert (out / "along_training.png").stat().st_size > 0
     with pytest.raises(ValueError, match="keep-checkpoints all"):
         report.run_checkpoints(tmp_path / "study")
+
+
+@pytest.mark.slow
+def test_devices_give_the_single_device_results(tmp_path):
+    """`--devices 2` on 2 forced host devices equals the 1-device run up to float32
+    rounding (docs/distributed.md: estimates are rounded by the per-device shapes)."""
+    import os
+    import subprocess
+
+    args = [
+        "variance", "--problem", "enumerable", "--batch-sizes", "4,16",
+        "--num-batches", "8", "--reference-trajectories", "2048",
+        "--estimators", "reinforce,rloo,gae",
+    ]  # fmt: skip
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    for name, extra in (("one", []), ("two", ["--devices", "2"])):
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "rl_pg.cli",
+                *args,
+                "--out",
+                str(tmp_path / name),
+                *extra,
+            ],
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    one = report.read_results(tmp_path / "one" / "results.csv")
+    two = report.read_results(tmp_path / "two" / "results.csv")
+    assert len(one) == len(two) == 3 * 3 * 2
+    for a, b in zip(one, two, strict=True):
+        for k, v in a.items():
+            if isinstance(v, str):
+                assert v == b[k]
+            else:
+                np.testing.assert_allclose(b[k], v, rtol=1e-4, atol=1e-9, err_msg=k)
