@@ -106,6 +106,7 @@ def test_trace_sigma_squared_is_unbiased():
     assert np.mean(values) == pytest.approx(np.trace(sigma @ sigma), rel=0.05)
 
 
+@pytest.mark.slow
 def test_exact_mode_intervals_cover_the_exact_values():
     config = variance.StudyConfig(
         batch_sizes=(4, 16),

@@ -380,3 +380,32 @@ def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
             assert lo - 2 * half <= ex <= hi + 2 * half, r  # within ~4 se
     assert (out / "decomposition.png").stat().st_size > 0
     assert "Variance decomposed" in (out / "report.md").read_text()
+
+
+def test_a_study_whose_returns_are_all_equal_is_well_defined(recwarn):
+    """No signal: the reference gradient is 0 with error 0; no NaN warnings."""
+    mdp = enumerable.DEFAULT_MDP._replace(
+        rewards=np.zeros_like(enumerable.DEFAULT_MDP.rewards)
+    )
+    policy = enumerable.mdp_policy(mdp)
+    problem = variance.Problem(
+        policy.apply,
+        lambda key, p, n: enumerable.sample_batch(key, p, n, mdp, group_size=G),
+        G,
+    )
+    config = dataclasses.replace(
+        CONFIG,
+        batch_sizes=(4, 16),
+        num_batches=8,
+        max_batches_per_size=32,
+        suite=variance.SuiteConfig(names=("reinforce", "rloo")),
+    )
+    params = exact.enumerable_policies()["skewed"]
+    result = variance.study_stage(
+        params, variance.make_runners(problem, config), config, mdp.horizon
+    )
+    assert result.reference_norm == 0.0 and result.reference_se == 0.0
+    for row in result.rows:
+        assert row["variance"] == 0.0 and row["bias2"] == 0.0
+        assert np.isnan(row["snr"]) and row["rel_variance"] == np.inf
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

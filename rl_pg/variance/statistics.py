@@ -200,7 +200,19 @@ def summarize(
     Returns:
       Every metric of :data:`METRICS` with ``_lo`` / ``_hi``, plus ``bias2_noise``,
       ``se_ref`` (= sqrt(se_ref^2)) and ``mean_norm2`` (the unbiased ||mu||^2).
+      Undefined values (a cosine of a zero vector, the SNR of an estimator that is
+      always 0, as when every return is equal) are nan, without warnings.
     """
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        return _summarize(estimates, reference_groups, level)
+
+
+def _summarize(
+    estimates: np.ndarray,
+    reference_groups: np.ndarray,
+    level: float = 0.95,
+) -> dict[str, float]:
+    """``summarize`` (numpy warnings of undefined values silenced by the caller)."""
     X = np.asarray(estimates, np.float64)
     Y = np.asarray(reference_groups, np.float64)
     M, K = X.shape[0], Y.shape[0]
@@ -225,9 +237,8 @@ def summarize(
             lo, hi = lo - noise, hi - noise
             if not np.isfinite(hi):  # too noisy for the chi-square shape
                 hi = point + 2 * z * se
-        elif name in LOG_SCALE:
-            rel = se / point if point > 0 else np.inf
-            lo, hi = point * np.exp(-z * rel), point * np.exp(z * rel)
+        elif name in LOG_SCALE and point > 0:
+            lo, hi = point * np.exp(-z * se / point), point * np.exp(z * se / point)
         else:
             lo, hi = point - z * se, point + z * se
         if name.startswith("cos"):
@@ -277,6 +288,7 @@ def log_slope(
     x = np.log(np.asarray(batch_sizes, np.float64))
     with np.errstate(divide="ignore", invalid="ignore"):
         y = np.log(np.asarray(variances, np.float64))
+        y = np.where(np.isfinite(y), y, np.nan)
     xc = x - x.mean()
     slopes = y @ xc / np.sum(xc**2)
     reps = slopes[1:]
