@@ -1,6 +1,7 @@
 """Rules, shapes, levels, API conformance and bad input of the FlappyBird env."""
 
 import warnings
+from functools import partial
 
 import gymnax
 import jax
@@ -359,6 +360,75 @@ def test_step_matches_gymnax_generic_step_with_per_env_params():
             jax.tree.leaves(out_ours), jax.tree.leaves(out_generic), strict=True
         ):
             np.testing.assert_array_equal(x, y)
+
+
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "per_env_params"])
+def test_auto_reset_of_few_many_or_no_ended_envs_equals_generic_step(layout):
+    # Under vmap, step hashes fresh levels for the ended envs only (gathered
+    # into a smaller batch when at most 1/8 ended): every step with none, few
+    # and many ended envs must equal gymnax's generic step. "nested" vmaps a
+    # batch of batches (seeds x envs), "per_env_params" takes the path that
+    # hashes every env.
+    from gymnax.environments.environment import Environment
+
+    env, params = rl_pg.make("FlappyBird-v0", max_steps_in_episode=150)
+    shape = {"flat": (256,), "nested": (4, 64), "per_env_params": (128,)}[layout]
+    num_envs = int(np.prod(shape))
+    params_axis = None
+    if layout == "per_env_params":
+        params = jax.tree.map(lambda x: jnp.full((num_envs,), x), params)
+        params = params.replace(gravity=jnp.linspace(0.8, 1.2, num_envs))
+        params_axis = 0
+
+    def batched(step):
+        step = jax.vmap(step, in_axes=(0, 0, 0, params_axis))
+        if layout == "nested":  # envs: (4, 64) keys, states and actions
+            step = jax.vmap(step, in_axes=(0, 0, 0, None))
+        return jax.jit(step)
+
+    ours = batched(env.step)
+    generic = batched(lambda k, s, a, p: Environment.step(env, k, s, a, p))
+    keys = jax.random.split(KEY, num_envs)
+    _, state = jax.vmap(env.reset, in_axes=(0, params_axis))(keys, params)
+    flap_prob = jnp.linspace(0.02, 0.5, num_envs)  # spreads the crashes
+    reshape = partial(jax.tree.map, lambda x: x.reshape(*shape, *x.shape[1:]))
+    state = reshape(state)
+    ended = []
+    for t in range(200):
+        key = jax.random.fold_in(KEY, t)
+        actions = jax.random.bernoulli(key, flap_prob).astype(jnp.int32)
+        step_keys = jax.random.split(key, num_envs)
+        step_keys, actions = reshape((step_keys, actions))
+        args = (step_keys, state, actions)
+        out_ours = ours(*args, params)
+        _assert_trees_equal(out_ours, generic(*args, params))
+        ended.append(int(jnp.sum(out_ours[3] | out_ours[4])))
+        state = out_ours[1]
+    ended = np.array(ended)
+    # all three cases happened: no env ended, up to 1/8 of them, more
+    assert (ended == 0).any() and (ended > num_envs // 8).any()
+    assert ((ended > 0) & (ended <= num_envs // 8)).sum() > 20
+
+
+def test_vmapped_step_is_differentiable_in_params():
+    # the auto-reset's batch rule (custom_vmap) sits outside autodiff
+    env, params = rl_pg.make("FlappyBird-v0")
+    keys = jax.random.split(KEY, 128)
+    _, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+
+    def total_reward(flap_vel):
+        p = params.replace(flap_vel=flap_vel)
+        out = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            keys, state, jnp.ones(128, jnp.int32), p
+        )
+        return out[2].sum()
+
+    assert np.isfinite(jax.grad(total_reward)(-9.0))
 
 
 def test_lidar_ray_directions():

@@ -169,15 +169,21 @@ def gap_top(level: jax.Array, pipe_index: jax.Array, params: EnvParams) -> jax.A
     return (params.gap_top_base + offset).astype(jnp.float32)
 
 
-def initial_state(level: jax.Array, params: EnvParams) -> EnvState:
-    """The first state of ``level``: the bird mid-screen, three pipes ahead."""
+def initial_state(
+    level: jax.Array, params: EnvParams, gaps: jax.Array | None = None
+) -> EnvState:
+    """The first state of ``level``: the bird mid-screen, three pipes ahead.
+
+    ``gaps``: the level's first three gap tops, if already computed.
+    """
     index = jnp.arange(3, dtype=jnp.int32)
+    gaps = gap_top(level, index, params) if gaps is None else gaps
     return EnvState(
         bird_y=jnp.asarray(params.bird_start_y, jnp.float32),
         bird_vel=jnp.asarray(params.bird_start_vel, jnp.float32),
         bird_rot=jnp.asarray(params.bird_start_rot, jnp.float32),
         pipe_x=(params.first_pipe_x + params.pipe_spacing * index).astype(jnp.float32),
-        pipe_gap_top=gap_top(level, index, params),
+        pipe_gap_top=gaps,
         next_pipe=jnp.asarray(3, jnp.int32),
         level=level,
         score=jnp.asarray(0, jnp.int32),
@@ -185,12 +191,110 @@ def initial_state(level: jax.Array, params: EnvParams) -> EnvState:
     )
 
 
-def _trunc(x: jax.Array) -> jax.Array:
-    """pygame.Rect's float -> int conversion (towards zero), for |x| < 2**31.
+def _int(x: jax.Array) -> jax.Array:
+    """pygame.Rect's float -> int conversion (towards zero), as int32."""
+    return jnp.asarray(x, jnp.float32).astype(jnp.int32)
 
-    Two conversions instead of ``jnp.trunc``'s floor, ceil and select.
+
+# Auto-reset levels. gymnax's auto-reset computes a fresh state for every env
+# on every step and keeps it where the episode ended; the integer hashing of a
+# fresh level (a threefry block for the reset key, the level seed, three gaps)
+# was most of a features step. Under vmap it is computed for the ended envs
+# only: custom_vmap sees the whole batch.
+
+_MIN_COMPACT_BATCH = 64  # below this, hashing every env is as cheap
+
+
+def _fresh_level_unmasked(key, params):
+    """``(level, gaps)`` that gymnax's auto-reset gives an env stepped with key."""
+    level = levels.level_seed(levels.auto_reset_key(key))
+    return level, gap_top(level, jnp.arange(3, dtype=jnp.int32), params)
+
+
+def _masked(done, level, gaps):
+    """``(level, gaps)`` where ``done``, zeros elsewhere (never used there)."""
+    return (
+        jnp.where(done, level, jnp.zeros_like(level)),
+        jnp.where(done[..., None], gaps, jnp.zeros_like(gaps)),
+    )
+
+
+@jax.custom_batching.custom_vmap
+def _fresh_level(key, done, params):
+    """One env: its auto-reset ``(level, gaps)`` where ``done``, else zeros."""
+    return _masked(done, *_fresh_level_unmasked(key, params))
+
+
+@jax.custom_batching.custom_vmap
+def _fresh_levels(keys, done, params):
+    """A batch (leading axis): :func:`_fresh_level` of each env.
+
+    Hashes only the ended envs when they are few (at most 1/8 of the batch),
+    gathered into a smaller batch; none when none ended; all of them otherwise.
+    Every branch returns the same values.
     """
-    return jnp.asarray(x, jnp.float32).astype(jnp.int32).astype(jnp.float32)
+    n = done.shape[0]
+
+    def every():
+        return _masked(done, *jax.vmap(_fresh_level_unmasked, (0, None))(keys, params))
+
+    if n < _MIN_COMPACT_BATCH:
+        return every()
+    capacity = n // 8
+    count = jnp.sum(done, dtype=jnp.int32)
+
+    def none():
+        return (
+            jnp.zeros((n,), jnp.uint32),
+            jnp.zeros((n, 3), jnp.float32),
+        )
+
+    def few():
+        rank = jnp.cumsum(done, dtype=jnp.int32) - 1
+        slot = jnp.where(done, rank, capacity)  # out of range: dropped
+        index = jnp.zeros((capacity,), jnp.int32)
+        index = index.at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+        level, gaps = jax.vmap(_fresh_level_unmasked, (0, None))(keys[index], params)
+        rank = jnp.clip(rank, 0, capacity - 1)
+        return _masked(done, level[rank], gaps[rank])
+
+    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
+    return jax.lax.switch(branch, (none, few, every))
+
+
+def _broadcast_batched(axis_size, in_batched, args):
+    """``args`` with a leading batch axis on every leaf."""
+    return jax.tree.map(
+        lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
+        args,
+        in_batched,
+    )
+
+
+@_fresh_level.def_vmap
+def _fresh_level_vmap(axis_size, in_batched, key, done, params):
+    if any(jax.tree.leaves(in_batched[2])):  # per-env params: hash every env
+        args = _broadcast_batched(axis_size, tuple(in_batched), (key, done, params))
+        return jax.vmap(_fresh_level.fun)(*args), (True, True)
+    key, done = _broadcast_batched(axis_size, tuple(in_batched[:2]), (key, done))
+    return _fresh_levels(key, done, params), (True, True)
+
+
+@_fresh_levels.def_vmap
+def _fresh_levels_vmap(axis_size, in_batched, keys, done, params):
+    """vmap of a batch (seeds x envs, say): one flat batch of envs."""
+    if any(jax.tree.leaves(in_batched[2])):
+        args = _broadcast_batched(axis_size, tuple(in_batched), (keys, done, params))
+        return jax.vmap(_fresh_levels.fun)(*args), (True, True)
+    keys, done = _broadcast_batched(axis_size, tuple(in_batched[:2]), (keys, done))
+    flat = (axis_size * done.shape[1],)
+    level, gaps = _fresh_levels(
+        keys.reshape(flat + keys.shape[2:]), done.reshape(flat), params
+    )
+    return (
+        level.reshape(done.shape),
+        gaps.reshape(done.shape + gaps.shape[1:]),
+    ), (True, True)
 
 
 # The steps of the reference's ``step``, in its order, as pure functions.
@@ -249,18 +353,27 @@ def scroll_pipes(
 
 
 def crashed(state: EnvState, params: EnvParams) -> jax.Array:
-    """Ground contact, or the bird's box overlapping a pipe box (pygame rules)."""
+    """Ground contact, or the bird's box overlapping a pipe box.
+
+    Boxes are ``pygame.Rect``s, whose constructor truncates position and size
+    to ints; ``colliderect`` is then integer arithmetic, done here in int32.
+    """
     on_ground = state.bird_y + params.bird_height >= params.ground_y - 1.0
-    bx, by = _trunc(params.bird_x), _trunc(state.bird_y)
-    px = _trunc(state.pipe_x)
-    upper_y = _trunc(state.pipe_gap_top - params.pipe_height)
-    lower_y = _trunc(state.pipe_gap_top + params.pipe_gap)
+    bird_x, bird_y = _int(params.bird_x), _int(state.bird_y)
+    bird_w, bird_h = _int(params.bird_width), _int(params.bird_height)
+    pipe_x, pipe_w, pipe_h = (
+        _int(state.pipe_x),
+        _int(params.pipe_width),
+        _int(params.pipe_height),
+    )
 
-    def overlap(rect_y):  # Rect.colliderect for boxes of positive size
-        return (by < rect_y + params.pipe_height) & (rect_y < by + params.bird_height)
+    def overlaps(top):  # Rect.colliderect's y test, for boxes of positive size
+        return (bird_y < top + pipe_h) & (top < bird_y + bird_h)
 
-    in_column = (bx < px + params.pipe_width) & (px < bx + params.bird_width)
-    return on_ground | jnp.any(in_column & (overlap(upper_y) | overlap(lower_y)))
+    upper = overlaps(_int(state.pipe_gap_top - params.pipe_height))
+    lower = overlaps(_int(state.pipe_gap_top + params.pipe_gap))
+    in_column = (bird_x < pipe_x + pipe_w) & (pipe_x < bird_x + bird_w)
+    return on_ground | jnp.any(in_column & (upper | lower))
 
 
 def reward(
@@ -401,10 +514,9 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
         )
         truncated = self.is_truncated(state_st, params)
         done = jnp.logical_or(terminated, truncated)
-        key_reset = jax.lax.optimization_barrier(levels.auto_reset_key(key))
-        fresh = jax.lax.optimization_barrier(
-            initial_state(levels.level_seed(key_reset), params)
-        )
+        # no gradient reaches a level's layout (custom_vmap is not differentiable)
+        level, gaps = _fresh_level(key, done, jax.lax.stop_gradient(params))
+        fresh = initial_state(level, params, gaps)
         state = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), fresh, state_st)
         obs = self._reset_where_done(done, fresh, obs_st, params)
         info = {
