@@ -6,9 +6,11 @@ over. Per step, in the reference's order:
 
 1. flap: ``vel = flap_vel`` if the action is 1 and ``y > flap_ceiling``;
 2. score: a pipe is passed when ``pipe_x + w/2 <= bird_x + 34/2 < pipe_x + w/2 +
-   pipe_speed`` (on positions before movement);
-3. rotation ``rot -= 3`` down to -90; gravity ``vel += 1`` while ``vel < 10`` and
-   not flapping; a flap sets ``rot = 45``;
+   pipe_speed`` (on positions before movement; the reference writes its speed,
+   4, so each pipe counts once at any speed);
+3. rotation ``rot -= rot_vel`` (3) while ``rot > min_rot`` (-90); gravity
+   ``vel += gravity`` (1) while ``vel < max_fall_vel`` (10) and not flapping; a
+   flap sets ``rot = flap_rot`` (45);
 4. ``y += min(vel, ground_y - y - bird_height)``;
 5. pipes move by ``-pipe_speed``; a pipe left of ``-pipe_width`` respawns at
    ``spawn_x`` with the next gap of the level;
@@ -146,6 +148,9 @@ def validate_params(params: EnvParams) -> EnvParams:
             problems.append(f"{name} must be > 0 (got {value!r})")
         elif not np.all(array >= 0):
             problems.append(f"{name} must be >= 0 (got {value!r})")
+    min_rot = params.min_rot  # the rotation's scale in the observation
+    if not isinstance(min_rot, jax.core.Tracer) and not np.all(np.asarray(min_rot) < 0):
+        problems.append(f"min_rot must be < 0 (got {min_rot!r})")
     if problems:
         raise ValueError("Invalid FlappyBird EnvParams: " + "; ".join(problems))
     return params
