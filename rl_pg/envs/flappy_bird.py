@@ -506,9 +506,9 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
         * the reset key ``split(key)[1]`` is computed alone, as one fused
           threefry block (:func:`levels.auto_reset_key`); ``step_env`` ignores
           its key, so the other half of the split is not needed;
-        * the fresh state's level and gaps are computed once and kept
-          (``optimization_barrier``), not recomputed by XLA inside each
-          consumer (the state's fields and the observation) it fuses them into;
+        * under ``vmap``, the fresh level and its gaps (integer hashing) are
+          computed for the envs whose episode ended only (:func:`_fresh_levels`);
+          elsewhere the fresh state is never selected;
         * the reset observation is computed once per batch where it can be
           (:meth:`_reset_where_done`).
         """
@@ -519,7 +519,8 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
         )
         truncated = self.is_truncated(state_st, params)
         done = jnp.logical_or(terminated, truncated)
-        # no gradient reaches a level's layout (custom_vmap is not differentiable)
+        # a level's layout takes no gradient (and custom_vmap's rule cannot be
+        # linearised)
         level, gaps = _fresh_level(key, done, jax.lax.stop_gradient(params))
         fresh = initial_state(level, params, gaps)
         state = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), fresh, state_st)
