@@ -4,7 +4,8 @@ Steps per second with uniformly random actions in ``jit(scan(vmap(step)))`` (the
 observation is reduced every step so XLA cannot skip computing it), side by side
 in one run with gymnax's CartPole-v1 and with flappy-bird-gymnasium 0.4.0 stepped
 in Python. The machine is shared and noisy, so ratios from the same run are the
-numbers to compare.
+numbers to compare; at each batch size the envs are timed in turns (best of 5),
+so that they see the same spells of load.
 """
 
 import math
@@ -36,10 +37,8 @@ STEP_BUDGET = {
 }
 
 
-def jax_steps_per_second(
-    env, params, num_envs: int, num_steps: int, key: jax.Array, repeats: int = 3
-) -> float:
-    """Best-of-``repeats`` env steps per second of a jitted random-action rollout."""
+def compiled_rollout(env, params, num_envs: int, num_steps: int):
+    """A jitted ``key -> scalar`` random-action rollout, compiled and warmed up."""
 
     @jax.jit
     def rollout(key):
@@ -59,13 +58,36 @@ def jax_steps_per_second(
         _, out = jax.lax.scan(body, state, jax.random.split(key_run, num_steps))
         return out.sum()
 
-    rollout(key).block_until_ready()  # compile
-    best = np.inf
+    rollout(jax.random.PRNGKey(0)).block_until_ready()  # compile
+    return rollout
+
+
+def interleaved_steps_per_second(
+    rollouts: dict, steps: dict, key: jax.Array, repeats: int = 5
+) -> dict:
+    """Best-of-``repeats`` steps/s of each rollout, timed in turns.
+
+    Round-robin timing puts every env through the same spells of machine load,
+    so same-run ratios hold on a shared machine where absolute rates swing.
+    """
+    best = dict.fromkeys(rollouts, np.inf)
     for i in range(repeats):
-        start = time.perf_counter()
-        rollout(jax.random.fold_in(key, i)).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return num_envs * num_steps / best
+        for name, rollout in rollouts.items():
+            start = time.perf_counter()
+            rollout(jax.random.fold_in(key, i)).block_until_ready()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: steps[name] / best[name] for name in rollouts}
+
+
+def jax_steps_per_second(
+    env, params, num_envs: int, num_steps: int, key: jax.Array, repeats: int = 3
+) -> float:
+    """Best-of-``repeats`` env steps per second of a jitted random-action rollout."""
+    rollout = compiled_rollout(env, params, num_envs, num_steps)
+    rates = interleaved_steps_per_second(
+        {"env": rollout}, {"env": num_envs * num_steps}, key, repeats
+    )
+    return rates["env"]
 
 
 def reference_steps_per_second(use_lidar: bool, seconds: float = 2.0) -> float | None:
@@ -134,15 +156,19 @@ def run_benchmark(
     envs.update({mode: rl_pg.make(MODES[mode]) for mode in modes})
     jax_rates = {name: {} for name in envs}
     for n in num_envs:
-        for name, (env, params) in envs.items():
-            steps = int(np.clip(STEP_BUDGET[name] // n, 4, 4000))
-            jax_rates[name][int(n)] = jax_steps_per_second(
-                env, params, int(n), steps, key
-            )
+        steps = {
+            name: int(n) * int(np.clip(STEP_BUDGET[name] // n, 4, 4000))
+            for name in envs
+        }
+        rollouts = {
+            name: compiled_rollout(env, params, int(n), steps[name] // int(n))
+            for name, (env, params) in envs.items()
+        }
+        rates = interleaved_steps_per_second(rollouts, steps, key)
+        for name, rate in rates.items():
+            jax_rates[name][int(n)] = rate
             if progress is not None:
-                progress(
-                    f"{name:9s} {n:6d} envs: {jax_rates[name][int(n)]:,.0f} steps/s"
-                )
+                progress(f"{name:9s} {n:6d} envs: {rate:,.0f} steps/s")
     reference = {"features": reference_steps_per_second(False, reference_seconds)}
     if "lidar" in modes:
         reference["lidar"] = reference_steps_per_second(True, reference_seconds)

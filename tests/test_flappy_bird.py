@@ -1,6 +1,8 @@
 """Rules, shapes, levels, API conformance and bad input of the FlappyBird env."""
 
+import functools
 import warnings
+from functools import partial
 
 import gymnax
 import jax
@@ -12,6 +14,7 @@ from gymnax.wrappers.purerl import FlattenObservationWrapper, LogWrapper
 import rl_pg
 from rl_pg.envs import EnvState, gap_top, level_seed
 from rl_pg.envs.render import render_gray, render_rgb, write_gif
+from rl_pg.scripted import scripted_action
 
 ENV_IDS = ["FlappyBird-v0", "FlappyBird-lidar-v0", "FlappyBird-pixels-v0"]
 KEY = jax.random.PRNGKey(0)
@@ -249,6 +252,8 @@ def test_bad_ids_and_params_raise_before_compiling():
         rl_pg.make("FlappyBird-v0", pipe_gap=-10.0)
     with pytest.raises(ValueError, match="max_steps_in_episode"):
         rl_pg.make("FlappyBird-v0", max_steps_in_episode=0)
+    with pytest.raises(ValueError, match="min_rot must be < 0"):
+        rl_pg.make("FlappyBird-v0", min_rot=0.0)
     with pytest.raises(ValueError, match="obs_mode"):
         rl_pg.FlappyBird("rgb")
     with pytest.raises(ValueError, match="pixel_shape"):
@@ -361,6 +366,75 @@ def test_step_matches_gymnax_generic_step_with_per_env_params():
             np.testing.assert_array_equal(x, y)
 
 
+def _assert_trees_equal(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("layout", ["flat", "nested", "per_env_params"])
+def test_auto_reset_of_few_many_or_no_ended_envs_equals_generic_step(layout):
+    # Under vmap, step hashes fresh levels for the ended envs only (gathered
+    # into a smaller batch when at most 1/8 ended): every step with none, few
+    # and many ended envs must equal gymnax's generic step. "nested" vmaps a
+    # batch of batches (seeds x envs), "per_env_params" takes the path that
+    # hashes every env.
+    from gymnax.environments.environment import Environment
+
+    env, params = rl_pg.make("FlappyBird-v0", max_steps_in_episode=150)
+    shape = {"flat": (256,), "nested": (4, 64), "per_env_params": (128,)}[layout]
+    num_envs = int(np.prod(shape))
+    params_axis = None
+    if layout == "per_env_params":
+        params = jax.tree.map(lambda x: jnp.full((num_envs,), x), params)
+        params = params.replace(gravity=jnp.linspace(0.8, 1.2, num_envs))
+        params_axis = 0
+
+    def batched(step):
+        step = jax.vmap(step, in_axes=(0, 0, 0, params_axis))
+        if layout == "nested":  # envs: (4, 64) keys, states and actions
+            step = jax.vmap(step, in_axes=(0, 0, 0, None))
+        return jax.jit(step)
+
+    ours = batched(env.step)
+    generic = batched(lambda k, s, a, p: Environment.step(env, k, s, a, p))
+    keys = jax.random.split(KEY, num_envs)
+    _, state = jax.vmap(env.reset, in_axes=(0, params_axis))(keys, params)
+    flap_prob = jnp.linspace(0.02, 0.5, num_envs)  # spreads the crashes
+    reshape = partial(jax.tree.map, lambda x: x.reshape(*shape, *x.shape[1:]))
+    state = reshape(state)
+    ended = []
+    for t in range(200):
+        key = jax.random.fold_in(KEY, t)
+        actions = jax.random.bernoulli(key, flap_prob).astype(jnp.int32)
+        step_keys = jax.random.split(key, num_envs)
+        step_keys, actions = reshape((step_keys, actions))
+        args = (step_keys, state, actions)
+        out_ours = ours(*args, params)
+        _assert_trees_equal(out_ours, generic(*args, params))
+        ended.append(int(jnp.sum(out_ours[3] | out_ours[4])))
+        state = out_ours[1]
+    ended = np.array(ended)
+    # all three cases happened: no env ended, up to 1/8 of them, more
+    assert (ended == 0).any() and (ended > num_envs // 8).any()
+    assert ((ended > 0) & (ended <= num_envs // 8)).sum() > 20
+
+
+def test_vmapped_step_is_differentiable_in_params():
+    # the auto-reset's batch rule (custom_vmap) sits outside autodiff
+    env, params = rl_pg.make("FlappyBird-v0")
+    keys = jax.random.split(KEY, 128)
+    _, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+
+    def total_reward(flap_vel):
+        p = params.replace(flap_vel=flap_vel)
+        out = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+            keys, state, jnp.ones(128, jnp.int32), p
+        )
+        return out[2].sum()
+
+    assert np.isfinite(jax.grad(total_reward)(-9.0))
+
+
 def test_lidar_ray_directions():
     from rl_pg.envs.lidar import ray_cos_sin
 
@@ -377,3 +451,153 @@ def test_lidar_ray_directions():
         angles = np.radians(np.arange(num_rays) * 180 / num_rays - 90 - rot)
         np.testing.assert_allclose(cos, np.cos(angles), rtol=0, atol=1e-6)
         np.testing.assert_allclose(sin, np.sin(angles), rtol=0, atol=1e-6)
+
+
+# EnvParams is the one home of the game's constants: changing one changes every
+# place that depends on it.
+
+_PERTURBED = {  # a changed value for each field (one that shows in a rollout)
+    "max_steps_in_episode": 40,
+    "base_width": 120.0,  # the ground box then ends before the rays' reach
+    "ground_y": 380.0,
+    "bird_start_y": 200.0,
+    "bird_start_vel": -5.0,
+    "bird_start_rot": 10.0,
+    "flap_ceiling": 150.0,
+    "min_rot": -60.0,
+    "continuous_gaps": True,
+    "first_pipe_x": 200.0,
+    "spawn_x": 350.0,
+    "gap_top_base": 60,
+    "gap_offset_min": 0,
+    "gap_offset_step": 12,
+    "gap_offset_count": 5,
+    "continuous_gap_count": 50,
+    "private_zone": 60.0,
+    "lidar_rot_threshold": 0.0,
+}
+
+
+@functools.cache
+def _rollout(env_id, static=(), num_steps=200, num_envs=6):
+    """A jitted ``params -> outputs`` of ``num_steps`` auto-resetting steps:
+    half the birds follow the scripted controller (they pass pipes, which
+    respawn), half flap at random with mixed rates (some fly low, some high)."""
+    env, _ = rl_pg.make(env_id, **dict(static))
+    keys = jax.random.split(KEY, num_envs)
+    flap_prob = jnp.linspace(0.04, 0.3, num_envs)
+
+    @jax.jit
+    def run(params):
+        _, state = jax.vmap(env.reset, in_axes=(0, None))(keys, params)
+
+        def body(state, t):
+            key = jax.random.fold_in(KEY, t)
+            actions = jax.random.bernoulli(key, flap_prob).astype(jnp.int32)
+            scripted = jax.vmap(scripted_action, in_axes=(0, None))(state, params)
+            actions = jnp.where(jnp.arange(num_envs) % 2 == 0, scripted, actions)
+            out = jax.vmap(env.step, in_axes=(0, 0, 0, None))(
+                jax.random.split(key, num_envs), state, actions, params
+            )
+            return out[1], out
+
+        return jax.lax.scan(body, state, jnp.arange(num_steps))[1]
+
+    return run
+
+
+def _rollout_outputs(env_id, static=(), **overrides):
+    _, params = rl_pg.make(env_id, **dict(static), **overrides)
+    return _rollout(env_id, static)(params)
+
+
+def _differs(a, b):
+    return any(
+        not np.array_equal(x, y)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True)
+    )
+
+
+def test_every_env_param_changes_the_game():
+    # No constant is dead (rot_vel was) or shadowed by a copied default: each
+    # EnvParams field, changed, changes some output of a rollout in some mode.
+    import dataclasses
+
+    modes = {
+        "FlappyBird-v0": (),
+        "FlappyBird-lidar-v0": (),
+        "FlappyBird-pixels-v0": (("pixel_shape", (24, 24)),),
+    }
+    base = {m: _rollout_outputs(m, static) for m, static in modes.items()}
+    continuous = {"continuous_gaps": True}
+    base_continuous = _rollout_outputs("FlappyBird-v0", **continuous)
+    dead = []
+    # base_height: the ground box's height, kept for pygame's ground Rect; rays
+    # point forward from above the ground, so none can reach the box's bottom
+    # (only its top edge, at ground_y), in the reference as here.
+    unreachable = {"base_height"}
+    for field in dataclasses.fields(rl_pg.EnvParams):
+        if field.name in unreachable:
+            continue
+        default = field.default
+        value = _PERTURBED.get(field.name, default * 1.25 + 1.0)
+        changed = any(
+            _differs(out, _rollout_outputs(m, modes[m], **{field.name: value}))
+            for m, out in base.items()
+        )
+        if field.name == "continuous_gap_count":  # read in continuous mode only
+            changed = _differs(
+                base_continuous,
+                _rollout_outputs(
+                    "FlappyBird-v0", **continuous, continuous_gap_count=50
+                ),
+            )
+        if not changed:
+            dead.append(field.name)
+    assert not dead, f"EnvParams fields that change nothing: {dead}"
+
+
+def _drive(env_params, state, steps, hold_y=200.0):
+    """``steps`` no-flap ``step_env`` calls, holding the bird at ``hold_y``
+    (so it never crashes); the outputs, stacked."""
+    env, params = env_params
+
+    def body(state, _):
+        state = state.replace(bird_y=jnp.float32(hold_y), bird_vel=jnp.float32(0.0))
+        out = env.step_env(KEY, state, 0, params)
+        return out[1], out
+
+    return jax.jit(lambda s: jax.lax.scan(body, s, None, length=steps)[1])(state)
+
+
+@pytest.mark.parametrize("pipe_speed", [2.0, 3.0, 4.0, 5.0, 7.0])
+def test_score_window_follows_pipe_speed(pipe_speed):
+    # Each pipe counts exactly once at any speed: the window is one step's
+    # scroll wide (the reference writes its speed, 4, as a literal).
+    env_params = rl_pg.make("FlappyBird-v0", pipe_speed=pipe_speed)
+    params = env_params[1]
+    gaps = jnp.array([150.0, 150.0, 150.0])
+    state = _state(params).replace(
+        pipe_x=jnp.array([120.0, 264.0, 408.0]), pipe_gap_top=gaps
+    )
+    _, _, reward, terminated, info = _drive(env_params, state, int(300 / pipe_speed))
+    # centres cross the bird's (74) at pipe_x = 48 and 192 (from 120 and 264)
+    assert not terminated.any()
+    assert int(jnp.sum(reward == 1.0)) == 2 and int(info["score"][-1]) == 2
+
+
+def test_rotation_and_features_follow_their_constants():
+    env_params = rl_pg.make("FlappyBird-v0", rot_vel=4.0, min_rot=-60.0)
+    params = env_params[1]
+    state = _state(params, bird_rot=45.0, bird_vel=0.0)
+    rots = np.asarray(_drive(env_params, state, 40)[1].bird_rot).tolist()
+    # 4 degrees a step while above -60, so 45, 41, ..., -59, then -63 (the
+    # reference's "if rot > min: rot -= vel")
+    assert rots[:3] == [41.0, 37.0, 33.0] and rots[-1] == -63.0
+    obs, new, *_ = _step(env_params, state.replace(bird_rot=jnp.float32(-30.0)), 0)
+    assert float(obs[-1]) == pytest.approx(float(new.bird_rot) / 60.0)
+    env_params = rl_pg.make("FlappyBird-v0", max_fall_vel=20.0)
+    state = _state(env_params[1], bird_vel=15.0)
+    obs, new, *_ = _step(env_params, state, 0)
+    assert float(new.bird_vel) == 16.0  # gravity keeps adding below the cap
+    assert float(obs[-2]) == pytest.approx(16.0 / 20.0)

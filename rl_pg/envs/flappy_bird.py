@@ -6,9 +6,11 @@ over. Per step, in the reference's order:
 
 1. flap: ``vel = flap_vel`` if the action is 1 and ``y > flap_ceiling``;
 2. score: a pipe is passed when ``pipe_x + w/2 <= bird_x + 34/2 < pipe_x + w/2 +
-   pipe_speed`` (on positions before movement);
-3. rotation ``rot -= 3`` down to -90; gravity ``vel += 1`` while ``vel < 10`` and
-   not flapping; a flap sets ``rot = 45``;
+   pipe_speed`` (on positions before movement; the reference writes its speed,
+   4, so each pipe counts once at any speed);
+3. rotation ``rot -= rot_vel`` (3) while ``rot > min_rot`` (-90); gravity
+   ``vel += gravity`` (1) while ``vel < max_fall_vel`` (10) and not flapping; a
+   flap sets ``rot = flap_rot`` (45);
 4. ``y += min(vel, ground_y - y - bird_height)``;
 5. pipes move by ``-pipe_speed``; a pipe left of ``-pipe_width`` respawns at
    ``spawn_x`` with the next gap of the level;
@@ -146,6 +148,9 @@ def validate_params(params: EnvParams) -> EnvParams:
             problems.append(f"{name} must be > 0 (got {value!r})")
         elif not np.all(array >= 0):
             problems.append(f"{name} must be >= 0 (got {value!r})")
+    min_rot = params.min_rot  # the rotation's scale in the observation
+    if not isinstance(min_rot, jax.core.Tracer) and not np.all(np.asarray(min_rot) < 0):
+        problems.append(f"min_rot must be < 0 (got {min_rot!r})")
     if problems:
         raise ValueError("Invalid FlappyBird EnvParams: " + "; ".join(problems))
     return params
@@ -169,28 +174,229 @@ def gap_top(level: jax.Array, pipe_index: jax.Array, params: EnvParams) -> jax.A
     return (params.gap_top_base + offset).astype(jnp.float32)
 
 
-def _trunc(x: jax.Array) -> jax.Array:
-    """pygame.Rect's float -> int conversion (towards zero)."""
-    return jnp.trunc(x)
+def initial_state(
+    level: jax.Array, params: EnvParams, gaps: jax.Array | None = None
+) -> EnvState:
+    """The first state of ``level``: the bird mid-screen, three pipes ahead.
+
+    ``gaps``: the level's first three gap tops, if already computed.
+    """
+    index = jnp.arange(3, dtype=jnp.int32)
+    gaps = gap_top(level, index, params) if gaps is None else gaps
+    return EnvState(
+        bird_y=jnp.asarray(params.bird_start_y, jnp.float32),
+        bird_vel=jnp.asarray(params.bird_start_vel, jnp.float32),
+        bird_rot=jnp.asarray(params.bird_start_rot, jnp.float32),
+        pipe_x=(params.first_pipe_x + params.pipe_spacing * index).astype(jnp.float32),
+        pipe_gap_top=gaps,
+        next_pipe=jnp.asarray(3, jnp.int32),
+        level=level,
+        score=jnp.asarray(0, jnp.int32),
+        time=jnp.asarray(0, jnp.int32),
+    )
+
+
+def _int(x: jax.Array) -> jax.Array:
+    """pygame.Rect's float -> int conversion (towards zero), as int32."""
+    return jnp.asarray(x, jnp.float32).astype(jnp.int32)
+
+
+# Auto-reset levels. gymnax's auto-reset computes a fresh state for every env
+# on every step and keeps it where the episode ended; the integer hashing of a
+# fresh level (a threefry block for the reset key, the level seed, three gaps)
+# was most of a features step. Under vmap it is computed for the ended envs
+# only: custom_vmap sees the whole batch.
+
+_MIN_COMPACT_BATCH = 64  # below this, hashing every env is as cheap
+
+
+def _fresh_level_unmasked(key, params):
+    """``(level, gaps)`` that gymnax's auto-reset gives an env stepped with key."""
+    level = levels.level_seed(levels.auto_reset_key(key))
+    return level, gap_top(level, jnp.arange(3, dtype=jnp.int32), params)
+
+
+def _masked(done, level, gaps):
+    """``(level, gaps)`` where ``done``, zeros elsewhere (never used there)."""
+    return (
+        jnp.where(done, level, jnp.zeros_like(level)),
+        jnp.where(done[..., None], gaps, jnp.zeros_like(gaps)),
+    )
+
+
+@jax.custom_batching.custom_vmap
+def _fresh_level(key, done, params):
+    """One env: its auto-reset ``(level, gaps)`` where ``done``, else zeros."""
+    return _masked(done, *_fresh_level_unmasked(key, params))
+
+
+@jax.custom_batching.custom_vmap
+def _fresh_levels(keys, done, params):
+    """A batch (leading axis): :func:`_fresh_level` of each env.
+
+    Hashes only the ended envs when they are few (at most 1/8 of the batch),
+    gathered into a smaller batch; none when none ended; all of them otherwise.
+    Every branch returns the same values.
+    """
+    n = done.shape[0]
+
+    def every():
+        return _masked(done, *jax.vmap(_fresh_level_unmasked, (0, None))(keys, params))
+
+    if n < _MIN_COMPACT_BATCH:
+        return every()
+    capacity = n // 8
+    count = jnp.sum(done, dtype=jnp.int32)
+
+    def none():
+        return (
+            jnp.zeros((n,), jnp.uint32),
+            jnp.zeros((n, 3), jnp.float32),
+        )
+
+    def few():
+        rank = jnp.cumsum(done, dtype=jnp.int32) - 1
+        slot = jnp.where(done, rank, capacity)  # out of range: dropped
+        index = jnp.zeros((capacity,), jnp.int32)
+        index = index.at[slot].set(jnp.arange(n, dtype=jnp.int32), mode="drop")
+        level, gaps = jax.vmap(_fresh_level_unmasked, (0, None))(keys[index], params)
+        rank = jnp.clip(rank, 0, capacity - 1)
+        return _masked(done, level[rank], gaps[rank])
+
+    branch = jnp.where(count == 0, 0, jnp.where(count <= capacity, 1, 2))
+    return jax.lax.switch(branch, (none, few, every))
+
+
+def _broadcast_batched(axis_size, in_batched, args):
+    """``args`` with a leading batch axis on every leaf."""
+    return jax.tree.map(
+        lambda x, b: x if b else jnp.broadcast_to(x, (axis_size, *jnp.shape(x))),
+        args,
+        in_batched,
+    )
+
+
+@_fresh_level.def_vmap
+def _fresh_level_vmap(axis_size, in_batched, key, done, params):
+    if any(jax.tree.leaves(in_batched[2])):  # per-env params: hash every env
+        args = _broadcast_batched(axis_size, tuple(in_batched), (key, done, params))
+        return jax.vmap(_fresh_level.fun)(*args), (True, True)
+    key, done = _broadcast_batched(axis_size, tuple(in_batched[:2]), (key, done))
+    return _fresh_levels(key, done, params), (True, True)
+
+
+@_fresh_levels.def_vmap
+def _fresh_levels_vmap(axis_size, in_batched, keys, done, params):
+    """vmap of a batch (seeds x envs, say): one flat batch of envs."""
+    if any(jax.tree.leaves(in_batched[2])):
+        args = _broadcast_batched(axis_size, tuple(in_batched), (keys, done, params))
+        return jax.vmap(_fresh_levels.fun)(*args), (True, True)
+    keys, done = _broadcast_batched(axis_size, tuple(in_batched[:2]), (keys, done))
+    flat = (axis_size * done.shape[1],)
+    level, gaps = _fresh_levels(
+        keys.reshape(flat + keys.shape[2:]), done.reshape(flat), params
+    )
+    return (
+        level.reshape(done.shape),
+        gaps.reshape(done.shape + gaps.shape[1:]),
+    ), (True, True)
+
+
+# The steps of the reference's ``step``, in its order, as pure functions.
+
+
+def flaps(bird_y: jax.Array, action: jax.Array, params: EnvParams) -> jax.Array:
+    """Action 1 flaps, unless the bird is above the flap ceiling."""
+    return (action == 1) & (bird_y > params.flap_ceiling)
+
+
+def passes_pipe(pipe_x: jax.Array, params: EnvParams) -> jax.Array:
+    """The score check, on positions before movement.
+
+    A pipe is passed when its centre is at or left of the bird's centre by less
+    than one step's scroll: ``pipe_mid <= bird_mid < pipe_mid + pipe_speed``
+    (the reference writes the 4 of its pipe speed), so each pipe counts once.
+    """
+    bird_mid = params.bird_x + params.bird_width / 2
+    pipe_mid = pipe_x + params.pipe_width / 2
+    return jnp.any((pipe_mid <= bird_mid) & (bird_mid < pipe_mid + params.pipe_speed))
+
+
+def rotate(bird_rot: jax.Array, flapped: jax.Array, params: EnvParams) -> jax.Array:
+    """``rot -= rot_vel`` while above ``min_rot``; a flap sets ``flap_rot``."""
+    rot = jnp.where(bird_rot > params.min_rot, bird_rot - params.rot_vel, bird_rot)
+    return jnp.where(flapped, params.flap_rot, rot)
+
+
+def accelerate(bird_vel: jax.Array, flapped: jax.Array, params: EnvParams) -> jax.Array:
+    """A flap sets ``flap_vel``; otherwise gravity, up to ``max_fall_vel``."""
+    vel = jnp.where(flapped, params.flap_vel, bird_vel)
+    falls = (vel < params.max_fall_vel) & ~flapped
+    return jnp.where(falls, vel + params.gravity, vel)
+
+
+def move_bird(bird_y: jax.Array, vel: jax.Array, params: EnvParams) -> jax.Array:
+    """``y += vel``, never through the ground."""
+    return bird_y + jnp.minimum(vel, params.ground_y - bird_y - params.bird_height)
+
+
+def scroll_pipes(
+    state: EnvState, params: EnvParams
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Pipes move left; the leftmost, once past ``-pipe_width``, respawns at
+    ``spawn_x`` with the level's next gap. Returns ``(pipe_x, gap_top, next)``."""
+    pipe_x = state.pipe_x - params.pipe_speed
+    leaves = pipe_x[0] < -params.pipe_width
+    new_gap = gap_top(state.level, state.next_pipe, params)
+    shifted_x = jnp.stack([pipe_x[1], pipe_x[2], jnp.float32(params.spawn_x)])
+    shifted_gap = jnp.stack([state.pipe_gap_top[1], state.pipe_gap_top[2], new_gap])
+    return (
+        jnp.where(leaves, shifted_x, pipe_x),
+        jnp.where(leaves, shifted_gap, state.pipe_gap_top),
+        state.next_pipe + leaves.astype(jnp.int32),
+    )
 
 
 def crashed(state: EnvState, params: EnvParams) -> jax.Array:
-    """Ground contact, or the bird's box overlapping a pipe box (pygame rules)."""
+    """Ground contact, or the bird's box overlapping a pipe box.
+
+    Boxes are ``pygame.Rect``s, whose constructor truncates position and size
+    to ints; ``colliderect`` is then integer arithmetic, done here in int32.
+    """
     on_ground = state.bird_y + params.bird_height >= params.ground_y - 1.0
-    bx, by = _trunc(jnp.asarray(params.bird_x)), _trunc(state.bird_y)
-    px = _trunc(state.pipe_x)
-    upper_y = _trunc(state.pipe_gap_top - params.pipe_height)
-    lower_y = _trunc(state.pipe_gap_top + params.pipe_gap)
+    bird_x, bird_y = _int(params.bird_x), _int(state.bird_y)
+    bird_w, bird_h = _int(params.bird_width), _int(params.bird_height)
+    pipe_x, pipe_w, pipe_h = (
+        _int(state.pipe_x),
+        _int(params.pipe_width),
+        _int(params.pipe_height),
+    )
 
-    def overlap(rect_y):  # Rect.colliderect for boxes of positive size
-        return (
-            (bx < px + params.pipe_width)
-            & (px < bx + params.bird_width)
-            & (by < rect_y + params.pipe_height)
-            & (rect_y < by + params.bird_height)
-        )
+    def overlaps(top):  # Rect.colliderect's y test, for boxes of positive size
+        return (bird_y < top + pipe_h) & (top < bird_y + bird_h)
 
-    return on_ground | jnp.any(overlap(upper_y) | overlap(lower_y))
+    upper = overlaps(_int(state.pipe_gap_top - params.pipe_height))
+    lower = overlaps(_int(state.pipe_gap_top + params.pipe_gap))
+    in_column = (bird_x < pipe_x + pipe_w) & (pipe_x < bird_x + bird_w)
+    return on_ground | jnp.any(in_column & (upper | lower))
+
+
+def reward(
+    passed: jax.Array,
+    bird_y: jax.Array,
+    too_close: jax.Array,
+    terminated: jax.Array,
+    params: EnvParams,
+) -> jax.Array:
+    """The reference's reward; later rules override earlier ones.
+
+    +alive (or the LIDAR mode's private-zone penalty when ``too_close``), +pipe
+    when a pipe is passed, the top penalty when ``y < 0``, the crash penalty.
+    """
+    alive = jnp.where(too_close, params.reward_private_zone, params.reward_alive)
+    r = jnp.where(passed, params.reward_pipe, alive)
+    r = jnp.where(bird_y < 0, params.reward_top, r)
+    return jnp.where(terminated, params.reward_crash, r).astype(jnp.float32)
 
 
 def features(state: EnvState, params: EnvParams) -> jax.Array:
@@ -198,7 +404,7 @@ def features(state: EnvState, params: EnvParams) -> jax.Array:
 
     For each pipe in screen order: (x / 288, gap_top / 512, gap_bottom / 512), a
     pipe right of the screen replaced by (1, 0, 1); then y / 512, vel / 10,
-    rot / 90.
+    rot / 90 (screen width and height, ``max_fall_vel``, ``|min_rot|``).
     """
     w, h = params.screen_width, params.screen_height
     hidden = state.pipe_x > w
@@ -210,7 +416,7 @@ def features(state: EnvState, params: EnvParams) -> jax.Array:
         [
             state.bird_y / h,
             state.bird_vel / params.max_fall_vel,
-            state.bird_rot / 90.0,
+            state.bird_rot / jnp.abs(params.min_rot),
         ]
     )
     return jnp.concatenate([pipes, bird]).astype(jnp.float32)
@@ -281,21 +487,7 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
 
     def reset_env(self, key: chex.PRNGKey, params: EnvParams) -> tuple[Any, EnvState]:
         """Start the level that ``key`` selects (bird mid-screen, three pipes)."""
-        level = levels.level_seed(key)
-        index = jnp.arange(3, dtype=jnp.int32)
-        state = EnvState(
-            bird_y=jnp.asarray(params.bird_start_y, jnp.float32),
-            bird_vel=jnp.asarray(params.bird_start_vel, jnp.float32),
-            bird_rot=jnp.asarray(params.bird_start_rot, jnp.float32),
-            pipe_x=(params.first_pipe_x + params.pipe_spacing * index).astype(
-                jnp.float32
-            ),
-            pipe_gap_top=gap_top(level, index, params),
-            next_pipe=jnp.asarray(3, jnp.int32),
-            level=level,
-            score=jnp.asarray(0, jnp.int32),
-            time=jnp.asarray(0, jnp.int32),
-        )
+        state = initial_state(levels.level_seed(key), params)
         return self.get_obs(state, params), state
 
     @partial(jax.jit, static_argnames=("self",))
@@ -306,25 +498,33 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
         action: int | jax.Array,
         params: EnvParams | None = None,
     ) -> tuple[Any, EnvState, jax.Array, jax.Array, jax.Array, dict[str, Any]]:
-        """gymnax's ``step`` (auto-reset, same info), with cheaper resets.
+        """gymnax's ``step`` (auto-reset, same info, same outputs), made cheaper.
 
-        gymnax computes a reset, observation included, for every env on every
-        step and selects it where the episode ended; in LIDAR and pixel modes that
-        is a second scan or frame per step. See :meth:`_reset_where_done`.
+        gymnax splits ``key`` and computes a reset, observation included, for
+        every env on every step, selecting it where the episode ended. Here:
+
+        * the reset key ``split(key)[1]`` is computed alone, as one fused
+          threefry block (:func:`levels.auto_reset_key`); ``step_env`` ignores
+          its key, so the other half of the split is not needed;
+        * under ``vmap``, the fresh level and its gaps (integer hashing) are
+          computed for the envs whose episode ended only (:func:`_fresh_levels`);
+          elsewhere the fresh state is never selected;
+        * the reset observation is computed once per batch where it can be
+          (:meth:`_reset_where_done`).
         """
         if params is None:
             params = self.default_params
-        key_step, key_reset = jax.random.split(key)
         obs_st, state_st, reward, terminated, info = self.step_env(
-            key_step, state, action, params
+            key, state, action, params
         )
         truncated = self.is_truncated(state_st, params)
         done = jnp.logical_or(terminated, truncated)
-        _, state_re = self.reset_env(key_reset, params)  # its obs is unused: dropped
-        state = jax.tree.map(
-            lambda x, y: jax.lax.select(done, x, y), state_re, state_st
-        )
-        obs = self._reset_where_done(done, state_re, obs_st, params)
+        # a level's layout takes no gradient (and custom_vmap's rule cannot be
+        # linearised)
+        level, gaps = _fresh_level(key, done, jax.lax.stop_gradient(params))
+        fresh = initial_state(level, params, gaps)
+        state = jax.tree.map(lambda x, y: jax.lax.select(done, x, y), fresh, state_st)
+        obs = self._reset_where_done(done, fresh, obs_st, params)
         info = {
             **info,
             "terminated": terminated,
@@ -394,80 +594,42 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
         """One reference step; ``key`` is unused (the dynamics are deterministic)."""
         del key
         action = jnp.asarray(action)
-        invalid = (action != 0) & (action != 1)
-        wants_flap = action == 1
-
-        # 1. flap
-        flap = wants_flap & (state.bird_y > params.flap_ceiling)
-        vel = jnp.where(flap, params.flap_vel, state.bird_vel)
-
-        # 2. score, on positions before movement
-        bird_mid = params.bird_x + params.bird_width / 2
-        pipe_mid = state.pipe_x + params.pipe_width / 2
-        passed = jnp.any(
-            (pipe_mid <= bird_mid) & (bird_mid < pipe_mid + params.pipe_speed)
-        )
+        flapped = flaps(state.bird_y, action, params)
+        passed = passes_pipe(state.pipe_x, params)  # before anything moves
+        vel = accelerate(state.bird_vel, flapped, params)
+        pipe_x, pipe_gap_top, next_pipe = scroll_pipes(state, params)
         score = state.score + passed.astype(jnp.int32)
-
-        # 3. rotation and gravity
-        rot = jnp.where(
-            state.bird_rot > params.min_rot, state.bird_rot - 3.0, state.bird_rot
-        )
-        rot = jnp.where(flap, params.flap_rot, rot)
-        vel = jnp.where((vel < params.max_fall_vel) & ~flap, vel + params.gravity, vel)
-
-        # 4. move the bird, never through the ground
-        y = state.bird_y + jnp.minimum(
-            vel, params.ground_y - state.bird_y - params.bird_height
-        )
-
-        # 5. move the pipes; the leftmost leaves at x < -pipe_width
-        pipe_x = state.pipe_x - params.pipe_speed
-        leaves = pipe_x[0] < -params.pipe_width
-        new_gap = gap_top(state.level, state.next_pipe, params)
-        shifted_x = jnp.stack([pipe_x[1], pipe_x[2], jnp.float32(params.spawn_x)])
-        shifted_gap = jnp.stack([state.pipe_gap_top[1], state.pipe_gap_top[2], new_gap])
-        pipe_x = jnp.where(leaves, shifted_x, pipe_x)
-        pipe_gap = jnp.where(leaves, shifted_gap, state.pipe_gap_top)
-
-        state = state.replace(
-            bird_y=y.astype(jnp.float32),
+        moved = state.replace(
+            bird_y=move_bird(state.bird_y, vel, params).astype(jnp.float32),
             bird_vel=vel.astype(jnp.float32),
-            bird_rot=rot.astype(jnp.float32),
+            bird_rot=rotate(state.bird_rot, flapped, params).astype(jnp.float32),
             pipe_x=pipe_x.astype(jnp.float32),
-            pipe_gap_top=pipe_gap.astype(jnp.float32),
-            next_pipe=state.next_pipe + leaves.astype(jnp.int32),
+            pipe_gap_top=pipe_gap_top.astype(jnp.float32),
+            next_pipe=next_pipe,
             score=score,
             time=state.time + 1,
         )
-
-        # 6. observation and reward (later rules override earlier ones)
-        if self.obs_mode == "lidar":
-            distances = lidar.scan(state, params, self.num_rays)
-            obs = distances / params.lidar_max_distance
-            too_close = jnp.any(distances < params.private_zone)
-            not_passed = jnp.where(
-                too_close, params.reward_private_zone, params.reward_alive
-            )
-        else:
-            obs = self.get_obs(state, params)
-            not_passed = jnp.asarray(params.reward_alive, jnp.float32)
-        reward = jnp.where(passed, params.reward_pipe, not_passed)
-        reward = jnp.where(y < 0, params.reward_top, reward)
-
-        # 7. crash
-        terminated = crashed(state, params)
-        reward = jnp.where(terminated, params.reward_crash, reward).astype(jnp.float32)
-        state = state.replace(bird_vel=jnp.where(terminated, 0.0, state.bird_vel))
-
-        info = {"score": score, "invalid_action": invalid}
+        obs, too_close = self._observe(moved, params)
+        terminated = crashed(moved, params)
+        r = reward(passed, moved.bird_y, too_close, terminated, params)
+        # the reference zeroes the velocity at a crash
+        moved = moved.replace(bird_vel=jnp.where(terminated, 0.0, moved.bird_vel))
+        info = {"score": score, "invalid_action": (action != 0) & (action != 1)}
         return (
             jax.lax.stop_gradient(obs),
-            jax.lax.stop_gradient(state),
-            reward,
+            jax.lax.stop_gradient(moved),
+            r,
             terminated,
             info,
         )
+
+    def _observe(self, state: EnvState, params: EnvParams):
+        """``(observation, too_close)``: a ray inside the private zone (LIDAR)."""
+        if self.obs_mode != "lidar":
+            return self.get_obs(state, params), jnp.bool_(False)
+        distances = lidar.scan(state, params, self.num_rays)
+        too_close = jnp.any(distances < params.private_zone)
+        return distances / params.lidar_max_distance, too_close
 
     def get_obs(self, state: EnvState, params: EnvParams, key=None) -> jax.Array:
         """Observation of ``state`` in this environment's mode."""
@@ -504,7 +666,12 @@ class FlappyBird(environment.Environment[EnvState, EnvParams]):
             {
                 "bird_y": spaces.Box(-inf, inf, (), jnp.float32),
                 "bird_vel": spaces.Box(-inf, inf, (), jnp.float32),
-                "bird_rot": spaces.Box(-90.0, 45.0, (), jnp.float32),
+                "bird_rot": spaces.Box(
+                    params.min_rot - params.rot_vel,
+                    max(params.flap_rot, params.bird_start_rot),
+                    (),
+                    jnp.float32,
+                ),
                 "pipe_x": spaces.Box(-inf, inf, (3,), jnp.float32),
                 "pipe_gap_top": spaces.Box(0.0, inf, (3,), jnp.float32),
                 "next_pipe": spaces.Discrete(2**31 - 1),
