@@ -183,6 +183,16 @@ def test_checkpoint_round_trip(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["table.npz"]  # no temporary
 
 
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 not a zip", b"\x00" * 64])
+def test_a_broken_checkpoint_is_a_clear_error(tmp_path, content):
+    path = tmp_path / "best.npz"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match="best.npz"):
+        ql.load_checkpoint(path)
+    with pytest.raises(ValueError, match="no such"):
+        ql.load_checkpoint(tmp_path / "missing.npz")
+
+
 # ----------------------------------------------------------------------- learning
 
 SMALL = ql.QLearningConfig(

@@ -47,6 +47,7 @@ import json
 import math
 import os
 import time
+import zipfile
 from io import BytesIO
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -711,9 +712,21 @@ def save_checkpoint(
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[np.ndarray, QLearningConfig]:
     """Read a table written by :func:`save_checkpoint`: (q [S, 2], config)."""
-    with np.load(path) as data:
-        q = data["q"]
-        config = QLearningConfig(**json.loads(str(data["config"])))
+    try:
+        with np.load(path) as data:
+            q = data["q"]
+            config = QLearningConfig(**json.loads(str(data["config"])))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such Q-table checkpoint") from None
+    except (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        TypeError,
+        zipfile.BadZipFile,
+    ) as e:
+        raise ValueError(f"{path} is not a readable Q-table checkpoint: {e}") from None
     if q.shape != (config.binning.num_states, NUM_ACTIONS):
         raise ValueError(f"{path}: table shape {q.shape} does not match its config")
     return q, config
