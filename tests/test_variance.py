@@ -409,3 +409,43 @@ def test_a_study_whose_returns_are_all_equal_is_well_defined(recwarn):
         assert row["variance"] == 0.0 and row["bias2"] == 0.0
         assert np.isnan(row["snr"]) and row["rel_variance"] == np.inf
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_flappy_stages_carry_their_env_and_share_runners_by_architecture():
+    paths = report.shipped_checkpoints()
+    stages = report.flappy_stages(paths, horizon=8, group_size=2)
+    assert all(s.env is not None and s.env_params is not None for s in stages)
+    assert len({s.key for s in stages}) == 1  # same policy, env and critic scale
+    assert [s.label for s in stages] == ["initial", "partial", "good"]
+
+
+def test_each_stage_keeps_its_own_architecture_and_env(tmp_path):
+    """Two runs' `best` checkpoints with different networks and step limits."""
+    from rl_pg import policies
+
+    shipped = report.shipped_checkpoints()[1]
+    small = policies.mlp_policy(2, hidden=(8,), activation="relu")
+    params = small.init(jax.random.PRNGKey(0), jnp.zeros(12))
+    other = tmp_path / "runY" / "checkpoints" / "best"
+    checkpoint.save_policy(
+        other,
+        params,
+        policy={"kind": "mlp", "num_actions": 2, "hidden": [8], "activation": "relu"},
+        env_id="FlappyBird-v0",
+        env_kwargs={"max_steps_in_episode": 50},
+    )
+    first = tmp_path / "runX" / "checkpoints" / "best"
+    first.parent.mkdir(parents=True)
+    first.symlink_to(shipped, target_is_directory=True)
+    stages = report.flappy_stages([first, other], horizon=8, group_size=2)
+    assert [s.label for s in stages] == [
+        "runX/checkpoints/best",
+        "runY/checkpoints/best",
+    ]
+    assert stages[0].key != stages[1].key  # separate runners
+    assert int(stages[1].env_params.max_steps_in_episode) == 50
+    assert int(stages[0].env_params.max_steps_in_episode) == 10_000
+    obs = jnp.zeros(12)
+    for stage in stages:  # each apply_fn fits its own params
+        logits, _ = stage.problem.apply_fn(stage.params, obs)
+        assert logits.shape == (2,)

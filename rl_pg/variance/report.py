@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import io as _io
 import json
+import os
 import time
 from collections.abc import Callable
 from importlib import resources
@@ -101,7 +102,7 @@ def stage_labels(paths: list[Path]) -> list[str]:
     """Unique labels: the fewest trailing path parts that tell the stages apart
     (``a/best`` and ``b/best`` -> ``a/best``, ``b/best``; ``a/best`` and ``a/last``
     -> ``best``, ``last``)."""
-    parts = [Path(p).resolve().parts for p in paths]
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
     for depth in range(1, max(len(p) for p in parts) + 1):
         labels = ["/".join(p[-depth:]) for p in parts]
         if len(set(labels)) == len(labels):
@@ -126,10 +127,10 @@ def _checkpoint_stage(path: Path, label: str, horizon: int, group_size: int) -> 
         "critic_reward_scale": scale,
         "env_steps": meta.get("env_steps"),
     }
-    key = json.dumps(
-        {k: v for k, v in description.items() if k != "path"}, sort_keys=True
-    )
-    return Stage(label, params, problem, horizon, key, description)
+    # stages that share policy, env and critic scale share compiled runners
+    shared = ("policy", "env_id", "env_kwargs", "critic_reward_scale")
+    key = json.dumps({k: description[k] for k in shared}, sort_keys=True)
+    return Stage(label, params, problem, horizon, key, description, env, env_params)
 
 
 def _initial_stage(horizon: int, group_size: int, env_id: str) -> Stage:
@@ -314,6 +315,8 @@ def run(
     else:
         config = dataclasses.replace(config or setting["study"], seed=seed)
         stages = flappy_stages(checkpoints, horizon, group_size, env_id)
+    if decompose and problem == "flappy" and any(s.env is None for s in stages):
+        raise ValueError("--decompose needs every stage's environment")
     mesh = device_mesh(devices)
     settings = {
         "command": "variance",
