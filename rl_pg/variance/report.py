@@ -46,8 +46,8 @@ PRESETS = {
     "full": dict(
         study=study.StudyConfig(
             batch_sizes=(4, 16, 64, 256, 1024),
-            num_batches=256,
-            max_batches_per_size=2048,
+            num_batches=128,
+            max_batches_per_size=1024,
             reference_trajectories=131_072,
             reference_groups=128,
             chunk=2048,
