@@ -127,3 +127,12 @@ def test_exact_mode_intervals_cover_the_exact_values():
         assert known >= 100, (m, known)
         assert 0.85 <= hits / known <= 1.0, (m, hits, known)
     assert coverage["bias2"][0] < coverage["bias2"][1]  # not trivially wide
+
+
+def test_bias2_interval_is_ordered_even_when_very_noisy():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        X = rng.standard_t(1.2, size=(8, 3))  # heavy tails: se >> the plug-in
+        Y = 0.1 * rng.normal(size=(8, 3))
+        s = statistics.summarize(X, Y)
+        assert s["bias2_lo"] <= s["bias2"] <= s["bias2_hi"]

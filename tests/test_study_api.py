@@ -141,6 +141,8 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--checkpoints", "missing_dir"], "not found"),
         (["--devices", "99"], "devices must be between"),
         (["--config", "missing.json"], "no such file"),
+        (["--config", "c.json", "--seed", "3"], "drop --seed"),
+        (["--reference-trajectories", "0"], "reference_trajectories must be"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error_and_writes_nothing(
@@ -233,3 +235,44 @@ def test_devices_give_the_single_device_results(tmp_path):
                 assert v == b[k]
             else:
                 np.testing.assert_allclose(b[k], v, rtol=1e-4, atol=1e-9, err_msg=k)
+
+
+def test_a_user_function_named_like_a_builtin_is_the_users(tmp_path, monkeypatch):
+    from rl_pg.variance import exact, study
+
+    (tmp_path / "shadow.py").write_text(
+        "def reinforce(params, batch, *, apply_fn, scale=2.0):\n"
+        "    raise NotImplementedError\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    problem = exact.enumerable_problem(4)
+    suite = study.estimator_suite(
+        problem, study.SuiteConfig(names=("shadow:reinforce",))
+    )
+    assert suite["reinforce"].func is sys.modules["shadow"].reinforce
+    with pytest.raises(ValueError, match="two studied estimators"):
+        study.suite_specs(study.SuiteConfig(names=("reinforce", "shadow:reinforce")))
+
+
+def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
+    tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "broken.py").write_text(
+        "import jax.numpy as jnp\n\n\n"
+        "def scalar_only(params, batch, *, apply_fn):\n"
+        "    return jnp.sum(batch.rewards)  # no (loss, aux) pair\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    code, out = _cli(
+        [
+            "--out",
+            "out",
+            "--problem",
+            "enumerable",
+            "--estimators",
+            "broken:scalar_only",
+        ],
+        capsys,
+    )
+    assert code == 2 and "estimators fail" in out, out
+    assert not (tmp_path / "out").exists()

@@ -221,7 +221,10 @@ def study_config_from_dict(data: dict) -> study.StudyConfig:
 
 
 def override_study(
-    base: study.StudyConfig, estimators: str | None = None, **sizes
+    base: study.StudyConfig,
+    estimators: str | None = None,
+    group_size: int = 1,
+    **sizes,
 ) -> study.StudyConfig:
     """``base`` with CLI overrides: ``estimators`` (comma-separated names and/or
     module:function), batch sizes, number of batches, reference trajectories
@@ -235,12 +238,18 @@ def override_study(
         )
     if "reference_trajectories" in changes:
         n = int(changes["reference_trajectories"])
+        if n < 4 * group_size:
+            raise ValueError(
+                f"reference_trajectories must be >= 4 groups of {group_size}, got {n}"
+            )
         chunk = min(base.chunk, n)
         while n % chunk:
             chunk -= 1
         changes["chunk"] = chunk
         groups = min(base.reference_groups, n)
-        while groups > 4 and (n % groups or chunk % (n // groups)):
+        while groups > 4 and (
+            n % groups or chunk % (n // groups) or (n // groups) % group_size
+        ):
             groups -= 1
         changes["reference_groups"] = groups
     if estimators:
@@ -332,7 +341,7 @@ def run(
         "study": dataclasses.asdict(config),
         "decompose": setting["decompose"] if decompose else None,
     }
-    return execute(stages, config, out_dir, settings, progress, mesh)
+    return execute(stages, config, out_dir, settings, progress, mesh)[0]
 
 
 def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
@@ -363,11 +372,23 @@ def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -
 
 
 def _build_runners(stages: list[Stage], config, mesh) -> dict:
-    """Runners per distinct stage key (validates sizes and estimators)."""
+    """Runners per distinct stage key; validates sizes and estimators, and traces
+    every estimator on one batch (a user loss that cannot be traced fails here,
+    before anything is written)."""
     runners = {}
     for stage in stages:
         if stage.key not in runners:
             runners[stage.key] = study.make_runners(stage.problem, config, mesh)
+            keys = jax.random.PRNGKey(0)[None]
+            try:
+                jax.eval_shape(
+                    runners[stage.key].batch, stage.params, keys, jnp.float32(0.0)
+                )
+            except Exception as e:  # noqa: BLE001 (reported with its type)
+                raise ValueError(
+                    f"the study's estimators fail on stage {stage.label!r}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
     return runners
 
 
@@ -378,11 +399,12 @@ def execute(
     settings: dict,
     progress: bool = True,
     mesh=None,
-) -> "Path | dict":
+) -> tuple["Path | None", dict]:
     """Study every stage; write the outputs into ``out_dir`` (new) if given.
 
-    Returns the output directory, or the results (label -> StageResult) when
-    ``out_dir`` is None.
+    Everything is validated, and every estimator traced, before the directory is
+    created. Returns the output directory (None without ``out_dir``) and the
+    results (label -> StageResult).
     """
     runners = _build_runners(stages, config, mesh)
     out = io.new_out_dir(out_dir) if out_dir is not None else None
@@ -409,7 +431,7 @@ def execute(
     if bar is not None:
         bar.close()
     if out is None:
-        return results
+        return None, results
     wall = time.perf_counter() - start
     matmul = study.matmul_flops_per_s()
     exact_mode = settings.get("problem") == "enumerable"
@@ -419,7 +441,7 @@ def execute(
     steps = {s.label: s.description.get("env_steps") for s in stages}
     if len(stages) > 1 and all(v is not None for v in steps.values()):
         plot_along_training(out / "along_training.png", results, steps, config)
-    return out
+    return out, results
 
 
 DECOMPOSITION_COLUMNS = [
@@ -687,18 +709,7 @@ def run_study(
         "group_size": group_size,
         "study": dataclasses.asdict(config),
     }
-    results = execute(stages, config, None, settings, progress, mesh)
-    if out_dir is not None:
-        out = io.new_out_dir(out_dir)
-        io.write_config(out, settings)
-        write_outputs(
-            out,
-            results,
-            config,
-            0.0,
-            study.matmul_flops_per_s(),
-            problem == "enumerable",
-        )
+    _, results = execute(stages, config, out_dir, settings, progress, mesh)
     return result_rows(results)
 
 

@@ -172,7 +172,9 @@ def _plug_in_interval(q: float, se: float, z: float) -> tuple[float, float]:
     a = 2 * se**2 / (9 * 2 * q**2)
     low_den = 1 - a + z * np.sqrt(a)
     high_den = 1 - a - z * np.sqrt(a)
-    return q / low_den**3, (q / high_den**3 if high_den > 0 else np.inf)
+    # beyond a = z^2 the shape would put the lower bound above q: normal there
+    low = q / low_den**3 if low_den >= 1 else q - z * se
+    return low, (q / high_den**3 if high_den > 0 else np.inf)
 
 
 def _jackknife_se(values: np.ndarray, num_x_units: int) -> float:

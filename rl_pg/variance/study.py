@@ -179,7 +179,7 @@ def estimator_suite(
         accepted = estimators_lib.hyperparameters(spec.loss)
         kwargs = {k: v for k, v in options.items() if k in accepted}
         kwargs |= spec.study_kwargs
-        if name in estimators_lib.REGISTRY:
+        if spec is estimators_lib.REGISTRY.get(name):
             suite[name] = estimators_lib.get_estimator(
                 name, apply_fn=problem.apply_fn, **kwargs
             )
