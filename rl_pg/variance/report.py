@@ -379,7 +379,7 @@ def _build_runners(stages: list[Stage], config, mesh) -> dict:
     for stage in stages:
         if stage.key not in runners:
             runners[stage.key] = study.make_runners(stage.problem, config, mesh)
-            keys = jax.random.PRNGKey(0)[None]
+            keys = jax.random.split(jax.random.PRNGKey(0), mesh.size if mesh else 1)
             try:
                 jax.eval_shape(
                     runners[stage.key].batch, stage.params, keys, jnp.float32(0.0)
