@@ -222,19 +222,6 @@ def _value_and_entropy_terms(
     return value_loss, vf_coef * value_loss - ent_coef * entropy_sum
 
 
-def _gae_advantages(batch: Trajectory, gamma: float, lam: float) -> jax.Array:
-    """[T, B] GAE from the collection-time values stored in the batch."""
-    return returns_lib.batch_gae(
-        batch.rewards,
-        batch.values,
-        batch.next_values,
-        batch.terminated,
-        batch.truncated,
-        gamma,
-        lam,
-    )
-
-
 def _normalize(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
     """(x - mean) / (std + eps) over live steps."""
     mean = _per_live_step(x, mask)
@@ -644,7 +631,7 @@ def gae(
       (loss, LossAux).
     """
     fwd = _forward(params, batch, apply_fn)
-    advantages = _gae_advantages(batch, gamma, lam)
+    advantages = returns_lib.trajectory_gae(batch, gamma, lam)
     pg_loss = _score_surrogate(fwd.log_probs, advantages, fwd.mask)
     targets = advantages + batch.values
     value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
@@ -698,7 +685,7 @@ def ppo_clip(
     """
     fwd = _forward(params, batch, apply_fn)
     if advantages is None:
-        advantages = _gae_advantages(batch, gamma, lam)
+        advantages = returns_lib.trajectory_gae(batch, gamma, lam)
     raw_advantages = sg(advantages)
     advantages = raw_advantages
     if normalize_advantages:

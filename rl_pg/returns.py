@@ -288,3 +288,16 @@ def batch_lambda_returns(
     """``lambda_returns`` on [T, B] arrays -> [T, B]."""
     fn = jax.vmap(lambda_returns, in_axes=(1, 1, 1, 1, 1, None, None), out_axes=1)
     return fn(rewards, values, next_values, terminated, truncated, gamma, lam)
+
+
+def trajectory_gae(traj, gamma: float, lam: float) -> jax.Array:
+    """``batch_gae`` of a ``Trajectory`` [T, B] from its collection-time values."""
+    return batch_gae(
+        traj.rewards,
+        traj.values,
+        traj.next_values,
+        traj.terminated,
+        traj.truncated,
+        gamma,
+        lam,
+    )

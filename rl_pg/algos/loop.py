@@ -512,15 +512,7 @@ class Transitions(NamedTuple):
 def gae_transitions(batch: Trajectory, gamma: float, lam: float) -> Transitions:
     """GAE once over the ``[T, B]`` batch from its collection-time values, then
     every field flattened to ``[1, T * B]`` (time-major order)."""
-    advantages = returns.batch_gae(
-        batch.rewards,
-        batch.values,
-        batch.next_values,
-        batch.terminated,
-        batch.truncated,
-        gamma,
-        lam,
-    )
+    advantages = returns.trajectory_gae(batch, gamma, lam)
 
     def flat(x):
         return x.reshape((1, x.shape[0] * x.shape[1], *x.shape[2:]))

@@ -810,15 +810,7 @@ def decompose_exact(
     to_go = np.cumsum(rewards[:, ::-1], 1)[:, ::-1]
     _, values = policy.apply(params, jnp.asarray(np.eye(mdp.num_states)))
     values = np.asarray(values, np.float64)
-    adv_gae = returns_lib.batch_gae(
-        batch.rewards,
-        batch.values,
-        batch.next_values,
-        batch.terminated,
-        batch.truncated,
-        gamma,
-        lam,
-    )
+    adv_gae = returns_lib.trajectory_gae(batch, gamma, lam)
     G = to_go[n_idx, t_idx]
     _, v_true = _group_means(h_id, w, G)
     _, q_true = _group_means(ha_id, w, G)

@@ -68,7 +68,6 @@ ENUMERABLE_STUDY = study.StudyConfig(
     chunk=2**13,
 )
 STAGES = ("initial", "partial", "good")
-INTERVAL_METRICS = statistics.METRICS
 RESULT_COLUMNS = (
     ["checkpoint", "estimator", "batch_size", "num_batches"]
     + list(statistics.METRICS)
