@@ -11,7 +11,8 @@ metric is built from unbiased U-statistic pieces:
   mse = mean_m ||X_m - Ybar||^2 - se_ref^2          unbiased for E||X - g||^2
   |mu|^2 = ||Xbar||^2 - tr S_X / M,  |g|^2 = ||Ybar||^2 - se_ref^2
   snr = sqrt(max(|mu|^2, 0) / tr S_X),   rel_variance = tr S_X / |mu|^2 (= 1 / snr^2)
-  cos_mean = <Xbar, Ybar> / sqrt(|mu|^2 |g|^2)   (direction of the mean estimate)
+  cos_mean = <Xbar, Ybar> / sqrt(|mu|^2 |g|^2) - jackknife bias (direction of the
+             mean estimate; noise-corrected, so it may exceed 1 by noise)
   cos_true = mean_m cos(X_m, g_ref),  cos_pairwise = mean_{m != m'} cos(X_m, X_m')
 
 The plug-in ||Xbar - g_ref||^2 would carry the noise terms; ``bias2_noise`` = tr S_X / M
@@ -31,7 +32,15 @@ unbiased estimator; it is subtracted with unbiased estimates of tr(Sigma^2)
 (:func:`trace_sigma_squared`), and the interval is that of the plug-in
 ||Xbar - g_ref||^2 (a scaled chi-square, skewed in low dimension; Wilson-Hilferty)
 minus the estimated noise (where the plug-in is too noisy for that shape to bound
-it above, the bound is the point plus twice the normal half-width). SNR and rel_variance come from one interval on
+it above, the bound is the point plus twice the normal half-width). cos_mean =
+(|mu|^2 + |g|^2 - bias2) / (2 |mu| |g|) is degenerate the same way when mu is
+parallel to g (its first-order term vanishes), so its jackknife interval is widened
+to hold the one the bias2 interval implies; it is not clipped to [-1, 1], so that
+its coverage stays measurable at the truth cos = 1. cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so its
+O(1/M + 1/K) bias is as large as its spread there: point and interval are shifted by
+the two-sample jackknife bias estimate (Quenouille 1956), and not clipped to [-1, 1]
+(noise-corrected norms), so that coverage at the truth cos = 1 stays measurable.
+SNR and rel_variance come from one interval on
 snr^2 = |mu|^2 / tr S_X. A percentile bootstrap is wrong here: resampling adds
 the noise term again (its bias2 distribution centres near B + tr S/M) and
 shrinks tr S by (M-1)/M, which in P ~ 10^4 dimensions puts both intervals beside
@@ -124,6 +133,7 @@ def _metrics(Kxx, Kxy, Kyy) -> dict[str, np.ndarray]:
             "bias2_noise": tr_x / nx + se2,
             "se_ref2": se2,
             "mu2": mu2,
+            "g2": g2,
         }
 
 
@@ -222,7 +232,6 @@ def _summarize(
         raise ValueError(
             f"need at least 4 batch estimates and 4 reference groups, got {M} and {K}"
         )
-    A = M
     Kxx, Kxy, Kyy = X @ X.T, X @ Y.T, Y @ Y.T
     reps = _metrics(Kxx, Kxy, Kyy)
     z = NormalDist().inv_cdf(0.5 + level / 2)
@@ -230,27 +239,47 @@ def _summarize(
     for name in ("bias2", "variance", "mse", "cos_true", "cos_pairwise", "cos_mean"):
         values = reps[name]
         point = float(values[0])
-        se = _jackknife_se(values, A)
+        se = _jackknife_se(values, M)
         if name == "bias2":
-            jack = se**2
-            se = np.sqrt(max(jack - _degenerate_part(Kxx, Kxy, Kyy), jack / 4))
-            noise = float(reps["bias2_noise"][0])
-            lo, hi = _plug_in_interval(point + noise, se, z)
-            lo, hi = lo - noise, hi - noise
-            if not np.isfinite(hi):  # too noisy for the chi-square shape
-                hi = point + 2 * z * se
+            lo, hi = _bias2_interval(reps, Kxx, Kxy, Kyy, z)
         elif name in LOG_SCALE and point > 0:
             lo, hi = point * np.exp(-z * se / point), point * np.exp(z * se / point)
         else:
             lo, hi = point - z * se, point + z * se
-        if name.startswith("cos"):
+        if name == "cos_mean":
+            shift = _jackknife_bias(values, M)
+            point, lo, hi = point - shift, lo - shift, hi - shift
+        if name in ("cos_true", "cos_pairwise"):  # cosines of vectors: in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
-    out |= _snr_intervals(reps["snr2"], A, z)
+    out |= _snr_intervals(reps["snr2"], M, z)
     out["bias2_noise"] = float(reps["bias2_noise"][0])
     out["se_ref"] = float(np.sqrt(max(reps["se_ref2"][0], 0.0)))
     out["mean_norm2"] = float(reps["mu2"][0])
     return out
+
+
+def _bias2_interval(reps, Kxx, Kxy, Kyy, z: float) -> tuple[float, float]:
+    """bias2's interval: jackknife less the degenerate part, chi-square shaped."""
+    point = float(reps["bias2"][0])
+    jack = _jackknife_se(reps["bias2"], Kxy.shape[0]) ** 2
+    se = np.sqrt(max(jack - _degenerate_part(Kxx, Kxy, Kyy), jack / 4))
+    noise = float(reps["bias2_noise"][0])
+    lo, hi = _plug_in_interval(point + noise, se, z)
+    lo, hi = lo - noise, hi - noise
+    if not np.isfinite(hi):  # too noisy for the chi-square shape
+        hi = point + 2 * z * se
+    return lo, hi
+
+
+def _jackknife_bias(values: np.ndarray, num_x_units: int) -> float:
+    """Two-sample jackknife estimate of a statistic's O(1/M + 1/K) bias (Quenouille
+    1956): sum over both samples of (a - 1) (mean of the delete-one values - full)."""
+    full = values[0]
+    bias = 0.0
+    for part in (values[1 : 1 + num_x_units], values[1 + num_x_units :]):
+        bias += (len(part) - 1) * (part.mean() - full)
+    return float(bias)
 
 
 def _snr_intervals(snr2: np.ndarray, num_x_units: int, z: float) -> dict[str, float]:
