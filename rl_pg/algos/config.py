@@ -1,11 +1,14 @@
-"""Typed, frozen, validated configs shared by the policy-gradient algorithms.
+"""Typed, frozen, validated configs: the run fields of every algorithm, and the
+fields shared by the policy-gradient algorithms.
 
-Every algorithm has one frozen dataclass (``PPOConfig``, ``A2CConfig``,
-``ReinforceConfig``, ``GRPOConfig``) deriving from :class:`OnPolicyConfig`, which
-holds what all of them share: the environment, the budget, the optimizer, the
-network and the evaluation schedule. Fields are checked in ``__post_init__`` and
-all problems are reported together as one ``ValueError``, before anything is
-compiled.
+Every algorithm has one frozen dataclass deriving from :class:`RunConfig` (the
+budget, evaluation, stop rule and checkpoints the one run driver reads):
+``QLearningConfig``, ``DQNConfig``, and through :class:`OnPolicyConfig` (the
+environment, the optimizer, the network) ``PPOConfig``, ``A2CConfig``,
+``ReinforceConfig`` and ``GRPOConfig``. Each class adds its checks to ``check``;
+``RunConfig.__post_init__`` runs them and reports all problems together as one
+``ValueError``, before anything is compiled. ``SWEEPABLE`` names the float fields
+that jitted code takes as traced values (:func:`hyperparameters`).
 
 Configs are registered with ``jax.tree_util.register_static``: a config is a pytree
 without leaves whose value is part of the tree structure. So it can be passed to
@@ -19,6 +22,8 @@ import dataclasses
 import math
 import numbers
 from typing import Any, ClassVar
+
+import jax.numpy as jnp
 
 from rl_pg.envs import ENV_IDS, scored
 from rl_pg.evaluate import MAX_SCORE_LIMIT
@@ -192,8 +197,6 @@ class RunConfig:
 def hyperparameters(config: RunConfig) -> dict[str, Any]:
     """``{name: float32 scalar}`` of ``config``'s ``SWEEPABLE`` fields: the values
     jitted training code receives as traced arguments."""
-    import jax.numpy as jnp
-
     return {
         name: jnp.asarray(getattr(config, name), jnp.float32)
         for name in type(config).SWEEPABLE
