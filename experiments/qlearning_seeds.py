@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from rl_pg import io
+from rl_pg import io, train
 from rl_pg.algos import qlearning
 
 
@@ -44,23 +44,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def run_seed(config: qlearning.QLearningConfig, out_dir: Path, progress: bool) -> dict:
-    result = qlearning.train_qlearning(config, out_dir, progress=progress)
+    result = train.run(config, out_dir, progress=progress)
     ev = result.eval
     reached = config.stop_at_score is not None and (
-        ev["validation_median"] >= config.stop_at_score
+        ev["best_validation_median"] >= config.stop_at_score
     )
     return dict(
         seed=config.seed,
         reached_target=bool(reached),
         env_steps=ev["env_steps"],
         wall_clock_s=round(ev["wall_clock_s"], 1),
-        total_wall_clock_s=round(ev["total_wall_clock_s"], 1),
-        validation_median=ev["validation_median"],
+        total_wall_clock_s=round(ev["wall_clock_s"] + ev["eval_wall_clock_s"], 1),
+        validation_median=ev["best_validation_median"],
         test_median=ev["median_score"],
         test_mean=round(ev["mean_score"], 1),
         test_crashed=ev["num_crashed"],
         test_episodes=ev["num_episodes"],
-        total_env_steps=ev["total_env_steps"],
+        total_env_steps=ev["trained_env_steps"],
     )
 
 

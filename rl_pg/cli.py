@@ -187,6 +187,24 @@ def _train(args, extra: list[str]) -> None:
         )
 
 
+def _sweep(args, extra: list[str]) -> None:
+    from rl_pg.runs import overrides, sweep
+
+    if args.help_config:
+        print(overrides.config_help(args.algo))
+        return
+    if args.out is None:
+        raise ValueError("the following arguments are required: --out")
+    rows = sweep.sweep_main(
+        args.algo,
+        args.out,
+        overrides.overrides_from_argv(extra),
+        args.num_seeds,
+        gif=not args.no_gif,
+    )
+    print(f"{len(rows)} runs; summary in {args.out}/summary.csv")
+
+
 def _eval(args) -> None:
     from rl_pg import train
 
@@ -306,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--devices", help="shard the study over N local devices, or 'all'")
     var.set_defaults(func=_variance)
 
-    algos = ("reinforce", "a2c", "ppo", "grpo", "qlearning", "dqn")  # train.ALGO_NAMES
+    algo_help = "the algorithm: reinforce, a2c, ppo, grpo, qlearning or dqn"
     train = sub.add_parser(
         "train",
         help="train an agent (REINFORCE family, A2C, PPO, GRPO, Q-learning, DQN)",
@@ -315,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "agent.gif into --out. Any config field can be set as --field-name VALUE "
         "(see --help-config).",
     )
-    train.add_argument("--algo", required=True, choices=algos)
+    train.add_argument("--algo", required=True, help=algo_help)
     train.add_argument(
         "--out", help="new run directory (required unless --help-config)"
     )
@@ -335,6 +353,28 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints/evaluations/ (for rl-pg variance --run)",
     )
     train.set_defaults(func=_train, takes_extra=True)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="train a grid of hyperparameters x seeds in one jit(vmap)",
+        description="Train every combination of the comma-separated values given "
+        "to sweepable fields (--lr 1e-3,3e-4 --ent-coef 0,0.01; see --help-config), "
+        "times --num-seeds seeds, side by side in one compiled program. Writes one "
+        "run directory per (cell, seed), equal to the single rl-pg train run, plus "
+        "summary.csv and sweep.png into --out. Other fields take one value.",
+    )
+    sweep.add_argument("--algo", required=True, help=algo_help)
+    sweep.add_argument("--out", help="new directory (required unless --help-config)")
+    sweep.add_argument("--num-seeds", type=int, default=1, help="seeds per cell")
+    sweep.add_argument(
+        "--no-gif", action="store_true", help="skip each run's agent.gif"
+    )
+    sweep.add_argument(
+        "--help-config",
+        action="store_true",
+        help="list the config fields of --algo (sweepable ones marked)",
+    )
+    sweep.set_defaults(func=_sweep, takes_extra=True)
 
     ev = sub.add_parser(
         "eval",

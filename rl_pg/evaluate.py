@@ -232,7 +232,8 @@ def evaluate(
         replaced by ``max_steps_for(max_score, env_params)``.
       key: action-sampling key (the levels do not depend on it).
       num_episodes: N, the number of levels; ignored when ``reset_keys`` is given.
-      max_score: an episode stops counting (and stops) at this many pipes.
+      max_score: an episode stops counting (and stops) at this many pipes (an
+        int, or an int32 array inside jitted code, not checked).
       reset_keys: [N, 2] reset keys; default ``held_out_keys(num_episodes)``.
       median_only: stop as soon as the median score is decided (cheaper when a
         few long episodes outlast the median; used for checkpoint selection).
@@ -243,7 +244,7 @@ def evaluate(
     Returns:
       EvalResult with [N] scores (capped at ``max_score``), lengths and crash flags.
     """
-    if not (
+    if not isinstance(max_score, jax.Array) and not (  # an array: traced, unchecked
         isinstance(max_score, int)
         and not isinstance(max_score, bool)
         and 1 <= max_score <= MAX_SCORE_LIMIT

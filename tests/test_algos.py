@@ -1,6 +1,7 @@
 """Tests for rl_pg.algos (PPO, A2C, REINFORCE, GRPO) and their shared loop."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -220,9 +221,14 @@ _TINY = dict(hidden=(8,), eval_every_steps=1)
     ids=["reinforce", "grpo"],
 )
 def test_episodic_train_runs_and_counts_steps(module, config):
-    state, metrics = jax.jit(module.train, static_argnums=0)(
-        config, jax.random.PRNGKey(0)
-    )
+    @functools.partial(jax.jit, static_argnums=0)
+    def updates(config, key):  # the updates of the run's one chunk, unreduced
+        state = module.init(config, key)
+        return jax.lax.scan(
+            lambda s, _: module.update(config, s), state, None, config.num_updates
+        )
+
+    state, metrics = updates(config, jax.random.PRNGKey(0))
     num_updates = config.num_updates
     assert num_updates == 2
     assert metrics.loss.shape == (num_updates,)
@@ -235,6 +241,13 @@ def test_episodic_train_runs_and_counts_steps(module, config):
     assert np.all(live <= config.steps_per_update)
     assert np.any(live < config.steps_per_update)  # random birds crash early
     assert int(state.update) == num_updates and state.stream is None
+    # the pure train (one update per chunk here) reports the same updates
+    run, out = jax.jit(module.train, static_argnums=0)(config, jax.random.PRNGKey(0))
+    assert int(run.train.update) == num_updates
+    np.testing.assert_array_equal(out.metrics["update"], [1, 2])
+    np.testing.assert_array_equal(out.metrics["train_episodes"], [4, 4])
+    np.testing.assert_array_equal(out.env_steps, metrics.env_steps)
+    np.testing.assert_allclose(out.metrics["loss"], metrics.loss, rtol=1e-5)
     assert (state.ref_params is not None) == (module is grpo)
     if module is grpo:  # the reference stays at the initial params, params move
         diff = jax.tree.map(

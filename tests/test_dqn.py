@@ -1,7 +1,6 @@
 """Tests for rl_pg.algos.dqn: targets and loss by hand, target updates, episode
 ends in the stored transitions, config validation, a short learning run."""
 
-import dataclasses
 import json
 
 import jax
@@ -9,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_pg import checkpoint, evaluate
+from rl_pg import checkpoint, evaluate, train
 from rl_pg.algos import dqn
+from rl_pg.runs import files
 
 # ------------------------------------------------------------ targets and the loss
 
@@ -340,13 +340,11 @@ def test_config_reports_every_problem_at_once():
     assert "num_envs" in text and "gamma" in text and "huber_delta" in text
 
 
-def test_train_dqn_rejects_other_configs_and_full_dirs(tmp_path):
-    with pytest.raises(TypeError, match="DQNConfig"):
-        dqn.train_dqn(dataclasses.asdict(dqn.DQNConfig()), tmp_path / "a")
+def test_run_refuses_full_dirs(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "x").write_text("")
     with pytest.raises(FileExistsError):
-        dqn.train_dqn(dqn.DQNConfig(), tmp_path / "b")
+        train.run(dqn.DQNConfig(), tmp_path / "b")
 
 
 # ------------------------------------------------------------------------ learning
@@ -372,7 +370,7 @@ def test_short_run_beats_random_and_writes_the_contract(tmp_path):
         stop_at_score=None,
     )
     out = tmp_path / "run"
-    result = dqn.train_dqn(config, out, progress=False)
+    result = train.run(config, out, progress=False)  # the one run driver
     for name in (
         "config.json",
         "metrics.csv",
@@ -391,7 +389,9 @@ def test_short_run_beats_random_and_writes_the_contract(tmp_path):
     assert saved["algo"] == "dqn" and "jax" in saved["versions"]
     assert dqn.DQNConfig(**_tuples(saved["config"])) == config
     rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0].split(",") == list(dqn.METRICS_COLUMNS) and len(rows) == 1 + 4
+    columns = files.metrics_columns(dqn.ALGORITHM)
+    assert rows[0].split(",") == list(columns) and len(rows) == 1 + 4
+    assert "td_abs" in columns and "val_median" in columns
     assert [r["env_steps"] for r in result.metrics] == [
         16 * 2 + 64_000 * k
         for k in (1, 2, 3, 4)  # n_step - 1 = 2 window steps

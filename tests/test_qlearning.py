@@ -11,6 +11,7 @@ import pytest
 
 import rl_pg
 from rl_pg import evaluate as ev
+from rl_pg import train
 from rl_pg.algos import qlearning as ql
 
 # ---------------------------------------------------------------------- the update
@@ -141,14 +142,14 @@ def test_greedy_policy_is_hashable_by_value():
     ("overrides", "message"),
     [
         (dict(num_envs=0), "num_envs must be an int >= 1"),
-        (dict(num_envs=48), "must be a multiple of num_envs"),
+        (dict(num_envs=48), r"num_envs \(48\) must divide eval_every_steps"),
         (dict(epsilon=1.5), "epsilon must be a number in"),
-        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(alpha=0.0), r"alpha must be a number in \(0.0, 1.0\]"),
         (dict(gamma=-0.1), "gamma must be a number in"),
-        (dict(bin_size=0), "bin_size must be > 0"),
+        (dict(bin_size=0), r"bin_size must be a number in \(0.0, inf\)"),
         (dict(vertical_range=(5, 1)), "vertical_range must have low < high"),
         (dict(horizontal_range=(1,)), "horizontal_range must be a pair"),
-        (dict(reward_crash=float("nan")), "reward_crash must be a finite"),
+        (dict(reward_crash=float("nan")), "reward_crash must be a number in"),
         (dict(stop_at_score=0), "stop_at_score must be None or an int"),
         (dict(use_velocity=1), "use_velocity must be a bool"),
         (dict(total_env_steps=1.5), "total_env_steps must be an int"),
@@ -206,9 +207,10 @@ SMALL = ql.QLearningConfig(
 
 
 @pytest.mark.slow
-def test_train_qlearning_learns_and_writes_the_contract(tmp_path):
+def test_qlearning_run_learns_and_writes_the_contract(tmp_path):
+    # Q-learning runs through the one run driver (rl_pg.runs.driver.run).
     out = tmp_path / "run"
-    result = ql.train_qlearning(SMALL, out, progress=False)
+    result = train.run(SMALL, out, progress=False)
     for name in (
         "config.json",
         "metrics.csv",
@@ -231,10 +233,13 @@ def test_train_qlearning_learns_and_writes_the_contract(tmp_path):
     # (held-out medians 82.5, 9, 12 and 11 for seeds 0-3).
     assert data["median_score"] >= 3
     q, _ = ql.load_checkpoint(out / "checkpoints" / "best.npz")
-    np.testing.assert_array_equal(q, result.q)
+    np.testing.assert_array_equal(q, result.best_params)
+    # rl-pg eval reads the table of a Q-learning run directory.
+    again = train.eval_main(out, tmp_path / "eval", num_episodes=8, max_score=100)
+    assert again["scores"] == data["scores"]
     # A second run refuses the now non-empty directory before doing any work.
     with pytest.raises(FileExistsError, match="already exists"):
-        ql.train_qlearning(SMALL, out, progress=False)
+        train.run(SMALL, out, progress=False)
 
 
 def test_untrained_table_scores_zero():
@@ -249,13 +254,13 @@ def test_untrained_table_scores_zero():
 
 def test_train_traces_under_vmap_over_seeds():
     # eval_shape traces jit(vmap(train)) without compiling it (compiling the
-    # whole run costs more than the rest of this file); train_qlearning runs the
-    # same train_steps / validate functions for real above.
+    # whole run costs more than the rest of this file); the run driver runs the
+    # same chunks for real above.
     config = dataclasses.replace(SMALL, use_velocity=False)
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     state, metrics = jax.eval_shape(
         jax.jit(jax.vmap(functools.partial(ql.train, config))), keys
     )
     assert metrics.env_steps.shape == (3, config.num_chunks)
-    assert metrics.eval_median.shape == (3, config.num_chunks)
-    assert state.best_q.shape == (3, config.binning.num_states, 2)
+    assert metrics.val_median.shape == (3, config.num_chunks)
+    assert state.best_params.shape == (3, config.binning.num_states, 2)

@@ -7,7 +7,6 @@ reuse it.
 
 import csv
 import dataclasses
-import importlib
 import json
 from pathlib import Path
 
@@ -16,7 +15,8 @@ import numpy as np
 import pytest
 
 from rl_pg import checkpoint, io, train
-from rl_pg.algos import ppo
+from rl_pg.algos import base, ppo, registry
+from rl_pg.runs import driver, files
 
 # The run fixtures and the jitted chunk are built once per worker: keep the module
 # on one worker under `pytest -n 2 --dist loadgroup`.
@@ -99,34 +99,33 @@ def test_bad_overrides_raise_before_compiling(overrides, message, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "algo, runner, override",
-    [
-        ("qlearning", "train_qlearning", ("epsilon", "0.02", 0.02)),
-        ("dqn", "train_dqn", ("tau", "0.5", 0.5)),
-    ],
+    "algo, override",
+    [("qlearning", ("epsilon", "0.02", 0.02)), ("dqn", ("tau", "0.5", 0.5))],
 )
-def test_unknown_algo_and_value_based_dispatch(
-    tmp_path, monkeypatch, algo, runner, override
-):
+def test_every_algo_goes_through_the_one_driver(tmp_path, monkeypatch, algo, override):
     with pytest.raises(ValueError, match="Unknown algo"):
         train.make_config("dqn2")
-    module = importlib.import_module(f"rl_pg.algos.{algo}")
+    assert set(registry.NAMES) == {
+        "reinforce",
+        "a2c",
+        "ppo",
+        "grpo",
+        "qlearning",
+        "dqn",
+    }
     calls = []
 
-    class Result:
-        eval = {"median_score": 1.0}
+    def fake(config, out_dir, **kwargs):
+        calls.append((config, kwargs))
+        return driver.RunResult(out_dir, {"median_score": 1.0}, [], None, None, True)
 
-    def fake(config, out_dir, progress=True):
-        calls.append((config, out_dir, progress))
-        return Result()
-
-    monkeypatch.setattr(module, runner, fake)
+    monkeypatch.setattr(driver, "run", fake)
     name, text, value = override
     out = train.train_main(algo, tmp_path / "q", {name: text}, False, False)
     assert out == {"median_score": 1.0}
-    assert getattr(calls[0][0], name) == value and calls[0][2] is False
-    with pytest.raises(ValueError, match="--resume is not supported"):
-        train.train_main(algo, tmp_path / "q", {}, True, False)
+    config, kwargs = calls[0]
+    assert registry.of(config) is registry.get(algo)
+    assert getattr(config, name) == value and kwargs["progress"] is False
     assert f"--{name}" in train.config_help(algo)
 
 
@@ -261,7 +260,7 @@ def test_a_run_killed_before_its_first_checkpoint_resumes(full_run, config, tmp_
     out = tmp_path / "killed"
     algorithm = train.algorithm_of(config)
     io.new_out_dir(out)  # what run() had done when it was killed
-    io.write_config(out, train._run_config(algorithm, config))
+    io.write_config(out, files.run_config(algorithm, config))
     (out / "checkpoints").mkdir()
     part = train.run(config, out, resume=True, progress=False, max_evals=1)
     assert int(part.state.update) == 32
@@ -281,7 +280,7 @@ def test_a_broken_train_state_names_the_file(tmp_path):
     path = tmp_path / train.STATE_FILE
     path.write_bytes(b"\x93\x01")  # truncated msgpack
     with pytest.raises(ValueError, match=f"{path} is not a readable train state"):
-        train._load_train_state(path, None)
+        files.load_train_state(path, None)
 
 
 def test_a_non_finite_loss_stops_with_an_error_naming_the_update(tmp_path):
@@ -325,16 +324,18 @@ def test_vmap_over_seeds_equals_separate_runs():
     keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
     small = train.make_config("ppo", {**SMALL, "total-env-steps": str(16 * 64 * 3)})
     # The whole run as one pure function, vmapped over keys in one compilation ...
-    states, metrics = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0)))(small, keys)
-    assert metrics.loss.shape == (3, small.num_updates)
+    states, outs = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0)))(small, keys)
+    assert outs.metrics["loss"].shape == (3, 1)  # one chunk of 3 updates
     # ... equals each seed trained alone.
     train_one = jax.jit(ppo.train)
     for i, key in enumerate(keys):
         state, alone = train_one(small, key)
         for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(state), strict=True):
             np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-6)
-        np.testing.assert_allclose(metrics.loss[i], alone.loss, rtol=2e-4, atol=2e-6)
-    np.testing.assert_array_equal(states.env_steps, 3 * small.steps_per_update)
+        np.testing.assert_allclose(
+            outs.metrics["loss"][i], alone.metrics["loss"], rtol=2e-4, atol=2e-6
+        )
+    np.testing.assert_array_equal(states.train.env_steps, 3 * small.steps_per_update)
 
 
 @pytest.mark.slow
@@ -391,21 +392,24 @@ def test_stop_rule_needs_a_confirmation_on_fresh_validation_levels():
     config = ppo.PPOConfig(
         eval_max_score=30, stop_at_score=30, stop_confirm_episodes=16
     )
-    assert train._stop_rule(config, good, 30.0, 30.0)
-    assert not train._stop_rule(config, good, 29.0, 30.0)  # val median short
+
+    def stop(config, params, val_median, best_median):
+        rule = base.stop_rule(ppo.ALGORITHM, config, params, val_median, best_median)
+        return bool(rule)
+
+    assert stop(config, good, 30.0, 30.0)
+    assert not stop(config, good, 29.0, 30.0)  # val median short
     # the partial policy (held-out median 6) fails the confirmation even when a
     # lucky validation round reached the target; without one it would stop
-    assert not train._stop_rule(config, partial, 30.0, 30.0)
+    assert not stop(config, partial, 30.0, 30.0)
     unconfirmed = dataclasses.replace(config, stop_confirm_episodes=0)
-    assert train._stop_rule(unconfirmed, partial, 30.0, 30.0)
-    assert not train._stop_rule(unconfirmed, partial, 5.0, 29.0)
+    assert stop(unconfirmed, partial, 30.0, 30.0)
+    assert not stop(unconfirmed, partial, 5.0, 29.0)
     strict = dataclasses.replace(config, stop_confirm_fraction=1.0)
     lenient = dataclasses.replace(config, stop_confirm_fraction=0.01)
-    assert train._stop_rule(lenient, partial, 30.0, 30.0)  # some levels reach 30
-    assert not train._stop_rule(strict, partial, 30.0, 30.0)
-    assert not train._stop_rule(
-        dataclasses.replace(config, stop_at_score=None), good, 1e4, 1e4
-    )
+    assert stop(lenient, partial, 30.0, 30.0)  # some levels reach 30
+    assert not stop(strict, partial, 30.0, 30.0)
+    assert not stop(dataclasses.replace(config, stop_at_score=None), good, 1e4, 1e4)
 
 
 def test_cartpole_trains_end_to_end(tmp_path):

@@ -9,10 +9,11 @@ ratio, no clipping: each batch is used once, on-policy.
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 
-from rl_pg.algos import loop
+from rl_pg.algos import base, loop
 from rl_pg.algos.config import Checks, OnPolicyConfig
 
 
@@ -29,6 +30,15 @@ class A2CConfig(OnPolicyConfig):
       ent_coef: entropy bonus weight.
       vf_coef: value loss weight.
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = (
+        "lr",
+        "reward_scale",
+        "gamma",
+        "lam",
+        "ent_coef",
+        "vf_coef",
+    )
 
     total_env_steps: int = 20_000_000
     eval_every_steps: int = 262_144  # 128 updates
@@ -83,5 +93,5 @@ def update(
     )
 
 
-ALGORITHM = loop.Algorithm("a2c", A2CConfig, init, update)
-train = loop.make_train(ALGORITHM)
+ALGORITHM = loop.make_algorithm("a2c", A2CConfig, init, update)
+train = base.make_train(ALGORITHM)

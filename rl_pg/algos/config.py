@@ -1,11 +1,14 @@
-"""Typed, frozen, validated configs shared by the policy-gradient algorithms.
+"""Typed, frozen, validated configs: the run fields of every algorithm, and the
+fields shared by the policy-gradient algorithms.
 
-Every algorithm has one frozen dataclass (``PPOConfig``, ``A2CConfig``,
-``ReinforceConfig``, ``GRPOConfig``) deriving from :class:`OnPolicyConfig`, which
-holds what all of them share: the environment, the budget, the optimizer, the
-network and the evaluation schedule. Fields are checked in ``__post_init__`` and
-all problems are reported together as one ``ValueError``, before anything is
-compiled.
+Every algorithm has one frozen dataclass deriving from :class:`RunConfig` (the
+budget, evaluation, stop rule and checkpoints the one run driver reads):
+``QLearningConfig``, ``DQNConfig``, and through :class:`OnPolicyConfig` (the
+environment, the optimizer, the network) ``PPOConfig``, ``A2CConfig``,
+``ReinforceConfig`` and ``GRPOConfig``. Each class adds its checks to ``check``;
+``RunConfig.__post_init__`` runs them and reports all problems together as one
+``ValueError``, before anything is compiled. ``SWEEPABLE`` names the float fields
+that jitted code takes as traced values (:func:`hyperparameters`).
 
 Configs are registered with ``jax.tree_util.register_static``: a config is a pytree
 without leaves whose value is part of the tree structure. So it can be passed to
@@ -14,15 +17,18 @@ jitted and vmapped functions as an ordinary argument
 share one compilation.
 """
 
+import copy
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar
+
+import jax.numpy as jnp
 
 from rl_pg.envs import ENV_IDS, scored
 from rl_pg.evaluate import MAX_SCORE_LIMIT
 
-_ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
+ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
 INT32_MAX = 2**31 - 1
 
 
@@ -86,6 +92,15 @@ class Checks:
             value in choices, f"{name} must be one of {list(choices)}, got {value!r}"
         )
 
+    def widths(self, name: str) -> None:
+        value = getattr(self.config, name)
+        self.require(
+            isinstance(value, tuple)
+            and len(value) > 0
+            and all(_is_int(h) and h > 0 for h in value),
+            f"{name} must be a non-empty tuple of positive ints, got {value!r}",
+        )
+
     def divides(self, divisor: str, dividend: str) -> None:
         a, b = getattr(self.config, divisor), getattr(self.config, dividend)
         if _is_int(a) and _is_int(b) and a > 0:
@@ -98,11 +113,116 @@ class Checks:
 
 
 @dataclasses.dataclass(frozen=True)
-class OnPolicyConfig:
-    """Fields shared by every policy-gradient algorithm.
+class RunConfig:
+    """Fields every algorithm's run shares: budget, evaluation, stop rule, files.
+
+    Every algorithm's config derives from this class, so the one run driver
+    (:mod:`rl_pg.runs.driver`) and the pure ``train`` of :mod:`rl_pg.algos.base`
+    read the same names, and their checks are written here once.
+
+    ``SWEEPABLE`` names the float fields that are traced values in jitted code
+    (:func:`hyperparameters`, :func:`with_hyperparameters`): a grid over them
+    trains in one ``jit(vmap(...))`` (``rl-pg sweep``).
 
     Attributes:
       seed: PRNG seed of the run (the driver's ``jax.random.PRNGKey(seed)``).
+      total_env_steps: training budget in env steps (all envs together).
+      eval_every_steps: env steps between greedy evaluations on validation levels
+        (rounded down to whole updates or vector steps); one jitted chunk.
+      eval_episodes: validation levels per evaluation (checkpoint selection).
+      eval_max_score: evaluation episodes stop at this many pipes.
+      stop_at_score: stop once a validation median reaches this and the stop is
+        confirmed (None: use the whole budget). Inside the pure ``train`` a
+        stopped run stops changing.
+      stop_confirm_episodes: confirm a stop on this many fresh validation levels
+        (``rl_pg.evaluate.CONFIRMATION_SEED``); 0 stops on the first validation
+        median that reaches ``stop_at_score``.
+      stop_confirm_fraction: the fraction of those levels on which the policy
+        must reach ``stop_at_score`` (0.5 is a median; held-out medians need a
+        margin above it, see the README).
+      final_eval_episodes: held-out test levels scored at the end (``eval.json``).
+      checkpoint_every_evals: write the resumable checkpoint every this many
+        evaluations (and always at the end).
+    """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ()
+
+    seed: int = 0
+    total_env_steps: int = 10_000_000
+    eval_every_steps: int = 500_000
+    eval_episodes: int = 32
+    eval_max_score: int = 10_000
+    stop_at_score: int | None = 10_000
+    stop_confirm_episodes: int = 0
+    stop_confirm_fraction: float = 0.5
+    final_eval_episodes: int = 32
+    checkpoint_every_evals: int = 1
+
+    def __post_init__(self):
+        hidden = getattr(self, "hidden", None)
+        if isinstance(hidden, list | tuple):
+            object.__setattr__(self, "hidden", tuple(hidden))
+        checks = Checks(self)
+        self.check(checks)
+        checks.raise_if_any()
+
+    def check(self, checks: Checks) -> None:
+        """Adds this config's problems to ``checks``; subclasses extend it."""
+        checks.require(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        for name in (
+            "total_env_steps",
+            "eval_every_steps",
+            "eval_episodes",
+            "eval_max_score",
+            "final_eval_episodes",
+            "checkpoint_every_evals",
+        ):
+            checks.int_at_least(name, 1)
+        checks.require(
+            not _is_int(self.eval_max_score) or self.eval_max_score <= MAX_SCORE_LIMIT,
+            f"eval_max_score must be <= {MAX_SCORE_LIMIT}, got {self.eval_max_score!r}",
+        )
+        checks.int_at_least("stop_confirm_episodes", 0)
+        checks.real_in("stop_confirm_fraction", 0.0, 1.0, low_open=True)
+        checks.require(
+            self.stop_at_score is None
+            or (_is_int(self.stop_at_score) and self.stop_at_score >= 1),
+            f"stop_at_score must be None or an int >= 1, got {self.stop_at_score!r}",
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def hyperparameters(config: RunConfig) -> dict[str, Any]:
+    """``{name: float32 scalar}`` of ``config``'s ``SWEEPABLE`` fields: the values
+    jitted training code receives as traced arguments."""
+    return {
+        name: jnp.asarray(getattr(config, name), jnp.float32)
+        for name in type(config).SWEEPABLE
+    }
+
+
+def with_hyperparameters(config: RunConfig, hparams: dict[str, Any]) -> RunConfig:
+    """A copy of ``config`` whose sweepable fields hold ``hparams``' (traced) values.
+
+    For use inside jitted code only: the copy is not validated again and cannot
+    be hashed once it holds tracers. Everything else reads the static config.
+    """
+    unknown = set(hparams) - set(type(config).SWEEPABLE)
+    if unknown:
+        raise ValueError(f"{sorted(unknown)} are not sweepable fields")
+    traced = copy.copy(config)
+    for name, value in hparams.items():
+        object.__setattr__(traced, name, value)
+    return traced
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyConfig(RunConfig):
+    """Fields shared by every policy-gradient algorithm.
+
+    Attributes:
       env_id: ``FlappyBird-v0`` (features) or ``FlappyBird-lidar-v0``; pixels take
         ``FlappyBird-pixels-v0`` and a CNN. Any other gymnax id with discrete
         actions and flat observations (``CartPole-v1``, ``Acrobot-v1``, ...)
@@ -120,23 +240,11 @@ class OnPolicyConfig:
         0.1 keeps the value targets small enough for the critic to follow).
       hidden: hidden-layer widths of the MLP (of each torso with a critic).
       activation: "tanh", "relu", "gelu" or "silu".
-      eval_every_steps: env steps between greedy evaluations on validation levels
-        (rounded down to whole updates, at least one); the driver's jitted chunk.
-      eval_episodes: validation levels per evaluation (checkpoint selection).
-      eval_max_score: evaluation episodes stop at this many pipes.
-      stop_at_score: the driver stops once a validation median reaches this and
-        the stop is confirmed (None: use the whole budget). The pure ``train``
-        never stops early.
-      stop_confirm_episodes: confirm a stop on this many fresh validation levels
-        (``rl_pg.evaluate.CONFIRMATION_SEED``); 0 stops on the first validation
-        median that reaches ``stop_at_score``.
-      stop_confirm_fraction: the fraction of those levels on which the policy
-        must reach ``stop_at_score`` (0.5 is a median; held-out medians need a
-        margin above it, see the README).
-      final_eval_episodes: held-out test levels scored at the end (``eval.json``).
-      checkpoint_every_evals: write the resumable checkpoint every this many
-        evaluations (and always at the end).
+      (The run fields, from ``seed`` to ``checkpoint_every_evals``, are
+      ``RunConfig``'s; the stop is confirmed on 128 levels by default.)
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("lr", "reward_scale")
 
     seed: int = 0
     env_id: str = "FlappyBird-v0"
@@ -155,16 +263,6 @@ class OnPolicyConfig:
     stop_at_score: int | None = 10_000
     stop_confirm_episodes: int = 128
     stop_confirm_fraction: float = 0.65
-    final_eval_episodes: int = 32
-    checkpoint_every_evals: int = 1
-
-    def __post_init__(self):
-        hidden = self.hidden
-        if isinstance(hidden, list | tuple):
-            object.__setattr__(self, "hidden", tuple(hidden))
-        checks = Checks(self)
-        self.check(checks)
-        checks.raise_if_any()
 
     # --- derived sizes; subclasses define steps_per_update and minibatch steps.
 
@@ -194,7 +292,7 @@ class OnPolicyConfig:
 
     def check(self, checks: Checks) -> None:
         """Adds this config's problems to ``checks``; subclasses extend it."""
-        checks.require(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        super().check(checks)
         if self.env_id not in ENV_IDS:
             problem = (
                 scored.check_env_id(self.env_id)
@@ -208,44 +306,19 @@ class OnPolicyConfig:
             )
         if self.max_steps_in_episode is not None:
             checks.int_at_least("max_steps_in_episode", 1)
-        for name in (
-            "total_env_steps",
-            "eval_every_steps",
-            "eval_episodes",
-            "eval_max_score",
-            "final_eval_episodes",
-            "checkpoint_every_evals",
-        ):
-            checks.int_at_least(name, 1)
-        checks.require(
-            not _is_int(self.eval_max_score) or self.eval_max_score <= MAX_SCORE_LIMIT,
-            f"eval_max_score must be <= {MAX_SCORE_LIMIT}, got {self.eval_max_score!r}",
-        )
         checks.require(
             not _is_int(self.max_steps_in_episode)
             or self.max_steps_in_episode <= INT32_MAX,
             f"max_steps_in_episode must fit int32 (<= {INT32_MAX}), got "
             f"{self.max_steps_in_episode!r}",
         )
-        checks.int_at_least("stop_confirm_episodes", 0)
-        checks.real_in("stop_confirm_fraction", 0.0, 1.0, low_open=True)
         checks.real_in("lr", 0.0, 1.0, low_open=True)
         checks.real_in("adam_eps", 0.0, 1.0, low_open=True)
         checks.real_in("max_grad_norm", 0.0, math.inf, low_open=True, high_open=True)
         checks.real_in("reward_scale", 0.0, math.inf, low_open=True, high_open=True)
         checks.boolean("anneal_lr")
-        checks.require(
-            isinstance(self.hidden, tuple)
-            and len(self.hidden) > 0
-            and all(_is_int(h) and h > 0 for h in self.hidden),
-            f"hidden must be a non-empty tuple of positive ints, got {self.hidden!r}",
-        )
-        checks.one_of("activation", _ACTIVATIONS)
-        checks.require(
-            self.stop_at_score is None
-            or (_is_int(self.stop_at_score) and self.stop_at_score >= 1),
-            f"stop_at_score must be None or an int >= 1, got {self.stop_at_score!r}",
-        )
+        checks.widths("hidden")
+        checks.one_of("activation", ACTIVATIONS)
 
     def check_budget(self, checks: Checks) -> None:
         """The budget must buy at least one update (call after the batch checks)."""
@@ -275,6 +348,3 @@ class OnPolicyConfig:
             "activation": self.activation,
             "value": value,
         }
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)

@@ -50,36 +50,32 @@ score swings between evaluations, so training scores it every
 ``eval_every_steps`` env steps on validation levels and keeps the best parameters;
 the reported score comes from the disjoint held-out test levels.
 
-Entry points: :func:`train` (the whole run as one pure, jittable function;
-``jit(vmap(train))`` over keys trains several seeds) and :func:`train_dqn` (the run
-with its files, for ``rl-pg train --algo dqn``).
+Entry points: :data:`ALGORITHM` (the :class:`rl_pg.algos.base.Algorithm` that
+``rl-pg train --algo dqn`` runs through the one run driver) and :func:`train` (the
+whole run as one pure, jittable function; ``jit(vmap(train))`` over keys trains
+several seeds).
 """
 
 import dataclasses
 import functools
 import math
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from rl_pg import checkpoint, io, policies, replay
-from rl_pg import evaluate as evaluation
-from rl_pg.algos import loop
-from rl_pg.algos.config import Checks
+from rl_pg import checkpoint, policies, replay
+from rl_pg.algos import base, loop
+from rl_pg.algos.config import ACTIVATIONS, Checks, RunConfig
 from rl_pg.envs import ENV_IDS
 
 Params = Any
 QApplyFn = Callable[[Params, jax.Array], jax.Array]  # (params, obs [B, ...]) -> [B, A]
-
-_ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
 
 
 # ---------------------------------------------------------------------------- config
@@ -87,7 +83,7 @@ _ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class DQNConfig:
+class DQNConfig(RunConfig):
     """Hyperparameters of a DQN run; validated on construction.
 
     Defaults are for ``FlappyBird-v0`` (features). Measured with them (seed 0, 2
@@ -102,7 +98,6 @@ class DQNConfig:
     0.1 was not measured.
 
     Attributes:
-      seed: PRNG seed of the run (``jax.random.PRNGKey(seed)``).
       env_id: ``FlappyBird-v0`` (features, MLP), ``FlappyBird-lidar-v0`` (MLP)
         or ``FlappyBird-pixels-v0`` (CNN).
       max_steps_in_episode: training episodes are truncated (and bootstrapped)
@@ -133,14 +128,13 @@ class DQNConfig:
       activation: "tanh", "relu", "gelu" or "silu".
       eval_every_steps: env steps between validation evaluations (a multiple of
         ``num_envs``); also the length of one jitted training chunk.
-      eval_episodes: validation levels per evaluation.
-      eval_max_score: an evaluation episode stops at this many pipes.
-      stop_at_score: :func:`train_dqn` stops once the best validation median
-        reaches this (None: use the whole budget); :func:`train` never stops early.
-      keep_best: report and checkpoint the parameters with the best validation
-        median (else the last ones).
-      final_eval_episodes: held-out test levels scored at the end (``eval.json``).
+
+    The other run fields (evaluation, stop rule, checkpoints) are
+    ``RunConfig``'s; the stop is unconfirmed by default (``stop_confirm_episodes
+    = 0``: the best validation median reaching ``stop_at_score`` stops).
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("lr", "gamma", "reward_scale", "tau")
 
     seed: int = 0
     env_id: str = "FlappyBird-v0"
@@ -170,21 +164,13 @@ class DQNConfig:
     eval_episodes: int = 32
     eval_max_score: int = 10_000
     stop_at_score: int | None = 10_000
-    keep_best: bool = True
     final_eval_episodes: int = 32
 
-    def __post_init__(self):
-        if isinstance(self.hidden, list | tuple):
-            object.__setattr__(self, "hidden", tuple(self.hidden))
-        checks = Checks(self)
-        checks.require(
-            isinstance(self.seed, int | np.integer) and not isinstance(self.seed, bool),
-            f"seed must be an int, got {self.seed!r}",
-        )
+    def check(self, checks: Checks) -> None:
+        super().check(checks)
         checks.one_of("env_id", tuple(ENV_IDS))
         for name in (
             "max_steps_in_episode",
-            "total_env_steps",
             "num_envs",
             "buffer_size",
             "batch_size",
@@ -192,10 +178,6 @@ class DQNConfig:
             "target_update_every",
             "n_step",
             "epsilon_decay_steps",
-            "eval_every_steps",
-            "eval_episodes",
-            "eval_max_score",
-            "final_eval_episodes",
         ):
             checks.int_at_least(name, 1)
         checks.int_at_least("learning_starts", 0)
@@ -209,32 +191,9 @@ class DQNConfig:
         checks.real_in("epsilon_start", 0.0, 1.0)
         checks.real_in("epsilon_end", 0.0, 1.0)
         checks.boolean("double_dqn")
-        checks.boolean("keep_best")
-        checks.require(
-            isinstance(self.hidden, tuple)
-            and len(self.hidden) > 0
-            and all(
-                isinstance(h, int) and not isinstance(h, bool) and h > 0
-                for h in self.hidden
-            ),
-            f"hidden must be a non-empty tuple of positive ints, got {self.hidden!r}",
-        )
-        checks.one_of("activation", _ACTIVATIONS)
-        checks.require(
-            self.stop_at_score is None
-            or (
-                isinstance(self.stop_at_score, int)
-                and not isinstance(self.stop_at_score, bool)
-                and self.stop_at_score >= 1
-            ),
-            f"stop_at_score must be None or an int >= 1, got {self.stop_at_score!r}",
-        )
+        checks.widths("hidden")
+        checks.one_of("activation", ACTIVATIONS)
         if not checks.problems:  # relations between fields that passed alone
-            checks.require(
-                self.eval_max_score <= evaluation.MAX_SCORE_LIMIT,
-                f"eval_max_score must be <= {evaluation.MAX_SCORE_LIMIT}, "
-                f"got {self.eval_max_score}",
-            )
             checks.divides("num_envs", "eval_every_steps")
             checks.require(
                 self.buffer_size >= self.num_envs,
@@ -246,7 +205,6 @@ class DQNConfig:
                 f"total_env_steps ({self.total_env_steps}) must be at least one "
                 f"chunk (eval_every_steps = {self.eval_every_steps})",
             )
-        checks.raise_if_any()
 
     @property
     def num_chunks(self) -> int:
@@ -510,10 +468,6 @@ class DQNState(NamedTuple):
     key: chex.PRNGKey
     env_steps: jax.Array  # [] int32, env steps so far (all envs)
     gradient_steps: jax.Array  # [] int32
-    best_params: Params  # the parameters with the best validation median
-    best_median: jax.Array  # [] float32 (-1 before any evaluation)
-    best_mean: jax.Array  # [] float32, tie-breaker
-    best_env_steps: jax.Array  # [] int32, env steps when they were taken
 
 
 class TrainStats(NamedTuple):
@@ -528,26 +482,6 @@ class TrainStats(NamedTuple):
     q_sum: jax.Array  # float32, mean Q(s, a) of each batch
     td_abs_sum: jax.Array  # float32
     grad_norm_sum: jax.Array  # float32, before clipping
-
-
-class ChunkMetrics(NamedTuple):
-    """One row of ``metrics.csv``; every field [] (or [num_chunks] stacked)."""
-
-    env_steps: jax.Array  # int32, at the end of the chunk
-    gradient_steps: jax.Array  # int32, cumulative
-    epsilon: jax.Array  # float32, at the end of the chunk
-    train_episodes: jax.Array  # int32, episodes that ended in the chunk
-    train_crashes: jax.Array  # int32
-    train_score_mean: jax.Array  # float32 (nan if none; epsilon-greedy play)
-    train_score_max: jax.Array  # int32
-    loss: jax.Array  # float32, mean over the chunk's gradient steps (nan if none)
-    q_mean: jax.Array  # float32
-    td_abs: jax.Array  # float32
-    grad_norm: jax.Array  # float32
-    val_median: jax.Array  # float32, greedy median on the validation levels
-    val_mean: jax.Array  # float32 (a lower bound: the evaluation stops early)
-    best_median: jax.Array  # float32
-    best_env_steps: jax.Array  # int32
 
 
 def init(config: DQNConfig, key: chex.PRNGKey) -> DQNState:
@@ -571,7 +505,6 @@ def init(config: DQNConfig, key: chex.PRNGKey) -> DQNState:
     (obs, env_state, env_steps), window = jax.lax.scan(
         fill, (obs, env_state, zero), jax.random.split(key_window, config.n_step - 1)
     )
-    minus_one = jnp.asarray(-1.0, jnp.float32)
     return DQNState(
         params=params,
         target_params=params,
@@ -583,10 +516,6 @@ def init(config: DQNConfig, key: chex.PRNGKey) -> DQNState:
         key=key,
         env_steps=env_steps,
         gradient_steps=zero,
-        best_params=params,
-        best_median=minus_one,
-        best_mean=minus_one,
-        best_env_steps=zero,
     )
 
 
@@ -743,8 +672,13 @@ def _vector_step(
     return state, stats
 
 
-def train_steps(config: DQNConfig, state: DQNState) -> tuple[DQNState, TrainStats]:
-    """``eval_every_steps`` env steps of acting and learning (a ``lax.scan``)."""
+def train_steps(
+    config: DQNConfig, state: DQNState, num_steps: int | None = None
+) -> tuple[DQNState, TrainStats]:
+    """``num_steps`` vector steps (default: one chunk, ``eval_every_steps`` env
+    steps) of acting and learning, in a ``lax.scan``."""
+    if num_steps is None:
+        num_steps = config.steps_per_chunk
 
     def body(carry, key):
         state, total = carry
@@ -765,7 +699,7 @@ def train_steps(config: DQNConfig, state: DQNState) -> tuple[DQNState, TrainStat
     (state, total), _ = jax.lax.scan(
         body,
         (state._replace(key=key), total),
-        jax.random.split(key_chunk, config.steps_per_chunk),
+        jax.random.split(key_chunk, num_steps),
     )
     return state, total
 
@@ -775,63 +709,31 @@ def greedy_act_fn(config: DQNConfig):
     return loop.greedy_act_fn(make_network(config))
 
 
-def validate(
-    config: DQNConfig, state: DQNState
-) -> tuple[DQNState, evaluation.EvalResult]:
-    """Score the greedy policy on the validation levels; keep it if it is best.
-
-    Best means the highest validation median, ties broken by the mean. Works
-    traced (inside :func:`train`) and eagerly (between jitted chunks).
-    """
-    env, env_params = make_env(config)
-    result = evaluation.evaluate(
-        greedy_act_fn(config),
-        state.params,
-        env,
-        env_params,
-        jax.random.PRNGKey(0),  # greedy: the key is unused
-        max_score=config.eval_max_score,
-        reset_keys=evaluation.held_out_keys(
-            config.eval_episodes, evaluation.VALIDATION_SEED
-        ),
-        median_only=True,
-    )
-    return _keep_best(state, result), result
+COLUMNS = (
+    "gradient_steps",
+    "epsilon",
+    "train_episodes",
+    "train_crashes",
+    "train_score_mean",
+    "train_score_max",
+    "loss",
+    "q_mean",
+    "td_abs",
+    "grad_norm",
+)
 
 
-@jax.jit
-def _keep_best(state: DQNState, result: evaluation.EvalResult) -> DQNState:
-    scores = result.scores.astype(jnp.float32)
-    median, mean = jnp.median(scores), jnp.mean(scores)
-    better = (median > state.best_median) | (
-        (median == state.best_median) & (mean > state.best_mean)
-    )
-    return state._replace(
-        best_params=jax.tree.map(
-            lambda new, old: jnp.where(better, new, old),
-            state.params,
-            state.best_params,
-        ),
-        best_median=jnp.where(better, median, state.best_median),
-        best_mean=jnp.where(better, mean, state.best_mean),
-        best_env_steps=jnp.where(better, state.env_steps, state.best_env_steps),
-    )
-
-
-def chunk_metrics(
-    config: DQNConfig,
-    state: DQNState,
-    stats: TrainStats,
-    result: evaluation.EvalResult,
-) -> ChunkMetrics:
-    """A chunk's :class:`ChunkMetrics` from its sums and its validation scores."""
-    scores = result.scores.astype(jnp.float32)
+def steps(
+    config: DQNConfig, state: DQNState, num_steps: int
+) -> tuple[DQNState, dict[str, jax.Array]]:
+    """:func:`train_steps` and the chunk's ``metrics.csv`` columns (means over
+    its gradient steps and finished training episodes; nan where none)."""
+    state, stats = train_steps(config, state, num_steps)
 
     def mean(total, count):
         return jnp.where(count > 0, total / jnp.maximum(count, 1), jnp.nan)
 
-    return ChunkMetrics(
-        env_steps=state.env_steps,
+    return state, dict(
         gradient_steps=state.gradient_steps,
         epsilon=epsilon_at(config, state.env_steps),
         train_episodes=stats.episodes,
@@ -842,68 +744,7 @@ def chunk_metrics(
         q_mean=mean(stats.q_sum, stats.updates),
         td_abs=mean(stats.td_abs_sum, stats.updates),
         grad_norm=mean(stats.grad_norm_sum, stats.updates),
-        val_median=jnp.median(scores),
-        val_mean=jnp.mean(scores),
-        best_median=state.best_median,
-        best_env_steps=state.best_env_steps,
     )
-
-
-def train_chunk(config: DQNConfig, state: DQNState) -> tuple[DQNState, ChunkMetrics]:
-    """:func:`train_steps` then :func:`validate`; pure and jittable."""
-    state, stats = train_steps(config, state)
-    state, result = validate(config, state)
-    return state, chunk_metrics(config, state, stats, result)
-
-
-def train(config: DQNConfig, key: chex.PRNGKey) -> tuple[DQNState, ChunkMetrics]:
-    """The whole run as one pure function: ``num_chunks`` chunks in a ``lax.scan``.
-
-    No early stop, so every seed gets the whole budget;
-    ``jax.jit(jax.vmap(train, in_axes=(None, 0)))(config, keys)`` trains one
-    seed per key (the config is a static pytree).
-
-    Returns:
-      The final state (``best_params`` is the selected network) and
-      [num_chunks] metrics.
-    """
-    state = init(config, key)
-    return jax.lax.scan(
-        lambda s, _: train_chunk(config, s), state, None, length=config.num_chunks
-    )
-
-
-def _traced_config(config: DQNConfig) -> DQNConfig:
-    """``config`` with the fields jitted chunks never read set to one value, so
-    runs that differ only in them (seed, budget, stopping, reporting) share one
-    compilation."""
-    return dataclasses.replace(
-        config,
-        seed=0,
-        total_env_steps=config.eval_every_steps,
-        stop_at_score=None,
-        keep_best=True,
-        final_eval_episodes=1,
-    )
-
-
-_jit_init = jax.jit(init, static_argnums=0)
-_jit_train_steps = jax.jit(train_steps, static_argnums=0)
-
-
-# ------------------------------------------------------------------------- full run
-
-
-class RunResult(NamedTuple):
-    """What :func:`train_dqn` wrote, in memory."""
-
-    params: Params  # the reported (best or last) network
-    eval: dict[str, Any]  # the contents of eval.json
-    metrics: list[dict[str, Any]]  # the rows of metrics.csv
-    out_dir: Path
-
-
-METRICS_COLUMNS = ("env_steps", "wall_clock_s", *ChunkMetrics._fields[1:])
 
 
 def save_network(
@@ -918,211 +759,39 @@ def save_network(
         policy=config.network_spec(env.num_actions),
         env_id=config.env_id,
         env_kwargs={"max_steps_in_episode": config.max_steps_in_episode},
-        algo="dqn",
         **extra,
     )
 
 
-def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
-    lines = [",".join(METRICS_COLUMNS)]
-    lines += [",".join(str(r[k]) for k in METRICS_COLUMNS) for r in rows]
-    io.atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
-
-
-def _plot_learning_curve(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Scores (validation, best, training) and the TD loss against env steps."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([r["env_steps"] for r in rows], dtype=float) / 1e6
-    fig, (ax, ax_loss) = plt.subplots(
-        2, 1, figsize=(7, 6), sharex=True, height_ratios=(2, 1)
-    )
-    ax.plot(steps, [r["val_median"] for r in rows], "o-", ms=3, label="validation")
-    ax.plot(steps, [r["best_median"] for r in rows], "--", label="best so far")
-    ax.plot(
-        steps,
-        [r["train_score_mean"] for r in rows],
-        ".-",
-        label="training mean (epsilon-greedy)",
-    )
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_ylabel("score (pipes)")
-    ax.set_title(title)
-    ax.legend()
-    ax_loss.plot(steps, [r["loss"] for r in rows], ".-", label="Huber TD loss")
-    ax_loss.plot(steps, [r["td_abs"] for r in rows], ".-", label="|TD error|")
-    ax_loss.set_yscale("log")
-    ax_loss.set_xlabel("env steps (millions)")
-    ax_loss.legend()
-    for a in (ax, ax_loss):
-        a.grid(alpha=0.3)
-    fig.tight_layout()
-    io.save_figure(fig, path, dpi=100)
-    plt.close(fig)
-
-
-def _row(metrics: ChunkMetrics, wall_clock_s: float) -> dict[str, Any]:
-    row = {}
-    for name, value in zip(ChunkMetrics._fields, metrics, strict=True):
-        value = np.asarray(value).item()
-        row[name] = round(value, 5) if isinstance(value, float) else value
-    row["wall_clock_s"] = round(wall_clock_s, 3)
-    return row
-
-
-def train_dqn(
-    config: DQNConfig, out_dir: str | os.PathLike, progress: bool = True
-) -> RunResult:
-    """Train, evaluate on held-out levels and write a run directory.
-
-    Writes into ``out_dir`` (which must not exist or be empty): ``config.json``
-    (config, network spec, env id, library versions), ``metrics.csv`` (one row
-    per chunk, rewritten atomically after each), ``checkpoints/best/`` and
-    ``checkpoints/last/`` (policy checkpoints of the Q-network, see
-    :func:`save_network`), ``eval.json`` (the reported network's greedy scores on
-    ``final_eval_episodes`` held-out test levels, capped at ``eval_max_score``),
-    ``learning_curve.png`` and ``agent.gif``.
-
-    ``eval.json``'s ``wall_clock_s`` covers everything up to the end of training
-    (compilation and validation evaluations included) and ``env_steps`` is the
-    step count of the reported network; ``trained_env_steps`` and
-    ``total_wall_clock_s`` (with the final evaluation) are there too.
-
-    Raises:
-      TypeError: ``config`` is not a :class:`DQNConfig`.
-      FileExistsError: ``out_dir`` exists and is not empty (checked first).
-    """
-    if not isinstance(config, DQNConfig):
-        raise TypeError(f"config must be a DQNConfig, got {type(config).__name__}")
-    out_dir = io.new_out_dir(out_dir)
-    start = time.perf_counter()
-    env, env_params = make_env(config)
-    io.write_config(
-        out_dir,
-        dict(
-            algo="dqn",
-            env_id=config.env_id,
-            config=config.to_dict(),
-            network=config.network_spec(env.num_actions),
-            num_chunks=config.num_chunks,
-            held_out_seed=evaluation.HELD_OUT_SEED,
-            validation_seed=evaluation.VALIDATION_SEED,
-        ),
-    )
-    ckpt_dir = out_dir / "checkpoints"
-    ckpt_dir.mkdir()
-
-    from tqdm.auto import tqdm
-
-    traced = _traced_config(config)
-    state = _jit_init(traced, jax.random.PRNGKey(config.seed))
-    rows: list[dict[str, Any]] = []
-    bar = tqdm(
-        total=config.num_chunks * config.eval_every_steps,
-        unit="step",
-        unit_scale=True,
-        desc="dqn",
-        disable=not progress,
-    )
-    for _ in range(config.num_chunks):
-        state, stats = _jit_train_steps(traced, state)
-        state, result = validate(traced, state)
-        metrics = jax.device_get(chunk_metrics(traced, state, stats, result))
-        row = _row(metrics, time.perf_counter() - start)
-        rows.append(row)
-        _write_metrics(out_dir / "metrics.csv", rows)
-        bar.update(config.eval_every_steps)
-        bar.set_postfix(
-            val=row["val_median"],
-            best=row["best_median"],
-            train=round(row["train_score_mean"], 1),
-            eps=round(row["epsilon"], 3),
-            refresh=False,
-        )
-        if (
-            config.stop_at_score is not None
-            and row["best_median"] >= config.stop_at_score
-        ):
-            break
-    bar.close()
-    train_wall_clock = time.perf_counter() - start
-
-    best_steps, trained_steps = int(state.best_env_steps), int(state.env_steps)
-    save_network(
-        ckpt_dir / "last",
-        config,
-        state.params,
-        seed=config.seed,
-        env_steps=trained_steps,
-        gradient_steps=int(state.gradient_steps),
-    )
-    save_network(
-        ckpt_dir / "best",
-        config,
-        state.best_params,
-        seed=config.seed,
-        env_steps=best_steps,
-        validation_median=float(state.best_median),
-    )
-    if config.keep_best:
-        params, steps = state.best_params, best_steps
-    else:
-        params, steps = state.params, trained_steps
-
-    eval_start = time.perf_counter()
-    act_fn = greedy_act_fn(config)
-    result = evaluation.evaluate(
-        act_fn,
-        params,
-        env,
-        env_params,
-        jax.random.PRNGKey(0),  # greedy: the key is unused
-        num_episodes=config.final_eval_episodes,
-        max_score=config.eval_max_score,
-    )
-    result = jax.device_get(result)
-    eval_data = evaluation.write_eval_json(
-        out_dir / "eval.json",
-        result,
-        wall_clock_s=train_wall_clock,
-        env_steps=steps,
-        algo="dqn",
-        max_score=config.eval_max_score,
-        held_out_seed=evaluation.HELD_OUT_SEED,
-        network="best" if config.keep_best else "last",
-        best_validation_median=float(state.best_median),
-        trained_env_steps=trained_steps,
-        gradient_steps=int(state.gradient_steps),
-        eval_wall_clock_s=time.perf_counter() - eval_start,
-        total_wall_clock_s=time.perf_counter() - start,
-    )
-    _plot_learning_curve(
-        out_dir / "learning_curve.png",
-        rows,
-        f"DQN{' (double)' if config.double_dqn else ''}, {config.env_id}, seed "
-        f"{config.seed}: held-out median {eval_data['median_score']:g}",
-    )
-    evaluation.agent_gif(
-        act_fn, params, env, env_params, out_dir / "agent.gif", jax.random.PRNGKey(0)
-    )
-    return RunResult(
-        params=jax.device_get(params), eval=eval_data, metrics=rows, out_dir=out_dir
-    )
+ALGORITHM = base.Algorithm(
+    name="dqn",
+    config_cls=DQNConfig,
+    init=init,
+    steps=steps,
+    chunk_sizes=lambda config: (config.steps_per_chunk,) * config.num_chunks,
+    params=lambda state: state.params,
+    env_steps=lambda state: state.env_steps,
+    make_env=make_env,
+    act_fn=greedy_act_fn,
+    save=save_network,
+    describe=lambda config: dict(
+        network=config.network_spec(make_env(config)[0].num_actions),
+        num_chunks=config.num_chunks,
+    ),
+    columns=COLUMNS,
+)
+train = base.make_train(ALGORITHM)
 
 
 __all__ = [
-    "ChunkMetrics",
+    "ALGORITHM",
+    "COLUMNS",
     "DQNConfig",
     "DQNState",
     "LossAux",
-    "RunResult",
     "Step",
     "TrainStats",
     "Transition",
-    "chunk_metrics",
     "collect",
     "dqn_loss",
     "epsilon_at",
@@ -1134,9 +803,7 @@ __all__ = [
     "n_step_transition",
     "q_learning_target",
     "save_network",
+    "steps",
     "train",
-    "train_chunk",
-    "train_dqn",
     "train_steps",
-    "validate",
 ]

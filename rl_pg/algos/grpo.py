@@ -12,10 +12,11 @@ A_i = R_i - mean_g R, no std division and no per-episode length normalisation.
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 
-from rl_pg.algos import loop
+from rl_pg.algos import base, loop
 from rl_pg.algos.config import Checks, OnPolicyConfig
 
 
@@ -36,6 +37,13 @@ class GRPOConfig(OnPolicyConfig):
       eps: added to the group std (GRPO only).
       dr_grpo: use Dr. GRPO's advantages and normalisation.
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = (
+        "lr",
+        "reward_scale",
+        "clip_eps",
+        "ent_coef",
+    )
 
     total_env_steps: int = 20_000_000
     eval_every_steps: int = 524_288  # 16 updates
@@ -107,5 +115,5 @@ def update(
     )
 
 
-ALGORITHM = loop.Algorithm("grpo", GRPOConfig, init, update)
-train = loop.make_train(ALGORITHM)
+ALGORITHM = loop.make_algorithm("grpo", GRPOConfig, init, update)
+train = base.make_train(ALGORITHM)

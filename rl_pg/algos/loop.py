@@ -22,14 +22,16 @@ implementations use (which sets what ``max_grad_norm`` means). GRPO and Dr. GRPO
 normalise by sequence length themselves and are used as they are. A constant scale
 does not change the direction of any estimate.
 
-Every function is pure. :func:`make_train` turns an algorithm's ``init`` and
-``update`` into ``train(config, key) -> (TrainState, UpdateMetrics [U])``, one
-``lax.scan`` over updates, so ``jax.jit(jax.vmap(train, in_axes=(None, 0)))``
+Every function is pure. :func:`make_algorithm` turns an algorithm's ``init`` and
+one-batch ``update`` into the :class:`rl_pg.algos.base.Algorithm` contract (a
+chunk is ``n`` updates in one ``lax.scan``); ``rl_pg.algos.base.make_train`` makes
+the whole run one pure function, so ``jax.jit(jax.vmap(train, in_axes=(None, 0)))``
 trains several seeds at once.
 """
 
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
@@ -37,7 +39,8 @@ import jax.numpy as jnp
 import optax
 
 import rl_pg
-from rl_pg import estimators, policies, returns, rollout
+from rl_pg import checkpoint, estimators, policies, returns, rollout
+from rl_pg.algos import base
 from rl_pg.algos.config import OnPolicyConfig
 from rl_pg.envs import ENV_IDS, scored
 from rl_pg.trajectory import Trajectory
@@ -89,22 +92,6 @@ class UpdateMetrics(NamedTuple):
     score_max: jax.Array  # int32
     live_steps: jax.Array  # int32 steps inside episodes (mask > 0)
     env_steps: jax.Array  # int32 cumulative env steps after the update
-
-
-class Algorithm(NamedTuple):
-    """An algorithm as a bundle of pure functions, for the driver.
-
-    Attributes:
-      name: the ``--algo`` name.
-      config_cls: its frozen config dataclass.
-      init: ``init(config, key) -> TrainState``.
-      update: ``update(config, state) -> (TrainState, UpdateMetrics)``.
-    """
-
-    name: str
-    config_cls: type
-    init: Callable[[Any, jax.Array], TrainState]
-    update: Callable[[Any, TrainState], tuple[TrainState, UpdateMetrics]]
 
 
 # ------------------------------------------------------------------ env and policy
@@ -568,32 +555,119 @@ def episodic_update(
 # ---------------------------------------------------------------------- whole runs
 
 
-def run_updates(
-    algorithm: Algorithm, config: Any, state: TrainState, num_updates: int
-) -> tuple[TrainState, UpdateMetrics]:
-    """``num_updates`` updates in one ``lax.scan``; metrics stacked ``[U]``."""
-
-    def body(state: TrainState, _):
-        return algorithm.update(config, state)
-
-    return jax.lax.scan(body, state, None, length=num_updates)
-
-
-def make_train(algorithm: Algorithm) -> Callable[[Any, jax.Array], Any]:
-    """``train(config, key) -> (final TrainState, UpdateMetrics [num_updates])``.
-
-    The whole run as one pure function (no evaluation, no early stop), so
-    ``jax.jit(jax.vmap(train, in_axes=(None, 0)))(config, keys)`` trains one seed
-    per key at once.
-    """
-
-    def train(config: Any, key: jax.Array) -> tuple[TrainState, UpdateMetrics]:
-        state = algorithm.init(config, key)
-        return run_updates(algorithm, config, state, config.num_updates)
-
-    train.__name__ = f"train_{algorithm.name}"
-    train.__doc__ = (
-        f"The whole {algorithm.name} run: ``init`` then ``config.num_updates`` "
-        "updates in one ``lax.scan``; returns (TrainState, UpdateMetrics [U])."
+def _chunk_metrics(
+    config: OnPolicyConfig, state: TrainState, m: UpdateMetrics
+) -> dict[str, jax.Array]:
+    """A chunk's ``metrics.csv`` columns from its [n] updates' metrics: means of
+    the loss terms, sums of the episode counts."""
+    episodes = jnp.sum(m.episodes)
+    lr = jnp.asarray(config.lr, jnp.float32)
+    if config.anneal_lr:
+        lr = lr * jnp.maximum(0.0, 1.0 - state.update / config.num_updates)
+    bad = ~(jnp.isfinite(m.loss) & jnp.isfinite(m.grad_norm))
+    first_update = state.update - m.loss.shape[0] + 1
+    return dict(
+        update=state.update,
+        live_env_steps=state.env_steps,
+        lr=lr,
+        **{name: jnp.mean(getattr(m, name)) for name in _LOSS_COLUMNS},
+        train_episodes=episodes,
+        train_score_mean=jnp.sum(m.score_sum) / jnp.maximum(episodes, 1),
+        train_score_max=jnp.max(m.score_max),
+        first_nonfinite_update=jnp.where(
+            jnp.any(bad), first_update + jnp.argmax(bad), -1
+        ),
     )
-    return train
+
+
+_LOSS_COLUMNS = (
+    "loss",
+    "pg_loss",
+    "value_loss",
+    "entropy",
+    "kl",
+    "approx_kl",
+    "clip_fraction",
+    "grad_norm",
+)
+COLUMNS = (
+    "update",
+    "live_env_steps",
+    "lr",
+    *_LOSS_COLUMNS,
+    "train_episodes",
+    "train_score_mean",
+    "train_score_max",
+)
+
+
+def chunk_sizes(config: OnPolicyConfig) -> tuple[int, ...]:
+    """Updates per chunk: ``updates_per_eval`` each, the remainder last."""
+    per_eval = config.updates_per_eval
+    sizes = (per_eval,) * (config.num_updates // per_eval)
+    remainder = config.num_updates % per_eval
+    return sizes + ((remainder,) if remainder else ())
+
+
+def save_policy(directory: str | Path, config: Any, params: Any, **extra: Any) -> Path:
+    """A ``rl_pg.checkpoint`` policy directory for ``config``'s policy and env.
+
+    Records the reward scale (and discount) the critic learned with, so that the
+    variance study can put V back into raw reward units.
+    """
+    critic = {
+        k: getattr(config, k) for k in ("reward_scale", "gamma") if hasattr(config, k)
+    }
+    return checkpoint.save_policy(
+        directory,
+        params,
+        policy=policy_spec(config),
+        env_id=config.env_id,
+        env_kwargs={
+            "max_steps_in_episode": int(make_env(config)[1].max_steps_in_episode)
+        },
+        **critic,
+        **extra,
+    )
+
+
+def describe(config: OnPolicyConfig) -> dict[str, Any]:
+    """What ``config.json`` records besides the config."""
+    return dict(
+        policy=policy_spec(config),
+        steps_per_update=config.steps_per_update,
+        num_updates=config.num_updates,
+        updates_per_eval=config.updates_per_eval,
+    )
+
+
+def make_algorithm(
+    name: str,
+    config_cls: type,
+    init: Callable[[Any, jax.Array], TrainState],
+    update: Callable[[Any, TrainState], tuple[TrainState, UpdateMetrics]],
+) -> base.Algorithm:
+    """A policy-gradient algorithm from its ``init`` and one-batch ``update``:
+    a chunk is ``n`` updates in one ``lax.scan``."""
+
+    def steps(config, state, n):
+        def body(state: TrainState, _):
+            return update(config, state)
+
+        state, metrics = jax.lax.scan(body, state, None, length=n)
+        return state, _chunk_metrics(config, state, metrics)
+
+    return base.Algorithm(
+        name=name,
+        config_cls=config_cls,
+        init=init,
+        steps=steps,
+        chunk_sizes=chunk_sizes,
+        params=lambda state: state.params,
+        env_steps=lambda state: state.env_steps,
+        make_env=make_env,
+        act_fn=lambda config: greedy_act_fn(make_policy(config)),
+        save=save_policy,
+        describe=describe,
+        columns=COLUMNS,
+    )

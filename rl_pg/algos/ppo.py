@@ -17,10 +17,11 @@ learning rate 1e-3.
 
 import dataclasses
 import functools
+from typing import ClassVar
 
 import jax
 
-from rl_pg.algos import loop
+from rl_pg.algos import base, loop
 from rl_pg.algos.config import Checks, OnPolicyConfig
 
 
@@ -43,6 +44,16 @@ class PPOConfig(OnPolicyConfig):
       clip_value_loss: clip the value loss around the collection-time values
         (``clip_eps``), as PureJaxRL and CleanRL do.
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = (
+        "lr",
+        "reward_scale",
+        "gamma",
+        "lam",
+        "clip_eps",
+        "ent_coef",
+        "vf_coef",
+    )
 
     total_env_steps: int = 40_000_000
     eval_every_steps: int = 262_144  # 32 updates
@@ -119,5 +130,5 @@ def update(
     )
 
 
-ALGORITHM = loop.Algorithm("ppo", PPOConfig, init, update)
-train = loop.make_train(ALGORITHM)
+ALGORITHM = loop.make_algorithm("ppo", PPOConfig, init, update)
+train = base.make_train(ALGORITHM)

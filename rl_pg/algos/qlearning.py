@@ -36,29 +36,29 @@ Deliberate differences from the tutorial: it bootstraps the crash update from th
 state after death and updates one env at a time; here a crash is terminal and many
 envs share the table. The tutorial's physics (pipe speed, gaps) differ too.
 
-Entry points: :func:`train` (one pure, jittable function; ``jit(vmap(train))``
-over keys trains several seeds) and :func:`train_qlearning` (the whole run with
-files, for ``rl-pg train --algo qlearning``).
+Entry points: :data:`ALGORITHM` (the :class:`rl_pg.algos.base.Algorithm` that
+``rl-pg train --algo qlearning`` runs through the one run driver; checkpoints are
+``checkpoints/best.npz`` and ``last.npz``) and :func:`train` (one pure, jittable
+function; ``jit(vmap(train))`` over keys trains several seeds).
 """
 
-import csv
 import dataclasses
 import json
 import math
 import os
-import time
 import zipfile
 from io import BytesIO
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_pg import evaluate as evaluation
 from rl_pg import io
+from rl_pg.algos import base
+from rl_pg.algos.config import Checks, RunConfig
 from rl_pg.envs import EnvParams, EnvState, FlappyBird
 
 ENV_ID = "FlappyBird-v0"
@@ -68,12 +68,12 @@ NUM_ACTIONS = 2  # 0: do nothing, 1: flap
 # ---------------------------------------------------------------------------- config
 
 
+@jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
-class QLearningConfig:
+class QLearningConfig(RunConfig):
     """Hyperparameters of a tabular Q-learning run; validated on construction.
 
     Attributes:
-      seed: PRNG seed of the run (env resets and exploration).
       num_envs: environments stepping in parallel, sharing one table.
       total_env_steps: training budget in env steps (all envs together).
       eval_every_steps: env steps between validation evaluations (a multiple of
@@ -89,14 +89,13 @@ class QLearningConfig:
       use_velocity: add the bird's velocity (20 integer values) to the state.
       max_steps_in_episode: training episodes are truncated (and bootstrapped)
         after this many steps.
-      eval_episodes: validation levels per evaluation during training.
-      eval_max_score: an evaluation episode stops at this many pipes.
-      stop_at_score: stop training once the validation median reaches this score
-        (``None``: use the whole budget). Only :func:`train_qlearning` stops early.
-      keep_best: report and checkpoint the table with the best validation median
-        (else the last table).
-      final_eval_episodes: held-out test levels scored at the end (eval.json).
+
+    The other run fields (evaluation, stop rule, checkpoints) are
+    ``RunConfig``'s; the stop is unconfirmed by default (the best validation
+    median reaching ``stop_at_score`` stops).
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = ("alpha", "gamma")
 
     seed: int = 0
     num_envs: int = 64
@@ -115,96 +114,35 @@ class QLearningConfig:
     eval_episodes: int = 32
     eval_max_score: int = 10_000
     stop_at_score: int | None = 10_000
-    keep_best: bool = True
     final_eval_episodes: int = 32
 
-    def __post_init__(self):
-        problems = []
+    def check(self, checks: Checks) -> None:
+        super().check(checks)
         for name in ("horizontal_range", "vertical_range"):
             value = getattr(self, name)
             try:  # lists from JSON, ints from users
                 lo, hi = (float(v) for v in value)
             except (TypeError, ValueError):
-                problems.append(f"{name} must be a pair (low, high), got {value!r}")
+                checks.require(
+                    False, f"{name} must be a pair (low, high), got {value!r}"
+                )
                 continue
-            if not lo < hi:
-                problems.append(f"{name} must have low < high, got {value!r}")
+            checks.require(lo < hi, f"{name} must have low < high, got {value!r}")
             object.__setattr__(self, name, (lo, hi))
-
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                problems.append(message)
-
-        def is_int(value) -> bool:
-            return isinstance(value, int | np.integer) and not isinstance(value, bool)
-
-        def is_real(value) -> bool:
-            return isinstance(value, int | float | np.number) and not isinstance(
-                value, bool
-            )
-
-        check(is_int(self.seed), f"seed must be an int, got {self.seed!r}")
-        for name in (
-            "num_envs",
-            "total_env_steps",
-            "eval_every_steps",
-            "max_steps_in_episode",
-            "eval_episodes",
-            "eval_max_score",
-            "final_eval_episodes",
-        ):
-            value = getattr(self, name)
-            check(
-                is_int(value) and value >= 1,
-                f"{name} must be an int >= 1, got {value!r}",
-            )
-        check(
-            not is_int(self.eval_max_score)
-            or self.eval_max_score <= evaluation.MAX_SCORE_LIMIT,
-            f"eval_max_score must be <= {evaluation.MAX_SCORE_LIMIT}, "
-            f"got {self.eval_max_score!r}",
+        for name in ("num_envs", "max_steps_in_episode"):
+            checks.int_at_least(name, 1)
+        checks.divides("num_envs", "eval_every_steps")
+        checks.real_in("alpha", 0.0, 1.0, low_open=True)
+        checks.real_in("gamma", 0.0, 1.0)
+        checks.real_in("epsilon", 0.0, 1.0)
+        checks.real_in(
+            "reward_alive", -math.inf, math.inf, low_open=True, high_open=True
         )
-        if is_int(self.eval_every_steps) and is_int(self.num_envs) and self.num_envs:
-            check(
-                self.eval_every_steps % self.num_envs == 0,
-                f"eval_every_steps ({self.eval_every_steps}) must be a multiple of "
-                f"num_envs ({self.num_envs})",
-            )
-        for name in ("alpha", "gamma", "epsilon"):
-            value = getattr(self, name)
-            check(
-                is_real(value) and 0.0 <= value <= 1.0,
-                f"{name} must be a number in [0, 1], got {value!r}",
-            )
-        check(
-            is_real(self.alpha) and self.alpha > 0,
-            f"alpha must be > 0, got {self.alpha!r}",
+        checks.real_in(
+            "reward_crash", -math.inf, math.inf, low_open=True, high_open=True
         )
-        for name in ("reward_alive", "reward_crash"):
-            value = getattr(self, name)
-            check(
-                is_real(value) and math.isfinite(value),
-                f"{name} must be a finite number, got {value!r}",
-            )
-        check(
-            is_real(self.bin_size) and self.bin_size > 0,
-            f"bin_size must be > 0, got {self.bin_size!r}",
-        )
-        check(
-            isinstance(self.use_velocity, bool),
-            f"use_velocity must be a bool, got {self.use_velocity!r}",
-        )
-        check(
-            isinstance(self.keep_best, bool),
-            f"keep_best must be a bool, got {self.keep_best!r}",
-        )
-        check(
-            self.stop_at_score is None
-            or (is_int(self.stop_at_score) and self.stop_at_score >= 1),
-            f"stop_at_score must be None or an int >= 1, got {self.stop_at_score!r}",
-        )
-        if problems:
-            raise ValueError("Invalid QLearningConfig: " + "; ".join(problems))
+        checks.real_in("bin_size", 0.0, math.inf, low_open=True, high_open=True)
+        checks.boolean("use_velocity")
 
     @property
     def binning(self) -> "StateBinning":
@@ -427,24 +365,6 @@ class QLearningState(NamedTuple):
     env_state: EnvState  # every leaf [num_envs, ...]
     key: chex.PRNGKey
     env_steps: jax.Array  # [] int32, env steps so far (all envs)
-    best_q: jax.Array  # [S, 2] float32, table with the best validation median
-    best_median: jax.Array  # [] float32, its validation median (-1 before any)
-    best_mean: jax.Array  # [] float32, its validation mean (tie-breaker)
-    best_env_steps: jax.Array  # [] int32, env steps when it was taken
-
-
-class ChunkMetrics(NamedTuple):
-    """Statistics of one training chunk; every field [] (or [num_chunks] stacked)."""
-
-    env_steps: jax.Array  # int32, env steps at the end of the chunk
-    episodes: jax.Array  # int32, training episodes finished in the chunk
-    crashes: jax.Array  # int32, of which ended by a crash (the rest truncated)
-    train_score_mean: jax.Array  # float32, mean score of those episodes (nan if none)
-    train_score_max: jax.Array  # int32, best of them (0 if none)
-    eval_median: jax.Array  # float32, validation median of the chunk's last table
-    eval_mean: jax.Array  # float32
-    best_median: jax.Array  # float32, best validation median so far
-    best_env_steps: jax.Array  # int32
 
 
 class TrainStats(NamedTuple):
@@ -487,10 +407,6 @@ def init(config: QLearningConfig, key: chex.PRNGKey) -> QLearningState:
         env_state=env_state,
         key=key,
         env_steps=jnp.asarray(0, jnp.int32),
-        best_q=q,
-        best_median=jnp.asarray(-1.0, jnp.float32),
-        best_mean=jnp.asarray(-1.0, jnp.float32),
-        best_env_steps=jnp.asarray(0, jnp.int32),
     )
 
 
@@ -538,12 +454,14 @@ def _train_step(
 
 
 def train_steps(
-    config: QLearningConfig, state: QLearningState
+    config: QLearningConfig, state: QLearningState, num_iterations: int | None = None
 ) -> tuple[QLearningState, TrainStats]:
-    """``eval_every_steps`` env steps of training (a ``lax.scan``); jittable."""
+    """``num_iterations`` vector steps (default: one chunk, ``eval_every_steps``
+    env steps) of training (a ``lax.scan``); jittable."""
     env, params = _env(config)
     binning = config.binning
-    num_iterations = config.eval_every_steps // config.num_envs
+    if num_iterations is None:
+        num_iterations = config.eval_every_steps // config.num_envs
 
     def body(carry, key):
         q, env_state, stats = carry
@@ -575,57 +493,17 @@ def train_steps(
     return state, stats
 
 
-def validate(
-    config: QLearningConfig, state: QLearningState
-) -> tuple[QLearningState, evaluation.EvalResult]:
-    """Score the current table on the validation levels; keep it if it is best.
-
-    Best means the highest validation median, ties broken by the mean (a lower
-    bound: the evaluation stops once the median is decided). Works
-    traced (inside :func:`train`) and eagerly (between jitted chunks, where the
-    jitted evaluation is shared with the final held-out one).
-    """
-    env, params = _env(config)
-    key, key_eval = jax.random.split(state.key)
-    result = evaluation.evaluate(
-        GreedyPolicy(config.binning),
-        state.q,
-        env,
-        params,
-        key_eval,
-        max_score=config.eval_max_score,
-        reset_keys=evaluation.held_out_keys(
-            config.eval_episodes, evaluation.VALIDATION_SEED
-        ),
-        median_only=True,
-    )
-    return _keep_best(state, key, result), result
+COLUMNS = ("episodes", "crashes", "train_score_mean", "train_score_max")
 
 
-@jax.jit
-def _keep_best(
-    state: QLearningState, key: chex.PRNGKey, result: evaluation.EvalResult
-) -> QLearningState:
-    scores = result.scores.astype(jnp.float32)
-    median, mean = jnp.median(scores), jnp.mean(scores)
-    better = (median > state.best_median) | (
-        (median == state.best_median) & (mean > state.best_mean)
-    )
-    return state._replace(
-        key=key,
-        best_q=jnp.where(better, state.q, state.best_q),
-        best_median=jnp.where(better, median, state.best_median),
-        best_mean=jnp.where(better, mean, state.best_mean),
-        best_env_steps=jnp.where(better, state.env_steps, state.best_env_steps),
-    )
-
-
-def _chunk_metrics(
-    state: QLearningState, stats: TrainStats, result: evaluation.EvalResult
-) -> ChunkMetrics:
-    scores = result.scores.astype(jnp.float32)
-    return ChunkMetrics(
-        env_steps=state.env_steps,
+def steps(
+    config: QLearningConfig, state: QLearningState, num_iterations: int
+) -> tuple[QLearningState, dict[str, jax.Array]]:
+    """:func:`train_steps` and the chunk's ``metrics.csv`` columns."""
+    state, stats = train_steps(config, state, num_iterations)
+    # The key moves on once more per chunk (it used to draw the validation's).
+    state = state._replace(key=jax.random.split(state.key)[0])
+    return state, dict(
         episodes=stats.episodes,
         crashes=stats.crashes,
         train_score_mean=jnp.where(
@@ -634,60 +512,7 @@ def _chunk_metrics(
             jnp.nan,
         ),
         train_score_max=stats.score_max,
-        eval_median=jnp.median(scores),
-        eval_mean=jnp.mean(scores),
-        best_median=state.best_median,
-        best_env_steps=state.best_env_steps,
     )
-
-
-def train_chunk(
-    config: QLearningConfig, state: QLearningState
-) -> tuple[QLearningState, ChunkMetrics]:
-    """:func:`train_steps` then :func:`validate`; pure and jittable."""
-    state, stats = train_steps(config, state)
-    state, result = validate(config, state)
-    return state, _chunk_metrics(state, stats, result)
-
-
-def train(
-    config: QLearningConfig, key: chex.PRNGKey
-) -> tuple[QLearningState, ChunkMetrics]:
-    """The whole run as one pure function: ``num_chunks`` chunks in a ``lax.scan``.
-
-    No early stop (``stop_at_score`` is for :func:`train_qlearning`), so every
-    seed gets the full budget. ``jax.jit(jax.vmap(functools.partial(train,
-    config)))(keys)`` trains several seeds at once.
-
-    Returns:
-      The final state (``best_q`` is the selected table) and [num_chunks] metrics.
-    """
-    state = init(config, key)
-    return jax.lax.scan(
-        lambda s, _: train_chunk(config, s), state, None, length=config.num_chunks
-    )
-
-
-def _traced_config(config: QLearningConfig) -> QLearningConfig:
-    """``config`` with the fields that jitted code never reads set to defaults.
-
-    Jitted functions take the config as a static argument; normalising the seed,
-    the budget and the run-level options lets runs that differ only in those
-    share one compilation.
-    """
-    default = QLearningConfig()
-    return dataclasses.replace(
-        config,
-        seed=default.seed,
-        total_env_steps=config.eval_every_steps,
-        stop_at_score=default.stop_at_score,
-        keep_best=default.keep_best,
-        final_eval_episodes=default.final_eval_episodes,
-    )
-
-
-_jit_init = jax.jit(init, static_argnums=0)
-_jit_train_steps = jax.jit(train_steps, static_argnums=0)
 
 
 # ----------------------------------------------------------------------- checkpoints
@@ -715,7 +540,10 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[np.ndarray, QLearningConfi
     try:
         with np.load(path) as data:
             q = data["q"]
-            config = QLearningConfig(**json.loads(str(data["config"])))
+            saved = json.loads(str(data["config"]))
+            # Tables saved before the shared run fields also hold ``keep_best``.
+            fields = {f.name for f in dataclasses.fields(QLearningConfig)}
+            config = QLearningConfig(**{k: v for k, v in saved.items() if k in fields})
     except FileNotFoundError:
         raise ValueError(f"{path}: no such Q-table checkpoint") from None
     except (
@@ -738,211 +566,51 @@ def _to_json(data: Any) -> str:
     )
 
 
-# ------------------------------------------------------------------------- full run
+# ------------------------------------------------------------------ the algorithm
 
 
-class RunResult(NamedTuple):
-    """What :func:`train_qlearning` wrote, in memory."""
-
-    q: np.ndarray  # [S, 2] the reported (best or last) table
-    eval: dict[str, Any]  # the contents of eval.json
-    metrics: list[dict[str, Any]]  # the rows of metrics.csv
-    out_dir: Path
+def _save(path: str | os.PathLike, config: QLearningConfig, q, **meta: Any) -> Path:
+    """The table at ``path.npz`` (``checkpoints/best`` -> ``checkpoints/best.npz``)."""
+    path = Path(path).with_suffix(".npz")
+    save_checkpoint(path, q, config, **meta)
+    return path
 
 
-METRICS_COLUMNS = (
-    "env_steps",
-    "wall_clock_s",
-    "episodes",
-    "crashes",
-    "train_score_mean",
-    "train_score_max",
-    "eval_median",
-    "eval_mean",
-    "best_median",
-    "best_env_steps",
+def _describe(config: QLearningConfig) -> dict[str, Any]:
+    return dict(
+        env_id=ENV_ID,
+        num_states=config.binning.num_states,
+        env_params={
+            k: v.item() if hasattr(v, "item") else v
+            for k, v in dataclasses.asdict(_env(config)[1]).items()
+        },
+    )
+
+
+ALGORITHM = base.Algorithm(
+    name="qlearning",
+    config_cls=QLearningConfig,
+    init=init,
+    steps=steps,
+    chunk_sizes=lambda c: (c.eval_every_steps // c.num_envs,) * c.num_chunks,
+    params=lambda state: state.q,
+    env_steps=lambda state: state.env_steps,
+    make_env=_env,
+    act_fn=lambda config: GreedyPolicy(config.binning),
+    save=_save,
+    describe=_describe,
+    columns=COLUMNS,
 )
-
-
-def _plot_learning_curve(path: Path, rows: list[dict[str, Any]], config) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([r["env_steps"] for r in rows]) / 1e6
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, [r["eval_median"] for r in rows], "o-", label="validation median")
-    ax.plot(steps, [r["best_median"] for r in rows], "--", label="best so far")
-    ax.plot(steps, [r["train_score_mean"] for r in rows], ".-", label="training mean")
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_ylim(0, config.eval_max_score * 1.5)
-    ax.set_xlabel("env steps (millions)")
-    ax.set_ylabel("score (pipes)")
-    ax.set_title(
-        f"Tabular Q-learning, {config.num_envs} envs, epsilon {config.epsilon}, "
-        f"velocity {'on' if config.use_velocity else 'off'}"
-    )
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    io.save_figure(fig, path, dpi=100)
-    plt.close(fig)
-
-
-def train_qlearning(
-    config: QLearningConfig, out_dir: str | os.PathLike, progress: bool = True
-) -> RunResult:
-    """Train, evaluate on held-out levels and write a run directory.
-
-    Writes into ``out_dir`` (which must not exist or be empty): ``config.json``
-    (config, env params, library versions), ``metrics.csv`` (one row per chunk),
-    ``checkpoints/best.npz`` and ``checkpoints/last.npz``, ``eval.json`` (the
-    reported table on ``config.final_eval_episodes`` held-out test levels, capped
-    at ``config.eval_max_score``), ``learning_curve.png`` and ``agent.gif``.
-
-    ``eval.json``'s ``wall_clock_s`` covers everything up to the end of training
-    (compilation and validation evaluations included) and ``env_steps`` is the
-    step count of the reported table; ``total_wall_clock_s`` adds the final
-    evaluation.
-
-    Raises:
-      FileExistsError: ``out_dir`` exists and is not empty (checked first).
-    """
-    if not isinstance(config, QLearningConfig):
-        raise TypeError(
-            f"config must be a QLearningConfig, got {type(config).__name__}"
-        )
-    out_dir = io.new_out_dir(out_dir)
-    start = time.perf_counter()
-    env, params = _env(config)
-    io.write_config(
-        out_dir,
-        dict(
-            algo="qlearning",
-            env_id=ENV_ID,
-            config=dataclasses.asdict(config),
-            num_states=config.binning.num_states,
-            held_out_seed=evaluation.HELD_OUT_SEED,
-            validation_seed=evaluation.VALIDATION_SEED,
-            env_params=_jsonable(dataclasses.asdict(params)),
-        ),
-    )
-    (out_dir / "checkpoints").mkdir()
-
-    traced = _traced_config(config)
-    state = _jit_init(traced, jax.random.PRNGKey(config.seed))
-    rows: list[dict[str, Any]] = []
-    bar = _progress_bar(config, progress)
-    with open(out_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
-        writer.writeheader()
-        for _ in range(config.num_chunks):
-            state, stats = _jit_train_steps(traced, state)
-            state, result = validate(traced, state)
-            metrics = jax.device_get(_chunk_metrics(state, stats, result))
-            row = {k: _scalar(getattr(metrics, k)) for k in ChunkMetrics._fields}
-            row["wall_clock_s"] = round(time.perf_counter() - start, 3)
-            rows.append(row)
-            writer.writerow({k: row[k] for k in METRICS_COLUMNS})
-            f.flush()
-            bar.set_postfix(
-                val_median=row["eval_median"],
-                best=row["best_median"],
-                train_mean=round(row["train_score_mean"], 1),
-                refresh=False,
-            )
-            bar.update(config.eval_every_steps)
-            if (
-                config.stop_at_score is not None
-                and row["best_median"] >= config.stop_at_score
-            ):
-                break
-    bar.close()
-    train_wall_clock = time.perf_counter() - start
-
-    last_q = np.asarray(state.q)
-    best_q = np.asarray(state.best_q)
-    best_steps = int(state.best_env_steps)
-    q, q_steps = (
-        (best_q, best_steps) if config.keep_best else (last_q, int(state.env_steps))
-    )
-    save_checkpoint(
-        out_dir / "checkpoints" / "best.npz",
-        best_q,
-        config,
-        env_steps=best_steps,
-        validation_median=float(state.best_median),
-    )
-    save_checkpoint(
-        out_dir / "checkpoints" / "last.npz",
-        last_q,
-        config,
-        env_steps=int(state.env_steps),
-    )
-
-    policy = GreedyPolicy(config.binning)
-    # A stream apart from training's (which starts from PRNGKey(seed) itself).
-    key_eval, key_gif = jax.random.split(
-        jax.random.fold_in(jax.random.PRNGKey(config.seed), 1)
-    )
-    result = evaluation.evaluate(
-        policy,
-        jnp.asarray(q),
-        env,
-        params,
-        key_eval,
-        num_episodes=config.final_eval_episodes,
-        max_score=config.eval_max_score,
-    )
-    result = jax.device_get(result)
-    eval_data = evaluation.write_eval_json(
-        out_dir / "eval.json",
-        result,
-        wall_clock_s=train_wall_clock,
-        env_steps=q_steps,
-        total_env_steps=int(state.env_steps),
-        total_wall_clock_s=time.perf_counter() - start,
-        max_score=config.eval_max_score,
-        held_out_seed=evaluation.HELD_OUT_SEED,
-        table="best" if config.keep_best else "last",
-        validation_median=float(state.best_median),
-    )
-    _plot_learning_curve(out_dir / "learning_curve.png", rows, config)
-    evaluation.agent_gif(
-        policy, jnp.asarray(q), env, params, out_dir / "agent.gif", key_gif
-    )
-    return RunResult(q=q, eval=eval_data, metrics=rows, out_dir=out_dir)
-
-
-def _progress_bar(config: QLearningConfig, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=config.num_chunks * config.eval_every_steps,
-        unit="step",
-        unit_scale=True,
-        desc="qlearning",
-        disable=not enabled,
-    )
-
-
-def _scalar(value: Any) -> Any:
-    value = np.asarray(value).item()
-    return round(value, 4) if isinstance(value, float) else value
-
-
-def _jsonable(data: dict[str, Any]) -> dict[str, Any]:
-    return {k: v.item() if hasattr(v, "item") else v for k, v in data.items()}
+train = base.make_train(ALGORITHM)
 
 
 __all__ = [
-    "ChunkMetrics",
+    "ALGORITHM",
+    "COLUMNS",
     "GreedyPolicy",
     "PRESETS",
     "QLearningConfig",
     "QLearningState",
-    "RunResult",
     "StateBinning",
     "TrainStats",
     "greedy_actions",
@@ -951,10 +619,8 @@ __all__ = [
     "preset",
     "q_update",
     "save_checkpoint",
+    "steps",
     "td_targets",
     "train",
-    "train_chunk",
-    "train_qlearning",
     "train_steps",
-    "validate",
 ]

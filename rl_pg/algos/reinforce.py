@@ -18,11 +18,12 @@ by estimators with a critic).
 """
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 
 from rl_pg import estimators
-from rl_pg.algos import loop
+from rl_pg.algos import base, loop
 from rl_pg.algos.config import Checks, OnPolicyConfig
 
 # Estimator arguments that come from differently named config fields.
@@ -43,6 +44,15 @@ class ReinforceConfig(OnPolicyConfig):
       gamma, lam, vf_coef, ent_coef: passed to estimators that take them
         (``value_baseline``, ``gae``, ``ppo_clip``, ``grpo``, ...).
     """
+
+    SWEEPABLE: ClassVar[tuple[str, ...]] = (
+        "lr",
+        "reward_scale",
+        "gamma",
+        "lam",
+        "ent_coef",
+        "vf_coef",
+    )
 
     eval_every_steps: int = 524_288  # 64 updates
     estimator: str = "rloo"
@@ -113,5 +123,5 @@ def update(
     )
 
 
-ALGORITHM = loop.Algorithm("reinforce", ReinforceConfig, init, update)
-train = loop.make_train(ALGORITHM)
+ALGORITHM = loop.make_algorithm("reinforce", ReinforceConfig, init, update)
+train = base.make_train(ALGORITHM)

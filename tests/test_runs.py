@@ -1,0 +1,288 @@
+"""Tests for rl_pg.runs: the one driver agrees with the pure train, sweeps equal
+single runs, bad sweep input fails early, value-based runs resume.
+
+The configs are tiny (a few hundred env steps per chunk), so the tests check
+agreement between code paths, not learning.
+"""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rl_pg import checkpoint, cli, train
+from rl_pg.algos import base, ppo, qlearning
+from rl_pg.algos.config import hyperparameters, with_hyperparameters
+from rl_pg.runs import driver, sweep
+
+pytestmark = pytest.mark.xdist_group("runs")
+
+TINY = {
+    "num-envs": "8",
+    "num-steps": "32",
+    "num-minibatches": "2",
+    "total-env-steps": str(8 * 32 * 6),  # 6 updates
+    "eval-every-steps": str(8 * 32 * 4),  # chunks of 4 and 2 updates
+    "eval-episodes": "4",
+    "final-eval-episodes": "4",
+    "eval-max-score": "20",
+    "stop-confirm-episodes": "4",
+}
+
+
+def _rows(path):
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        row.pop("wall_clock_s")
+    return rows
+
+
+# ------------------------------------------------------------------ hyperparameters
+
+
+def test_hyperparameters_are_traced_and_reach_the_update():
+    config = ppo.PPOConfig()
+    hparams = hyperparameters(config)
+    assert set(hparams) == set(ppo.PPOConfig.SWEEPABLE) >= {"lr", "ent_coef", "gamma"}
+    assert hparams["lr"].dtype == jnp.float32 and hparams["lr"] == np.float32(config.lr)
+    traced = with_hyperparameters(config, {"lr": jnp.float32(0.5)})
+    assert traced.lr == 0.5 and config.lr == 1e-3 and traced.num_envs == 64
+    with pytest.raises(ValueError, match="not sweepable"):
+        with_hyperparameters(config, {"num_envs": 3})
+
+
+def test_the_learning_rate_is_a_traced_argument_of_one_compilation():
+    config = train.make_config("ppo", TINY)
+    key = jax.random.PRNGKey(0)
+    traces = []
+
+    def init_and_step(hparams):
+        traces.append(1)
+        algorithm = ppo.ALGORITHM
+        run = base.init_run(algorithm, config, hparams, key)
+        state, _ = algorithm.steps(with_hyperparameters(config, hparams), run.train, 1)
+        return state.params
+
+    step = jax.jit(init_and_step)
+    fast = step({**hyperparameters(config), "lr": jnp.float32(1e-2)})
+    slow = step({**hyperparameters(config), "lr": jnp.float32(1e-5)})
+    zero = step({**hyperparameters(config), "lr": jnp.float32(0.0)})
+    assert len(traces) == 1  # one compilation for three learning rates
+    start = base.init_run(ppo.ALGORITHM, config, hyperparameters(config), key)
+
+    def moved(params):
+        diffs = jax.tree.map(
+            lambda a, b: jnp.max(jnp.abs(a - b)), params, start.train.params
+        )
+        return max(float(d) for d in jax.tree.leaves(diffs))
+
+    assert moved(zero) == 0.0  # lr 0: Adam does not move
+    assert moved(fast) > 10 * moved(slow) > 0
+
+
+# ------------------------------------------------------------------ the driver
+
+
+def _assert_rows_agree(rows, expected):
+    """Counts, scores and env steps equal; float diagnostics equal up to the
+    rounding of batched vs unbatched XLA kernels (different programs)."""
+    assert len(rows) == len(expected)
+    for row, other in zip(rows, expected, strict=True):
+        assert row.keys() == other.keys()
+        for key, value in row.items():
+            if key in _EXACT_COLUMNS:
+                assert float(value) == float(other[key]), key
+            else:
+                np.testing.assert_allclose(
+                    float(value), float(other[key]), rtol=1e-4, atol=1e-6, err_msg=key
+                )
+
+
+_EXACT_COLUMNS = (
+    "env_steps",
+    "update",
+    "live_env_steps",
+    "train_episodes",
+    "train_score_max",
+    "val_median",
+    "val_mean",
+    "best_median",
+    "best_env_steps",
+)
+
+
+@pytest.mark.slow
+def test_the_cli_reports_what_the_vmapped_train_computes(tmp_path):
+    config = train.make_config("ppo", TINY)
+    seeds = [0, 1]
+    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+    runs, outs = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0, None)))(
+        config, keys, hyperparameters(config)
+    )
+    assert outs.val_median.shape == (2, 2)  # chunks of 4 and 2 updates
+    for i, seed in enumerate(seeds):
+        out = tmp_path / f"seed_{seed}"
+        data = train.train_main("ppo", out, {**TINY, "seed": str(seed)}, False, False)
+        rows = _rows(out / "metrics.csv")
+        assert [int(r["update"]) for r in rows] == [4, 6]
+        np.testing.assert_array_equal(
+            [float(r["val_median"]) for r in rows], outs.val_median[i]
+        )
+        np.testing.assert_array_equal(
+            [float(r["best_median"]) for r in rows], outs.best_median[i]
+        )
+        np.testing.assert_allclose(
+            [float(r["loss"]) for r in rows], outs.metrics["loss"][i], rtol=1e-4
+        )
+        assert data["env_steps"] == int(runs.best_env_steps[i])
+        assert data["best_validation_median"] == float(runs.best_median[i])
+        best = jax.tree.map(lambda x, i=i: x[i], runs.best_params)
+        _, saved, *_ = checkpoint.load_policy(out / "checkpoints" / "best")
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+            saved,
+            best,
+        )
+        held_out = base.held_out(ppo.ALGORITHM, config, best)
+        assert data["scores"] == [int(s) for s in held_out.scores]
+
+
+def test_a_stopped_run_stops_changing_inside_jit():
+    config = train.make_config("ppo", {**TINY, "stop-at-score": "1"})
+    unconfirmed = train.make_config(
+        "ppo", {**TINY, "stop-at-score": "1", "stop-confirm-episodes": "0"}
+    )
+    hparams = hyperparameters(config)
+    run = base.init_run(ppo.ALGORITHM, config, hparams, jax.random.PRNGKey(0))
+    chunk = jax.jit(base.run_chunk, static_argnums=(0, 1, 4))
+    # An untrained policy scores 0: neither rule stops it.
+    after, out = chunk(ppo.ALGORITHM, config, hparams, run, 1)
+    assert not out.stopped and int(after.evals) == 1 and int(out.env_steps) == 256
+    # A best median at the target stops the unconfirmed rule, not the confirmed
+    # one (the current policy must reach it on fresh levels).
+    lucky = run._replace(best_median=jnp.float32(1.0), best_mean=jnp.float32(9.0))
+    after, out = chunk(ppo.ALGORITHM, unconfirmed, hparams, lucky, 1)
+    assert out.stopped and int(after.evals) == 1 and float(out.best_median) == 1.0
+    _, out = chunk(ppo.ALGORITHM, config, hparams, lucky, 1)
+    assert not out.stopped
+    # Once stopped, a chunk returns the state unchanged.
+    again, out = chunk(ppo.ALGORITHM, unconfirmed, hparams, after, 1)
+    jax.tree.map(np.testing.assert_array_equal, again, after)
+    assert out.stopped and int(out.env_steps) == 256
+
+
+@pytest.mark.slow
+def test_a_qlearning_run_resumes_to_the_same_table(tmp_path):
+    config = qlearning.QLearningConfig(
+        num_envs=16,
+        total_env_steps=3 * 8_000,
+        eval_every_steps=8_000,
+        eval_episodes=4,
+        eval_max_score=20,
+        final_eval_episodes=4,
+    )
+    full = train.run(config, tmp_path / "full", progress=False, gif=False)
+    part = train.run(config, tmp_path / "part", progress=False, max_evals=1)
+    assert not part.completed and len(part.metrics) == 1
+    done = train.run(config, tmp_path / "part", resume=True, progress=False, gif=False)
+    np.testing.assert_array_equal(done.state.q, full.state.q)
+    np.testing.assert_array_equal(done.best_params, full.best_params)
+    assert done.eval["scores"] == full.eval["scores"]
+    assert _rows(tmp_path / "part/metrics.csv") == _rows(tmp_path / "full/metrics.csv")
+    assert (tmp_path / "part/checkpoints/best.npz").is_file()
+
+
+# ------------------------------------------------------------------ sweeps
+
+
+def test_parse_grid_splits_fixed_fields_from_the_grid():
+    fixed, grid = sweep.parse_grid(
+        "ppo", {"lr": "1e-3,3e-4", "num-envs": "8", "hidden": "16,16", "gamma": "0.9"}
+    )
+    assert fixed == {"num_envs": 8, "hidden": (16, 16)}
+    assert grid == {"lr": [1e-3, 3e-4], "gamma": [0.9]}
+    assert sweep.cells({"lr": [1, 2], "gamma": [3, 4]}) == [
+        {"lr": 1, "gamma": 3},
+        {"lr": 1, "gamma": 4},
+        {"lr": 2, "gamma": 3},
+        {"lr": 2, "gamma": 4},
+    ]
+    assert sweep.cells({}) == [{}]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--no-such-field", "1,2"], "Unknown option --no-such-field"),
+        (["--num-envs", "8,16"], "--num-envs is not sweepable"),
+        (["--lr", ","], "--lr: empty value"),
+        (["--lr", "1e-3,,3e-4"], "--lr: empty value"),
+        (["--lr", "1e-3,x"], "--lr: cannot parse"),
+        (["--lr", "1e-3,1e-3"], "--lr: repeated value"),
+        (["--lr", "1e-3,2.0"], "lr must be a number in"),
+        (["--num-seeds", "0"], "--num-seeds must be an int >= 1"),
+    ],
+)
+def test_bad_sweep_input_is_a_one_line_error_before_any_work(
+    argv, message, tmp_path, capsys, monkeypatch
+):
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled before the input was checked")
+
+    monkeypatch.setattr(driver, "compiled_init", no_compiling)
+    out = tmp_path / "sweep"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["sweep", "--algo", "ppo", "--out", str(out), *argv])
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_sweep_cell_equals_the_single_run(tmp_path):
+    out = tmp_path / "sweep"
+    cli.main(
+        ["sweep", "--algo", "ppo", "--out", str(out), "--num-seeds", "2", "--no-gif"]
+        + [x for k, v in TINY.items() for x in (f"--{k}", v)]
+        + ["--lr", "1e-3,3e-3", "--ent-coef", "0.01"]
+    )
+    with open(out / "summary.csv") as f:
+        summary = list(csv.DictReader(f))
+    assert [(r["cell"], r["seed"], r["lr"]) for r in summary] == [
+        ("0", "0", "0.001"),
+        ("0", "1", "0.001"),
+        ("1", "0", "0.003"),
+        ("1", "1", "0.003"),
+    ]
+    assert (out / "sweep.png").stat().st_size > 0
+    cell = out / "cell_001_seed_1"
+    for name in ("config.json", "metrics.csv", "eval.json", "learning_curve.png"):
+        assert (cell / name).is_file(), name
+    assert (cell / "checkpoints/best/params.msgpack").is_file()
+    single = tmp_path / "single"
+    data = train.train_main(
+        "ppo",
+        single,
+        {**TINY, "lr": "3e-3", "ent-coef": "0.01", "seed": "1"},
+        False,
+        False,
+    )
+    swept = json.loads((cell / "eval.json").read_text())
+    assert swept["scores"] == data["scores"]
+    assert swept["env_steps"] == data["env_steps"] == int(summary[3]["env_steps"])
+    _assert_rows_agree(_rows(cell / "metrics.csv"), _rows(single / "metrics.csv"))
+    saved = json.loads((cell / "config.json").read_text())["config"]
+    assert saved["lr"] == 3e-3 and saved["seed"] == 1
+    single_config = json.loads((single / "config.json").read_text())["config"]
+    assert saved == single_config
+    # the cells differ: another learning rate trains another policy
+    other = _rows(out / "cell_000_seed_1/metrics.csv")
+    assert other[0]["loss"] != _rows(cell / "metrics.csv")[0]["loss"]
+    _, a, *_ = checkpoint.load_policy(cell / "checkpoints/best")
+    _, b, *_ = checkpoint.load_policy(single / "checkpoints/best")
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
