@@ -1,0 +1,191 @@
+"""The CLI's training commands: ``rl-pg train``, ``rl-pg eval`` (and ``rl-pg
+sweep``, :func:`rl_pg.runs.sweep.sweep_main`)."""
+
+import functools
+import json
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+import rl_pg
+from rl_pg import checkpoint, io
+from rl_pg import evaluate as evaluation
+from rl_pg.algos import loop, qlearning
+from rl_pg.runs import driver, files, overrides
+
+
+def train_main(
+    algo: str,
+    out_dir: str | Path,
+    options: Mapping[str, Any] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    keep_checkpoints: str = "best",
+) -> dict[str, Any] | None:
+    """``rl-pg train --algo ALGO --out DIR [--resume] [--field value ...]``.
+
+    Args:
+      algo: a name in ``rl_pg.algos.registry``.
+      out_dir: the run directory (new, or the interrupted run's with ``resume``).
+      options: config fields as strings (``{"num-envs": "64"}``), see
+        :func:`rl_pg.runs.overrides.overrides_from_argv`. With ``resume`` and no
+        options, the config is read from ``out_dir/config.json``.
+      resume: continue an interrupted run.
+      progress: show a progress bar.
+      keep_checkpoints: ``"best"`` or ``"all"`` (every evaluated policy; see
+        :func:`rl_pg.runs.driver.run`).
+
+    Returns:
+      The contents of ``eval.json``.
+    """
+    if keep_checkpoints not in files.KEEP_CHECKPOINTS:
+        raise ValueError(
+            f"keep_checkpoints must be one of {files.KEEP_CHECKPOINTS}, "
+            f"got {keep_checkpoints!r}"
+        )
+    config_path = Path(out_dir) / "config.json"
+    if resume and config_path.is_file():
+        saved = json.loads(config_path.read_text())
+        if saved.get("algo") != algo:
+            raise ValueError(f"{out_dir} is a {saved.get('algo')!r} run, not {algo!r}")
+        config = overrides.config_from_saved(algo, saved["config"], options)
+    else:  # a new run (or one killed before it wrote its config)
+        config = overrides.make_config(algo, options)
+    if resume and (Path(out_dir) / "eval.json").is_file():
+        print(f"{out_dir} is a finished run (eval.json exists): left as it is")
+    return driver.run(
+        config,
+        out_dir,
+        resume=resume,
+        progress=progress,
+        keep_checkpoints=keep_checkpoints,
+    ).eval
+
+
+class _Agent(NamedTuple):
+    act_fn: Any
+    params: Any
+    env: Any
+    env_params: Any
+    meta: dict[str, Any]  # the checkpoint's meta.json ({} for a Q-table)
+    source: str  # the file or directory read
+
+
+def _load_agent(path: Path, greedy: bool) -> _Agent:
+    """The agent of a policy checkpoint, a run directory's ``checkpoints/best``,
+    or a Q-learning run's ``checkpoints/best.npz``."""
+    if not path.exists():
+        raise ValueError(f"--checkpoint {path} does not exist")
+    policy_dir = checkpoint.find_policy_checkpoint(path)
+    qtable = path / "checkpoints" / "best.npz"
+    if policy_dir is not None:
+        _, params, env, env_params, meta = checkpoint.load_policy(policy_dir)
+        # The cached policy object for this spec: evaluations share one compile.
+        policy = loop.policy_from_spec(meta["policy"])
+        act_fn = loop.greedy_act_fn(policy) if greedy else _sampling_act_fn(policy)
+        return _Agent(act_fn, params, env, env_params, meta, str(policy_dir))
+    if qtable.is_file():
+        q, qconfig = qlearning.load_checkpoint(qtable)
+        env, env_params = qlearning.ALGORITHM.make_env(qconfig)
+        act_fn = qlearning.ALGORITHM.act_fn(qconfig)
+        return _Agent(act_fn, jnp.asarray(q), env, env_params, {}, str(qtable))
+    raise ValueError(
+        f"{path} is neither a policy checkpoint nor a training run directory"
+    )
+
+
+def eval_main(
+    checkpoint_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    num_episodes: int = 32,
+    max_score: int = 10_000,
+    greedy: bool = True,
+    seed: int = 0,
+    gif: bool = False,
+) -> dict[str, Any]:
+    """``rl-pg eval --checkpoint DIR --out DIR2``: held-out scores -> ``eval.json``.
+
+    Args:
+      checkpoint_dir: a policy checkpoint (``meta.json`` + ``params.msgpack``), a
+        training run directory (its ``checkpoints/best``), or a Q-learning run
+        directory (its ``checkpoints/best.npz``).
+      out_dir: a new (or empty) directory for ``eval.json`` (and ``agent.gif``).
+      num_episodes: held-out test levels.
+      max_score: an episode stops at this many pipes.
+      greedy: argmax actions (else sampled, with ``seed``).
+      seed: action-sampling seed (levels do not depend on it).
+      gif: also render ``agent.gif``.
+
+    Returns:
+      The contents of ``eval.json`` (``wall_clock_s`` is the evaluation's own
+      time; ``env_steps`` the checkpoint's training steps when it records them).
+    """
+    path = Path(checkpoint_dir)
+    if not (isinstance(num_episodes, int) and num_episodes >= 1):
+        raise ValueError(f"--episodes must be an int >= 1, got {num_episodes!r}")
+    limit = evaluation.MAX_SCORE_LIMIT
+    if not (isinstance(max_score, int) and 1 <= max_score <= limit):
+        raise ValueError(
+            f"--max-score must be an int in [1, {limit}], got {max_score!r}"
+        )
+    agent = _load_agent(path, greedy)
+    io.check_out_dir(out_dir)
+    start = time.perf_counter()
+    out = io.new_out_dir(out_dir)  # only once the checkpoint has been read
+    io.write_config(
+        out,
+        dict(
+            command="eval",
+            checkpoint=agent.source,
+            num_episodes=num_episodes,
+            max_score=max_score,
+            greedy=greedy,
+            seed=seed,
+            held_out_seed=evaluation.HELD_OUT_SEED,
+        ),
+    )
+    result = evaluation.evaluate(
+        agent.act_fn,
+        agent.params,
+        agent.env,
+        agent.env_params,
+        jax.random.PRNGKey(seed),
+        num_episodes,
+        max_score,
+    )
+    result = jax.block_until_ready(result)
+    data = evaluation.write_eval_json(
+        out / "eval.json",
+        result,
+        wall_clock_s=time.perf_counter() - start,
+        env_steps=int(agent.meta.get("env_steps", 0)),
+        checkpoint=agent.source,
+        max_score=max_score,
+        held_out_seed=evaluation.HELD_OUT_SEED,
+        greedy=greedy,
+    )
+    if gif:
+        evaluation.agent_gif(
+            agent.act_fn,
+            agent.params,
+            agent.env,
+            agent.env_params,
+            out / "agent.gif",
+            jax.random.PRNGKey(seed),
+        )
+    return data
+
+
+@functools.cache
+def _sampling_act_fn(policy):
+    def act(params, obs, state, key):
+        del state
+        logits, _ = policy.apply(params, obs)
+        return jax.random.categorical(key, logits).astype(jnp.int32)
+
+    return act
