@@ -118,6 +118,9 @@ class DQNConfig:
       target_update_every: gradient steps between target-network updates.
       tau: target update ``tau * online + (1 - tau) * target``; 1 is a hard copy.
       double_dqn: select the bootstrap action with the online network.
+      dueling: Q from a state value and mean-centred advantages on one torso
+        (:func:`dueling_q`); the checkpoint's logits are the advantages, whose
+        argmax is the greedy action.
       n_step: steps of reward summed before bootstrapping (1: Mnih et al.'s
         one-step target; see :func:`n_step_transition`).
       gamma: discount.
@@ -154,6 +157,7 @@ class DQNConfig:
     target_update_every: int = 1
     tau: float = 0.02
     double_dqn: bool = True
+    dueling: bool = False
     n_step: int = 3
     gamma: float = 0.99
     reward_scale: float = 1.0
@@ -209,6 +213,7 @@ class DQNConfig:
         checks.real_in("epsilon_start", 0.0, 1.0)
         checks.real_in("epsilon_end", 0.0, 1.0)
         checks.boolean("double_dqn")
+        checks.boolean("dueling")
         checks.boolean("keep_best")
         checks.require(
             isinstance(self.hidden, tuple)
@@ -266,7 +271,9 @@ class DQNConfig:
             "num_actions": num_actions,
             "hidden": list(self.hidden),
             "activation": self.activation,
-            "value": None,
+            # Dueling: the advantage head is the policy's logits, the value head
+            # sits on the same torso (see dueling_q).
+            "value": "shared" if self.dueling else None,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -467,7 +474,30 @@ def make_network(config: DQNConfig) -> policies.Policy:
     return loop.policy_from_spec(config.network_spec(env.num_actions))
 
 
-def _q_apply(network: policies.Policy) -> QApplyFn:
+def dueling_q(advantages: jax.Array, value: jax.Array) -> jax.Array:
+    """Q-values of a dueling head (Wang et al. 2016, "Dueling Network
+    Architectures for Deep Reinforcement Learning", eq. 9)::
+
+        Q(s, a) = V(s) + A(s, a) - (1/|A|) sum_a' A(s, a')
+
+    Centring makes V and A identifiable; the argmax is A's.
+
+    Args:
+      advantages: [..., A] advantage head.
+      value: [...] state-value head.
+
+    Returns:
+      [..., A] Q-values.
+    """
+    chex.assert_equal_shape_prefix([advantages, value], value.ndim)
+    chex.assert_rank(advantages, value.ndim + 1)
+    centred = advantages - jnp.mean(advantages, axis=-1, keepdims=True)
+    return value[..., None] + centred
+
+
+def _q_apply(network: policies.Policy, dueling: bool = False) -> QApplyFn:
+    if dueling:
+        return lambda params, obs: dueling_q(*network.apply(params, obs))
     return lambda params, obs: network.apply(params, obs)[0]
 
 
@@ -603,7 +633,7 @@ def _gradient_step(
     """One Adam step on a sampled batch; update the target network if due."""
     loss_fn = functools.partial(
         dqn_loss,
-        apply_fn=_q_apply(make_network(config)),
+        apply_fn=_q_apply(make_network(config), config.dueling),
         double_dqn=config.double_dqn,
         huber_delta=config.huber_delta,
     )
@@ -644,7 +674,7 @@ def _act(
     env, env_params = make_env(config)
     num_envs = config.num_envs
     key_explore, key_random, key_step = jax.random.split(key, 3)
-    q = _q_apply(make_network(config))(params, obs)
+    q = _q_apply(make_network(config), config.dueling)(params, obs)
     explore = jax.random.uniform(key_explore, (num_envs,)) < epsilon_at(
         config, env_steps
     )
@@ -1125,6 +1155,7 @@ __all__ = [
     "chunk_metrics",
     "collect",
     "dqn_loss",
+    "dueling_q",
     "epsilon_at",
     "greedy_act_fn",
     "init",
