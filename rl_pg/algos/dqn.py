@@ -161,14 +161,14 @@ class DQNConfig:
     n_step: int = 3
     gamma: float = 0.99
     reward_scale: float = 1.0
-    huber_delta: float = 1.0
+    huber_delta: float = 10.0
     lr: float = 5e-4
     adam_eps: float = 1e-5
     max_grad_norm: float = 10.0
     epsilon_start: float = 1.0
     epsilon_end: float = 0.01
     epsilon_decay_steps: int = 100_000
-    hidden: tuple[int, ...] = (64, 64)
+    hidden: tuple[int, ...] = (128, 128)
     activation: str = "relu"
     eval_every_steps: int = 250_016  # 7813 vector steps of 32 envs
     eval_episodes: int = 32
