@@ -435,7 +435,8 @@ def test_short_run_beats_random_and_writes_the_contract(tmp_path):
     ]
     assert result.metrics[-1]["gradient_steps"] > 0
 
-    # Seeds 1-3 reach held-out medians of 2, 2 and 5: the bound holds across seeds.
+    # With the earlier 64x64, Huber-1 defaults seeds 1-3 reached held-out medians
+    # of 2, 2 and 5; this seed passes with the current ones.
     assert data["median_score"] >= 1, data["scores"]
 
     # The best checkpoint is an ordinary policy checkpoint whose greedy policy

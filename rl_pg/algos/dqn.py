@@ -90,16 +90,18 @@ _ACTIVATIONS = ("tanh", "relu", "gelu", "silu")
 class DQNConfig:
     """Hyperparameters of a DQN run; validated on construction.
 
-    Defaults are for ``FlappyBird-v0`` (features). Measured with them (seed 0, 2
-    shared CPU cores): held-out median 13 pipes (mean 14.1) after 5.0M env
-    steps and 321 s, still rising. Single-seed comparisons at 2M env steps (best
-    validation median): these defaults 7; the same with the one-step target
-    (``n_step=1``) 3.5; one-step with slower tracking (``tau=0.005``,
-    ``epsilon_decay_steps=500_000``, ``learning_starts=20_000``) 2. Raw rewards
-    (``reward_scale=1``, not tuned): TD errors stay around 0.1-0.4, inside the
-    Huber loss's quadratic range, and Adam normalises the gradient's scale, so
-    the stall REFERENCE s.10 found with PPO's clipped value loss does not arise;
-    0.1 was not measured.
+    Defaults are for ``FlappyBird-v0`` (features). Screened at 3M env steps
+    (2 seeds, ``experiments/dqn_tuning.py``, held-out medians; README "DQN"):
+    the earlier defaults (64x64, Huber delta 1) 16 and 20.5; a 128x128 network
+    26 and 63.5; Huber delta 10 34.5 and 17; both (these defaults) 68 and 33.
+    Worse: a dueling head (8.5, 5), lr 1e-3 (7, 14), 5-step returns (6.5, 7),
+    lr 2.5e-4 with the 128x128 network and delta 10 (23, 39). Why delta 10: a
+    live state's value is about ``0.1 / (1 - gamma) = 10`` plus the pipes'
+    rewards, a crash's target is -1, so the rare transitions that teach the
+    agent where it dies have TD errors of order 10, which delta 1 clips to a
+    unit gradient while the common small errors stay quadratic. Raw rewards
+    (``reward_scale=1``): with Adam, scaling rewards by c is close to scaling
+    ``huber_delta`` by 1/c, so one of the two is enough.
 
     Attributes:
       seed: PRNG seed of the run (``jax.random.PRNGKey(seed)``).
