@@ -23,7 +23,10 @@ def main() -> None:
     parser.add_argument("--eval-every-steps", type=int, default=2**20)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="NAME=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
         help="a DQNConfig override (repeatable)",
     )
     args = parser.parse_args()

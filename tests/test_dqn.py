@@ -228,9 +228,7 @@ def test_dueling_network_q_values_and_greedy_checkpoint_action():
     )
     # The checkpoint's greedy policy (argmax of the logits) acts on Q.
     act = dqn.greedy_act_fn(config)
-    np.testing.assert_array_equal(
-        act(params, obs, None, None), jnp.argmax(q, axis=-1)
-    )
+    np.testing.assert_array_equal(act(params, obs, None, None), jnp.argmax(q, axis=-1))
     assert not bool(jnp.allclose(q, advantages))  # V does enter Q
 
 
