@@ -198,6 +198,40 @@ def test_epsilon_schedule():
     np.testing.assert_allclose(values, [1.0, 0.55, 0.1, 0.1], rtol=1e-6)
 
 
+def test_dueling_q_hand_computed():
+    # A = (1, 3) has mean 2: Q = V + (-1, 1) = (4, 6) for V = 5; batched rows
+    # are independent; the argmax is A's.
+    q = dqn.dueling_q(jnp.array([[1.0, 3.0], [2.0, -4.0]]), jnp.array([5.0, 0.0]))
+    np.testing.assert_allclose(q, [[4.0, 6.0], [3.0, -3.0]])
+    np.testing.assert_allclose(jnp.mean(q, axis=-1), [5.0, 0.0])  # mean(Q) = V
+    with pytest.raises(AssertionError):
+        dqn.dueling_q(jnp.zeros((3, 2)), jnp.zeros(4))
+
+
+def test_dueling_network_q_values_and_greedy_checkpoint_action():
+    config = dqn.DQNConfig(dueling=True)
+    spec = config.network_spec(2)
+    assert spec["value"] == "shared"
+    network = dqn.make_network(config)
+    obs = jnp.linspace(-1, 1, 5 * 12).reshape(5, 12)
+    params = network.init(jax.random.PRNGKey(0), obs[:1])
+    # Perturb so the heads are far from their near-zero initialisation.
+    params = jax.tree.map(
+        lambda x: x + 0.3 * jax.random.normal(jax.random.PRNGKey(1), x.shape), params
+    )
+    advantages, value = network.apply(params, obs)
+    q = dqn._q_apply(network, dueling=True)(params, obs)
+    assert q.shape == (5, 2)
+    np.testing.assert_allclose(jnp.mean(q, axis=-1), value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        q[:, 1] - q[:, 0], advantages[:, 1] - advantages[:, 0], rtol=1e-5, atol=1e-6
+    )
+    # The checkpoint's greedy policy (argmax of the logits) acts on Q.
+    act = dqn.greedy_act_fn(config)
+    np.testing.assert_array_equal(act(params, obs, None, None), jnp.argmax(q, axis=-1))
+    assert not bool(jnp.allclose(q, advantages))  # V does enter Q
+
+
 # --------------------------------------------------------------------- target net
 
 
@@ -318,6 +352,7 @@ def test_defaults_are_valid_and_static():
         (dict(epsilon_end=-0.1), "epsilon_end must be"),
         (dict(lr=float("nan")), "lr must be"),
         (dict(double_dqn=1), "double_dqn must be a bool"),
+        (dict(dueling="yes"), "dueling must be a bool"),
         (dict(hidden=(64, 0)), "hidden must be"),
         (dict(activation="sigmoid"), "activation must be one of"),
         (dict(env_id="CartPole-v1"), "env_id must be one of"),
@@ -398,7 +433,8 @@ def test_short_run_beats_random_and_writes_the_contract(tmp_path):
     ]
     assert result.metrics[-1]["gradient_steps"] > 0
 
-    # Seeds 1-3 reach held-out medians of 2, 2 and 5: the bound holds across seeds.
+    # With the earlier 64x64, Huber-1 defaults seeds 1-3 reached held-out medians
+    # of 2, 2 and 5; this seed passes with the current ones.
     assert data["median_score"] >= 1, data["scores"]
 
     # The best checkpoint is an ordinary policy checkpoint whose greedy policy

@@ -86,16 +86,18 @@ QApplyFn = Callable[[Params, jax.Array], jax.Array]  # (params, obs [B, ...]) ->
 class DQNConfig(RunConfig):
     """Hyperparameters of a DQN run; validated on construction.
 
-    Defaults are for ``FlappyBird-v0`` (features). Measured with them (seed 0, 2
-    shared CPU cores): held-out median 13 pipes (mean 14.1) after 5.0M env
-    steps and 321 s, still rising. Single-seed comparisons at 2M env steps (best
-    validation median): these defaults 7; the same with the one-step target
-    (``n_step=1``) 3.5; one-step with slower tracking (``tau=0.005``,
-    ``epsilon_decay_steps=500_000``, ``learning_starts=20_000``) 2. Raw rewards
-    (``reward_scale=1``, not tuned): TD errors stay around 0.1-0.4, inside the
-    Huber loss's quadratic range, and Adam normalises the gradient's scale, so
-    the stall REFERENCE s.10 found with PPO's clipped value loss does not arise;
-    0.1 was not measured.
+    Defaults are for ``FlappyBird-v0`` (features). Screened at 3M env steps
+    (2 seeds, ``experiments/dqn_tuning.py``, held-out medians; README "DQN"):
+    the earlier defaults (64x64, Huber delta 1) 16 and 20.5; a 128x128 network
+    26 and 63.5; Huber delta 10 34.5 and 17; both (these defaults) 68 and 33.
+    Worse: a dueling head (8.5, 5), lr 1e-3 (7, 14), 5-step returns (6.5, 7),
+    lr 2.5e-4 with the 128x128 network and delta 10 (23, 39). Why delta 10: a
+    live state's value is about ``0.1 / (1 - gamma) = 10`` plus the pipes'
+    rewards, a crash's target is -1, so the rare transitions that teach the
+    agent where it dies have TD errors of order 10, which delta 1 clips to a
+    unit gradient while the common small errors stay quadratic. Raw rewards
+    (``reward_scale=1``): with Adam, scaling rewards by c is close to scaling
+    ``huber_delta`` by 1/c, so one of the two is enough.
 
     Attributes:
       env_id: ``FlappyBird-v0`` (features, MLP), ``FlappyBird-lidar-v0`` (MLP)
@@ -113,6 +115,9 @@ class DQNConfig(RunConfig):
       target_update_every: gradient steps between target-network updates.
       tau: target update ``tau * online + (1 - tau) * target``; 1 is a hard copy.
       double_dqn: select the bootstrap action with the online network.
+      dueling: Q from a state value and mean-centred advantages on one torso
+        (:func:`dueling_q`); the checkpoint's logits are the advantages, whose
+        argmax is the greedy action.
       n_step: steps of reward summed before bootstrapping (1: Mnih et al.'s
         one-step target; see :func:`n_step_transition`).
       gamma: discount.
@@ -148,17 +153,18 @@ class DQNConfig(RunConfig):
     target_update_every: int = 1
     tau: float = 0.02
     double_dqn: bool = True
+    dueling: bool = False
     n_step: int = 3
     gamma: float = 0.99
     reward_scale: float = 1.0
-    huber_delta: float = 1.0
+    huber_delta: float = 10.0
     lr: float = 5e-4
     adam_eps: float = 1e-5
     max_grad_norm: float = 10.0
     epsilon_start: float = 1.0
     epsilon_end: float = 0.01
     epsilon_decay_steps: int = 100_000
-    hidden: tuple[int, ...] = (64, 64)
+    hidden: tuple[int, ...] = (128, 128)
     activation: str = "relu"
     eval_every_steps: int = 250_016  # 7813 vector steps of 32 envs
     eval_episodes: int = 32
@@ -191,6 +197,7 @@ class DQNConfig(RunConfig):
         checks.real_in("epsilon_start", 0.0, 1.0)
         checks.real_in("epsilon_end", 0.0, 1.0)
         checks.boolean("double_dqn")
+        checks.boolean("dueling")
         checks.widths("hidden")
         checks.one_of("activation", ACTIVATIONS)
         if not checks.problems:  # relations between fields that passed alone
@@ -224,7 +231,9 @@ class DQNConfig(RunConfig):
             "num_actions": num_actions,
             "hidden": list(self.hidden),
             "activation": self.activation,
-            "value": None,
+            # Dueling: the advantage head is the policy's logits, the value head
+            # sits on the same torso (see dueling_q).
+            "value": "shared" if self.dueling else None,
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -425,7 +434,30 @@ def make_network(config: DQNConfig) -> policies.Policy:
     return loop.policy_from_spec(config.network_spec(env.num_actions))
 
 
-def _q_apply(network: policies.Policy) -> QApplyFn:
+def dueling_q(advantages: jax.Array, value: jax.Array) -> jax.Array:
+    """Q-values of a dueling head (Wang et al. 2016, "Dueling Network
+    Architectures for Deep Reinforcement Learning", eq. 9)::
+
+        Q(s, a) = V(s) + A(s, a) - (1/|A|) sum_a' A(s, a')
+
+    Centring makes V and A identifiable; the argmax is A's.
+
+    Args:
+      advantages: [..., A] advantage head.
+      value: [...] state-value head.
+
+    Returns:
+      [..., A] Q-values.
+    """
+    chex.assert_equal_shape_prefix([advantages, value], value.ndim)
+    chex.assert_rank(advantages, value.ndim + 1)
+    centred = advantages - jnp.mean(advantages, axis=-1, keepdims=True)
+    return value[..., None] + centred
+
+
+def _q_apply(network: policies.Policy, dueling: bool = False) -> QApplyFn:
+    if dueling:
+        return lambda params, obs: dueling_q(*network.apply(params, obs))
     return lambda params, obs: network.apply(params, obs)[0]
 
 
@@ -532,7 +564,7 @@ def _gradient_step(
     """One Adam step on a sampled batch; update the target network if due."""
     loss_fn = functools.partial(
         dqn_loss,
-        apply_fn=_q_apply(make_network(config)),
+        apply_fn=_q_apply(make_network(config), config.dueling),
         double_dqn=config.double_dqn,
         huber_delta=config.huber_delta,
     )
@@ -573,7 +605,7 @@ def _act(
     env, env_params = make_env(config)
     num_envs = config.num_envs
     key_explore, key_random, key_step = jax.random.split(key, 3)
-    q = _q_apply(make_network(config))(params, obs)
+    q = _q_apply(make_network(config), config.dueling)(params, obs)
     explore = jax.random.uniform(key_explore, (num_envs,)) < epsilon_at(
         config, env_steps
     )
@@ -794,6 +826,7 @@ __all__ = [
     "Transition",
     "collect",
     "dqn_loss",
+    "dueling_q",
     "epsilon_at",
     "greedy_act_fn",
     "init",

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-import rl_pg
 from rl_pg import checkpoint, io
 from rl_pg import evaluate as evaluation
 from rl_pg.algos import loop, qlearning

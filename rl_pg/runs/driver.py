@@ -195,9 +195,7 @@ class Member:
 
     def checkpoint(self, run: base.RunState) -> None:
         """The resumable state and the best policy so far."""
-        files.save_train_state(
-            self.ckpt_dir / files.STATE_FILE, run, self.progress
-        )
+        files.save_train_state(self.ckpt_dir / files.STATE_FILE, run, self.progress)
         self.save(
             self.ckpt_dir / "best",
             run.best_params,
@@ -277,8 +275,9 @@ class Batch(NamedTuple):
         configs = [m.config for m in members]
         statics = {static_config(c) for c in configs}
         if len(statics) != 1:
-            raise ValueError("runs trained together may differ only in seed and "
-                             "sweepable fields")
+            raise ValueError(
+                "runs trained together may differ only in seed and sweepable fields"
+            )
         hparams = stack([hyperparameters(c) for c in configs])
         return cls(members[0].algorithm, statics.pop(), hparams, members)
 
@@ -329,7 +328,9 @@ def train_batch(
         if max_evals is not None and done >= max_evals:
             completed = False
             break
-        runs, out = compiled_chunk(batch.algorithm, batch.static, n)(batch.hparams, runs)
+        runs, out = compiled_chunk(batch.algorithm, batch.static, n)(
+            batch.hparams, runs
+        )
         out = jax.device_get(out)
         _check_finite(out, active)
         last = first + done + 1 == len(sizes)
@@ -475,7 +476,9 @@ def run(
         member.clock -= member.progress.wall_clock_s
     if mode == "finished":
         data = json.loads((out_dir / "eval.json").read_text())
-        return RunResult(out_dir, data, member.rows, state.train, state.best_params, True)
+        return RunResult(
+            out_dir, data, member.rows, state.train, state.best_params, True
+        )
     if mode == "continue":
         files.write_metrics(
             out_dir / "metrics.csv", files.metrics_columns(algorithm), member.rows
@@ -486,6 +489,8 @@ def run(
     final = pick(runs, 0)
     if not completed:
         member.checkpoint(final)
-        return RunResult(out_dir, None, member.rows, final.train, final.best_params, False)
+        return RunResult(
+            out_dir, None, member.rows, final.train, final.best_params, False
+        )
     data = member.finish(final, gif)
     return RunResult(out_dir, data, member.rows, final.train, final.best_params, True)

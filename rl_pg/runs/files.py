@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-from rl_pg import io
 from rl_pg import evaluate as evaluation
+from rl_pg import io
 from rl_pg.algos import base
 
 STATE_FILE = "train_state.msgpack"

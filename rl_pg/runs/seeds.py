@@ -88,7 +88,9 @@ def train_seeds(
     finals: list[base.RunState | None] = [None for _ in seeds]
     train_time, chunk_times = 0.0, []
     start = time.perf_counter()
-    bar = tqdm(total=len(groups) * len(sizes), disable=not progress, desc=algorithm.name)
+    bar = tqdm(
+        total=len(groups) * len(sizes), disable=not progress, desc=algorithm.name
+    )
     for group in groups:
         hparams = stack([hyperparameters(configs[i]) for i in group])
         keys = jnp.stack([jax.random.PRNGKey(configs[i].seed) for i in group])
@@ -117,7 +119,11 @@ def train_seeds(
     else:
         best = [algorithm.params(run.train) for run in finals]
         final = []
-    steady = [t for t, n in zip(chunk_times, sizes * len(groups), strict=True) if n == sizes[0]]
+    steady = [
+        t
+        for t, n in zip(chunk_times, sizes * len(groups), strict=True)
+        if n == sizes[0]
+    ]
     compile_time = chunk_times[0] - (np.median(steady[1:]) if len(steady) > 1 else 0.0)
     return SeedsResult(
         curves=curves,
