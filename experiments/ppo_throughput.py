@@ -12,7 +12,7 @@ steps, 4 epochs x 4 minibatches, lr 2.5e-4, rewards unscaled, no annealing, as i
   (a) env: random actions in the same ``jit(scan(vmap(step)))`` shape, num_envs x
       (updates x num_steps) steps (:func:`rl_pg.throughput.compiled_rollout`): the
       env ceiling;
-  (b) learn: ``jax.jit(ppo.train)``, no evaluation, second call (compiled);
+  (b) learn: ``jax.jit(rejax_compare.learn)`` (a scan of ``ppo.update``), no evaluation, second call (compiled);
   (b2) update by update: the same run as a Python loop over ``jax.jit(ppo.update)``
       (one host round trip per update; what a scan over updates saves, or costs);
   (c) cli: ``rl-pg train --algo ppo`` as a subprocess (driver included: jitted
@@ -111,8 +111,8 @@ class Setting:
         self.env = throughput.compiled_rollout(
             env, env_params, config.num_envs, config.num_updates * config.num_steps
         )
-        self.train = jax.jit(ppo.train, static_argnums=0)
-        self.state, _ = jax.block_until_ready(self.train(config, jax.random.PRNGKey(0)))
+        self.train = jax.jit(rejax_compare.learn, static_argnums=0)
+        self.state = jax.block_until_ready(self.train(config, jax.random.PRNGKey(0)))
         self.init = jax.jit(ppo.init, static_argnums=0)
         self.update = jax.jit(ppo.update, static_argnums=0)
         jax.block_until_ready(self.update(config, self.init(config, self.state.key)))

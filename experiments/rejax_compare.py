@@ -60,6 +60,16 @@ def make_venv(venv: Path) -> Path:
     return python
 
 
+def learn(config: ppo.PPOConfig, key: jax.Array):
+    """Every PPO update of a run in one ``lax.scan``, without validation (the pure
+    learning rate; ``ppo.train`` also validates and keeps the best inside jit)."""
+
+    def body(state, _):
+        return ppo.update(config, state)[0], None
+
+    return jax.lax.scan(body, ppo.init(config, key), None, config.num_updates)[0]
+
+
 def time_rl_pg(total: int) -> dict:
     config = ppo.PPOConfig(
         env_id="CartPole-v1",
@@ -71,7 +81,7 @@ def time_rl_pg(total: int) -> dict:
         reward_scale=1.0,
         total_env_steps=total,
     )
-    train = jax.jit(ppo.train, static_argnums=0)
+    train = jax.jit(learn, static_argnums=0)
     start = time.perf_counter()
     jax.block_until_ready(train(config, jax.random.PRNGKey(0)))
     first = time.perf_counter() - start
