@@ -20,6 +20,7 @@ from flax import serialization
 
 import rl_pg
 from rl_pg import io, policies
+from rl_pg.envs import ENV_IDS, scored
 
 PARAMS_FILE, META_FILE = "params.msgpack", "meta.json"
 _FACTORIES = {"mlp": policies.mlp_policy, "cnn": policies.cnn_policy}
@@ -142,6 +143,14 @@ def _first_difference(expected: dict, found: dict) -> str:
     return "same leaves"
 
 
+def _make_env(env_id: str, env_kwargs: dict):
+    """Flappy Bird from ``rl_pg.make``; any other gymnax id scored by its episode
+    return (:mod:`rl_pg.envs.scored`), as training made it."""
+    if env_id in ENV_IDS:
+        return rl_pg.make(env_id, **env_kwargs)
+    return scored.make(env_id, **env_kwargs)
+
+
 def load_policy(directory: str | Path):
     """Read a checkpoint: ``(policy, params, env, env_params, meta)``.
 
@@ -160,7 +169,7 @@ def load_policy(directory: str | Path):
     kind = spec.pop("kind")
     try:
         policy = _FACTORIES[kind](**spec)
-        env, env_params = rl_pg.make(meta["env_id"], **meta.get("env_kwargs", {}))
+        env, env_params = _make_env(meta["env_id"], meta.get("env_kwargs", {}))
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{meta_path}: {error}") from None
     try:

@@ -132,3 +132,24 @@ def test_find_policy_checkpoint(saved, tmp_path):
     assert checkpoint.find_policy_checkpoint(saved) == saved
     assert checkpoint.find_policy_checkpoint(run) == run / "checkpoints" / "best"
     assert checkpoint.find_policy_checkpoint(tmp_path) is None
+
+
+def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path):
+    """A CartPole policy (trained through ``--env-id``) loads with its own env."""
+    from rl_pg import cli, train
+    from rl_pg.algos import loop
+
+    config = train.make_config(
+        "ppo", {"env_id": "CartPole-v1", "max_steps_in_episode": 50}
+    )
+    params = loop.make_policy(config).init(jax.random.PRNGKey(0), jnp.zeros(4))
+    train.save_policy(tmp_path / "ckpt", config, params, algo="ppo")
+    policy, loaded, env, env_params, meta = checkpoint.load_policy(tmp_path / "ckpt")
+    assert meta["env_id"] == "CartPole-v1"
+    assert env.observation_space(env_params).shape == (4,)
+    assert int(env_params.max_steps_in_episode) == 50
+    cli.main(
+        ["eval", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "e")]
+    )
+    scores = json.loads((tmp_path / "e" / "eval.json").read_text())["scores"]
+    assert 0 < max(scores) <= 50  # episode returns, capped by the step limit
