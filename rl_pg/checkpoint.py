@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import gymnax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,8 +147,8 @@ def _first_difference(expected: dict, found: dict) -> str:
 def _make_env(env_id: str, env_kwargs: dict):
     """Flappy Bird from ``rl_pg.make``; any other gymnax id scored by its episode
     return (:mod:`rl_pg.envs.scored`), as training made it."""
-    if env_id in ENV_IDS:
-        return rl_pg.make(env_id, **env_kwargs)
+    if env_id in ENV_IDS or env_id not in gymnax.registered_envs:
+        return rl_pg.make(env_id, **env_kwargs)  # an unknown id: rl_pg's message
     return scored.make(env_id, **env_kwargs)
 
 
