@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import chex
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 
 from rl_pg import policies
 from rl_pg import returns as returns_lib
@@ -168,14 +169,28 @@ def _group_mean(x: jax.Array, group_size: int | None) -> jax.Array:
 def _group_sum_others(x: jax.Array, group_size: int | None) -> jax.Array:
     """[B, ...] -> [B, ...] sum over the other members of each column's group.
 
-    Exclusive prefix plus exclusive suffix sums, so no total - x_i cancellation.
+    Exclusive prefix plus exclusive suffix sums, so no total - x_i cancellation:
+    for groups of up to 8 a product with the 0/1 matrix ones - I, for larger ones
+    two sequential scans over the group (linear work; a parallel prefix sum over
+    a long axis is several times slower on CPU).
     """
     xg = _grouped(x, group_size)
-    zeros = jnp.zeros_like(xg[:, :1])
-    before = jnp.concatenate([zeros, jnp.cumsum(xg, axis=1)[:, :-1]], axis=1)
-    after_rev = jnp.cumsum(xg[:, ::-1], axis=1)[:, ::-1]
-    after = jnp.concatenate([after_rev[:, 1:], zeros], axis=1)
-    return (before + after).reshape(x.shape)
+    size = xg.shape[1]
+    if size <= 8:
+        exclude_self = jnp.ones((size, size), x.dtype) - jnp.eye(size, dtype=x.dtype)
+        others = jnp.einsum(
+            "ij,kj...->ki...", exclude_self, xg, precision=jax.lax.Precision.HIGHEST
+        )  # exact float32 products with 0/1 entries
+        return others.reshape(x.shape)
+
+    def exclusive(total, row):  # total [k, ...]: the sum of the rows before
+        return total + row, total
+
+    rows = jnp.moveaxis(xg, 1, 0)  # [G, k, ...]
+    zero = jnp.zeros_like(rows[0])
+    _, before = jax.lax.scan(exclusive, zero, rows)
+    _, after = jax.lax.scan(exclusive, zero, rows, reverse=True)
+    return jnp.moveaxis(before + after, 0, 1).reshape(x.shape)
 
 
 def _group_sum(x: jax.Array, group_size: int | None) -> jax.Array:
@@ -385,8 +400,13 @@ def mean_baseline(
       (loss, LossAux).
     """
     fwd = _forward(params, batch, apply_fn)
+    return _trajectory_weighted(fwd, _mean_baseline_advantages(batch, group_size))
+
+
+def _mean_baseline_advantages(batch: Trajectory, group_size: int | None) -> jax.Array:
+    """[B] R_i - mean_{j in g(i)} R_j."""
     total = _episode_returns(batch)
-    return _trajectory_weighted(fwd, total - _group_mean(total, group_size))
+    return total - _group_mean(total, group_size)
 
 
 def rloo(
@@ -414,13 +434,18 @@ def rloo(
     Returns:
       (loss, LossAux).
     """
+    advantages = _rloo_advantages(batch, group_size)
+    fwd = _forward(params, batch, apply_fn)
+    return _trajectory_weighted(fwd, advantages)
+
+
+def _rloo_advantages(batch: Trajectory, group_size: int | None) -> jax.Array:
+    """[B] R_i - (1/(G-1)) sum_{j in g(i), j != i} R_j."""
     size = batch.mask.shape[1] if group_size is None else group_size
     if size < 2:
         raise ValueError(f"rloo needs groups of at least 2 columns, got {size}.")
-    fwd = _forward(params, batch, apply_fn)
     total = _episode_returns(batch)
-    baseline = _group_sum_others(total, group_size) / (size - 1)
-    return _trajectory_weighted(fwd, total - baseline)
+    return total - _group_sum_others(total, group_size) / (size - 1)
 
 
 def optimal_baseline(
@@ -492,16 +517,12 @@ def optimal_baseline(
         sg(params), observations, actions, mask
     )  # pytree of [B, *leaf_shape]
 
-    def baseline(weights):  # weights [B, ...] -> b [B, ...]
-        r = total.reshape((-1,) + (1,) * (weights.ndim - 1))
-        if leave_one_out:
-            num = _group_sum_others(weights * r, group_size)
-            den = _group_sum_others(weights, group_size)
-        else:
-            num = _group_sum(weights * r, group_size)
-            den = _group_sum(weights, group_size)
-        return _safe_div(num, den)
-
+    baseline = functools.partial(
+        _weighted_return_baseline,
+        total,
+        leave_one_out=leave_one_out,
+        group_size=group_size,
+    )
     if variant == "scalar":
         sq_norms = sum(
             jnp.sum(jnp.square(s).reshape(s.shape[0], -1), axis=1)
@@ -512,10 +533,7 @@ def optimal_baseline(
     reinforce_loss = _score_surrogate(
         fwd.log_probs, jnp.broadcast_to(total, mask.shape), mask
     )
-    num_columns = mask.shape[1]
-    correction = jax.tree.map(
-        lambda s: jnp.sum(s * baseline(jnp.square(s)), axis=0) / num_columns, scores
-    )
+    correction = jax.tree.map(functools.partial(_baseline_correction, baseline), scores)
     linear = sum(
         jnp.sum(sg(c) * (p - sg(p)))
         for c, p in zip(
@@ -524,6 +542,60 @@ def optimal_baseline(
     )
     loss = reinforce_loss + linear
     return loss, _make_aux(fwd, loss)
+
+
+def _baseline_correction(baseline: Callable, scores: jax.Array) -> jax.Array:
+    """(1/B) sum_i s_i * b_i with b = baseline(s^2), per component; scores [B, ...]."""
+    return jnp.sum(scores * baseline(jnp.square(scores)), axis=0) / scores.shape[0]
+
+
+def optimal_baseline_per_parameter_from_scores(
+    batch: Trajectory,
+    scores: jax.Array,
+    *,
+    leave_one_out: bool = True,
+    group_size: int | None = None,
+) -> jax.Array:
+    """``optimal_baseline_per_parameter``'s estimate -grad loss from per-trajectory
+    scores: (1/B) sum_i s_i * (R_i - b_{-i}), per component.
+
+    Args:
+      batch: [T, B] episodic trajectories.
+      scores: [B, P] s_i = sum_t m_t grad log pi(a_t|s_t), flattened.
+      leave_one_out: as in ``optimal_baseline``.
+      group_size: as in ``optimal_baseline``.
+
+    Returns:
+      [P] the estimate.
+    """
+    total = _episode_returns(batch)
+    baseline = functools.partial(
+        _weighted_return_baseline,
+        total,
+        leave_one_out=leave_one_out,
+        group_size=group_size,
+    )
+    reinforce = jnp.sum(scores * total[:, None], axis=0) / scores.shape[0]
+    return reinforce - _baseline_correction(baseline, scores)
+
+
+def _weighted_return_baseline(
+    total: jax.Array,
+    weights: jax.Array,
+    *,
+    leave_one_out: bool,
+    group_size: int | None,
+) -> jax.Array:
+    """b_i = sum_j w_j R_j / sum_j w_j over i's group (j != i if ``leave_one_out``);
+    weights [B, ...] -> b [B, ...], 0 where the denominator is 0."""
+    r = total.reshape((-1,) + (1,) * (weights.ndim - 1))
+    if leave_one_out:
+        num = _group_sum_others(weights * r, group_size)
+        den = _group_sum_others(weights, group_size)
+    else:
+        num = _group_sum(weights * r, group_size)
+        den = _group_sum(weights, group_size)
+    return _safe_div(num, den)
 
 
 def optimal_baseline_per_parameter(
@@ -807,13 +879,18 @@ def grpo(
     Returns:
       (loss, LossAux).
     """
-    total = _episode_returns(batch)
-    mean = _group_mean(total, group_size)
-    std = jnp.sqrt(_group_mean(jnp.square(total - mean), group_size))
-    advantages = (total - mean) / (std + eps)
+    advantages = _grpo_advantages(batch, group_size, eps)
     return _group_relative(
         params, batch, apply_fn, advantages, True, clip_eps, beta, ref_params, ent_coef
     )
+
+
+def _grpo_advantages(batch: Trajectory, group_size: int | None, eps) -> jax.Array:
+    """[B] (R_i - mean_g R) / (std_g R + eps), population std."""
+    total = _episode_returns(batch)
+    mean = _group_mean(total, group_size)
+    std = jnp.sqrt(_group_mean(jnp.square(total - mean), group_size))
+    return (total - mean) / (std + eps)
 
 
 def dr_grpo(
@@ -854,11 +931,332 @@ def dr_grpo(
     Returns:
       (loss, LossAux).
     """
-    total = _episode_returns(batch)
-    advantages = total - _group_mean(total, group_size)
+    advantages = _mean_baseline_advantages(batch, group_size)
     return _group_relative(
         params, batch, apply_fn, advantages, False, clip_eps, beta, ref_params, ent_coef
     )
+
+
+# ----------------------------------------------------------------- per-step weights
+#
+# At the on-policy point (the batch was just sampled with ``params``, so every
+# ratio pi / pi_behaviour is 1) the gradient of each estimator above, with its value,
+# entropy and KL terms off, is a weighting of per-step scores:
+#
+#   -grad loss = sum_{t,i} w_{t,i} grad log pi(a_t|s_t).
+#
+# (PPO's and GRPO's clipped terms: at r = 1 the unclipped branch is active, so the
+# gradient is the unclipped one.) The weights come as a few named per-step *features*
+# f[t, i], each a function of column i alone (mask, returns, advantages), with
+# per-column *coefficients* c[i] that may depend on the whole batch (baselines,
+# normalisation, 1/B): w_{t,i} = sum_f c_f[i] f[t, i]. That split lets the variance
+# study compute each feature's per-trajectory gradient once per sampled batch and get
+# every estimator on every sub-batch from coefficients (rl_pg.variance.study).
+
+SCORE = "score"  # the feature m_t: its per-trajectory gradient is grad log p(tau_i)
+
+
+class StepWeights(NamedTuple):
+    """-grad loss = sum_f sum_{t,i} coefficients[f][i] features[f][t, i] grad log pi.
+
+    Attributes:
+      features: name -> [T, B] per-step weights of column i that depend on column i
+        alone (0 on padding); equal names mean equal arrays (so callers may share
+        them between estimators).
+      coefficients: name -> [B] per-column coefficients (may depend on the batch);
+        the same names as ``features``.
+    """
+
+    features: dict[str, jax.Array]
+    coefficients: dict[str, jax.Array]
+
+    def dense(self) -> jax.Array:
+        """[T, B] w_{t,i} = sum_f c_f[i] f[t, i]."""
+        return sum(self.coefficients[k][None, :] * f for k, f in self.features.items())
+
+
+class WeightInputs(NamedTuple):
+    """What per-step weights may read besides the batch (all without gradient).
+
+    Attributes:
+      values: [T, B] V(s_t) under the params (``apply_fn``'s second output).
+      score_sq_norms: [B] ||s_i||^2 of the per-trajectory scores
+        s_i = sum_t m_t grad log pi(a_t|s_t) (the optimal baseline's weights).
+    """
+
+    values: jax.Array
+    score_sq_norms: jax.Array
+
+
+def trajectory_scores(
+    params: Params, batch: Trajectory, apply_fn: ApplyFn
+) -> jax.Array:
+    """[B, P] per-column scores s_i = sum_t m_t grad log pi(a_t|s_t), flattened
+    (``ravel_pytree`` order)."""
+    observations, actions, mask = _clean_inputs(batch)
+
+    def trajectory_log_prob(p, obs, act, m):
+        logits, _ = apply_fn(p, obs)
+        return jnp.sum(_zero_padding(policies.log_prob(logits, act), m))
+
+    def flat_score(obs, act, m):
+        grads = jax.grad(trajectory_log_prob)(sg(params), obs, act, m)
+        return ravel_pytree(grads)[0]
+
+    return jax.vmap(flat_score, in_axes=(1, 1, 1))(observations, actions, mask)
+
+
+def weight_inputs(params: Params, batch: Trajectory, apply_fn: ApplyFn) -> WeightInputs:
+    """``WeightInputs`` computed directly (a forward pass and per-column gradients)."""
+    observations, _, _ = _clean_inputs(batch)
+    _, values = apply_fn(params, observations)
+    scores = trajectory_scores(params, batch, apply_fn)
+    return WeightInputs(sg(values), sg(jnp.sum(jnp.square(scores), axis=1)))
+
+
+def _feature_key(name: str, *values: Any) -> str:
+    """A feature's name with its hyperparameters (Python numbers by value, arrays
+    by identity, so equal names mean equal features)."""
+    parts = [repr(v) if _is_number(v) else f"array@{id(v)}" for v in values]
+    return f"{name}({', '.join(parts)})" if parts else name
+
+
+def _score_feature(batch: Trajectory) -> jax.Array:
+    return (batch.mask > 0).astype(jnp.float32)
+
+
+def _column_weights(
+    batch: Trajectory, name: str, feature: jax.Array, per_column: jax.Array
+) -> StepWeights:
+    """One feature (0 on padding) with per-column coefficients [B] (or a scalar)."""
+    coefficient = jnp.broadcast_to(per_column, batch.mask.shape[1:])
+    feature = _zero_padding(feature.astype(jnp.float32), batch.mask)
+    return StepWeights({name: feature}, {name: coefficient.astype(jnp.float32)})
+
+
+def _merge(*parts: StepWeights) -> StepWeights:
+    features, coefficients = {}, {}
+    for part in parts:
+        features |= part.features
+        coefficients |= part.coefficients
+    return StepWeights(features, coefficients)
+
+
+def _policy_gradient_only(name: str, **coefs: Any) -> None:
+    """Weights describe the score terms only: value, entropy and KL terms must be off."""
+    on = [k for k, v in coefs.items() if not (isinstance(v, jax.Array) or v == 0)]
+    if on:
+        raise ValueError(
+            f"{name}: per-step weights describe the policy-gradient terms only; "
+            f"{', '.join(f'{k}={coefs[k]!r}' for k in on)} must be 0."
+        )
+
+
+def _return_feature(batch: Trajectory) -> jax.Array:
+    mask = batch.mask.astype(jnp.float32)
+    return returns_lib.batch_total_return(batch.rewards, mask, _done(batch))
+
+
+def reinforce_weights(batch: Trajectory, inputs: WeightInputs) -> StepWeights:
+    """``reinforce``: w_t = R(tau_i) / B."""
+    num_columns = batch.mask.shape[1]
+    return _column_weights(batch, "return", _return_feature(batch), 1.0 / num_columns)
+
+
+def reward_to_go_weights(batch: Trajectory, inputs: WeightInputs) -> StepWeights:
+    """``reward_to_go``: w_t = G_t / B."""
+    mask = batch.mask.astype(jnp.float32)
+    to_go = returns_lib.batch_reward_to_go(batch.rewards, mask, _done(batch))
+    return _column_weights(batch, "reward_to_go", to_go, 1.0 / mask.shape[1])
+
+
+def constant_baseline_weights(
+    batch: Trajectory, inputs: WeightInputs, *, b: float = 0.0
+) -> StepWeights:
+    """``constant_baseline``: w_t = (R(tau_i) - b) / B."""
+    num_columns = batch.mask.shape[1]
+    return _merge(
+        _column_weights(batch, "return", _return_feature(batch), 1.0 / num_columns),
+        _column_weights(batch, SCORE, _score_feature(batch), -b / num_columns),
+    )
+
+
+def _score_weights(batch: Trajectory, advantages: jax.Array) -> StepWeights:
+    """w_t = A_i / B for one advantage per trajectory, A [B]."""
+    return _column_weights(
+        batch, SCORE, _score_feature(batch), advantages / batch.mask.shape[1]
+    )
+
+
+def mean_baseline_weights(
+    batch: Trajectory, inputs: WeightInputs, *, group_size: int | None = None
+) -> StepWeights:
+    """``mean_baseline``: w_t = (R_i - mean_g R) / B."""
+    return _score_weights(batch, _mean_baseline_advantages(batch, group_size))
+
+
+def rloo_weights(
+    batch: Trajectory, inputs: WeightInputs, *, group_size: int | None = None
+) -> StepWeights:
+    """``rloo``: w_t = (R_i - mean_{j != i} R_j) / B."""
+    return _score_weights(batch, _rloo_advantages(batch, group_size))
+
+
+def optimal_baseline_weights(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    variant: str = "scalar",
+    leave_one_out: bool = True,
+    group_size: int | None = None,
+) -> StepWeights:
+    """``optimal_baseline`` (scalar): w_t = (R_i - b_i) / B, b_i from ||s_j||^2.
+
+    The per-parameter variant is not a weighting of scores (its baseline differs
+    per parameter component): ValueError.
+    """
+    if variant != "scalar":
+        raise ValueError(
+            "optimal_baseline: only variant='scalar' is a weighting of per-step "
+            f"scores, got variant={variant!r}."
+        )
+    total = _episode_returns(batch)
+    baseline = _weighted_return_baseline(
+        total, inputs.score_sq_norms, leave_one_out=leave_one_out, group_size=group_size
+    )
+    return _score_weights(batch, total - baseline)
+
+
+def value_baseline_weights(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> StepWeights:
+    """``value_baseline`` (vf_coef = ent_coef = 0): w_t = (G_t - V(s_t)) / B."""
+    _policy_gradient_only("value_baseline", vf_coef=vf_coef, ent_coef=ent_coef)
+    mask = batch.mask.astype(jnp.float32)
+    to_go = returns_lib.batch_reward_to_go(batch.rewards, mask, _done(batch))
+    advantages = to_go - _zero_padding(inputs.values, mask)
+    return _column_weights(
+        batch, "reward_to_go_minus_value", advantages, 1.0 / mask.shape[1]
+    )
+
+
+def _gae_feature(batch: Trajectory, gamma, lam, advantages) -> tuple[str, jax.Array]:
+    if advantages is not None:
+        return _feature_key("advantages", advantages), sg(advantages)
+    return _feature_key("gae", gamma, lam), returns_lib.trajectory_gae(
+        batch, gamma, lam
+    )
+
+
+def gae_weights(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.0,
+) -> StepWeights:
+    """``gae`` (vf_coef = ent_coef = 0): w_t = A_t^GAE / B."""
+    _policy_gradient_only("gae", vf_coef=vf_coef, ent_coef=ent_coef)
+    name, advantages = _gae_feature(batch, gamma, lam, None)
+    return _column_weights(batch, name, advantages, 1.0 / batch.mask.shape[1])
+
+
+def ppo_clip_weights(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    clip_eps: float = 0.2,
+    normalize_advantages: bool = True,
+    vf_coef: float = 0.5,
+    ent_coef: float = 0.01,
+    clip_value_loss: bool = False,
+    advantages: jax.Array | None = None,
+) -> StepWeights:
+    """``ppo_clip`` at r = 1 (vf_coef = ent_coef = 0): w_t = A_t / B, with A_t
+    normalised over the batch's live steps, (A_t - mu) / (sigma + 1e-8), as
+    the coefficients 1 / (B (sigma + 1e-8)) on A_t and -mu / (B (sigma + 1e-8)) on
+    the score."""
+    _policy_gradient_only("ppo_clip", vf_coef=vf_coef, ent_coef=ent_coef)
+    name, raw = _gae_feature(batch, gamma, lam, advantages)
+    mask = batch.mask.astype(jnp.float32)
+    num_columns = mask.shape[1]
+    if not normalize_advantages:
+        return _column_weights(batch, name, raw, 1.0 / num_columns)
+    mean = _per_live_step(raw, mask)
+    scale = jnp.sqrt(_per_live_step(jnp.square(raw - mean), mask)) + 1e-8
+    return _merge(
+        _column_weights(batch, name, raw, 1.0 / (num_columns * scale)),
+        _column_weights(
+            batch, SCORE, _score_feature(batch), -mean / (num_columns * scale)
+        ),
+    )
+
+
+def _group_relative_weights(
+    batch: Trajectory,
+    advantages: jax.Array,
+    length_normalize: bool,
+    beta: float,
+    ent_coef: float,
+    name: str,
+) -> StepWeights:
+    _policy_gradient_only(name, beta=beta, ent_coef=ent_coef)
+    num_steps, num_columns = batch.mask.shape
+    if length_normalize:
+        lengths = jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32), axis=0), 1.0)
+        return _score_weights(batch, advantages / lengths)
+    return _score_weights(batch, advantages / num_steps)
+
+
+def grpo_weights(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    clip_eps: float = 0.2,
+    eps: float = 1e-4,
+    beta: float = 0.0,
+    ref_params: Params | None = None,
+    ent_coef: float = 0.0,
+) -> StepWeights:
+    """``grpo`` at r = 1 (beta = ent_coef = 0): w_t = A_i / (B |o_i|)."""
+    advantages = _grpo_advantages(batch, group_size, eps)
+    return _group_relative_weights(batch, advantages, True, beta, ent_coef, "grpo")
+
+
+def dr_grpo_weights(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    clip_eps: float = 0.2,
+    beta: float = 0.0,
+    ref_params: Params | None = None,
+    ent_coef: float = 0.0,
+) -> StepWeights:
+    """``dr_grpo`` at r = 1 (beta = ent_coef = 0): w_t = (R_i - mean_g R) / (B T)."""
+    advantages = _mean_baseline_advantages(batch, group_size)
+    return _group_relative_weights(batch, advantages, False, beta, ent_coef, "dr_grpo")
+
+
+def weighted_gradient(
+    params: Params, batch: Trajectory, weights: StepWeights, apply_fn: ApplyFn
+) -> Params:
+    """-grad loss from per-step weights: grad of sum_{t,i} w_{t,i} log pi(a_t|s_t)."""
+
+    def surrogate(p):
+        fwd = _forward(p, batch, apply_fn)
+        return jnp.sum(_zero_padding(fwd.log_probs * sg(weights.dense()), fwd.mask))
+
+    return jax.grad(surrogate)(params)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -903,6 +1301,17 @@ class EstimatorSpec:
       study_kwargs: fixed hyperparameters in the variance study (on top of the
         study's value/entropy-free defaults).
       in_study: studied by default in ``rl-pg variance``.
+      weights: optional ``weights(batch, inputs, **hyperparameters) -> StepWeights``
+        (the loss's hyperparameters, ``apply_fn`` excepted): the loss's gradient at
+        the on-policy point as per-step score weights (see ``StepWeights``); the
+        variance study computes every such estimator from one forward pass and one
+        VJP per sampled batch. It may raise ValueError for hyperparameters under
+        which the gradient is no such weighting (value or entropy terms on).
+      from_scores: optional ``from_scores(batch, scores, **hyperparameters) -> [P]``
+        for an estimator that is no weighting of scores but a function of the
+        per-trajectory scores s_i (flat, [B, P]): its estimate -grad loss at the
+        on-policy point (the per-parameter optimal baseline); the study uses it as
+        it uses ``weights``.
     """
 
     name: str
@@ -916,6 +1325,8 @@ class EstimatorSpec:
     checks: dict = dataclasses.field(default_factory=dict)
     study_kwargs: dict = dataclasses.field(default_factory=dict)
     in_study: bool = True
+    weights: Callable[..., StepWeights] | None = None
+    from_scores: Callable[..., jax.Array] | None = None
 
 
 REGISTRY: dict[str, EstimatorSpec] = {}
@@ -936,6 +1347,7 @@ def register(spec: EstimatorSpec) -> EstimatorSpec:
     if spec.name in REGISTRY:
         raise ValueError(f"an estimator named {spec.name!r} is already registered")
     _check_loss(spec.loss, spec.name)
+    _check_weights(spec)
     REGISTRY[spec.name] = spec
     ESTIMATORS[spec.name] = spec.loss
     return spec
@@ -953,6 +1365,31 @@ def _check_loss(loss: Any, name: str) -> None:
             f"estimator {name!r}: the loss must have the signature "
             "loss(params, batch, *, apply_fn, **hyperparameters) -> (loss, aux)"
         )
+
+
+def _keyword_only(fn: Callable) -> dict[str, Any]:
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
+
+
+def _check_weights(spec: EstimatorSpec) -> None:
+    """``spec.weights`` and ``spec.from_scores`` take the loss's hyperparameters,
+    with the same defaults."""
+    expected = {k: v for k, v in _keyword_only(spec.loss).items() if k != "apply_fn"}
+    for field in ("weights", "from_scores"):
+        fn = getattr(spec, field)
+        if fn is None:
+            continue
+        if not callable(fn):
+            raise ValueError(f"estimator {spec.name!r}: {field} must be callable")
+        if _keyword_only(fn) != expected:
+            raise ValueError(
+                f"estimator {spec.name!r}: {field} must take the loss's keyword-only "
+                f"hyperparameters with the same defaults, {expected}"
+            )
 
 
 def spec(name: str) -> EstimatorSpec:
@@ -1069,9 +1506,19 @@ _RLOO_GROUPS = {
 }
 
 for _spec in (
-    EstimatorSpec("reinforce", reinforce, per_trajectory=True, mean_factor=_unbiased),
     EstimatorSpec(
-        "reward_to_go", reward_to_go, per_trajectory=True, mean_factor=_unbiased
+        "reinforce",
+        reinforce,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        weights=reinforce_weights,
+    ),
+    EstimatorSpec(
+        "reward_to_go",
+        reward_to_go,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        weights=reward_to_go_weights,
     ),
     EstimatorSpec(
         "constant_baseline",
@@ -1079,6 +1526,7 @@ for _spec in (
         trajectory_level=True,
         per_trajectory=True,
         mean_factor=_unbiased,
+        weights=constant_baseline_weights,
     ),
     EstimatorSpec(
         "mean_baseline",
@@ -1086,6 +1534,7 @@ for _spec in (
         trajectory_level=True,
         mean_factor=_group_mean_shrink,
         rescaled=True,
+        weights=mean_baseline_weights,
     ),
     EstimatorSpec(
         "rloo",
@@ -1094,6 +1543,7 @@ for _spec in (
         mean_factor=_unbiased,
         min_group_size=2,
         checks=_RLOO_GROUPS,
+        weights=rloo_weights,
     ),
     EstimatorSpec(
         "optimal_baseline",
@@ -1101,6 +1551,7 @@ for _spec in (
         trajectory_level=True,
         mean_factor=_unbiased,
         study_kwargs={"group_size": None},  # leave-one-out over the whole batch
+        weights=optimal_baseline_weights,
     ),
     EstimatorSpec(
         "optimal_baseline_per_parameter",
@@ -1108,12 +1559,17 @@ for _spec in (
         trajectory_level=True,
         mean_factor=_unbiased,
         study_kwargs={"group_size": None},
+        from_scores=optimal_baseline_per_parameter_from_scores,
     ),
     EstimatorSpec(
-        "value_baseline", value_baseline, per_trajectory=True, mean_factor=_unbiased
+        "value_baseline",
+        value_baseline,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        weights=value_baseline_weights,
     ),
-    EstimatorSpec("gae", gae, per_trajectory=True),
-    EstimatorSpec("ppo_clip", ppo_clip, rescaled=True),
+    EstimatorSpec("gae", gae, per_trajectory=True, weights=gae_weights),
+    EstimatorSpec("ppo_clip", ppo_clip, rescaled=True, weights=ppo_clip_weights),
     EstimatorSpec(
         "grpo",
         grpo,
@@ -1121,6 +1577,7 @@ for _spec in (
         self_normalised=True,
         rescaled=True,
         min_group_size=2,
+        weights=grpo_weights,
     ),
     EstimatorSpec(
         "dr_grpo",
@@ -1129,6 +1586,7 @@ for _spec in (
         self_normalised=True,
         mean_factor=_dr_grpo_shrink,
         rescaled=True,
+        weights=dr_grpo_weights,
     ),
 ):
     register(_spec)
@@ -1160,6 +1618,32 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
     Raises:
       ValueError: for an unknown name, an unknown keyword or an invalid value.
     """
+    _validate(name, kwargs)
+    return functools.partial(ESTIMATORS[name], **kwargs)
+
+
+def get_weights(name: str, **kwargs: Any) -> Callable[..., StepWeights]:
+    """``get_estimator``'s counterpart for per-step weights.
+
+    Args:
+      name: a registered estimator with ``weights``.
+      **kwargs: as for ``get_estimator`` (``apply_fn`` is accepted and dropped).
+
+    Returns:
+      ``weights(batch, inputs) -> StepWeights`` with the hyperparameters bound.
+
+    Raises:
+      ValueError: as ``get_estimator``, or if the estimator declares no weights.
+    """
+    weights = spec(name).weights
+    if weights is None:
+        raise ValueError(f"estimator {name!r} declares no per-step weights")
+    _validate(name, kwargs)
+    kwargs.pop("apply_fn", None)
+    return functools.partial(weights, **kwargs)
+
+
+def _validate(name: str, kwargs: dict) -> None:
     checks = spec(name).checks
     allowed = hyperparameters(name)
     unknown = sorted(set(kwargs) - set(allowed))
@@ -1179,4 +1663,3 @@ def get_estimator(name: str, **kwargs: Any) -> Estimator:
                 f"Invalid {key}={value!r} for estimator {name!r}: "
                 f"expected {description}."
             )
-    return functools.partial(ESTIMATORS[name], **kwargs)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 from rl_pg import enumerable, estimators, policies
 from rl_pg.trajectory import Trajectory, assert_trajectory
@@ -760,3 +761,203 @@ def test_group_relative_entropy_is_aggregated_like_the_policy_term():
     )
     assert float(grpo(0.0)) == pytest.approx(float(ppo(0.0)), rel=1e-5)
     assert float(ppo(0.0)) == pytest.approx(-h, rel=1e-5)
+
+
+# -------------------------------------------------------------- per-step weights
+
+# The variance study's hyperparameters: value, entropy and KL terms off.
+WEIGHT_KWARGS = {
+    "group_size": GROUP,
+    "vf_coef": 0.0,
+    "ent_coef": 0.0,
+    "beta": 0.0,
+    "b": 1.5,
+    "gamma": 0.9,
+    "lam": 0.8,
+}
+WEIGHT_CASES = [
+    (name, {})
+    for name, s in estimators.REGISTRY.items()
+    if s.weights is not None or s.from_scores is not None
+] + [
+    ("optimal_baseline", {"group_size": None}),
+    ("optimal_baseline", {"leave_one_out": False}),
+    ("optimal_baseline_per_parameter", {"group_size": None}),
+    ("ppo_clip", {"normalize_advantages": False}),
+    ("grpo", {"group_size": None}),
+]
+MLP = policies.mlp_policy(2, hidden=(8,), value="separate")
+
+
+def _on_policy_mlp_batch(num_columns: int, seed: int):
+    """An MLP policy's params and a [5, num_columns] batch with padding, early
+    terminations and truncations whose log_probs and values are the policy's own
+    (the on-policy point: every ratio is 1)."""
+    rng = np.random.default_rng(seed)
+    T = 5
+    obs = jnp.asarray(rng.normal(size=(T, num_columns, 4)), jnp.float32)
+    params = MLP.init(jax.random.PRNGKey(seed), obs[0, 0])
+    actions = jnp.asarray(rng.integers(0, 2, size=(T, num_columns)), jnp.int32)
+    lengths = rng.integers(1, T + 1, size=num_columns)
+    mask = (np.arange(T)[:, None] < lengths[None]).astype(np.float32)
+    terminated = np.arange(T)[:, None] == lengths[None] - 1
+    terminated &= (lengths < T)[None]
+    truncated = (np.arange(T)[:, None] == T - 1) & (lengths == T)[None]
+    logits, values = MLP.apply(params, obs)
+    batch = Trajectory(
+        observations=obs,
+        actions=actions,
+        rewards=jnp.asarray(rng.normal(size=(T, num_columns)), jnp.float32),
+        log_probs=policies.log_prob(logits, actions),
+        values=values,
+        next_values=jnp.asarray(rng.normal(size=(T, num_columns)), jnp.float32),
+        terminated=jnp.asarray(terminated),
+        truncated=jnp.asarray(truncated),
+        mask=jnp.asarray(mask),
+        level=jnp.zeros((T, num_columns), jnp.int32),
+        score=jnp.zeros((T, num_columns), jnp.int32),
+    )
+    return params, batch
+
+
+def _weight_kwargs(name: str, extra: dict) -> dict:
+    accepted = estimators.hyperparameters(name)
+    return {k: v for k, v in WEIGHT_KWARGS.items() if k in accepted} | extra
+
+
+def _fast_and_loss_gradients(name, kwargs, params, batch, apply_fn, weights=None):
+    """(the estimate from the declared weights, -grad of the registered loss)."""
+    spec = estimators.spec(name)
+    loss = estimators.get_estimator(name, apply_fn=apply_fn, **kwargs)
+    by_loss = jax.grad(lambda p: loss(p, batch)[0])(params)
+    if weights is None and spec.weights is None:
+        scores = estimators.trajectory_scores(params, batch, apply_fn)
+        fast = spec.from_scores(batch, scores, **kwargs)
+    else:
+        weights = weights or estimators.get_weights(name, **kwargs)
+        step_weights = weights(batch, estimators.weight_inputs(params, batch, apply_fn))
+        fast = ravel_pytree(
+            estimators.weighted_gradient(params, batch, step_weights, apply_fn)
+        )[0]
+    return np.asarray(fast), -np.asarray(ravel_pytree(by_loss)[0])
+
+
+def _assert_close(fast, by_loss):
+    scale = np.abs(by_loss).max()
+    assert scale > 0
+    np.testing.assert_allclose(fast, by_loss, rtol=1e-4, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("name, extra", WEIGHT_CASES)
+@pytest.mark.parametrize("num_columns", [4, 12])
+def test_weights_give_the_loss_gradient_at_the_on_policy_point(
+    name, extra, num_columns
+):
+    params, batch = _on_policy_mlp_batch(num_columns, seed=num_columns)
+    kwargs = _weight_kwargs(name, extra)
+    _assert_close(*_fast_and_loss_gradients(name, kwargs, params, batch, MLP.apply))
+
+
+@pytest.mark.parametrize("name, extra", WEIGHT_CASES)
+def test_weights_on_the_enumerable_mdp(name, extra, small_batch):
+    kwargs = _weight_kwargs(name, extra)
+    _assert_close(
+        *_fast_and_loss_gradients(name, kwargs, PARAMS, small_batch, POLICY.apply)
+    )
+
+
+def _off_by(fn, factor):
+    """fn's weights with the first column's coefficients scaled by ``factor``."""
+
+    def weights(batch, inputs):
+        step = fn(batch, inputs)
+        return step._replace(
+            coefficients={
+                k: c.at[0].multiply(factor) for k, c in step.coefficients.items()
+            }
+        )
+
+    return weights
+
+
+BROKEN_WEIGHTS = {
+    "rloo with the mean baseline's weights": (
+        "rloo",
+        functools.partial(estimators.mean_baseline_weights, group_size=GROUP),
+    ),
+    "ppo_clip without normalisation": (
+        "ppo_clip",
+        functools.partial(
+            estimators.ppo_clip_weights,
+            gamma=0.9,
+            lam=0.8,
+            vf_coef=0.0,
+            ent_coef=0.0,
+            normalize_advantages=False,
+        ),
+    ),
+    "grpo without the length normalisation": (
+        "grpo",
+        functools.partial(estimators.dr_grpo_weights, group_size=GROUP),
+    ),
+    "one column of reward_to_go off by 1%": (
+        "reward_to_go",
+        _off_by(estimators.reward_to_go_weights, 1.01),
+    ),
+    "one column of the optimal baseline off by 1%": (
+        "optimal_baseline",
+        _off_by(
+            functools.partial(estimators.optimal_baseline_weights, group_size=GROUP),
+            1.01,
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_WEIGHTS)
+def test_a_wrong_weight_is_caught(case):
+    name, weights = BROKEN_WEIGHTS[case]
+    params, batch = _on_policy_mlp_batch(8, seed=8)
+    kwargs = _weight_kwargs(name, {})
+    fast, by_loss = _fast_and_loss_gradients(
+        name, kwargs, params, batch, MLP.apply, weights=weights
+    )
+    with pytest.raises(AssertionError):
+        _assert_close(fast, by_loss)
+
+
+def test_weights_refuse_value_entropy_and_kl_terms(small_batch):
+    inputs = estimators.weight_inputs(PARAMS, small_batch, POLICY.apply)
+    for name, kwargs in [
+        ("value_baseline", {}),  # vf_coef = 0.5 by default
+        ("gae", {"vf_coef": 0.0, "ent_coef": 0.1}),
+        ("ppo_clip", {"vf_coef": 0.0}),  # ent_coef = 0.01 by default
+        ("grpo", {"beta": 0.1, "group_size": GROUP}),
+        ("optimal_baseline", {"variant": "per_parameter"}),
+    ]:
+        with pytest.raises(ValueError, match="weight|scores"):
+            estimators.get_weights(name, **kwargs)(small_batch, inputs)
+
+
+def test_weights_match_their_loss_signature():
+    for s in estimators.REGISTRY.values():
+        for fn in (s.weights, s.from_scores):
+            if fn is None:
+                continue
+            loss_kw = inspect.signature(s.loss).parameters
+            for p in inspect.signature(fn).parameters.values():
+                if p.kind is p.KEYWORD_ONLY:
+                    assert loss_kw[p.name].default == p.default, (s.name, p.name)
+
+    def bad_weights(batch, inputs, *, other=1.0):
+        raise AssertionError("never called")
+
+    with pytest.raises(ValueError, match="same defaults"):
+        estimators.register(
+            estimators.EstimatorSpec(
+                "a_bad_weighting", estimators.reinforce, weights=bad_weights
+            )
+        )
+    assert "a_bad_weighting" not in estimators.REGISTRY
+    with pytest.raises(ValueError, match="no per-step weights"):
+        estimators.get_weights("optimal_baseline_per_parameter")

@@ -449,3 +449,70 @@ def test_each_stage_keeps_its_own_architecture_and_env(tmp_path):
     for stage in stages:  # each apply_fn fits its own params
         logits, _ = stage.problem.apply_fn(stage.params, obs)
         assert logits.shape == (2,)
+
+
+ALL_STUDIED = variance.SuiteConfig().names  # every estimator, with and without weights
+FAST_CONFIG = dataclasses.replace(
+    CONFIG,
+    num_batches=4,
+    max_batches_per_size=64,
+    reference_trajectories=2**10,
+    reference_groups=16,
+    chunk=2**9,
+    block_steps=16,  # blocks of 4 trajectories: the blocked VJP path
+    suite=variance.SuiteConfig(names=ALL_STUDIED),
+)
+
+
+@pytest.fixture(scope="module")
+def fast_and_loss_path():
+    """study_stage on the enumerable MDP through the per-step weights (one VJP per
+    batch) and through every estimator's own loss gradient, same seed."""
+    problem = exact.enumerable_problem(G)
+    params = exact.enumerable_policies()["skewed"]
+    horizon = enumerable.DEFAULT_MDP.horizon
+    runners = {
+        fast: variance.make_runners(problem, FAST_CONFIG, fast=fast)
+        for fast in (True, False)
+    }
+    results = {
+        fast: variance.study_stage(params, r, FAST_CONFIG, horizon)
+        for fast, r in runners.items()
+    }
+    return params, runners, results
+
+
+def test_fast_batch_estimates_equal_each_loss_gradient(fast_and_loss_path):
+    params, runners, _ = fast_and_loss_path
+    key = jax.random.PRNGKey(11)
+    estimates = {  # 4 batches per call: the shape study_stage compiled
+        fast: variance.batch_estimates(params, r, key, 4, 4, constant_b=0.7)
+        for fast, r in runners.items()
+    }
+    assert set(estimates[True]) == {4, 16, 64}
+    for n, by_name in estimates[False].items():
+        assert set(by_name) == set(ALL_STUDIED)
+        for name, by_loss in by_name.items():
+            scale = np.abs(by_loss).max()
+            assert scale > 0, (n, name)
+            np.testing.assert_allclose(
+                estimates[True][n][name], by_loss, rtol=1e-4, atol=1e-5 * scale
+            )
+
+
+def test_fast_path_gives_the_same_results(fast_and_loss_path):
+    """The rows of results.csv, up to float rounding."""
+    _, _, results = fast_and_loss_path
+    fast, by_loss = results[True], results[False]
+    assert len(fast.rows) == len(by_loss.rows) == 3 * len(ALL_STUDIED)
+    for a, b in zip(fast.rows, by_loss.rows, strict=True):
+        assert (a["estimator"], a["batch_size"]) == (b["estimator"], b["batch_size"])
+        for metric in statistics.METRICS:
+            assert a[metric] == pytest.approx(b[metric], rel=1e-3, abs=1e-6), (
+                a["estimator"],
+                a["batch_size"],
+                metric,
+            )
+    assert fast.slopes.keys() == by_loss.slopes.keys()
+    for name in fast.slopes:
+        np.testing.assert_allclose(fast.slopes[name], by_loss.slopes[name], rtol=1e-3)

@@ -29,11 +29,14 @@ from rl_pg.variance.study import (
     make_runners,
     matmul_flops_per_s,
     reference_gradient,
+    score_weight_estimates,
     study_stage,
     sub_batch_counts,
     suite_specs,
     total_work,
     trajectory_moments,
+    weight_suite,
+    weighted_column_grads,
 )
 
 __all__ = [
@@ -59,10 +62,13 @@ __all__ = [
     "matmul_flops_per_s",
     "reference_gradient",
     "run_study",
+    "score_weight_estimates",
     "study_stage",
     "sub_batch_counts",
     "suite_specs",
     "summarize",
     "total_work",
     "trajectory_moments",
+    "weight_suite",
+    "weighted_column_grads",
 ]

@@ -12,7 +12,11 @@ Policy Gradients", ICLR): for a policy theta,
    so a size gets up to M n_max / n i.i.d. batches from the same trajectories
    (nested common random numbers: estimates at every n, and of every estimator,
    see the same trajectories, so comparisons across estimators and the slope of
-   variance against n are not blurred by sampling noise);
+   variance against n are not blurred by sampling noise). Estimators that declare
+   per-step score weights (``EstimatorSpec.weights``, or ``from_scores``) get
+   every sub-batch's estimate from one forward pass and one VJP per top-level
+   batch (:func:`score_weight_estimates`); the others from their own loss's
+   gradient on each sub-batch;
 3. per (estimator, n): the calibrated statistics of :mod:`rl_pg.variance.statistics`
    (noise-corrected bias2, variance, mse, cosines, SNR, the scale-free cos_mean
    and rel_variance, jackknife intervals) and, on a problem that knows them,
@@ -149,6 +153,32 @@ def suite_specs(config: SuiteConfig) -> dict[str, estimators_lib.EstimatorSpec]:
     return specs
 
 
+def _suite_kwargs(
+    problem: Problem, config: SuiteConfig, constant_b: float | jax.Array
+) -> dict[str, tuple[estimators_lib.EstimatorSpec, dict]]:
+    """Name -> (spec, the study's hyperparameters for it); see estimator_suite."""
+    G = problem.group_size
+    options = {
+        "group_size": G,
+        "vf_coef": 0.0,
+        "ent_coef": 0.0,
+        "gamma": config.gamma,
+        "lam": config.lam,
+        "b": constant_b,
+        "beta": 0.0,
+    }
+    out = {}
+    for name, spec in suite_specs(config).items():
+        if spec.min_group_size > G:
+            raise ValueError(
+                f"{name} needs group_size >= {spec.min_group_size}, got {G}"
+            )
+        accepted = estimators_lib.hyperparameters(spec.loss)
+        kwargs = {k: v for k, v in options.items() if k in accepted}
+        out[name] = spec, kwargs | spec.study_kwargs
+    return out
+
+
 def estimator_suite(
     problem: Problem, config: SuiteConfig, constant_b: float | jax.Array = 0.0
 ) -> dict[str, Callable]:
@@ -160,25 +190,8 @@ def estimator_suite(
     0, so each gradient is a pure policy-gradient estimate), then its registry
     entry's ``study_kwargs``.
     """
-    G = problem.group_size
-    options = {
-        "group_size": G,
-        "vf_coef": 0.0,
-        "ent_coef": 0.0,
-        "gamma": config.gamma,
-        "lam": config.lam,
-        "b": constant_b,
-        "beta": 0.0,
-    }
     suite = {}
-    for name, spec in suite_specs(config).items():
-        if spec.min_group_size > G:
-            raise ValueError(
-                f"{name} needs group_size >= {spec.min_group_size}, got {G}"
-            )
-        accepted = estimators_lib.hyperparameters(spec.loss)
-        kwargs = {k: v for k, v in options.items() if k in accepted}
-        kwargs |= spec.study_kwargs
+    for name, (spec, kwargs) in _suite_kwargs(problem, config, constant_b).items():
         if spec is estimators_lib.REGISTRY.get(name):
             suite[name] = estimators_lib.get_estimator(
                 name, apply_fn=problem.apply_fn, **kwargs
@@ -188,6 +201,27 @@ def estimator_suite(
                 spec.loss, apply_fn=problem.apply_fn, **kwargs
             )
     return suite
+
+
+def weight_suite(
+    problem: Problem, config: SuiteConfig, constant_b: float | jax.Array = 0.0
+) -> dict[str, Callable]:
+    """Name -> ``weights(batch, inputs) -> StepWeights`` or ``from_scores(batch,
+    scores) -> [P]`` (wrapped in :class:`FromScores`) for the studied estimators
+    that declare either, with ``estimator_suite``'s hyperparameters."""
+    suite = {}
+    for name, (spec, kwargs) in _suite_kwargs(problem, config, constant_b).items():
+        if spec.weights is not None:
+            suite[name] = functools.partial(spec.weights, **kwargs)
+        elif spec.from_scores is not None:
+            suite[name] = FromScores(functools.partial(spec.from_scores, **kwargs))
+    return suite
+
+
+class FromScores(NamedTuple):
+    """An estimator given as ``fn(batch, scores [B, P]) -> [P]`` (not weights)."""
+
+    fn: Callable
 
 
 def flat_gradient(loss_fn: Callable, params: Any, batch: Trajectory) -> jax.Array:
@@ -285,25 +319,10 @@ def _score_and_rtg(
     bootstrapped where the horizon cuts an episode (the critic's own target).
     """
 
-    def one(params, observations, actions, weights):  # [T, ...], [T], [T, 2]
-        def log_probs(p):  # [T]
-            logits, _ = problem.apply_fn(p, observations)
-            return policies.log_prob(logits, actions)
-
-        _, vjp = jax.vjp(log_probs, params)
-        return jax.vmap(lambda w: ravel_pytree(vjp(w)[0])[0], in_axes=1)(weights)
-
-    def columns_grads(params, columns):  # leaves [T, B, ...] -> [B, 2, P]
-        return jax.vmap(one, in_axes=(None, 1, 1, 1))(params, *columns)
-
-    if block_steps is not None:
-        columns_grads = in_blocks(columns_grads, block_steps, multiple)
+    columns_grads = weighted_column_grads(problem.apply_fn, block_steps, multiple)
 
     def grads(params, traj: Trajectory):
-        live = traj.mask > 0
-        obs_live = live.reshape(live.shape + (1,) * (traj.observations.ndim - 2))
-        observations = jnp.where(obs_live, traj.observations, 0)
-        actions = jnp.where(live, traj.actions, 0)
+        observations, actions, live = _clean(traj)
         rewards = jnp.where(live, traj.rewards.astype(jnp.float32), 0.0)
         done = traj.terminated | traj.truncated
         to_go = returns_lib.batch_reward_to_go(rewards, traj.mask, done)
@@ -312,6 +331,173 @@ def _score_and_rtg(
         return g[:, 0], g[:, 1], jnp.sum(rewards, 0), _critic_sums(traj, gamma)
 
     return grads
+
+
+def weighted_column_grads(
+    apply_fn: Callable, block_steps: int | None = None, multiple: int = 1
+) -> Callable:
+    """``(params, (observations, actions, weights)) -> [C, F, P]``: per column c
+    and weighting f, sum_t weights[t, c, f] grad log pi(a_t|s_t) as a flat vector.
+
+    One forward pass and one VJP per column, with the F weightings stacked as
+    cotangents (``vmap`` of the VJP), so every weight gradient is a single
+    [in, T] x [T, F * out] product. Inputs are [T, C, ...], [T, C], [T, C, F];
+    padding must already be zeroed (observations, actions and weights). With
+    ``block_steps`` the columns run in cache-sized blocks (:func:`in_blocks`).
+    """
+
+    def one(params, observations, actions, weights):  # [T, ...], [T], [T, F]
+        def log_probs(p):  # [T]
+            logits, _ = apply_fn(p, observations)
+            return policies.log_prob(logits, actions)
+
+        _, vjp = jax.vjp(log_probs, params)
+        return jax.vmap(lambda w: ravel_pytree(vjp(w)[0])[0], in_axes=1)(weights)
+
+    def columns_grads(params, columns):  # leaves [T, C, ...] -> [C, F, P]
+        return jax.vmap(one, in_axes=(None, 1, 1, 1))(params, *columns)
+
+    if block_steps is not None:
+        columns_grads = in_blocks(columns_grads, block_steps, multiple)
+    return columns_grads
+
+
+def _clean(traj: Trajectory) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(observations, actions, live) with padding observations and actions zeroed."""
+    live = traj.mask > 0
+    obs_live = live.reshape(live.shape + (1,) * (traj.observations.ndim - 2))
+    observations = jnp.where(obs_live, traj.observations, 0)
+    return observations, jnp.where(live, traj.actions, 0), live
+
+
+def _policy_leaves(apply_fn: Callable, params: Any, observations: jax.Array):
+    """Which leaves of ``params`` the logits depend on (a critic's do not), from
+    the jaxpr's dead-code analysis; every leaf if that is unavailable."""
+    leaves, treedef = jax.tree.flatten(params)
+
+    def logits(leaves, obs):
+        return apply_fn(jax.tree.unflatten(treedef, leaves), obs)[0]
+
+    try:
+        from jax._src.interpreters import partial_eval as pe  # no public API
+
+        shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        obs = jax.ShapeDtypeStruct(observations.shape, observations.dtype)
+        closed = jax.make_jaxpr(logits)(shapes, obs)
+        _, used = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+        return [bool(u) for u in used[: len(leaves)]]
+    except Exception:  # pragma: no cover - a JAX without this internal
+        return [True] * len(leaves)
+
+
+def _split_params(params: Any, used: list[bool]):
+    """(the used leaves, a function of them back to the whole params (the others
+    without gradient), a function [..., P_used] -> [..., P] with zeros for the
+    unused leaves in ``ravel_pytree`` order)."""
+    leaves, treedef = jax.tree.flatten(params)
+    kept = [x for x, u in zip(leaves, used, strict=True) if u]
+
+    def merge(kept_leaves):
+        it = iter(kept_leaves)
+        full = [
+            next(it) if u else jax.lax.stop_gradient(x)
+            for x, u in zip(leaves, used, strict=True)
+        ]
+        return jax.tree.unflatten(treedef, full)
+
+    def expand(flat):
+        if all(used):
+            return flat
+        parts, start = [], 0
+        for x, u in zip(leaves, used, strict=True):
+            if u:
+                parts.append(flat[..., start : start + x.size])
+                start += x.size
+            else:
+                parts.append(jnp.zeros(flat.shape[:-1] + (x.size,), flat.dtype))
+        return jnp.concatenate(parts, -1)
+
+    return kept, merge, expand
+
+
+def score_weight_estimates(
+    problem: Problem,
+    weight_fns: dict[str, Callable],
+    sub_batches: dict[int, int],
+    block_steps: int | None = None,
+    multiple: int = 1,
+) -> Callable:
+    """``(params, batch [T, N]) -> {n: [count, E, P]}``: the batch estimates of
+    every estimator in ``weight_fns`` (name -> ``weights(batch, inputs)``, see
+    :class:`rl_pg.estimators.StepWeights`) on the first ``count`` disjoint
+    sub-batches of n columns, for each ``n: count`` of ``sub_batches``.
+
+    At the on-policy point each estimate is sum_f sum_i c_f[i] g_f[i] with
+    g_f[i] = sum_t f[t, i] grad log pi(a_t|s_t) the gradient of feature f on
+    column i. Features depend on their column alone, so one forward pass for the
+    values, one VJP per column with every distinct feature stacked as a cotangent
+    (:func:`weighted_column_grads`), then, per sub-batch, the coefficients
+    (elementwise work) and one [E, n F] x [n F, P] product give all of them.
+    Estimators given as :class:`FromScores` get the sub-batch's per-trajectory
+    scores (the feature m_t's gradients) instead. Returned estimators are in the
+    order of ``weight_fns``.
+    """
+    score = estimators_lib.SCORE
+
+    weighted = {e: fn for e, fn in weight_fns.items() if not isinstance(fn, FromScores)}
+    names = tuple(weight_fns)
+
+    def estimates(params, batch):
+        observations, actions, live = _clean(batch)
+        _, values = problem.apply_fn(params, observations)
+        values = jax.lax.stop_gradient(values)
+        num_columns = live.shape[1]
+        inputs = estimators_lib.WeightInputs(values, jnp.zeros(num_columns))
+        features = {score: live.astype(jnp.float32)}
+        for fn in weighted.values():
+            for k, f in fn(batch, inputs).features.items():
+                features.setdefault(k, f)
+        keys = tuple(features)
+        weights = jnp.stack([features[k] for k in keys], -1)  # [T, N, F]
+        # only the policy's leaves: the critic's gradients are 0 (P' <= P)
+        used = _policy_leaves(problem.apply_fn, params, observations[:, :1])
+        kept, merge, expand = _split_params(params, used)
+        columns_grads = weighted_column_grads(
+            lambda p, obs: problem.apply_fn(merge(p), obs), block_steps, multiple
+        )
+        basis = columns_grads(kept, (observations, actions, weights))  # [N, F, P']
+        scores = basis[:, keys.index(score)]  # [N, P]
+        sq_norms = jnp.sum(jnp.square(scores), -1)  # [N]
+
+        def coefficients(sub, sub_values, sub_norms):  # one sub-batch -> [E, n, F]
+            sub_inputs = estimators_lib.WeightInputs(sub_values, sub_norms)
+            rows = []
+            for fn in weighted.values():
+                c = fn(sub, sub_inputs).coefficients
+                zero = jnp.zeros(sub_norms.shape)
+                rows.append(jnp.stack([c.get(k, zero) for k in keys], -1))
+            return jnp.stack(rows)
+
+        out = {}
+        for n, count in sub_batches.items():
+            sub = _sub_batches(batch, n, count)  # leaves [count, T, n]
+            found = {}
+            if weighted:
+                sub_values = _sub_batches(values, n, count)
+                sub_norms = sq_norms[: count * n].reshape(count, n)
+                coefs = jax.vmap(coefficients)(sub, sub_values, sub_norms)
+                sub_basis = basis[: count * n].reshape(count, n * len(keys), -1)
+                coefs = coefs.reshape(count, len(weighted), n * len(keys))
+                est = jnp.einsum("cek,ckp->cep", coefs, sub_basis)
+                found = {e: est[:, i] for i, e in enumerate(weighted)}
+            sub_scores = scores[: count * n].reshape(count, n, -1)
+            for e, fn in weight_fns.items():
+                if isinstance(fn, FromScores):
+                    found[e] = jax.vmap(fn.fn)(sub, sub_scores)
+            out[n] = expand(jnp.stack([found[e] for e in names], 1))
+        return out
+
+    return estimates
 
 
 def _critic_sums(traj: Trajectory, gamma: float) -> jax.Array:
@@ -436,9 +622,19 @@ def _sub_batches(batch: Trajectory, n: int, count: int) -> Trajectory:
 
 
 def make_runners(
-    problem: Problem, config: "StudyConfig", mesh: Mesh | None = None
+    problem: Problem,
+    config: "StudyConfig",
+    mesh: Mesh | None = None,
+    *,
+    fast: bool = True,
 ) -> Runners:
     """Build (lazily compiled) jitted functions for ``problem`` and ``config``.
+
+    Batch estimates of the estimators that declare per-step weights
+    (``EstimatorSpec.weights``) come from one forward pass and one VJP per sampled
+    batch (:func:`score_weight_estimates`); the others (and all of them with
+    ``fast=False``) from the gradient of their own loss on every sub-batch, one
+    forward and backward pass per (estimator, sub-batch).
 
     With a ``mesh`` (:func:`rl_pg.distributed.batch_mesh`) the chunk's
     trajectories (``config.chunk`` must be divisible by the device count) and the
@@ -482,17 +678,43 @@ def make_runners(
             "batch": {"in_shardings": (whole, rows, whole), "out_shardings": rows},
         }
 
+    weighted = (
+        tuple(
+            e
+            for e in names
+            if specs[e].weights is not None or specs[e].from_scores is not None
+        )
+        if fast
+        else ()
+    )
+    by_loss = tuple(e for e in names if e not in weighted)
+
     def one(params, key, b):
-        suite = estimator_suite(problem, config.suite, constant_b=b)
         batch = problem.sample(key, params, largest)
+        out = {n: {} for n in counts}
+        if weighted:
+            weight_fns = weight_suite(problem, config.suite, constant_b=b)
+            fast_estimates = score_weight_estimates(
+                problem,
+                {e: weight_fns[e] for e in weighted},
+                counts,
+                block_steps,
+                multiple,
+            )(params, batch)
+            for n, est in fast_estimates.items():
+                out[n] |= {e: est[:, i] for i, e in enumerate(weighted)}
+        if by_loss:
+            suite = estimator_suite(problem, config.suite, constant_b=b)
 
-        def estimates(sub):  # every estimator on one sub-batch -> [E, P]
-            return jnp.stack([flat_gradient(suite[e], params, sub) for e in names])
+            def estimates(sub):  # the loss-path estimators on one sub-batch
+                return jnp.stack(
+                    [flat_gradient(suite[e], params, sub) for e in by_loss]
+                )
 
-        return {
-            n: jax.vmap(estimates)(_sub_batches(batch, n, count))
-            for n, count in counts.items()
-        }
+            for n, count in counts.items():
+                est = jax.vmap(estimates)(_sub_batches(batch, n, count))
+                out[n] |= {e: est[:, i] for i, e in enumerate(by_loss)}
+        return {n: jnp.stack([out[n][e] for e in names], 1) for n in counts}
 
     column_names = tuple(e for e in names if specs[e].per_trajectory)
 

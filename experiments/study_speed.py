@@ -1,0 +1,155 @@
+"""The variance study's batch phase, old path against new, and its gradient phase's
+FLOP/s against a same-run matmul, at both presets' horizons, in one run.
+
+    python experiments/study_speed.py --out DIR [--presets quick,full] [--batches 2]
+
+For each preset (its horizon, group size and batch sizes; the ``--stage`` shipped
+policy), three measurements of compiled functions, compilation excluded:
+
+* batch phase, seconds per top-level batch (sampling included), with every studied
+  estimator's gradient from its own loss on every sub-batch (``fast=False``, one
+  forward and backward pass per (estimator, sub-batch)) and with the per-step score
+  weights (``fast=True``: one forward pass and one VJP per sampled batch; the
+  estimators without weights still take their loss path), and the sampling alone;
+* the gradient phase of the reference sample (per-trajectory score and
+  reward-to-go gradients, one preset chunk): XLA's FLOP count / seconds, as
+  ``performance.json`` reports it;
+* the new batch path's own FLOP/s (XLA's count of an unblocked trace of it).
+
+The 1024x1024 float32 matmul is timed before and after (best of 20 each) and
+every FLOP/s is quoted as a fraction of the faster. Writes ``DIR/speed.json`` and
+``DIR/speed.md``.
+"""
+
+import argparse
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl_pg import io, variance
+from rl_pg.variance import report, study
+
+
+def _best(fn, repeats: int) -> float:
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def measure(preset: str, stage: str, batches: int) -> dict:
+    setting = report.PRESETS[preset]
+    config, horizon = setting["study"], setting["horizon"]
+    found = {
+        s.label: s for s in report.flappy_stages(None, horizon, setting["group_size"])
+    }
+    params, problem = found[stage].params, found[stage].problem
+    largest = max(config.batch_sizes)
+    per_call = min(
+        config.num_batches, max(1, config.steps_per_call // (largest * horizon))
+    )
+    calls = max(1, batches // per_call)
+    key = jax.random.PRNGKey(0)
+    row = {"preset": preset, "horizon": horizon, "top_batch": largest}
+
+    sample = jax.jit(problem.sample, static_argnums=2)
+    jax.block_until_ready(sample(key, params, largest))
+    row["sample_s_per_batch"] = _best(lambda: sample(key, params, largest), 3)
+
+    for label, fast in (("old", False), ("new", True)):
+        runners = variance.make_runners(problem, config, fast=fast)
+        variance.batch_estimates(params, runners, key, per_call, per_call, 0.0)
+        start = time.perf_counter()
+        variance.batch_estimates(params, runners, key, calls * per_call, per_call, 0.0)
+        row[f"{label}_s_per_batch"] = (time.perf_counter() - start) / (calls * per_call)
+    row["batch_phase_speedup"] = row["old_s_per_batch"] / row["new_s_per_batch"]
+
+    # the gradient phase of the reference sample, as the study measures it
+    chunk = config.chunk
+    _, perf = variance.trajectory_moments(
+        params, runners, key, 2 * chunk, chunk, 2 * chunk // (chunk // 4)
+    )
+    row["gradient_flops_per_s"] = perf["gradient_flops_per_s"]
+
+    # the new batch path's gradient computation on one sampled top-level batch
+    batch = sample(key, params, largest)
+    weight_fns = study.weight_suite(problem, config.suite, jnp.float32(0.0))
+    counts = runners.sub_batches
+    blocked = jax.jit(
+        study.score_weight_estimates(problem, weight_fns, counts, study.CPU_BLOCK_STEPS)
+    )
+    unblocked = jax.jit(study.score_weight_estimates(problem, weight_fns, counts))
+    flops = study._flops(unblocked, params, batch)
+    compiled = blocked.lower(params, batch).compile()
+    row["new_batch_gradient_s"] = _best(lambda: compiled(params, batch), 3)
+    row["new_batch_gradient_flops_per_s"] = flops / row["new_batch_gradient_s"]
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="new output directory")
+    parser.add_argument("--presets", default="quick,full")
+    parser.add_argument("--stage", default="partial", help="shipped checkpoint")
+    parser.add_argument("--batches", type=int, default=2, help="timed top batches")
+    args = parser.parse_args()
+    presets = args.presets.split(",")
+    unknown = [p for p in presets if p not in report.PRESETS]
+    if unknown:
+        raise SystemExit(f"unknown presets {unknown}")
+    out = io.new_out_dir(args.out)
+    io.write_config(out, {"script": "study_speed", **vars(args)})
+    load = os.getloadavg()
+    matmul = [variance.matmul_flops_per_s.__wrapped__()]
+    rows = [measure(p, args.stage, args.batches) for p in presets]
+    matmul.append(variance.matmul_flops_per_s.__wrapped__())
+    ceiling = max(matmul)
+    for r in rows:
+        r["gradient_fraction_of_matmul"] = r["gradient_flops_per_s"] / ceiling
+        r["new_batch_fraction_of_matmul"] = (
+            r["new_batch_gradient_flops_per_s"] / ceiling
+        )
+    load_after = os.getloadavg()
+    summary = {
+        "rows": rows,
+        "matmul_flops_per_s": matmul,
+        "load_before": load,
+        "load_after": load_after,
+    }
+    io.write_json(out / "speed.json", summary)
+    lines = [
+        f"# Variance study speed ({args.stage} policy, {args.batches} timed batches)",
+        "",
+        "| preset | horizon | top batch | sampling s/batch | old batch phase s/batch "
+        "| new s/batch | speed-up | gradient phase GFLOP/s (% matmul) "
+        "| new batch gradients GFLOP/s (% matmul) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['preset']} | {r['horizon']} | {r['top_batch']} "
+            f"| {r['sample_s_per_batch']:.2f} | {r['old_s_per_batch']:.2f} "
+            f"| {r['new_s_per_batch']:.2f} | {r['batch_phase_speedup']:.1f}x "
+            f"| {r['gradient_flops_per_s'] / 1e9:.1f} "
+            f"({r['gradient_fraction_of_matmul']:.1%}) "
+            f"| {r['new_batch_gradient_flops_per_s'] / 1e9:.1f} "
+            f"({r['new_batch_fraction_of_matmul']:.1%}) |"
+        )
+    lines += [
+        "",
+        f"Same-run 1024x1024 float32 matmul: {matmul[0] / 1e9:.0f} GFLOP/s before, "
+        f"{matmul[1] / 1e9:.0f} after (fractions use the faster). Load average "
+        f"(1, 5, 15 min) before {tuple(round(x, 2) for x in load)}, after "
+        f"{tuple(round(x, 2) for x in load_after)}.",
+    ]
+    (out / "speed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
