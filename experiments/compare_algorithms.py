@@ -162,7 +162,8 @@ def main() -> None:
         "",
         "Held-out median: greedy, best validation checkpoint, 32 test levels, cap "
         "10,000. Throughput: env steps per second of the vmapped seeds together, "
-        "updates and compilation included, evaluation excluded. vmap speedup: "
+        "updates, compilation and validation included (episodic algorithms count "
+        "only live steps), final evaluation excluded. vmap speedup: "
         "sequential seeds' training time over vmapped seeds' (short runs of "
         f"{args.speedup_env_steps / 1e6:.1f}M steps per seed, compile included).",
         "",
