@@ -961,3 +961,20 @@ def test_weights_match_their_loss_signature():
     assert "a_bad_weighting" not in estimators.REGISTRY
     with pytest.raises(ValueError, match="no per-step weights"):
         estimators.get_weights("optimal_baseline_per_parameter")
+
+
+@pytest.mark.parametrize("size,group", [(1024, None), (100, None), (64, 16), (9, None)])
+def test_group_sum_others_matches_brute_force(size, group):
+    x = np.random.default_rng(size).normal(size=(size, 3)).astype(np.float32)
+    got = np.asarray(estimators._group_sum_others(jnp.asarray(x), group))
+    g = size if group is None else group
+    xg = x.reshape(-1, g, 3).astype(np.float64)
+    want = (xg.sum(1, keepdims=True) - xg).reshape(size, 3)
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_group_sum_others_does_not_cancel():
+    """The member with a huge value gets the others' sum exactly (no total - x_i)."""
+    x = jnp.concatenate([jnp.array([1e8]), jnp.arange(1.0, 20.0)])
+    for group in (None, 20):
+        assert float(estimators._group_sum_others(x, group)[0]) == 190.0
