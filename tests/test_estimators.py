@@ -970,7 +970,7 @@ def test_group_sum_others_matches_brute_force(size, group):
     g = size if group is None else group
     xg = x.reshape(-1, g, 3).astype(np.float64)
     want = (xg.sum(1, keepdims=True) - xg).reshape(size, 3)
-    np.testing.assert_allclose(got, want, atol=2e-5)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-4)  # float32 sums
 
 
 def test_group_sum_others_does_not_cancel():
