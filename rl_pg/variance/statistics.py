@@ -29,7 +29,9 @@ and a normal interval theta +- z sqrt(Var_J), on the log scale for the positive,
 right-skewed variance and mse. For bias2 the jackknife counts the degenerate
 (second-order) part of the U-statistic's variance twice, which dominates at an
 unbiased estimator; it is subtracted with unbiased estimates of tr(Sigma^2)
-(:func:`trace_sigma_squared`), and the interval is that of the plug-in
+(:func:`trace_sigma_squared`), flooring the variance at that degenerate part
+(the variance is at least it; the floor matters in low effective dimension), and
+the interval is that of the plug-in
 ||Xbar - g_ref||^2 (a scaled chi-square, skewed in low dimension; Wilson-Hilferty)
 minus the estimated noise (where the plug-in is too noisy for that shape to bound
 it above, the bound is the point plus twice the normal half-width). cos_mean =
@@ -263,7 +265,11 @@ def _bias2_interval(reps, Kxx, Kxy, Kyy, z: float) -> tuple[float, float]:
     """bias2's interval: jackknife less the degenerate part, chi-square shaped."""
     point = float(reps["bias2"][0])
     jack = _jackknife_se(reps["bias2"], Kxy.shape[0]) ** 2
-    se = np.sqrt(max(jack - _degenerate_part(Kxx, Kxy, Kyy), jack / 4))
+    degenerate = _degenerate_part(Kxx, Kxy, Kyy)
+    # Var = first-order part + degenerate part >= the degenerate part: the floor
+    # matters in low effective dimension, where a plug-in that is small by chance
+    # makes the jackknife small too.
+    se = np.sqrt(max(jack - degenerate, degenerate, jack / 4))
     noise = float(reps["bias2_noise"][0])
     lo, hi = _plug_in_interval(point + noise, se, z)
     lo, hi = lo - noise, hi - noise
