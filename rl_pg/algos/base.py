@@ -134,10 +134,16 @@ def init_run(
     )
 
 
-def validate(
-    algorithm: Algorithm, config: RunConfig, params: Params
+def _greedy_scores(
+    algorithm: Algorithm,
+    config: RunConfig,
+    params: Params,
+    keys: jax.Array,
+    max_score: jax.Array | int | None = None,
+    **kw,
 ) -> evaluation.EvalResult:
-    """Greedy scores on the validation levels (median exact; see ``median_only``)."""
+    """The greedy policy's scores on the levels of ``keys`` (capped at
+    ``max_score``, default ``eval_max_score``)."""
     env, env_params = algorithm.make_env(config)
     return evaluation.evaluate(
         algorithm.act_fn(config),
@@ -145,30 +151,28 @@ def validate(
         env,
         env_params,
         jax.random.PRNGKey(0),  # greedy: the key is unused
-        max_score=config.eval_max_score,
-        reset_keys=evaluation.held_out_keys(
-            config.eval_episodes, evaluation.VALIDATION_SEED
-        ),
-        median_only=True,
+        max_score=config.eval_max_score if max_score is None else max_score,
+        reset_keys=keys,
+        **kw,
     )
+
+
+def validate(
+    algorithm: Algorithm, config: RunConfig, params: Params
+) -> evaluation.EvalResult:
+    """Greedy scores on the validation levels (median exact; see ``median_only``)."""
+    keys = evaluation.held_out_keys(config.eval_episodes, evaluation.VALIDATION_SEED)
+    return _greedy_scores(algorithm, config, params, keys, median_only=True)
 
 
 def held_out(
     algorithm: Algorithm, config: RunConfig, params: Params
 ) -> evaluation.EvalResult:
     """Greedy scores on ``final_eval_episodes`` held-out test levels (``eval.json``)."""
-    env, env_params = algorithm.make_env(config)
-    return evaluation.evaluate(
-        algorithm.act_fn(config),
-        params,
-        env,
-        env_params,
-        jax.random.PRNGKey(0),
-        max_score=config.eval_max_score,
-        reset_keys=evaluation.held_out_keys(
-            config.final_eval_episodes, evaluation.HELD_OUT_SEED
-        ),
+    keys = evaluation.held_out_keys(
+        config.final_eval_episodes, evaluation.HELD_OUT_SEED
     )
+    return _greedy_scores(algorithm, config, params, keys)
 
 
 def confirmed(
@@ -180,18 +184,11 @@ def confirmed(
     at the first pipe, so a vmapped run pays little for it). Jittable."""
     target = config.stop_at_score
     check = val_median >= target
-    env, env_params = algorithm.make_env(config)
-    result = evaluation.evaluate(
-        algorithm.act_fn(config),
-        params,
-        env,
-        env_params,
-        jax.random.PRNGKey(0),
-        max_score=jnp.where(check, config.eval_max_score, 1).astype(jnp.int32),
-        reset_keys=evaluation.held_out_keys(
-            config.stop_confirm_episodes, evaluation.CONFIRMATION_SEED
-        ),
+    keys = evaluation.held_out_keys(
+        config.stop_confirm_episodes, evaluation.CONFIRMATION_SEED
     )
+    max_score = jnp.where(check, config.eval_max_score, 1).astype(jnp.int32)
+    result = _greedy_scores(algorithm, config, params, keys, max_score)
     reached = jnp.mean((result.scores >= target).astype(jnp.float32))
     return check & (reached >= config.stop_confirm_fraction)
 
