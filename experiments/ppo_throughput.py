@@ -54,15 +54,7 @@ from rl_pg.algos import loop, ppo
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import rejax_compare  # noqa: E402  (experiments/ is not a package)
 
-CARTPOLE = dict(
-    env_id="CartPole-v1",
-    num_envs=4,
-    num_steps=128,
-    lr=2.5e-4,
-    update_epochs=4,
-    num_minibatches=4,
-    reward_scale=1.0,
-)
+CARTPOLE = rejax_compare.CARTPOLE
 # name -> (config fields, updates per timed (a)/(b) call, quick, full)
 QUICK = dict(
     flappy64=(dict(), 16),

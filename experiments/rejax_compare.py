@@ -60,6 +60,18 @@ def make_venv(venv: Path) -> Path:
     return python
 
 
+# PureJaxRL's CartPole settings, as rejax runs them (no learning-rate annealing)
+CARTPOLE = dict(
+    env_id="CartPole-v1",
+    num_envs=4,
+    num_steps=128,
+    lr=2.5e-4,
+    update_epochs=4,
+    num_minibatches=4,
+    reward_scale=1.0,
+)
+
+
 def learn(config: ppo.PPOConfig, key: jax.Array):
     """Every PPO update of a run in one ``lax.scan``, without validation (the pure
     learning rate; ``ppo.train`` also validates and keeps the best inside jit)."""
@@ -71,16 +83,7 @@ def learn(config: ppo.PPOConfig, key: jax.Array):
 
 
 def time_rl_pg(total: int) -> dict:
-    config = ppo.PPOConfig(
-        env_id="CartPole-v1",
-        num_envs=4,
-        num_steps=128,
-        lr=2.5e-4,
-        update_epochs=4,
-        num_minibatches=4,
-        reward_scale=1.0,
-        total_env_steps=total,
-    )
+    config = ppo.PPOConfig(**CARTPOLE, total_env_steps=total)
     train = jax.jit(learn, static_argnums=0)
     start = time.perf_counter()
     jax.block_until_ready(train(config, jax.random.PRNGKey(0)))
