@@ -516,3 +516,64 @@ def test_fast_path_gives_the_same_results(fast_and_loss_path):
     assert fast.slopes.keys() == by_loss.slopes.keys()
     for name in fast.slopes:
         np.testing.assert_allclose(fast.slopes[name], by_loss.slopes[name], rtol=1e-3)
+
+
+def test_device_chunk_sums_equal_the_host_float64_moments(setup):
+    """trajectory_moments reduces each chunk on the device (float32, products with R
+    about the chunk's mean return); the moments equal a float64 accumulation of the
+    same per-trajectory gradients up to float rounding."""
+    params, problem, runners, *_ = setup
+    key = jax.random.PRNGKey(9)
+    moments, _ = variance.trajectory_moments(params, runners, key, 2**13, 2**12, 8)
+    host = variance.TrajectoryMoments()
+    group_R_s = []
+    for i in range(2):
+        traj = runners.sample(jax.random.fold_in(key, i), params, 2**12)
+        score, rtg, ret, _ = (
+            np.asarray(x, np.float64) for x in runners.trajectory_grads(params, traj)
+        )
+        reinforce = ret[:, None] * score
+        host.update(
+            {"reward_to_go": rtg},
+            {
+                "R": ret.sum(),
+                "s2": (score**2).sum(0),
+                "R_s": reinforce.sum(0),
+                "R2_s2": (reinforce**2).sum(0),
+            },
+        )
+        group_R_s += list(reinforce.reshape(4, 2**10, -1).sum(1))
+    for stat in ("mean", "m2"):
+        np.testing.assert_allclose(
+            getattr(moments, stat)["reward_to_go"],
+            getattr(host, stat)["reward_to_go"],
+            rtol=1e-5,
+        )
+    for name in ("R", "s2", "R_s", "R2_s2"):
+        np.testing.assert_allclose(moments.sums[name], host.sums[name], rtol=1e-5)
+    np.testing.assert_allclose(np.stack(moments.group_R_s), group_R_s, rtol=1e-5)
+
+
+def test_chunk_sums_keep_small_return_differences():
+    """Returns 1000 + u with |u| ~ 1e-2: the constant baseline b = E[R] leaves
+    Var[(R - b) s] ~ 1e-4 Var[R s]; float32 raw sums of R s would lose it, sums about
+    the chunk's mean return keep it."""
+    rng = np.random.default_rng(0)
+    C, P = 512, 6
+    score = rng.normal(size=(C, P)).astype(np.float32)
+    ret = (1000.0 + rng.normal(0, 1e-2, C)).astype(np.float32)
+    found = variance.chunk_sums(score, score, ret, 128)
+    sums, group_R_s, group_s = found.raw_sums()
+    moments = variance.TrajectoryMoments()
+    moments.merge(C, {}, {}, sums)
+    s, R = score.astype(np.float64), ret.astype(np.float64)
+    b = R.mean()
+    expected = np.sum(np.var((R - b)[:, None] * s, 0))  # tr Var, as baseline_variances
+    got = moments.baseline_variances()["constant b = E[R]"]
+    assert got == pytest.approx(expected, rel=1e-3)
+    np.testing.assert_allclose(
+        group_R_s - b * group_s,
+        ((R - b)[:, None] * s).reshape(4, 128, P).sum(1),
+        rtol=1e-3,
+        atol=1e-6,
+    )

@@ -21,11 +21,12 @@ Policy Gradients", ICLR): for a policy theta,
    (noise-corrected bias2, variance, mse, cosines, SNR, the scale-free cos_mean
    and rel_variance, jackknife intervals) and, on a problem that knows them,
    the exact values ``exact_bias2`` and ``exact_variance``;
-4. per-trajectory statistics, accumulated chunk by chunk (Chan et al. 1979's
-   parallel update of mean and sum of squared deviations, in float64 on the host)
-   so memory is bounded by the chunk, never by trajectories x parameters: the
-   per-trajectory variance of REINFORCE with the constant baselines 0, E[R], and
-   the oracle scalar optimum E[||s||^2 R] / E[||s||^2] (Greensmith et al. 2004) and
+4. per-trajectory statistics, accumulated chunk by chunk (each chunk reduced to
+   O(P) sums where its gradients are, :func:`chunk_sums`, then merged in float64
+   on the host with Chan et al. 1979's parallel update of mean and sum of squared
+   deviations) so memory is bounded by the chunk, never by trajectories x
+   parameters: the per-trajectory variance of REINFORCE with the constant
+   baselines 0, E[R], and the oracle scalar optimum E[||s||^2 R] / E[||s||^2] (Greensmith et al. 2004) and
    per-parameter optimum E[R s_k^2] / E[s_k^2] (Mohamed et al. 2020, s. 7.4) --
    oracle because b* comes from the large sample, unlike the batch estimators,
    which estimate b from the other trajectories of their batch -- and of
@@ -241,9 +242,10 @@ ORACLE_PER_PARAMETER = "oracle optimal per-parameter b* (from the reference samp
 class TrajectoryMoments:
     """Running float64 moments of per-trajectory quantities (Chan's update).
 
-    ``mean``/``m2`` hold, per estimator, the mean and the sum of squared
-    deviations of the per-trajectory estimates; ``sums`` the raw sums needed for
-    the constant-baseline analysis (s = per-trajectory score, R = return).
+    ``mean``/``m2`` hold, per estimator (the study keeps reward-to-go's), the mean
+    and the sum of squared deviations of the per-trajectory estimates; ``sums``
+    the raw sums needed for the constant-baseline analysis (s = per-trajectory
+    score, R = return).
     """
 
     count: int = 0
@@ -258,11 +260,26 @@ class TrajectoryMoments:
     def update(self, chunk: dict[str, np.ndarray], sums: dict[str, np.ndarray]):
         """Merge a chunk: ``chunk[name]`` is [C, P] per-trajectory estimates."""
         n_b = next(iter(chunk.values())).shape[0]
-        n_a, n = self.count, self.count + n_b
+        means, m2s = {}, {}
         for name, values in chunk.items():
             values = np.asarray(values, np.float64)
-            mean_b = values.mean(0)
-            m2_b = ((values - mean_b) ** 2).sum(0)
+            means[name] = values.mean(0)
+            m2s[name] = ((values - means[name]) ** 2).sum(0)
+        self.merge(n_b, means, m2s, sums)
+
+    def merge(
+        self,
+        n_b: int,
+        means: dict[str, np.ndarray],
+        m2s: dict[str, np.ndarray],
+        sums: dict[str, np.ndarray],
+    ):
+        """Merge a chunk of ``n_b`` trajectories given by its per-estimator means
+        and sums of squared deviations [P] (Chan et al.'s pairwise update)."""
+        n_a, n = self.count, self.count + n_b
+        for name, mean_b in means.items():
+            mean_b = np.asarray(mean_b, np.float64)
+            m2_b = np.asarray(m2s[name], np.float64)
             if n_a == 0:
                 self.mean[name], self.m2[name] = mean_b, m2_b
             else:
@@ -297,6 +314,91 @@ class TrajectoryMoments:
             first = e["R_s"] - b * e["s"]
             out[label] = float(second.sum() - (first**2).sum())
         return out
+
+
+class ChunkSums(NamedTuple):
+    """One chunk's reductions of its per-trajectory gradients (see :func:`chunk_sums`).
+
+    Products with the return are taken about the chunk's mean return c
+    (d_i = R_i - c): when returns hardly vary (a policy that always survives the
+    horizon), float32 sums of R s would lose the small differences that the
+    constant baselines' variances and the reference's mean-return baseline are
+    made of; the host adds c back in float64 (:meth:`raw_sums`).
+    """
+
+    returns: jax.Array  # [C] R_i
+    shift: jax.Array  # [] c, the chunk's mean return
+    s: jax.Array  # [P] sum_i s_i
+    d_s: jax.Array  # [P] sum_i d_i s_i
+    group_s: jax.Array  # [groups, P] sum_i s_i per reference group
+    group_d_s: jax.Array  # [groups, P] sum_i d_i s_i per reference group
+    s2: jax.Array  # [P] sum_i s_i^2
+    d_s2: jax.Array  # [P] sum_i d_i s_i^2
+    d2_s2: jax.Array  # [P] sum_i d_i^2 s_i^2
+    rtg_mean: jax.Array  # [P] mean of the reward-to-go gradients
+    rtg_m2: jax.Array  # [P] their sum of squared deviations from it
+
+    def raw_sums(self) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """Host float64: the sums of :class:`TrajectoryMoments` (R, R^2, s, s^2,
+        R s, R s^2, R^2 s^2), and per group sum R s [groups, P] and sum s."""
+        c = np.float64(self.shift)
+        f = {k: np.asarray(v, np.float64) for k, v in self._asdict().items()}
+        sums = {
+            "R": f["returns"].sum(),
+            "R2": (f["returns"] ** 2).sum(),
+            "s": f["s"],
+            "s2": f["s2"],
+            "R_s": f["d_s"] + c * f["s"],
+            "R_s2": f["d_s2"] + c * f["s2"],
+            "R2_s2": f["d2_s2"] + 2 * c * f["d_s2"] + c**2 * f["s2"],
+        }
+        return sums, f["group_d_s"] + c * f["group_s"], f["group_s"]
+
+
+def chunk_sums(
+    score: jax.Array, rtg: jax.Array, returns: jax.Array, group_len: int
+) -> ChunkSums:
+    """A chunk's per-trajectory moments, reduced where the gradients are.
+
+    Every sum over trajectories is a product [k, C] x [C, P] with a few per-row
+    weights (1, d_i, d_i^2, group indicators), one pass over each [C, P] array,
+    and the reward-to-go gradients' deviations are taken from their mean (two
+    passes), so the host accumulates O(P) float64 values per chunk instead of two
+    [C, P] arrays.
+
+    Args:
+      score: [C, P] per-trajectory scores s_i.
+      rtg: [C, P] per-trajectory reward-to-go gradients.
+      returns: [C] R_i.
+      group_len: trajectories per reference group (divides C; whole levels).
+
+    Returns:
+      :class:`ChunkSums`.
+    """
+    num = returns.shape[0]
+    groups = num // group_len
+    shift = jnp.mean(returns)
+    d = returns - shift
+    ones = jnp.ones_like(d)
+    in_group = (jnp.arange(num) // group_len == jnp.arange(groups)[:, None]).astype(
+        score.dtype
+    )  # [groups, C]
+    linear = jnp.concatenate([ones[None], d[None], in_group, in_group * d], 0) @ score
+    square = jnp.stack([ones, d, jnp.square(d)]) @ jnp.square(score)
+    rtg_mean = jnp.mean(rtg, 0)
+    return ChunkSums(
+        returns=returns,
+        shift=shift,
+        s=linear[0],
+        d_s=linear[1],
+        group_s=linear[2 : 2 + groups],
+        group_d_s=linear[2 + groups :],
+        s2=square[0],
+        d_s2=square[1],
+        d2_s2=square[2],
+        rtg_mean=rtg_mean,
+        rtg_m2=ones @ jnp.square(rtg - rtg_mean),
+    )
 
 
 def _score_and_rtg(
@@ -582,6 +684,8 @@ class Runners(NamedTuple):
     # (params, traj) -> (score [C, P], rtg [C, P], R [C], critic sums [6])
     trajectory_grads: Callable
     trajectory_flops: Callable  # (params, traj) -> FLOPs of trajectory_grads
+    # (score, rtg, R, group_len) -> ChunkSums, group_len static
+    trajectory_sums: Callable
     batch: Callable  # (params, keys [k], b) -> {n: [k, sub-batches, E, P]}
     # (params, batch [T, B], b) -> [B, E', P]: one-column estimates of the
     # per-trajectory estimators among ``names`` (``column_names``)
@@ -665,7 +769,7 @@ def make_runners(
     names = tuple(specs)
     counts = sub_batch_counts(config)
     largest = max(config.batch_sizes)
-    shardings = {"sample": {}, "grads": {}, "batch": {}}
+    shardings = {"sample": {}, "grads": {}, "sums": {}, "batch": {}}
     if mesh is not None:
         whole, rows = distributed.replicated(mesh), distributed.batch_sharding(mesh)
         columns = distributed.batch_sharding(mesh, axis=1)  # Trajectory [T, B]
@@ -675,6 +779,7 @@ def make_runners(
                 "in_shardings": (whole, columns),
                 "out_shardings": (rows, rows, rows, whole),
             },
+            "sums": {"in_shardings": (rows, rows, rows), "out_shardings": whole},
             "batch": {"in_shardings": (whole, rows, whole), "out_shardings": rows},
         }
 
@@ -739,6 +844,7 @@ def make_runners(
         trajectory_flops=functools.partial(
             _flops, jax.jit(_score_and_rtg(problem, gamma=gamma))
         ),
+        trajectory_sums=jax.jit(chunk_sums, static_argnums=3, **shardings["sums"]),
         batch=jax.jit(jax.vmap(one, in_axes=(None, 0, None)), **shardings["batch"]),
         column_grads=jax.jit(column_grads),
         column_names=column_names,
@@ -793,28 +899,20 @@ def trajectory_moments(
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(params, traj))
         grad_seconds += time.perf_counter() - start
-        score, rtg_grads, ret, critic = (
-            np.asarray(x, np.float64) for x in distributed.gather(out)
+        score, rtg_grads, ret, critic = out
+        found = runners.trajectory_sums(score, rtg_grads, ret, group_len)
+        found = distributed.gather(found)
+        sums, group_R_s, group_s = found.raw_sums()
+        sums["critic"] = np.asarray(distributed.gather(critic), np.float64)
+        moments.merge(
+            chunk,
+            {"reward_to_go": found.rtg_mean},
+            {"reward_to_go": found.rtg_m2},
+            sums,
         )
-        reinforce = ret[:, None] * score
-        s2 = score**2
-        moments.update(
-            {"reinforce": reinforce, "reward_to_go": rtg_grads},
-            {
-                "R": ret.sum(),
-                "R2": (ret**2).sum(),
-                "s": score.sum(0),
-                "s2": s2.sum(0),
-                "R_s": reinforce.sum(0),
-                "R_s2": (ret[:, None] * s2).sum(0),
-                "R2_s2": (ret[:, None] ** 2 * s2).sum(0),
-                "critic": critic,
-            },
-        )
-        per_group = chunk // group_len
-        moments.group_R_s += list(reinforce.reshape(per_group, group_len, -1).sum(1))
-        moments.group_s += list(score.reshape(per_group, group_len, -1).sum(1))
-        moments.group_count += [group_len] * per_group
+        moments.group_R_s += list(group_R_s)
+        moments.group_s += list(group_s)
+        moments.group_count += [group_len] * len(group_s)
         if progress is not None:
             progress(chunk)
     calls = num_trajectories // chunk
