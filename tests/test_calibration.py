@@ -76,6 +76,19 @@ def test_scale_free_metrics_do_not_move_under_scaling():
     assert b["variance"] == pytest.approx(9.0 * a["variance"], rel=1e-12)
 
 
+def test_summarize_uses_a_given_gram_matrix():
+    """The study passes X X^T (shared with the slopes' replicates): the same
+    metrics as without it, and it is what the metrics are computed from."""
+    rng = np.random.default_rng(4)
+    X = rng.normal(1.0, 1.0, (40, 5))
+    Y = rng.normal(1.0, 0.5, (12, 5))
+    plain, given = statistics.summarize(X, Y), statistics.summarize(X, Y, gram=X @ X.T)
+    for m in plain:
+        assert given[m] == pytest.approx(plain[m], rel=1e-12, nan_ok=True), m
+    doubled = statistics.summarize(X, Y, gram=2 * X @ X.T)
+    assert doubled["variance"] == pytest.approx(2 * plain["variance"], rel=1e-9)
+
+
 def test_summarize_matches_direct_formulas():
     rng = np.random.default_rng(3)
     X = rng.normal(1.0, 1.0, (40, 5))

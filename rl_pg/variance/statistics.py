@@ -203,6 +203,8 @@ def summarize(
     estimates: np.ndarray,
     reference_groups: np.ndarray,
     level: float = 0.95,
+    *,
+    gram: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Metrics of M estimates [M, P] against K reference group means [K, P].
 
@@ -210,6 +212,8 @@ def summarize(
       estimates: X, one batch estimate per row.
       reference_groups: Y, i.i.d. group means whose mean Ybar is the reference.
       level: nominal coverage of the ``*_lo`` / ``*_hi`` intervals.
+      gram: X X^T [M, M] in float64 if the caller has it (the costly part in
+        high dimension); computed here otherwise.
 
     Returns:
       Every metric of :data:`METRICS` with ``_lo`` / ``_hi``, plus ``bias2_noise``,
@@ -218,13 +222,14 @@ def summarize(
       always 0, as when every return is equal) are nan, without warnings.
     """
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        return _summarize(estimates, reference_groups, level)
+        return _summarize(estimates, reference_groups, level, gram)
 
 
 def _summarize(
     estimates: np.ndarray,
     reference_groups: np.ndarray,
     level: float = 0.95,
+    gram: np.ndarray | None = None,
 ) -> dict[str, float]:
     """``summarize`` (numpy warnings of undefined values silenced by the caller)."""
     X = np.asarray(estimates, np.float64)
@@ -234,7 +239,8 @@ def _summarize(
         raise ValueError(
             f"need at least 4 batch estimates and 4 reference groups, got {M} and {K}"
         )
-    Kxx, Kxy, Kyy = X @ X.T, X @ Y.T, Y @ Y.T
+    Kxx = X @ X.T if gram is None else np.asarray(gram, np.float64)
+    Kxy, Kyy = X @ Y.T, Y @ Y.T
     reps = _metrics(Kxx, Kxy, Kyy)
     z = NormalDist().inv_cdf(0.5 + level / 2)
     out = {}

@@ -1070,8 +1070,10 @@ def _rows_for_size(n, estimates, groups, exact, units):
     """Result rows of one batch size, and each estimator's variance replicates."""
     rows, replicates = [], {}
     for name, E in estimates.items():
-        stats = statistics.summarize(E, groups)
-        replicates[name] = _variance_by_unit(E, units)
+        X = np.asarray(E, np.float64)
+        gram = X @ X.T
+        stats = statistics.summarize(X, groups, gram=gram)
+        replicates[name] = _variance_by_unit(gram, units)
         rows.append(
             {
                 "estimator": name,
@@ -1084,9 +1086,9 @@ def _rows_for_size(n, estimates, groups, exact, units):
     return rows, replicates
 
 
-def _variance_by_unit(E: np.ndarray, units: np.ndarray) -> np.ndarray:
-    """tr S of the rows, then with each top-level unit's rows deleted (for slopes)."""
-    gram = E @ E.T
+def _variance_by_unit(gram: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """tr S of the rows of E from their Gram matrix E E^T, then with each top-level
+    unit's rows deleted (for slopes)."""
     labels = np.unique(units)
     w = np.vstack([np.ones(len(units)), units[None, :] != labels[:, None]])
     n = w.sum(1)
