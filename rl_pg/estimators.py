@@ -166,37 +166,39 @@ def _group_mean(x: jax.Array, group_size: int | None) -> jax.Array:
     return mean.reshape(x.shape)
 
 
+def _grouped_last(x: jax.Array, group_size: int | None) -> jax.Array:
+    """[..., B] -> [..., B // G, G] (entry b in group b // G)."""
+    k = _num_groups(x.shape[-1], group_size)
+    return x.reshape((*x.shape[:-1], k, x.shape[-1] // k))
+
+
 def _group_sum_others(x: jax.Array, group_size: int | None) -> jax.Array:
-    """[B, ...] -> [B, ...] sum over the other members of each column's group.
+    """[..., B] -> [..., B] sum over the other members of each entry's group (groups
+    of consecutive entries along the last axis).
 
-    Exclusive prefix plus exclusive suffix sums, so no total - x_i cancellation:
-    for groups of up to 8 a product with the 0/1 matrix ones - I, for larger ones
-    two sequential scans over the group (linear work; a parallel prefix sum over
-    a long axis is several times slower on CPU).
+    total - x_i, except for a member that dominates its group (|x_i| more than
+    half the group's sum of |x|; at most one per group and component), which gets
+    the sum of the others taken directly: total - x_i cancels only for such a
+    member, so every result's error is a few ulps of sum_{j != i} |x_j|, as for a
+    direct sum. Groups run along the last (contiguous) axis: per-parameter callers
+    pass [P, B], since sums over the leading axis of [B, P] vectorise poorly on
+    CPU.
     """
-    xg = _grouped(x, group_size)
-    size = xg.shape[1]
-    if size <= 8:
-        exclude_self = jnp.ones((size, size), x.dtype) - jnp.eye(size, dtype=x.dtype)
-        others = jnp.einsum(
-            "ij,kj...->ki...", exclude_self, xg, precision=jax.lax.Precision.HIGHEST
-        )  # exact float32 products with 0/1 entries
-        return others.reshape(x.shape)
+    xg = _grouped_last(x, group_size)
 
-    def exclusive(total, row):  # total [k, ...]: the sum of the rows before
-        return total + row, total
+    def group_sum(v):
+        return jnp.sum(v, axis=-1, keepdims=True)
 
-    rows = jnp.moveaxis(xg, 1, 0)  # [G, k, ...]
-    zero = jnp.zeros_like(rows[0])
-    _, before = jax.lax.scan(exclusive, zero, rows)
-    _, after = jax.lax.scan(exclusive, zero, rows, reverse=True)
-    return jnp.moveaxis(before + after, 0, 1).reshape(x.shape)
+    dominant = 2 * jnp.abs(xg) > group_sum(jnp.abs(xg))
+    rest = group_sum(jnp.where(dominant, 0.0, xg))
+    return jnp.where(dominant, rest, group_sum(xg) - xg).reshape(x.shape)
 
 
 def _group_sum(x: jax.Array, group_size: int | None) -> jax.Array:
-    """[B, ...] -> [B, ...] sum over each column's group, the column included."""
-    xg = _grouped(x, group_size)
-    total = jnp.broadcast_to(jnp.sum(xg, axis=1, keepdims=True), xg.shape)
+    """[..., B] -> [..., B] sum over each entry's group (along the last axis), the
+    entry included."""
+    xg = _grouped_last(x, group_size)
+    total = jnp.broadcast_to(jnp.sum(xg, axis=-1, keepdims=True), xg.shape)
     return total.reshape(x.shape)
 
 
@@ -545,8 +547,10 @@ def optimal_baseline(
 
 
 def _baseline_correction(baseline: Callable, scores: jax.Array) -> jax.Array:
-    """(1/B) sum_i s_i * b_i with b = baseline(s^2), per component; scores [B, ...]."""
-    return jnp.sum(scores * baseline(jnp.square(scores)), axis=0) / scores.shape[0]
+    """(1/B) sum_i s_i * b_i with b = baseline(s^2), per component; scores [B, ...]
+    (the baseline sees them as [..., B])."""
+    s = jnp.moveaxis(scores, 0, -1)
+    return jnp.sum(s * baseline(jnp.square(s)), axis=-1) / scores.shape[0]
 
 
 def optimal_baseline_per_parameter_from_scores(
@@ -569,14 +573,11 @@ def optimal_baseline_per_parameter_from_scores(
       [P] the estimate.
     """
     total = _episode_returns(batch)
-    baseline = functools.partial(
-        _weighted_return_baseline,
-        total,
-        leave_one_out=leave_one_out,
-        group_size=group_size,
+    s = scores.T  # [P, B]: the batch axis contiguous for the sums over it
+    baseline = _weighted_return_baseline(
+        total, jnp.square(s), leave_one_out=leave_one_out, group_size=group_size
     )
-    reinforce = jnp.sum(scores * total[:, None], axis=0) / scores.shape[0]
-    return reinforce - _baseline_correction(baseline, scores)
+    return jnp.sum(s * (total - baseline), axis=-1) / scores.shape[0]
 
 
 def _weighted_return_baseline(
@@ -587,13 +588,12 @@ def _weighted_return_baseline(
     group_size: int | None,
 ) -> jax.Array:
     """b_i = sum_j w_j R_j / sum_j w_j over i's group (j != i if ``leave_one_out``);
-    weights [B, ...] -> b [B, ...], 0 where the denominator is 0."""
-    r = total.reshape((-1,) + (1,) * (weights.ndim - 1))
+    weights [..., B] -> b [..., B], 0 where the denominator is 0."""
     if leave_one_out:
-        num = _group_sum_others(weights * r, group_size)
+        num = _group_sum_others(weights * total, group_size)
         den = _group_sum_others(weights, group_size)
     else:
-        num = _group_sum(weights * r, group_size)
+        num = _group_sum(weights * total, group_size)
         den = _group_sum(weights, group_size)
     return _safe_div(num, den)
 
