@@ -588,14 +588,23 @@ def _weighted_return_baseline(
     group_size: int | None,
 ) -> jax.Array:
     """b_i = sum_j w_j R_j / sum_j w_j over i's group (j != i if ``leave_one_out``);
-    weights [..., B] -> b [..., B], 0 where the denominator is 0."""
+    weights [..., B] -> b [..., B], 0 where the denominator is 0.
+
+    Computed as c + sum_j w_j (R_j - c) / sum_j w_j with c the first return of the
+    group: a group whose returns are all equal gets b = R exactly (so R - b = 0,
+    as the estimator's exact value), and R - b keeps its digits when returns vary
+    little against their size.
+    """
+    first = _grouped_last(total, group_size)[..., :1]
+    shift = jnp.broadcast_to(first, _grouped_last(total, group_size).shape)
+    shift = shift.reshape(total.shape)
     if leave_one_out:
-        num = _group_sum_others(weights * total, group_size)
+        num = _group_sum_others(weights * (total - shift), group_size)
         den = _group_sum_others(weights, group_size)
     else:
-        num = _group_sum(weights * total, group_size)
+        num = _group_sum(weights * (total - shift), group_size)
         den = _group_sum(weights, group_size)
-    return _safe_div(num, den)
+    return jnp.where(den > 0, shift + _safe_div(num, den), 0.0)
 
 
 def optimal_baseline_per_parameter(

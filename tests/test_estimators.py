@@ -978,3 +978,37 @@ def test_group_sum_others_does_not_cancel():
     x = jnp.concatenate([jnp.array([1e8]), jnp.arange(1.0, 20.0)])
     for group in (None, 20):
         assert float(estimators._group_sum_others(x, group)[0]) == 190.0
+
+
+def test_optimal_baselines_are_exactly_zero_when_every_return_is_equal():
+    """Returns all 25.7 (not a power of two): b_{-i} = R exactly, so both optimal
+    baselines' estimates are exactly 0 (their value), not rounding noise; returns
+    that differ give a non-zero estimate."""
+    rng = np.random.default_rng(0)
+    B, P = 16, 7
+    scores = jnp.asarray(rng.normal(size=(B, P)) * 10.0 ** rng.integers(-3, 3, (B, 1)))
+    rewards = jnp.zeros((2, B)).at[0].set(25.7)
+    batch = Trajectory(
+        observations=jnp.zeros((2, B, 1)),
+        actions=jnp.zeros((2, B), jnp.int32),
+        rewards=rewards,
+        terminated=jnp.zeros((2, B), bool).at[1].set(True),
+        truncated=jnp.zeros((2, B), bool),
+        log_probs=jnp.zeros((2, B)),
+        values=jnp.zeros((2, B)),
+        next_values=jnp.zeros((2, B)),
+        mask=jnp.ones((2, B)),
+        level=jnp.zeros((2, B), jnp.int32),
+        score=jnp.zeros((2, B), jnp.int32),
+    )
+    per_parameter = estimators.optimal_baseline_per_parameter_from_scores
+    norms = jnp.sum(jnp.square(scores), -1)
+    for group_size in (None, 4):
+        est = per_parameter(batch, scores, group_size=group_size)
+        assert np.all(np.asarray(est) == 0.0), group_size
+        b = estimators._weighted_return_baseline(
+            jnp.full(B, 25.7), norms, leave_one_out=True, group_size=group_size
+        )
+        assert np.all(np.asarray(b) == np.float32(25.7)), group_size
+    varied = batch._replace(rewards=rewards.at[0, 3].set(30.0))
+    assert np.any(np.asarray(per_parameter(varied, scores)) != 0.0)
