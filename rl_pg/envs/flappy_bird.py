@@ -409,10 +409,11 @@ def features(state: EnvState, params: EnvParams) -> jax.Array:
     Entry ``j`` is picked with selects on ``j`` (pipe ``j // 3``, field ``j % 3``)
     rather than stacked and concatenated: under ``vmap``, XLA's CPU backend
     turns the nested stacks (and the transpose that batching the bird's stack
-    of scalars adds) into a slow kernel; the selects made the whole benchmark
-    step (random actions, auto-reset) ~1.1-1.2x faster at 1,024 envs and
-    ~1.4x at 16,384. Each entry is the same float operations as in the
-    stacked form, so the values are bit-equal (tested).
+    of scalars adds) into a slow kernel. With the selects, ``rl-pg bench``'s
+    rollout ran about 1.1-1.25x faster at 1,024 envs and 1.03-1.4x at 16,384
+    (interleaved best-of runs on the shared 2-core CPU). Each entry is the
+    same float operations as in the stacked form, so the values are
+    bit-equal (tested).
     """
     w, h = params.screen_width, params.screen_height
     j = jnp.arange(12)
