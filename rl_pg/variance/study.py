@@ -63,7 +63,7 @@ from rl_pg import estimators as estimators_lib
 from rl_pg import returns as returns_lib
 from rl_pg.rollout import grouped_rollout
 from rl_pg.trajectory import Trajectory
-from rl_pg.variance import statistics
+from rl_pg.variance import dense, statistics
 
 CPU_BLOCK_STEPS = 2048  # StudyConfig.block_steps on CPU when not given
 METRICS = statistics.METRICS
@@ -327,8 +327,19 @@ def _score_and_rtg(
         done = traj.terminated | traj.truncated
         to_go = returns_lib.batch_reward_to_go(rewards, traj.mask, done)
         weights = jnp.stack([live, jnp.where(live, to_go, 0.0)], -1)  # [T, C, 2]
-        g = columns_grads(params, (observations, actions, weights.astype(jnp.float32)))
-        return g[:, 0], g[:, 1], jnp.sum(rewards, 0), _critic_sums(traj, gamma)
+        columns = (observations, actions, weights.astype(jnp.float32))
+        horizon, num = live.shape
+        size = None
+        if block_steps is not None:
+            size = block_size(num, horizon, block_steps, multiple)
+        found = dense.dense_column_grads(
+            problem.apply_fn, params, columns, size, multiple
+        )
+        if found is None:  # not a chain of dense layers: vmap of a VJP per column
+            g = columns_grads(params, columns)
+            found = g[:, 0], g[:, 1]
+        score, rtg = found
+        return score, rtg, jnp.sum(rewards, 0), _critic_sums(traj, gamma)
 
     return grads
 
