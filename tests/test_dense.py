@@ -171,3 +171,38 @@ def test_cnn_policy_is_not_a_dense_chain():
     obs = jnp.zeros((T, C, 8, 8, 1))
     columns = (obs, jnp.zeros((T, C), jnp.int32), jnp.zeros((T, C, F)))
     assert dense.dense_column_grads(policy.apply, params, columns) is None
+
+
+@pytest.mark.parametrize("use_dense", [True, False])
+def test_given_outputs_are_written_over(use_dense, monkeypatch):
+    """Outputs passed back for reuse (as the study donates them) do not leak into
+    the results; the critic's entries, zero in any earlier output, stay zero."""
+    policy = policies.mlp_policy(2, (16, 16))
+    params = _perturbed(
+        policy.init(jax.random.PRNGKey(0), jnp.zeros(D)), jax.random.PRNGKey(7)
+    )
+    traj = _trajectory(*_columns(jax.random.PRNGKey(8), 2))
+    if not use_dense:
+        monkeypatch.setattr(dense, "dense_column_grads", lambda *args: None)
+    grads = study._score_and_rtg(study.Problem(policy.apply, None, 1), 2 * T)
+    fresh = grads(params, traj)
+    critic = ravel_pytree(_critic_mask(params))[0] > 0
+    assert np.all(fresh[0][:, critic] == 0) and np.all(fresh[1][:, critic] == 0)
+    stale = tuple(jnp.where(critic, 0.0, v) * jnp.ones_like(fresh[0]) for v in (1, 7))
+    reused = grads(params, traj, stale)
+    for a, b in zip(fresh, reused, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def _critic_mask(params):  # 1 on the critic's leaves
+    return {
+        "params": {
+            name: jax.tree.map(
+                lambda x, name=name: jnp.full(
+                    x.shape, float(name.startswith("critic") or name == "Dense_1")
+                ),
+                sub,
+            )
+            for name, sub in params["params"].items()
+        }
+    }

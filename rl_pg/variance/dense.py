@@ -229,11 +229,18 @@ def _block_grads(chain: Chain, leaves: list, obs, actions, weights):
         layer = chain.layers[i]
         if slopes[i] is not None:
             delta = delta * slopes[i]
-        x = inputs[i]
-        if layer.bias is not None:
-            x = jnp.concatenate([jnp.ones_like(x[:, :1]), x], 1)
-        weighted = (weights[:, :, None] * x[:, None]).reshape(columns, -1, x.shape[-1])
-        g = jax.lax.dot_general(weighted, delta, _STEPS)  # [c, F (1 + in), out]
+        x, w = inputs[i], weights[:, :, None]  # [c, in, t], [c, F, 1, t]
+        bias = layer.bias is not None
+        if x.shape[1] + bias <= delta.shape[1]:  # weight the smaller side
+            parts = [w, w * x[:, None]] if bias else [w * x[:, None]]
+            weighted = jnp.concatenate(parts, 2).reshape(columns, -1, x.shape[-1])
+            g = jax.lax.dot_general(weighted, delta, _STEPS)  # [c, F (1 + in), out]
+        else:  # e.g. the logits layer: F out rows instead of F (1 + in)
+            weighted = (w * delta[:, None]).reshape(columns, -1, x.shape[-1])
+            g = jax.lax.dot_general(x, weighted, _STEPS)  # [c, in, F out]
+            if bias:
+                g = jnp.concatenate([jnp.sum(weighted, -1)[:, None], g], 1)
+            g = g.reshape(columns, g.shape[1], num_weights, -1).swapaxes(1, 2)
         grads.append((layer, g.reshape(columns, num_weights, -1)))
         if i:
             delta = jax.lax.dot_general(batched(leaves[layer.kernel]), delta, _BATCHED)
@@ -246,6 +253,7 @@ def dense_column_grads(
     columns: tuple[jax.Array, jax.Array, jax.Array],
     block_columns: int | None = None,
     multiple: int = 1,
+    out: tuple[jax.Array, ...] | None = None,
 ) -> tuple[jax.Array, ...] | None:
     """Per column c and weighting f, sum_t weights[t, c, f] grad log pi(a_t|s_t)
     as flat vectors (``ravel_pytree`` order), or None if ``apply_fn``'s logits are
@@ -260,6 +268,9 @@ def dense_column_grads(
         dividing C); None: one block.
       multiple: devices the columns are sharded over: each block takes
         ``block_columns / multiple`` consecutive columns of every device's share.
+      out: F arrays [C, P] returned by an earlier call, to write the results
+        into: the entries of leaves the logits use are written over, the others
+        (a critic's) are left as they are, i.e. zero. None: fresh zeros.
 
     Returns:
       F arrays [C, P], one per weighting.
@@ -310,6 +321,10 @@ def dense_column_grads(
             new.append(out)
         return tuple(new)
 
-    zeros = jnp.zeros((multiple, local, offsets[-1]), jnp.float32)
-    outs = jax.lax.fori_loop(0, num // size, block, (zeros,) * weights.shape[-1])
+    if out is None:
+        zeros = jnp.zeros((multiple, local, offsets[-1]), jnp.float32)
+        out = (zeros,) * weights.shape[-1]
+    else:
+        out = tuple(o.reshape(multiple, local, offsets[-1]) for o in out)
+    outs = jax.lax.fori_loop(0, num // size, block, out)
     return tuple(out.reshape(num, -1) for out in outs)
