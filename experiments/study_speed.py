@@ -2,6 +2,7 @@
 FLOP/s against a same-run matmul, at both presets' horizons, in one run.
 
     python experiments/study_speed.py --out DIR [--presets quick,full] [--batches 2]
+        [--gradient-only]
 
 For each preset (its horizon, group size and batch sizes; the ``--stage`` shipped
 policy), three measurements of compiled functions, compilation excluded:
@@ -15,6 +16,9 @@ policy), three measurements of compiled functions, compilation excluded:
   reward-to-go gradients, one preset chunk): XLA's FLOP count / seconds, as
   ``performance.json`` reports it;
 * the new batch path's own FLOP/s (XLA's count of an unblocked trace of it).
+
+``--gradient-only`` measures the gradient phase alone (the batch phase's columns
+are left empty).
 
 The 1024x1024 float32 matmul is timed before and after (best of 20 each) and
 every FLOP/s is quoted as a fraction of the faster. Writes ``DIR/speed.json`` and
@@ -32,6 +36,15 @@ import numpy as np
 from rl_pg import io, variance
 from rl_pg.variance import report, study
 
+# the batch phase's columns (nan with --gradient-only)
+ROW_KEYS = (
+    "sample_s_per_batch",
+    "old_s_per_batch",
+    "new_s_per_batch",
+    "batch_phase_speedup",
+    "new_batch_gradient_flops_per_s",
+)
+
 
 def _best(fn, repeats: int) -> float:
     best = np.inf
@@ -42,7 +55,7 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
-def measure(preset: str, stage: str, batches: int) -> dict:
+def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
     setting = report.PRESETS[preset]
     config, horizon = setting["study"], setting["horizon"]
     found = {
@@ -56,6 +69,14 @@ def measure(preset: str, stage: str, batches: int) -> dict:
     calls = max(1, batches // per_call)
     key = jax.random.PRNGKey(0)
     row = {"preset": preset, "horizon": horizon, "top_batch": largest}
+
+    runners = variance.make_runners(problem, config)
+    if gradient_only:
+        chunk = config.chunk
+        _, perf = variance.trajectory_moments(
+            params, runners, key, 2 * chunk, chunk, 2 * chunk // (chunk // 4)
+        )
+        return row | {"gradient_flops_per_s": perf["gradient_flops_per_s"]}
 
     sample = jax.jit(problem.sample, static_argnums=2)
     jax.block_until_ready(sample(key, params, largest))
@@ -97,6 +118,9 @@ def main() -> None:
     parser.add_argument("--presets", default="quick,full")
     parser.add_argument("--stage", default="partial", help="shipped checkpoint")
     parser.add_argument("--batches", type=int, default=2, help="timed top batches")
+    parser.add_argument(
+        "--gradient-only", action="store_true", help="skip the batch phase"
+    )
     args = parser.parse_args()
     presets = args.presets.split(",")
     unknown = [p for p in presets if p not in report.PRESETS]
@@ -106,13 +130,13 @@ def main() -> None:
     io.write_config(out, {"script": "study_speed", **vars(args)})
     load = os.getloadavg()
     matmul = [variance.matmul_flops_per_s.__wrapped__()]
-    rows = [measure(p, args.stage, args.batches) for p in presets]
+    rows = [measure(p, args.stage, args.batches, args.gradient_only) for p in presets]
     matmul.append(variance.matmul_flops_per_s.__wrapped__())
     ceiling = max(matmul)
     for r in rows:
         r["gradient_fraction_of_matmul"] = r["gradient_flops_per_s"] / ceiling
         r["new_batch_fraction_of_matmul"] = (
-            r["new_batch_gradient_flops_per_s"] / ceiling
+            r.get("new_batch_gradient_flops_per_s", np.nan) / ceiling
         )
     load_after = os.getloadavg()
     summary = {
@@ -131,6 +155,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        r = {k: r.get(k, np.nan) for k in ROW_KEYS} | r
         lines.append(
             f"| {r['preset']} | {r['horizon']} | {r['top_batch']} "
             f"| {r['sample_s_per_batch']:.2f} | {r['old_s_per_batch']:.2f} "

@@ -12,7 +12,7 @@ import pytest
 from gymnax.wrappers.purerl import FlattenObservationWrapper, LogWrapper
 
 import rl_pg
-from rl_pg.envs import EnvState, gap_top, level_seed
+from rl_pg.envs import EnvState, features, gap_top, level_seed
 from rl_pg.envs.render import render_gray, render_rgb, write_gif
 from rl_pg.scripted import scripted_action
 
@@ -173,6 +173,49 @@ def test_features_stay_in_the_declared_box():
 
     obs = run(KEY)
     assert bool(jnp.all((obs >= space.low) & (obs <= space.high)))
+
+
+def _stacked_features(state, params):
+    """The observation as first written (stack and concatenate): the oracle."""
+    w, h = params.screen_width, params.screen_height
+    hidden = state.pipe_x > w
+    x = jnp.where(hidden, w, state.pipe_x) / w
+    top = jnp.where(hidden, 0.0, state.pipe_gap_top) / h
+    bottom = jnp.where(hidden, h, state.pipe_gap_top + params.pipe_gap) / h
+    bird = [state.bird_y / h, state.bird_vel / params.max_fall_vel, state.bird_rot / 90]
+    return jnp.concatenate(
+        [jnp.stack([x, top, bottom], -1).reshape(-1), jnp.stack(bird)]
+    )
+
+
+def test_features_hand_computed_and_bit_equal_to_the_stacked_form():
+    _, params = rl_pg.make("FlappyBird-v0")
+    state = _state(params, bird_y=256.0, bird_vel=-5.0, bird_rot=-45.0).replace(
+        pipe_x=jnp.array([-20.0, 124.0, 300.0]),
+        pipe_gap_top=jnp.array([100.0, 150.0, 170.0]),
+    )
+    # pipes (x / 288, top / 512, (top + 100) / 512); the third is right of the
+    # screen (300 > 288), so (1, 0, 1); bird 256 / 512, -5 / 10, -45 / 90
+    expected = [-20 / 288, 100 / 512, 200 / 512, 124 / 288, 150 / 512, 250 / 512]
+    expected += [1.0, 0.0, 1.0, 0.5, -0.5, -0.5]
+    obs = features(state, params)
+    assert obs.shape == (12,) and obs.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(obs), expected, rtol=1e-6)
+    # batched and jitted, as step computes it, on random states (some pipes
+    # hidden, some left of the screen): bit-equal to the stacked form
+    keys = jax.random.split(KEY, 4)
+    states = state.replace(
+        bird_y=jax.random.uniform(keys[0], (256,), minval=-100.0, maxval=420.0),
+        bird_vel=jax.random.uniform(keys[1], (256,), minval=-9.0, maxval=10.0),
+        bird_rot=jax.random.uniform(keys[2], (256,), minval=-93.0, maxval=45.0),
+        pipe_x=jax.random.uniform(keys[3], (256, 3), minval=-60.0, maxval=600.0),
+        pipe_gap_top=jnp.tile(jnp.array([100.0, 130.0, 170.0]), (256, 1)),
+    )
+    axes = jax.tree.map(lambda x: 0 if x.ndim and x.shape[0] == 256 else None, states)
+    batched = jax.jit(jax.vmap(features, (axes, None)))(states, params)
+    oracle = jax.jit(jax.vmap(_stacked_features, (axes, None)))(states, params)
+    assert bool(jnp.any(states.pipe_x > 288)) and bool(jnp.any(states.pipe_x < 0))
+    np.testing.assert_array_equal(np.asarray(batched), np.asarray(oracle))
 
 
 def test_levels_are_a_function_of_the_reset_key_only():

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from rl_pg import checkpoint, cli, train
-from rl_pg.algos import base, ppo, qlearning
+from rl_pg.algos import base, dqn, ppo, qlearning, registry
 from rl_pg.algos.config import hyperparameters, with_hyperparameters
 from rl_pg.runs import driver, sweep
 
@@ -115,40 +115,101 @@ _EXACT_COLUMNS = (
 )
 
 
+def _assert_run_is(run_dir, runs, outs, i, data=None):
+    """Run directory ``run_dir`` holds exactly member ``i`` of a vmapped train:
+    every metrics.csv column the train returns, the best checkpoint bit for bit
+    and the held-out scores of those parameters."""
+    rows = _rows(run_dir / "metrics.csv")
+    assert [int(r["update"]) for r in rows] == [4, 6]
+    columns = {
+        "env_steps": outs.env_steps,
+        "val_median": outs.val_median,
+        "val_mean": outs.val_mean,
+        "best_median": outs.best_median,
+        "best_env_steps": outs.best_env_steps,
+        **{k: v for k, v in outs.metrics.items() if k in rows[0]},
+    }
+    assert "loss" in columns and "grad_norm" in columns
+    for name, values in columns.items():
+        assert [float(r[name]) for r in rows] == [float(v) for v in values[i]], name
+    best = driver.pick(runs.best_params, i)
+    _, saved, *_ = checkpoint.load_policy(run_dir / "checkpoints" / "best")
+    jax.tree.map(np.testing.assert_array_equal, saved, best)
+    held_out = base.held_out(ppo.ALGORITHM, train.make_config("ppo", TINY), best)
+    saved_eval = json.loads((run_dir / "eval.json").read_text())
+    assert saved_eval["scores"] == [int(s) for s in held_out.scores]
+    assert saved_eval["env_steps"] == int(runs.best_env_steps[i])
+
+
 @pytest.mark.slow
-def test_the_cli_reports_what_the_vmapped_train_computes(tmp_path):
+def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(tmp_path):
+    """``rl-pg sweep --num-seeds 2`` (seeds 0 and 1 in one program) reports
+    exactly what ``jit(vmap(train))`` over seeds 0, 1, 2 returns for them, and
+    ``rl-pg train --seed 0`` exactly what it returns over seed 0 alone. (XLA
+    compiles a batch of one as another program than a batch of two or more:
+    those agree only up to float rounding, hence the two cases.)"""
     config = train.make_config("ppo", TINY)
-    seeds = [0, 1]
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    runs, outs = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0, None)))(
-        config, keys, hyperparameters(config)
+    vmapped = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0, None)))
+
+    def user(seeds):
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+        return vmapped(config, keys, hyperparameters(config))
+
+    runs, outs = user([0, 1, 2])
+    assert outs.val_median.shape == (3, 2)  # chunks of 4 and 2 updates
+    out = tmp_path / "seeds"
+    cli.main(
+        ["sweep", "--algo", "ppo", "--out", str(out), "--num-seeds", "2", "--no-gif"]
+        + [x for k, v in TINY.items() for x in (f"--{k}", v)]
     )
-    assert outs.val_median.shape == (2, 2)  # chunks of 4 and 2 updates
-    for i, seed in enumerate(seeds):
-        out = tmp_path / f"seed_{seed}"
-        data = train.train_main("ppo", out, {**TINY, "seed": str(seed)}, False, False)
-        rows = _rows(out / "metrics.csv")
-        assert [int(r["update"]) for r in rows] == [4, 6]
-        np.testing.assert_array_equal(
-            [float(r["val_median"]) for r in rows], outs.val_median[i]
-        )
-        np.testing.assert_array_equal(
-            [float(r["best_median"]) for r in rows], outs.best_median[i]
-        )
-        np.testing.assert_allclose(
-            [float(r["loss"]) for r in rows], outs.metrics["loss"][i], rtol=1e-4
-        )
-        assert data["env_steps"] == int(runs.best_env_steps[i])
-        assert data["best_validation_median"] == float(runs.best_median[i])
-        best = jax.tree.map(lambda x, i=i: x[i], runs.best_params)
-        _, saved, *_ = checkpoint.load_policy(out / "checkpoints" / "best")
-        jax.tree.map(
-            lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-            saved,
-            best,
-        )
-        held_out = base.held_out(ppo.ALGORITHM, config, best)
-        assert data["scores"] == [int(s) for s in held_out.scores]
+    for i in (0, 1):
+        _assert_run_is(out / f"cell_000_seed_{i}", runs, outs, i)
+    runs, outs = user([0])
+    single = tmp_path / "seed_0"
+    train.train_main("ppo", single, {**TINY, "seed": "0"}, False, False)
+    _assert_run_is(single, runs, outs, 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "config",
+    [
+        dqn.DQNConfig(
+            total_env_steps=4096,
+            eval_every_steps=2048,
+            num_envs=8,
+            batch_size=32,
+            buffer_size=2048,
+            learning_starts=256,
+            eval_episodes=4,
+            final_eval_episodes=4,
+            eval_max_score=20,
+        ),
+        qlearning.QLearningConfig(
+            total_env_steps=4096,
+            eval_every_steps=2048,
+            num_envs=8,
+            eval_episodes=4,
+            final_eval_episodes=4,
+            eval_max_score=20,
+        ),
+    ],
+    ids=["dqn", "qlearning"],
+)
+def test_a_seed_trains_bit_for_bit_the_same_beside_any_other_seeds(config):
+    """Value-based runs too: seeds 0 and 1 of ``jit(vmap(train))`` over two seeds
+    equal them over three, every ChunkOut field and the best parameters."""
+    train = base.make_train(registry.of(config))
+    train_fn = jax.jit(jax.vmap(train, in_axes=(None, 0, None)))
+
+    def over(seeds):
+        keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
+        return train_fn(config, keys, hyperparameters(config))
+
+    two, three = over([0, 1]), over([0, 1, 2])
+    for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(three), strict=True):
+        np.testing.assert_array_equal(a, b[:2])
+    assert len(jax.tree.leaves(two[1].metrics)) >= 4
 
 
 def test_a_stopped_run_stops_changing_inside_jit():

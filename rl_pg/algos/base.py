@@ -19,8 +19,11 @@ after a chunk, inside jit:
 :func:`make_train` turns an algorithm into ``train(config, key, hparams=None) ->
 (RunState, ChunkOut [chunks])``, so ``jax.jit(jax.vmap(train, in_axes=(None, 0,
 0)))(config, keys, hparams)`` trains a grid of hyperparameters x seeds in one
-compilation, and returns what the run driver (:mod:`rl_pg.runs.driver`), which
-calls :func:`run_chunk` chunk by chunk, reports for each run.
+compilation, and returns bit for bit what the run driver
+(:mod:`rl_pg.runs.driver`), which calls :func:`run_chunk` chunk by chunk, reports
+for each run: a run does not depend on the runs beside it, except that XLA
+compiles a batch of one as another program than a batch of two or more (equal up
+to float rounding).
 
 Hyperparameters. The config is static; its ``SWEEPABLE`` float fields are passed
 as ``hparams`` (``{name: float32 scalar}``, :func:`rl_pg.algos.config.hyperparameters`)

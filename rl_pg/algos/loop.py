@@ -296,6 +296,18 @@ def minibatch_columns(
     return columns.reshape(num_minibatches, -1)
 
 
+def ordered_mean(x: jax.Array) -> jax.Array:
+    """Mean of all elements, summed one after another in index order.
+
+    ``jnp.mean`` is an XLA reduction whose summation order XLA picks per shape,
+    so under ``vmap`` a seed's metric would change in the last bit with the number
+    of seeds beside it; a sequential sum (a ``lax.scan``) does not.
+    """
+    flat = jnp.ravel(x)
+    total, _ = jax.lax.scan(lambda c, v: (c + v, None), jnp.zeros((), flat.dtype), flat)
+    return total / flat.shape[0]
+
+
 def sgd_on_batch(
     loss_fn: Callable[[Params, Trajectory], tuple[jax.Array, estimators.LossAux]],
     optimizer: optax.GradientTransformation,
@@ -350,7 +362,7 @@ def sgd_on_batch(
     carry, stats = jax.lax.scan(
         epoch, _SGDCarry(params, opt_state), jax.random.split(key, num_epochs)
     )
-    return carry.params, carry.opt_state, jax.tree.map(jnp.mean, stats)
+    return carry.params, carry.opt_state, jax.tree.map(ordered_mean, stats)
 
 
 # ----------------------------------------------------------------- batch statistics
@@ -570,7 +582,7 @@ def _chunk_metrics(
         update=state.update,
         live_env_steps=state.env_steps,
         lr=lr,
-        **{name: jnp.mean(getattr(m, name)) for name in _LOSS_COLUMNS},
+        **{name: ordered_mean(getattr(m, name)) for name in _LOSS_COLUMNS},
         train_episodes=episodes,
         train_score_mean=jnp.sum(m.score_sum) / jnp.maximum(episodes, 1),
         train_score_max=jnp.max(m.score_max),

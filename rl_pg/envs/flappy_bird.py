@@ -405,21 +405,46 @@ def features(state: EnvState, params: EnvParams) -> jax.Array:
     For each pipe in screen order: (x / 288, gap_top / 512, gap_bottom / 512), a
     pipe right of the screen replaced by (1, 0, 1); then y / 512, vel / 10,
     rot / 90 (screen width and height, ``max_fall_vel``, ``|min_rot|``).
+
+    Entry ``j`` is picked with selects on ``j`` (pipe ``j // 3``, field ``j % 3``)
+    rather than stacked and concatenated: under ``vmap``, XLA's CPU backend
+    turns the nested stacks (and the transpose that batching the bird's stack
+    of scalars adds) into a slow kernel. With the selects, ``rl-pg bench``'s
+    rollout ran about 1.1-1.25x faster at 1,024 envs and 1.03-1.4x at 16,384
+    (interleaved best-of runs on the shared 2-core CPU). Each entry is the
+    same float operations as in the stacked form, so the values are
+    bit-equal (tested).
     """
     w, h = params.screen_width, params.screen_height
-    hidden = state.pipe_x > w
-    x = jnp.where(hidden, w, state.pipe_x) / w
-    top = jnp.where(hidden, 0.0, state.pipe_gap_top) / h
-    bottom = jnp.where(hidden, h, state.pipe_gap_top + params.pipe_gap) / h
-    pipes = jnp.stack([x, top, bottom], axis=-1).reshape(-1)
-    bird = jnp.stack(
-        [
-            state.bird_y / h,
+    j = jnp.arange(12)
+    pipe, field = jnp.minimum(j // 3, 2), j % 3
+
+    def per_pipe(values):  # entry j: values[pipe j]
+        return jnp.where(
+            pipe == 0, values[0], jnp.where(pipe == 1, values[1], values[2])
+        )
+
+    x, gap_top = per_pipe(state.pipe_x), per_pipe(state.pipe_gap_top)
+    hidden = x > w
+    pipes = jnp.where(
+        field == 0,
+        jnp.where(hidden, w, x) / w,
+        jnp.where(
+            field == 1,
+            jnp.where(hidden, 0.0, gap_top) / h,
+            jnp.where(hidden, h, gap_top + params.pipe_gap) / h,
+        ),
+    )
+    bird = jnp.where(
+        field == 0,
+        state.bird_y / h,
+        jnp.where(
+            field == 1,
             state.bird_vel / params.max_fall_vel,
             state.bird_rot / jnp.abs(params.min_rot),
-        ]
+        ),
     )
-    return jnp.concatenate([pipes, bird]).astype(jnp.float32)
+    return jnp.where(j < 9, pipes, bird).astype(jnp.float32)
 
 
 class FlappyBird(environment.Environment[EnvState, EnvParams]):
