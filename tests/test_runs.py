@@ -115,7 +115,7 @@ _EXACT_COLUMNS = (
 )
 
 
-def _assert_run_is(run_dir, runs, outs, i, data=None):
+def _assert_run_is(run_dir, runs, outs, i):
     """Run directory ``run_dir`` holds exactly member ``i`` of a vmapped train:
     every metrics.csv column the train returns, the best checkpoint bit for bit
     and the held-out scores of those parameters."""
