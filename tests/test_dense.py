@@ -148,7 +148,21 @@ def _mixing(params, obs):  # rows mixed: logits centred over the batch
     return z - jnp.mean(z, axis=0), jnp.zeros(obs.shape[:-1])
 
 
-@pytest.mark.parametrize("apply_fn", [_skip, _shared, _mixing])
+def _low_rank(params, obs):  # a kernel made of two parameters
+    return obs @ (params["a"] @ params["c"]), jnp.zeros(obs.shape[:-1])
+
+
+def _weight_norm(params, obs):  # a kernel scaled by another parameter
+    return obs @ (params["c"] * params["s"]), jnp.zeros(obs.shape[:-1])
+
+
+def _scalar_bias(params, obs):  # a [1] "bias" broadcast over the logits
+    return obs @ params["c"] + params["s1"], jnp.zeros(obs.shape[:-1])
+
+
+@pytest.mark.parametrize(
+    "apply_fn", [_skip, _shared, _mixing, _low_rank, _weight_norm, _scalar_bias]
+)
 def test_other_policies_are_not_taken_for_dense_chains(apply_fn):
     k = jax.random.split(jax.random.PRNGKey(0), 4)
     params = {
@@ -156,11 +170,16 @@ def test_other_policies_are_not_taken_for_dense_chains(apply_fn):
         "b": jax.random.normal(k[1], (D, D)),
         "c": jax.random.normal(k[2], (D, 3)),
         "c6": jax.random.normal(k[3], (D, 3)),
+        "s": jnp.ones(3),
+        "s1": jnp.ones(1),
     }
     params = {
         "_skip": {n: params[n] for n in "abc"},
         "_shared": {"a": params["a"]},
         "_mixing": {"c6": params["c6"]},
+        "_low_rank": {n: params[n] for n in "ac"},
+        "_weight_norm": {n: params[n] for n in ("c", "s")},
+        "_scalar_bias": {n: params[n] for n in ("c", "s1")},
     }[apply_fn.__name__]
     assert dense.dense_chain(apply_fn, params, 10, D, jnp.float32) is None
 
@@ -206,3 +225,11 @@ def _critic_mask(params):  # 1 on the critic's leaves
             for name, sub in params["params"].items()
         }
     }
+
+
+def test_a_block_size_that_does_not_divide_the_columns_is_an_error():
+    policy = policies.mlp_policy(2, (16,))
+    params = policy.init(jax.random.PRNGKey(0), jnp.zeros(D))
+    columns = (jnp.zeros((T, 8, D)), jnp.zeros((T, 8), jnp.int32), jnp.zeros((T, 8, F)))
+    with pytest.raises(ValueError, match="must divide the columns"):
+        dense.dense_column_grads(policy.apply, params, columns, block_columns=3)

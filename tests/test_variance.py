@@ -16,7 +16,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from rl_pg import checkpoint, enumerable, estimators, variance
-from rl_pg.variance import exact, report, statistics
+from rl_pg.variance import exact, report, statistics, study
 
 G = 4
 IID = ("reinforce", "reward_to_go", "constant_baseline", "value_baseline")
@@ -577,3 +577,9 @@ def test_chunk_sums_keep_small_return_differences():
         rtol=1e-3,
         atol=1e-6,
     )
+
+
+def test_chunk_sums_refuse_groups_that_do_not_divide_the_chunk():
+    score = jnp.ones((8, 3))
+    with pytest.raises(ValueError, match="must divide the chunk"):
+        study.chunk_sums(score, score, jnp.ones(8), 3)

@@ -21,9 +21,9 @@ after a chunk, inside jit:
 0)))(config, keys, hparams)`` trains a grid of hyperparameters x seeds in one
 compilation, and returns bit for bit what the run driver
 (:mod:`rl_pg.runs.driver`), which calls :func:`run_chunk` chunk by chunk, reports
-for each run: a run does not depend on the runs beside it, except that XLA
-compiles a batch of one as another program than a batch of two or more (equal up
-to float rounding).
+for each run: on the CPU (tested), a run does not depend on the runs beside it,
+except that XLA compiles a batch of one as another program than a batch of two or
+more (equal up to float rounding); an accelerator may pick kernels per shape.
 
 Hyperparameters. The config is static; its ``SWEEPABLE`` float fields are passed
 as ``hparams`` (``{name: float32 scalar}``, :func:`rl_pg.algos.config.hyperparameters`)

@@ -5,8 +5,8 @@ trains every (cell, seed) of the grid side by side through the run driver's
 chunks (:mod:`rl_pg.runs.driver`): the swept fields are the config's
 ``SWEEPABLE`` ones, traced values, so one compilation serves the whole grid.
 Each run gets its own directory, with the same files as ``rl-pg train``, bit for
-bit what ``jit(vmap(train))`` returns for it (a single ``rl-pg train`` run, a
-batch of one, agrees up to float rounding); ``summary.csv`` and
+bit what ``jit(vmap(train))`` returns for it on the CPU (a single ``rl-pg train``
+run, a batch of one, agrees up to float rounding); ``summary.csv`` and
 ``sweep.png`` (held-out median per cell, seeds as points) sum it up.
 """
 

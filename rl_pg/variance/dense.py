@@ -128,6 +128,8 @@ def _parse(jaxpr: Jaxpr, leaf_of: dict, consts: dict) -> Chain | None:
         name = eqn.primitive.name
         ins = [v for v in eqn.invars if not isinstance(v, Literal)]
         if ins and all(v in leaf_of or v in views for v in ins):
+            if len(ins) != 1:  # parameters combined (low rank, weight norm, ...)
+                return None
             (v,) = ins  # a parameter's reshape: only as a bias
             if name not in ("reshape", "broadcast_in_dim") or v.aval.ndim > 1:
                 return None
@@ -156,7 +158,10 @@ def _parse(jaxpr: Jaxpr, leaf_of: dict, consts: dict) -> Chain | None:
         if name == "add" and z is not None and not eqns and bias is None:
             a, b = eqn.invars
             other = b if a is z else a if b is z else None
-            if other in views and other.aval.shape[-1] == other.aval.size:
+            if (
+                other in views
+                and other.aval.shape[-1] == other.aval.size == z.aval.shape[-1]
+            ):
                 bias, z = views[other], eqn.outvars[0]
                 used.append(bias)
                 live = {z}
@@ -280,6 +285,11 @@ def dense_column_grads(
         return None
     horizon, num, obs_dim = observations.shape
     size = num if block_columns is None else block_columns
+    if size < 1 or num % size or size % multiple:
+        raise ValueError(
+            f"block_columns ({size}) must divide the columns ({num}) and be a "
+            f"multiple of the device count ({multiple})"
+        )
     chain = dense_chain(apply_fn, params, size * horizon, obs_dim, observations.dtype)
     if chain is None:
         return None

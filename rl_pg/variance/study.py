@@ -379,15 +379,21 @@ def chunk_sums(
       :class:`ChunkSums`.
     """
     num = returns.shape[0]
+    if group_len < 1 or num % group_len:
+        raise ValueError(f"group_len ({group_len}) must divide the chunk ({num})")
     groups = num // group_len
+    # full float32 products (accelerators default to TF32 / bfloat16 passes)
+    dot = functools.partial(jnp.matmul, precision=jax.lax.Precision.HIGHEST)
     shift = jnp.mean(returns)
     d = returns - shift
     ones = jnp.ones_like(d)
     in_group = (jnp.arange(num) // group_len == jnp.arange(groups)[:, None]).astype(
         score.dtype
     )  # [groups, C]
-    linear = jnp.concatenate([ones[None], d[None], in_group, in_group * d], 0) @ score
-    square = jnp.stack([ones, d, jnp.square(d)]) @ jnp.square(score)
+    linear = dot(
+        jnp.concatenate([ones[None], d[None], in_group, in_group * d], 0), score
+    )
+    square = dot(jnp.stack([ones, d, jnp.square(d)]), jnp.square(score))
     rtg_mean = jnp.mean(rtg, 0)
     return ChunkSums(
         returns=returns,
@@ -400,7 +406,7 @@ def chunk_sums(
         d_s2=square[1],
         d2_s2=square[2],
         rtg_mean=rtg_mean,
-        rtg_m2=ones @ jnp.square(rtg - rtg_mean),
+        rtg_m2=dot(ones, jnp.square(rtg - rtg_mean)),
     )
 
 
@@ -707,7 +713,8 @@ class Runners(NamedTuple):
 
     sample: Callable  # (key, params, n) -> Trajectory, n static
     # (params, traj, out=None) -> (score [C, P], rtg [C, P], R [C], critic sums [6]);
-    # out: an earlier call's (score, rtg), donated and written over
+    # out: an earlier call's (score, rtg), donated and written over (required on a
+    # mesh, where it is sharded by rows: pass zeros the first time)
     trajectory_grads: Callable
     trajectory_flops: Callable  # (params, traj) -> FLOPs of trajectory_grads
     # (score, rtg, R, group_len) -> ChunkSums, group_len static
