@@ -97,6 +97,16 @@ def _load_agent(path: Path, greedy: bool) -> _Agent:
     )
 
 
+def _check_eval_args(num_episodes: Any, max_score: Any) -> None:
+    if not (isinstance(num_episodes, int) and num_episodes >= 1):
+        raise ValueError(f"--episodes must be an int >= 1, got {num_episodes!r}")
+    limit = evaluation.MAX_SCORE_LIMIT
+    if not (isinstance(max_score, int) and 1 <= max_score <= limit):
+        raise ValueError(
+            f"--max-score must be an int in [1, {limit}], got {max_score!r}"
+        )
+
+
 def eval_main(
     checkpoint_dir: str | Path,
     out_dir: str | Path,
@@ -124,15 +134,8 @@ def eval_main(
       The contents of ``eval.json`` (``wall_clock_s`` is the evaluation's own
       time; ``env_steps`` the checkpoint's training steps when it records them).
     """
-    path = Path(checkpoint_dir)
-    if not (isinstance(num_episodes, int) and num_episodes >= 1):
-        raise ValueError(f"--episodes must be an int >= 1, got {num_episodes!r}")
-    limit = evaluation.MAX_SCORE_LIMIT
-    if not (isinstance(max_score, int) and 1 <= max_score <= limit):
-        raise ValueError(
-            f"--max-score must be an int in [1, {limit}], got {max_score!r}"
-        )
-    agent = _load_agent(path, greedy)
+    _check_eval_args(num_episodes, max_score)
+    agent = _load_agent(Path(checkpoint_dir), greedy)
     io.check_out_dir(out_dir)
     start = time.perf_counter()
     out = io.new_out_dir(out_dir)  # only once the checkpoint has been read

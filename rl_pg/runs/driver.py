@@ -415,6 +415,19 @@ def _claim(out_dir: Path, run_config: dict[str, Any], resume: bool) -> str:
     return "new"
 
 
+def _restore(member: "Member", runs: base.RunState) -> base.RunState:
+    """A run's last checkpoint as a batch of one; its metrics rows and clock into
+    ``member``."""
+    state, member.progress = files.load_train_state(
+        member.ckpt_dir / files.STATE_FILE, pick(runs, 0)
+    )
+    member.rows = files.read_metrics(
+        member.out_dir / "metrics.csv", _item(member.algorithm.env_steps(state.train))
+    )
+    member.clock -= member.progress.wall_clock_s
+    return stack([state])
+
+
 def run(
     config: Any,
     out_dir: str | Path,
@@ -466,16 +479,10 @@ def run(
     batch = Batch.of([member])
     runs = batch.init()
     if mode != "new":
-        state, member.progress = files.load_train_state(
-            member.ckpt_dir / files.STATE_FILE, pick(runs, 0)
-        )
-        runs = stack([state])
-        member.rows = files.read_metrics(
-            out_dir / "metrics.csv", _item(algorithm.env_steps(state.train))
-        )
-        member.clock -= member.progress.wall_clock_s
+        runs = _restore(member, runs)
     if mode == "finished":
         data = json.loads((out_dir / "eval.json").read_text())
+        state = pick(runs, 0)
         return RunResult(
             out_dir, data, member.rows, state.train, state.best_params, True
         )

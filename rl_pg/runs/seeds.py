@@ -60,6 +60,25 @@ def _curve_row(out: Any, chunk: int, train_time: float, evaluate: bool) -> dict:
     return row
 
 
+def _reported(algorithm: base.Algorithm, config: Any, finals: list, evaluate: bool):
+    """Each run's reported parameters (the best, or the last without ``evaluate``)
+    and held-out summary (none without ``evaluate``)."""
+    if not evaluate:
+        return [algorithm.params(run.train) for run in finals], []
+    best = [run.best_params for run in finals]
+    final = [
+        evaluation.summarize(base.held_out(algorithm, config, params))
+        for params in best
+    ]
+    return best, final
+
+
+def _compile_time(chunk_times: list[float], sizes: list[int]) -> float:
+    """The first chunk's time beyond the median later chunk of the same size."""
+    steady = [t for t, n in zip(chunk_times, sizes, strict=True) if n == sizes[0]]
+    return chunk_times[0] - (np.median(steady[1:]) if len(steady) > 1 else 0.0)
+
+
 def train_seeds(
     config: Any,
     seeds: Sequence[int],
@@ -110,21 +129,8 @@ def train_seeds(
         for j, i in enumerate(group):
             finals[i] = pick(runs, j)
     bar.close()
-    if evaluate:
-        best = [run.best_params for run in finals]
-        final = [
-            evaluation.summarize(base.held_out(algorithm, config, params))
-            for params in best
-        ]
-    else:
-        best = [algorithm.params(run.train) for run in finals]
-        final = []
-    steady = [
-        t
-        for t, n in zip(chunk_times, sizes * len(groups), strict=True)
-        if n == sizes[0]
-    ]
-    compile_time = chunk_times[0] - (np.median(steady[1:]) if len(steady) > 1 else 0.0)
+    best, final = _reported(algorithm, config, finals, evaluate)
+    compile_time = _compile_time(chunk_times, sizes * len(groups))
     return SeedsResult(
         curves=curves,
         final=final,
