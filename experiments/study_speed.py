@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rl_pg import io, variance
+from rl_pg import distributed, io, variance
 from rl_pg.variance import report, study
 
 # the batch phase's columns (nan with --gradient-only)
@@ -126,6 +126,7 @@ def main() -> None:
     unknown = [p for p in presets if p not in report.PRESETS]
     if unknown:
         raise SystemExit(f"unknown presets {unknown}")
+    devices = distributed.use_cpu_cores()  # as `rl-pg variance` does
     out = io.new_out_dir(args.out)
     io.write_config(out, {"script": "study_speed", **vars(args)})
     load = os.getloadavg()
@@ -141,6 +142,7 @@ def main() -> None:
     load_after = os.getloadavg()
     summary = {
         "rows": rows,
+        "cpu_devices": devices,
         "matmul_flops_per_s": matmul,
         "load_before": load,
         "load_after": load_after,
@@ -168,7 +170,8 @@ def main() -> None:
     lines += [
         "",
         f"Same-run 1024x1024 float32 matmul: {matmul[0] / 1e9:.0f} GFLOP/s before, "
-        f"{matmul[1] / 1e9:.0f} after (fractions use the faster). Load average "
+        f"{matmul[1] / 1e9:.0f} after (fractions use the faster). {devices} CPU "
+        "device(s) (`rl_pg.distributed.use_cpu_cores`). Load average "
         f"(1, 5, 15 min) before {tuple(round(x, 2) for x in load)}, after "
         f"{tuple(round(x, 2) for x in load_after)}.",
     ]

@@ -23,7 +23,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from rl_pg import io, variance
+from rl_pg import distributed, io, variance
 from rl_pg.variance import report
 
 
@@ -77,8 +77,11 @@ def main() -> None:
     }
     if args.stage not in stages:
         raise SystemExit(f"--stage must be one of {sorted(stages)}")
+    devices = distributed.use_cpu_cores()  # as `rl-pg variance` does
     out = io.new_out_dir(args.out)
-    io.write_config(out, {"script": "variance_scaling", **vars(args)})
+    io.write_config(
+        out, {"script": "variance_scaling", "cpu_devices": devices, **vars(args)}
+    )
     params, problem = stages[args.stage].params, stages[args.stage].problem
 
     rows = []

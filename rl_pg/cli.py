@@ -428,10 +428,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Run one command. From the command line (``argv`` None), ``rl-pg variance``
+    first gives the CPU backend one device per core
+    (:func:`rl_pg.distributed.use_cpu_cores`: the reference chunks then run
+    concurrently, with the same numbers); from Python the process is left as it
+    is."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if argv is None and args.command == "variance":
+        from rl_pg import distributed
+
+        distributed.use_cpu_cores()
     start = time.perf_counter()
     try:
         if getattr(args, "takes_extra", False):

@@ -370,6 +370,14 @@ def test_two_processes_equal_single_device(runs):
         _compare(reference, multi, prefix)
 
 
+def test_use_cpu_cores_leaves_a_set_device_count_and_multiple_processes(runs):
+    _, single, multi = runs
+    assert single["use_cpu_cores"] == NUM_DEVICES
+    assert multi["use_cpu_cores"] == NUM_DEVICES // 2
+    with pytest.raises(ValueError, match="max_devices"):
+        distributed.use_cpu_cores(max_devices=0)
+
+
 def test_indivisible_batches_raise_clear_errors(runs):
     _, single, _ = runs
     assert str(single["error_shard"]) == (
@@ -419,12 +427,15 @@ def main(argv=None):
             args.process_id,
             initialization_timeout=TIMEOUT_S,
         )
+    # the CPU device count is set (XLA_FLAGS), or the run is multi-process: left be
+    out_cores = {"use_cpu_cores": np.array(distributed.use_cpu_cores())}
     mesh = distributed.batch_mesh()
     if args.num_processes == 1:
         out = compute(mesh, args.parts or tuple(PARTS)) | errors(mesh)
     else:
         out = compute(mesh, args.parts or MULTI_PARTS)
     out["num_devices"] = np.array(mesh.size)
+    out |= out_cores
     if jax.process_index() == 0:
         np.savez(args.out, **out)
 

@@ -554,6 +554,38 @@ def test_device_chunk_sums_equal_the_host_float64_moments(setup):
     np.testing.assert_allclose(np.stack(moments.group_R_s), group_R_s, rtol=1e-5)
 
 
+def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
+    """Chunks and batch calls dealt to devices in turn (here one device listed twice,
+    so a process with one device runs the same code path) are merged in order: the
+    moments and estimates equal those of one device exactly, with an odd number of
+    chunks and calls so that the last round is partial."""
+    params, problem, runners, *_ = setup
+    device = jax.local_devices()[0]
+    twice = variance.make_runners(problem, CONFIG, concurrent_devices=(device,) * 2)
+    assert runners.concurrent_devices == (device,)
+    assert twice.concurrent_devices == (device, device)
+    key = jax.random.PRNGKey(9)
+    one, perf_one = variance.trajectory_moments(
+        params, runners, key, 3 * 2**10, 2**10, 6
+    )
+    two, perf_two = variance.trajectory_moments(params, twice, key, 3 * 2**10, 2**10, 6)
+    assert (perf_one["gradient_devices"], perf_two["gradient_devices"]) == (1, 2)
+    assert len(two.group_R_s) == 6 and two.count == one.count == 3 * 2**10
+    for name in one.sums:
+        np.testing.assert_array_equal(two.sums[name], one.sums[name], err_msg=name)
+    np.testing.assert_array_equal(two.mean["reward_to_go"], one.mean["reward_to_go"])
+    np.testing.assert_array_equal(two.m2["reward_to_go"], one.m2["reward_to_go"])
+    np.testing.assert_array_equal(np.stack(two.group_R_s), np.stack(one.group_R_s))
+    np.testing.assert_array_equal(np.stack(two.group_s), np.stack(one.group_s))
+    est_one = variance.batch_estimates(params, runners, key, 5, 1, 0.0)
+    est_two = variance.batch_estimates(params, twice, key, 5, 1, 0.0)
+    for n in est_one:
+        for name in est_one[n]:
+            np.testing.assert_array_equal(est_two[n][name], est_one[n][name])
+    with pytest.raises(ValueError, match="at least one device"):
+        variance.make_runners(problem, CONFIG, concurrent_devices=())
+
+
 def test_chunk_sums_keep_small_return_differences():
     """Returns 1000 + u with |u| ~ 1e-2: the constant baseline b = E[R] leaves
     Var[(R - b) s] ~ 1e-4 Var[R s]; float32 raw sums of R s would lose it, sums about

@@ -1053,7 +1053,8 @@ def report(results: dict, config, wall: float, matmul: float, exact_mode=False) 
         f"Gradient phase: {perf['trajectory_gradients_per_s']:,.0f} trajectory "
         f"gradients/s, {perf['gradient_flops_per_s'] / 1e9:.2f} GFLOP/s = "
         f"{perf['gradient_flops_per_s'] / matmul:.1%} of a same-run 1024x1024 float32 "
-        f"matmul ({matmul / 1e9:.1f} GFLOP/s). Batch phase "
+        f"matmul ({matmul / 1e9:.1f} GFLOP/s), on "
+        f"{perf.get('gradient_devices', 1)} device(s). Batch phase "
         f"{perf['batch_phase_seconds']:.1f} s per stage.",
         "",
     ]

@@ -44,7 +44,10 @@ The study is generic: a :class:`Problem` is a policy ``apply_fn`` and a sampler
 the M batches of a batch-size setting and the trajectories of a gradient chunk
 are split over the mesh, parameters are replicated, and every result is gathered
 to the host. Keys stay per batch / per chunk index, so the numbers are those of a
-single-device run.
+single-device run. Without a mesh, whole chunks and batch calls go to the local
+CPU devices in turn and run concurrently (``concurrent_devices``): on the CPU,
+where XLA runs a device's gradient loop on about one core, that is what uses the
+other cores, and the numbers are exactly those of one device.
 """
 
 import dataclasses
@@ -729,6 +732,9 @@ class Runners(NamedTuple):
     sub_batches: dict[int, int]  # n -> sub-batches of size n cut from each batch
     problem: Problem
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
+    # without a mesh: devices that take the reference chunks and the batch calls
+    # in turn, concurrently (see :func:`make_runners`)
+    concurrent_devices: tuple = ()
 
 
 def _flops(jitted: Callable, *args) -> float:
@@ -764,6 +770,7 @@ def make_runners(
     mesh: Mesh | None = None,
     *,
     fast: bool = True,
+    concurrent_devices: Sequence[jax.Device] | None = None,
 ) -> Runners:
     """Build (lazily compiled) jitted functions for ``problem`` and ``config``.
 
@@ -776,6 +783,15 @@ def make_runners(
     With a ``mesh`` (:func:`rl_pg.distributed.batch_mesh`) the chunk's
     trajectories (``config.chunk`` must be divisible by the device count) and the
     keys of the M batches are split across its devices; params are replicated.
+
+    Without a mesh, the reference sample's chunks (and the batch phase's calls) go
+    to ``concurrent_devices`` in turn: chunk i to device i mod D, D chunks at a
+    time, each sampled and differentiated on its device and all dispatched before
+    any is awaited, so they run concurrently; results are merged on the host in
+    chunk order, so the numbers do not depend on D. None: every local CPU device
+    on the CPU backend (XLA runs one device's gradient loop on about one core;
+    ``rl-pg variance`` starts one CPU device per core, see
+    :func:`rl_pg.distributed.use_cpu_cores`), the default device elsewhere.
     """
     G = problem.group_size
     group_len = config.reference_trajectories // config.reference_groups
@@ -887,7 +903,22 @@ def make_runners(
         sub_batches=counts,
         problem=problem,
         mesh=mesh,
+        concurrent_devices=_concurrent_devices(mesh, concurrent_devices),
     )
+
+
+def _concurrent_devices(mesh: Mesh | None, devices: Sequence | None) -> tuple:
+    if mesh is not None:
+        if devices is not None:
+            raise ValueError("concurrent_devices cannot be combined with a mesh")
+        return ()
+    if devices is None:
+        cpu = jax.default_backend() == "cpu"
+        devices = jax.local_devices() if cpu else jax.local_devices()[:1]
+    devices = tuple(devices)
+    if not devices:
+        raise ValueError("concurrent_devices must name at least one device")
+    return devices
 
 
 def trajectory_moments(
@@ -903,12 +934,14 @@ def trajectory_moments(
 
     Also keeps, per reference group of ``num_trajectories / num_groups``
     consecutive trajectories (whole levels), sum R s and sum s, and the critic's
-    calibration sums (``moments.sums["critic"]``).
+    calibration sums (``moments.sums["critic"]``). Chunk i is sampled from
+    ``fold_in(key, i)``; without a mesh, ``runners.concurrent_devices`` take the
+    chunks in turn and run concurrently (the same numbers for any number of them).
 
     Returns the moments and timing of the gradient phase (rollouts excluded):
     trajectory gradients per second (a score and a reward-to-go gradient per
-    trajectory) and FLOP/s (per device on a mesh) from XLA's cost analysis of the
-    gradient computation.
+    trajectory) and FLOP/s from XLA's cost analysis of the gradient computation
+    (of the whole machine with ``concurrent_devices``; per device on a mesh).
     """
     if num_trajectories % chunk:
         raise ValueError(
@@ -918,51 +951,69 @@ def trajectory_moments(
     mesh = runners.mesh
     distributed.check_divisible(chunk, mesh, "chunk")
     if mesh is not None:
-        params = distributed.replicate(params, mesh)
+        put = [functools.partial(distributed.replicate, mesh=mesh)]
+    else:
+        devices = runners.concurrent_devices or jax.local_devices()[:1]
+        put = [functools.partial(jax.device_put, device=d) for d in devices]
+    on = [p(params) for p in put]  # params on each device
+    buffers, compiled = [None] * len(put), [None] * len(put)
     moments = TrajectoryMoments()
     grad_seconds, flops = 0.0, float("nan")
-    for i in range(num_trajectories // chunk):
-        key_chunk = jax.random.fold_in(key, i)
-        if mesh is not None:
-            key_chunk = distributed.replicate(key_chunk, mesh)
-        traj = jax.block_until_ready(runners.sample(key_chunk, params, chunk))
-        if i == 0:
-            # [chunk, P] outputs, allocated once and then reused (donated)
-            zeros = jnp.zeros((chunk, ravel_pytree(params)[0].size), jnp.float32)
-            buffers = (
-                (zeros, zeros + 0)
-                if mesh is None
-                else distributed.shard((zeros, zeros + 0), mesh)
-            )
-            compiled = runners.trajectory_grads.lower(params, traj, buffers).compile()
-            # FLOPs of the whole (unsharded) computation, per device
-            flops = runners.trajectory_flops(params, traj) / (mesh.size if mesh else 1)
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(params, traj, buffers))
-        grad_seconds += time.perf_counter() - start
-        buffers = out[:2]
-        score, rtg_grads, ret, critic = out
-        del out
-        found = runners.trajectory_sums(score, rtg_grads, ret, group_len)
-        found = distributed.gather(found)
-        sums, group_R_s, group_s = found.raw_sums()
-        sums["critic"] = np.asarray(distributed.gather(critic), np.float64)
-        moments.merge(
-            chunk,
-            {"reward_to_go": found.rtg_mean},
-            {"reward_to_go": found.rtg_m2},
-            sums,
-        )
-        moments.group_R_s += list(group_R_s)
-        moments.group_s += list(group_s)
-        moments.group_count += [group_len] * len(group_s)
-        if progress is not None:
-            progress(chunk)
     calls = num_trajectories // chunk
+    for first in range(0, calls, len(put)):
+        wave = range(len(put))[: calls - first]  # chunk first + d on device d
+        trajs = jax.block_until_ready(
+            [
+                runners.sample(put[d](jax.random.fold_in(key, first + d)), on[d], chunk)
+                for d in wave
+            ]
+        )
+        for d in wave:
+            if compiled[d] is None:  # [chunk, P] outputs, then reused (donated)
+                zeros = jnp.zeros((chunk, ravel_pytree(params)[0].size), jnp.float32)
+                buffers[d] = (
+                    put[d]((zeros, zeros + 0))
+                    if mesh is None
+                    else distributed.shard((zeros, zeros + 0), mesh)
+                )
+                compiled[d] = runners.trajectory_grads.lower(
+                    on[d], trajs[d], buffers[d]
+                ).compile()
+        if first == 0:  # FLOPs of the whole (unsharded) computation, per device
+            flops = runners.trajectory_flops(params, trajs[0])
+            flops /= mesh.size if mesh else 1
+        start = time.perf_counter()
+        outs = jax.block_until_ready(
+            [compiled[d](on[d], trajs[d], buffers[d]) for d in wave]
+        )
+        grad_seconds += time.perf_counter() - start
+        del trajs
+        found = []
+        for d in wave:
+            buffers[d] = outs[d][:2]
+            score, rtg_grads, ret, _ = outs[d]
+            found.append(runners.trajectory_sums(score, rtg_grads, ret, group_len))
+        for d in wave:  # merged in chunk order
+            sums_d = distributed.gather(found[d])
+            sums, group_R_s, group_s = sums_d.raw_sums()
+            sums["critic"] = np.asarray(distributed.gather(outs[d][3]), np.float64)
+            moments.merge(
+                chunk,
+                {"reward_to_go": sums_d.rtg_mean},
+                {"reward_to_go": sums_d.rtg_m2},
+                sums,
+            )
+            moments.group_R_s += list(group_R_s)
+            moments.group_s += list(group_s)
+            moments.group_count += [group_len] * len(group_s)
+            if progress is not None:
+                progress(chunk)
+        del outs, found
     perf = {
         "trajectory_gradients_per_s": 2 * num_trajectories / grad_seconds,
         "gradient_flops_per_s": flops * calls / grad_seconds,
         "gradient_seconds": grad_seconds,
+        "gradient_devices": mesh.size if mesh is not None else len(put),
     }
     return moments, perf
 
@@ -986,26 +1037,36 @@ def batch_estimates(
     on how batches are chunked or sharded); size n's estimates are those of its
     sub-batches, ordered by top batch: ``{n: {name: [M * sub_batches[n], P]}}``.
     With ``runners.mesh`` each call's batches are split across the devices;
-    ``batches_per_call`` is rounded up to a multiple of their number.
+    ``batches_per_call`` is rounded up to a multiple of their number. Without,
+    consecutive calls go to ``runners.concurrent_devices`` in turn and run
+    concurrently (the same numbers for any number of devices).
     """
     b = jnp.float32(constant_b)
     mesh = runners.mesh
     if mesh is not None:
         batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
-        params, b = distributed.replicate((params, b), mesh)
+        put = [functools.partial(distributed.replicate, mesh=mesh)]
+    else:
+        devices = runners.concurrent_devices or jax.local_devices()[:1]
+        put = [functools.partial(jax.device_put, device=d) for d in devices]
+    on = [p((params, b)) for p in put]
+    starts = list(range(0, num_batches, batches_per_call))
     out = []
-    for start in range(0, num_batches, batches_per_call):
-        idx = jnp.arange(start, min(start + batches_per_call, num_batches))
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-        if len(idx) < batches_per_call:  # keep one compiled shape
-            pad = batches_per_call - len(idx)
-            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-        if mesh is not None:
-            keys = distributed.shard(keys, mesh)
-        result = distributed.gather(runners.batch(params, keys, b))
-        out.append({n: np.asarray(v)[: len(idx)] for n, v in result.items()})
-        if progress is not None:
-            progress(len(idx))
+    for first in range(0, len(starts), len(put)):
+        results = []
+        for d, start in enumerate(starts[first : first + len(put)]):
+            idx = jnp.arange(start, min(start + batches_per_call, num_batches))
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+            if len(idx) < batches_per_call:  # keep one compiled shape
+                pad = batches_per_call - len(idx)
+                keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
+            keys = distributed.shard(keys, mesh) if mesh is not None else put[d](keys)
+            results.append((len(idx), runners.batch(on[d][0], keys, on[d][1])))
+        for count, result in results:  # in batch order
+            result = distributed.gather(result)
+            out.append({n: np.asarray(v)[:count] for n, v in result.items()})
+            if progress is not None:
+                progress(count)
     estimates = {}
     for n in runners.sub_batches:
         stacked = np.concatenate([o[n] for o in out])  # [M, S, E, P]
