@@ -13,8 +13,10 @@ policy), three measurements of compiled functions, compilation excluded:
   weights (``fast=True``: one forward pass and one VJP per sampled batch; the
   estimators without weights still take their loss path), and the sampling alone;
 * the gradient phase of the reference sample (per-trajectory score and
-  reward-to-go gradients, one preset chunk): XLA's FLOP count / seconds, as
-  ``performance.json`` reports it;
+  reward-to-go gradients, four preset chunks): XLA's FLOP count / seconds, as
+  ``performance.json`` reports it, with the chunks on the first CPU device alone
+  and dealt to every CPU device (the study's default; like ``rl-pg variance``, the
+  script first gives the CPU one device per core);
 * the new batch path's own FLOP/s (XLA's count of an unblocked trace of it).
 
 ``--gradient-only`` measures the gradient phase alone (the batch phase's columns
@@ -55,6 +57,19 @@ def _best(fn, repeats: int) -> float:
     return best
 
 
+def _gradient_phase(problem, config, params, key) -> dict:
+    """The reference sample's gradient phase as the study measures it (4 chunks),
+    on the first CPU device alone and on every one (the default)."""
+    chunk, row = config.chunk, {}
+    for label, devices in (("_one_device", jax.local_devices()[:1]), ("", None)):
+        runners = variance.make_runners(problem, config, concurrent_devices=devices)
+        _, perf = variance.trajectory_moments(
+            params, runners, key, 4 * chunk, chunk, 4 * chunk // (chunk // 4)
+        )
+        row[f"gradient_flops_per_s{label}"] = perf["gradient_flops_per_s"]
+    return row
+
+
 def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
     setting = report.PRESETS[preset]
     config, horizon = setting["study"], setting["horizon"]
@@ -70,13 +85,8 @@ def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
     key = jax.random.PRNGKey(0)
     row = {"preset": preset, "horizon": horizon, "top_batch": largest}
 
-    runners = variance.make_runners(problem, config)
     if gradient_only:
-        chunk = config.chunk
-        _, perf = variance.trajectory_moments(
-            params, runners, key, 2 * chunk, chunk, 2 * chunk // (chunk // 4)
-        )
-        return row | {"gradient_flops_per_s": perf["gradient_flops_per_s"]}
+        return row | _gradient_phase(problem, config, params, key)
 
     sample = jax.jit(problem.sample, static_argnums=2)
     jax.block_until_ready(sample(key, params, largest))
@@ -90,12 +100,7 @@ def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
         row[f"{label}_s_per_batch"] = (time.perf_counter() - start) / (calls * per_call)
     row["batch_phase_speedup"] = row["old_s_per_batch"] / row["new_s_per_batch"]
 
-    # the gradient phase of the reference sample, as the study measures it
-    chunk = config.chunk
-    _, perf = variance.trajectory_moments(
-        params, runners, key, 2 * chunk, chunk, 2 * chunk // (chunk // 4)
-    )
-    row["gradient_flops_per_s"] = perf["gradient_flops_per_s"]
+    row |= _gradient_phase(problem, config, params, key)
 
     # the new batch path's gradient computation on one sampled top-level batch
     batch = sample(key, params, largest)
@@ -136,6 +141,9 @@ def main() -> None:
     ceiling = max(matmul)
     for r in rows:
         r["gradient_fraction_of_matmul"] = r["gradient_flops_per_s"] / ceiling
+        r["gradient_fraction_of_matmul_one_device"] = (
+            r["gradient_flops_per_s_one_device"] / ceiling
+        )
         r["new_batch_fraction_of_matmul"] = (
             r.get("new_batch_gradient_flops_per_s", np.nan) / ceiling
         )
@@ -152,9 +160,9 @@ def main() -> None:
         f"# Variance study speed ({args.stage} policy, {args.batches} timed batches)",
         "",
         "| preset | horizon | top batch | sampling s/batch | old batch phase s/batch "
-        "| new s/batch | speed-up | gradient phase GFLOP/s (% matmul) "
-        "| new batch gradients GFLOP/s (% matmul) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| new s/batch | speed-up | gradient phase, 1 device, GFLOP/s (% matmul) "
+        f"| gradient phase, {devices} device(s) | new batch gradients |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         r = {k: r.get(k, np.nan) for k in ROW_KEYS} | r
@@ -162,6 +170,8 @@ def main() -> None:
             f"| {r['preset']} | {r['horizon']} | {r['top_batch']} "
             f"| {r['sample_s_per_batch']:.2f} | {r['old_s_per_batch']:.2f} "
             f"| {r['new_s_per_batch']:.2f} | {r['batch_phase_speedup']:.1f}x "
+            f"| {r['gradient_flops_per_s_one_device'] / 1e9:.1f} "
+            f"({r['gradient_fraction_of_matmul_one_device']:.1%}) "
             f"| {r['gradient_flops_per_s'] / 1e9:.1f} "
             f"({r['gradient_fraction_of_matmul']:.1%}) "
             f"| {r['new_batch_gradient_flops_per_s'] / 1e9:.1f} "
