@@ -241,7 +241,8 @@ def initialize(
 
 def use_cpu_cores(max_devices: int = 8) -> int:
     """Give the CPU backend one device per core this process may use (at most
-    ``max_devices``); returns the number of CPU devices.
+    ``max_devices``); returns the number of local CPU devices (0, and nothing
+    changed, when the default backend is not the CPU).
 
     XLA runs one device's program on about one core, and separate devices run at
     once: ``rl_pg.variance.make_runners`` sends the reference chunks to every CPU
@@ -256,16 +257,22 @@ def use_cpu_cores(max_devices: int = 8) -> int:
     """
     if max_devices < 1:
         raise ValueError(f"max_devices must be >= 1, got {max_devices}")
+    if jax.default_backend() != "cpu":
+        return 0
     configured = jax.config.jax_num_cpu_devices > 0 or (
         "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
     )
-    cpu = jax.local_devices(backend="cpu")
-    if configured or jax.default_backend() != "cpu" or jax.process_count() > 1:
-        return len(cpu)
-    wanted = min(len(os.sched_getaffinity(0)), max_devices)
-    if len(cpu) != wanted:
+    wanted = min(usable_cores(), max_devices)
+    if not configured and jax.process_count() == 1 and jax.device_count() != wanted:
         _restart_backend(lambda: jax.config.update("jax_num_cpu_devices", wanted))
-    return len(jax.local_devices(backend="cpu"))
+    return jax.local_device_count()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def _restart_backend(start: Callable[[], None]) -> None:

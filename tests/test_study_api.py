@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rl_pg import cli, estimators
+from rl_pg import cli, distributed, estimators
 from rl_pg.variance import report, run_study
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -233,7 +233,7 @@ def test_devices_give_the_single_device_results(tmp_path):
             check=True,
             capture_output=True,
         )
-    cores = min(len(os.sched_getaffinity(0)), 8)
+    cores = min(distributed.usable_cores(), 8)
     for name, devices in (("one", 1), ("concurrent", 2), ("cores", cores)):
         perf = json.loads((tmp_path / name / "performance.json").read_text())
         assert {s["gradient_devices"] for s in perf["stages"].values()} == {devices}
