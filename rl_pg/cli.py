@@ -427,17 +427,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Run one command. From the command line (``argv`` None), ``rl-pg variance``
-    first gives the CPU backend one device per core
-    (:func:`rl_pg.distributed.use_cpu_cores`: the reference chunks then run
-    concurrently, with the same numbers); from Python the process is left as it
-    is."""
+def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
+    """Run one command (``argv`` None: ``sys.argv[1:]``).
+
+    With ``cpu_cores`` (what the ``rl-pg`` command does, see :func:`console`),
+    ``rl-pg variance`` without ``--devices`` first gives the CPU backend one
+    device per core (:func:`rl_pg.distributed.use_cpu_cores`), so the study's
+    reference chunks run concurrently with the same numbers. It restarts the
+    backend, so it is off by default: called from Python, the process is left as
+    it is.
+    """
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    if argv is None and args.command == "variance":
+    if cpu_cores and args.command == "variance" and not _mesh_requested(args):
         from rl_pg import distributed
 
         distributed.use_cpu_cores()
@@ -454,5 +458,25 @@ def main(argv: list[str] | None = None) -> None:
     print(f"done in {time.perf_counter() - start:.1f} s")
 
 
+def _mesh_requested(args) -> bool:
+    """Whether ``rl-pg variance`` shards over a mesh (``--devices``, or a rerun of a
+    run that did): its device count is the user's, so the backend is left alone."""
+    if args.devices:
+        return True
+    if args.config:
+        import json
+
+        try:
+            return bool(json.loads(Path(args.config).read_text()).get("devices"))
+        except (OSError, ValueError, AttributeError):
+            return True  # the rerun itself reports what is wrong with the file
+    return False
+
+
+def console() -> None:
+    """The ``rl-pg`` command (and ``python -m rl_pg.cli``)."""
+    main(cpu_cores=True)
+
+
 if __name__ == "__main__":
-    main()
+    console()

@@ -25,6 +25,7 @@ import gc
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -244,16 +245,19 @@ def use_cpu_cores(max_devices: int = 8) -> int:
     ``max_devices``); returns the number of local CPU devices (0, and nothing
     changed, when the default backend is not the CPU).
 
-    XLA runs one device's program on about one core, and separate devices run at
-    once: ``rl_pg.variance.make_runners`` sends the reference chunks to every CPU
-    device in turn (2.0x faster on 2 cores, the same numbers), and ``rl-pg
-    variance`` calls this first. The default device and every other computation
-    stay as they were. Leaves the backend alone when the CPU device count was
+    XLA runs one device's program on about one core when its operations are small,
+    and separate devices run at once: ``rl_pg.variance.make_runners`` deals the
+    reference chunks to every CPU device in turn (2.0x faster on 2 cores, the same
+    numbers), and the ``rl-pg variance`` command calls this first. Computations
+    without a placement still run on the first device, but ``jax.devices()`` (and
+    so ``batch_mesh()``) then lists them all, and each function is compiled once
+    per device it runs on. Leaves the backend alone when the CPU device count was
     set (``JAX_NUM_CPU_DEVICES``, ``jax_num_cpu_devices``,
     ``--xla_force_host_platform_device_count`` in ``XLA_FLAGS``), when the
     default backend is not the CPU, or in a multi-process run. Like
     :func:`initialize`, it replaces an already started backend (``import rl_pg``
-    starts one): call it before creating arrays of your own.
+    starts one; module-level arrays are moved over): call it before creating
+    arrays of your own.
     """
     if max_devices < 1:
         raise ValueError(f"max_devices must be >= 1, got {max_devices}")
@@ -269,10 +273,31 @@ def use_cpu_cores(max_devices: int = 8) -> int:
 
 
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    """The CPU cores this process may use: its affinity mask (where the OS has
+    one), capped by a cgroup CPU quota (containers), at least 1."""
+    cores = (
+        len(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else os.cpu_count() or 1
+    )
+    quota = _cgroup_cpu_quota()
+    return max(1, min(cores, int(quota)) if quota is not None else cores)
+
+
+def _cgroup_cpu_quota() -> float | None:
+    """CPUs' worth of time per period a cgroup (v2 ``cpu.max``, or v1 CFS) allows."""
+    v1 = Path("/sys/fs/cgroup/cpu")
+    for read in (
+        lambda: Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2],
+        lambda: [(v1 / f"cpu.cfs_{f}_us").read_text() for f in ("quota", "period")],
+    ):
+        try:
+            quota, period = (x.strip() for x in read())
+            if quota not in ("max", "-1"):
+                return int(quota) / int(period)
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def _restart_backend(start: Callable[[], None]) -> None:

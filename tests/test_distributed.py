@@ -177,6 +177,16 @@ def _moments(mesh) -> dict:
     return out | {"moments_groups": np.stack(moments.group_R_s)}
 
 
+def _concurrent(mesh) -> dict:
+    """The study without a mesh: in the 4-device worker, the reference chunks are
+    dealt to the devices in turn (``concurrent_devices``); the same bits as one."""
+    del mesh
+    _, runners = _variance_setup(None)
+    found = _moments(None)
+    out = {f"concurrent_{k}": v for k, v in found.items()}
+    return out | {"concurrent_devices": np.array(len(runners.concurrent_devices))}
+
+
 PARTS = {
     "seeds": _seeds,
     "grouped": _grouped,
@@ -184,6 +194,7 @@ PARTS = {
     "seed_rollouts": _seed_rollouts,
     "batch_estimates": _batch_estimates,
     "moments": _moments,
+    "concurrent": _concurrent,
 }
 # The 2-process run repeats the parts that use every placement helper across
 # processes (shard, replicate, gather via process_allgather) and stays quick;
@@ -368,6 +379,48 @@ def test_two_processes_equal_single_device(runs):
     assert multi["seeds_devices"] == NUM_DEVICES
     for prefix in ("seeds_", "batch_"):
         _compare(reference, multi, prefix)
+
+
+def test_concurrent_devices_give_the_one_device_bits(runs):
+    reference, single, _ = runs
+    assert reference["concurrent_devices"] == 0  # one device here: jit's placement
+    assert single["concurrent_devices"] == NUM_DEVICES
+    keys = [k for k in reference if k.startswith("concurrent_") and "devices" not in k]
+    assert any("moments_groups" in k for k in keys)
+    for k in keys:
+        np.testing.assert_array_equal(single[k], reference[k], err_msg=k)
+
+
+def test_use_cpu_cores_restarts_the_backend_with_one_device_per_core():
+    """Unset device count: the backend restarts with min(cores, max_devices) CPU
+    devices, module-level arrays move over, and later calls leave it be."""
+    script = """
+import jax, rl_pg
+from gymnax.environments.misc import frozen_lake
+from rl_pg import distributed
+assert jax.device_count() == 1
+n = distributed.use_cpu_cores(max_devices=2)
+assert n == jax.device_count() == min(distributed.usable_cores(), 2), n
+assert isinstance(frozen_lake._DIRECTIONS, jax.Array)
+env, env_params = rl_pg.make("FlappyBird-v0")
+obs, state = env.reset(jax.random.PRNGKey(0), env_params)
+assert distributed.use_cpu_cores(max_devices=1) == n  # now set: left be
+print("devices", n)
+"""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=env | {"JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"devices {min(distributed.usable_cores(), 2)}" in done.stdout
 
 
 def test_use_cpu_cores_leaves_a_set_device_count_and_multiple_processes(runs):

@@ -201,24 +201,24 @@ def test_variance_along_training_studies_every_kept_checkpoint(tmp_path):
 
 @pytest.mark.slow
 def test_devices_give_the_single_device_results(tmp_path):
-    """From the command line the study uses one CPU device per core: chunks and
-    batch calls dealt to the devices in turn give the 1-device results bit for bit
-    (here 2 devices, and however many cores this machine has), and `--devices 2`
-    (the mesh) equals them up to float32 rounding (docs/distributed.md: estimates
-    are rounded by the per-device shapes)."""
+    """The `rl-pg` command gives the study one CPU device per core: the reference
+    chunks dealt to the devices in turn give the 1-device results bit for bit (here
+    2 devices, and however many cores this machine has), and `--devices 2` (a mesh)
+    equals them up to float32 rounding (docs/distributed.md: estimates are rounded
+    by the per-device shapes)."""
     import os
     import subprocess
 
     args = [
         "variance", "--problem", "enumerable", "--batch-sizes", "4,16",
-        "--num-batches", "8", "--reference-trajectories", "2048",
+        "--num-batches", "8", "--reference-trajectories", "16384",  # 2 chunks
         "--estimators", "reinforce,rloo,gae",
     ]  # fmt: skip
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")
-    }
+    } | {"JAX_PLATFORMS": "cpu"}
     runs = {
         "one": ({"JAX_NUM_CPU_DEVICES": "1"}, []),
         "concurrent": ({"JAX_NUM_CPU_DEVICES": "2"}, []),
@@ -233,7 +233,7 @@ def test_devices_give_the_single_device_results(tmp_path):
             check=True,
             capture_output=True,
         )
-    cores = min(distributed.usable_cores(), 8)
+    cores = min(distributed.usable_cores(), 8, 2)  # at most one per chunk at work
     for name, devices in (("one", 1), ("concurrent", 2), ("cores", cores)):
         perf = json.loads((tmp_path / name / "performance.json").read_text())
         assert {s["gradient_devices"] for s in perf["stages"].values()} == {devices}

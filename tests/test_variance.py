@@ -555,14 +555,15 @@ def test_device_chunk_sums_equal_the_host_float64_moments(setup):
 
 
 def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
-    """Chunks and batch calls dealt to devices in turn (here one device listed twice,
-    so a process with one device runs the same code path) are merged in order: the
-    moments and estimates equal those of one device exactly, with an odd number of
-    chunks and calls so that the last round is partial."""
+    """Chunks dealt to devices in turn (here one device listed twice, so a process
+    with one device runs the same code path) are merged in order: the moments equal
+    those of one device exactly, with an odd number of chunks so that the last
+    round is partial."""
     params, problem, runners, *_ = setup
     device = jax.local_devices()[0]
     twice = variance.make_runners(problem, CONFIG, concurrent_devices=(device,) * 2)
-    assert runners.concurrent_devices == (device,)
+    several = jax.local_device_count() > 1  # every CPU device, or jit's placement
+    assert runners.concurrent_devices == (tuple(jax.local_devices()) if several else ())
     assert twice.concurrent_devices == (device, device)
     key = jax.random.PRNGKey(9)
     one, perf_one = variance.trajectory_moments(
@@ -577,11 +578,6 @@ def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
     np.testing.assert_array_equal(two.m2["reward_to_go"], one.m2["reward_to_go"])
     np.testing.assert_array_equal(np.stack(two.group_R_s), np.stack(one.group_R_s))
     np.testing.assert_array_equal(np.stack(two.group_s), np.stack(one.group_s))
-    est_one = variance.batch_estimates(params, runners, key, 5, 1, 0.0)
-    est_two = variance.batch_estimates(params, twice, key, 5, 1, 0.0)
-    for n in est_one:
-        for name in est_one[n]:
-            np.testing.assert_array_equal(est_two[n][name], est_one[n][name])
     with pytest.raises(ValueError, match="at least one device"):
         variance.make_runners(problem, CONFIG, concurrent_devices=())
 

@@ -1051,10 +1051,16 @@ def report(results: dict, config, wall: float, matmul: float, exact_mode=False) 
         "## Performance",
         "",
         f"Gradient phase: {perf['trajectory_gradients_per_s']:,.0f} trajectory "
-        f"gradients/s, {perf['gradient_flops_per_s'] / 1e9:.2f} GFLOP/s = "
+        f"gradients/s, {perf['gradient_flops_per_s'] / 1e9:.2f} GFLOP/s"
+        f"{' per device' if perf['gradient_flops_per_device'] else ''} = "
         f"{perf['gradient_flops_per_s'] / matmul:.1%} of a same-run 1024x1024 float32 "
-        f"matmul ({matmul / 1e9:.1f} GFLOP/s), on "
-        f"{perf.get('gradient_devices', 1)} device(s). Batch phase "
+        f"matmul ({matmul / 1e9:.1f} GFLOP/s), "
+        + (
+            f"on a mesh of {perf['gradient_devices']} devices"
+            if perf["gradient_flops_per_device"]
+            else f"{perf['gradient_devices']} device(s) at once"
+        )
+        + f". Batch phase "
         f"{perf['batch_phase_seconds']:.1f} s per stage.",
         "",
     ]

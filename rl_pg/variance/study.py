@@ -44,10 +44,10 @@ The study is generic: a :class:`Problem` is a policy ``apply_fn`` and a sampler
 the M batches of a batch-size setting and the trajectories of a gradient chunk
 are split over the mesh, parameters are replicated, and every result is gathered
 to the host. Keys stay per batch / per chunk index, so the numbers are those of a
-single-device run. Without a mesh, whole chunks and batch calls go to the local
-CPU devices in turn and run concurrently (``concurrent_devices``): on the CPU,
-where XLA runs a device's gradient loop on about one core, that is what uses the
-other cores, and the numbers are exactly those of one device.
+single-device run. Without a mesh, the reference sample's chunks go to the local
+CPU devices in turn and run concurrently (``concurrent_devices``): XLA runs a
+device's gradient loop on about one core, so that is what uses the other cores,
+and the numbers are exactly those of one device.
 """
 
 import dataclasses
@@ -732,8 +732,8 @@ class Runners(NamedTuple):
     sub_batches: dict[int, int]  # n -> sub-batches of size n cut from each batch
     problem: Problem
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
-    # without a mesh: devices that take the reference chunks and the batch calls
-    # in turn, concurrently (see :func:`make_runners`)
+    # without a mesh: devices that take the reference chunks in turn, concurrently
+    # (see :func:`make_runners`); empty: jit's default placement
     concurrent_devices: tuple = ()
 
 
@@ -784,14 +784,17 @@ def make_runners(
     trajectories (``config.chunk`` must be divisible by the device count) and the
     keys of the M batches are split across its devices; params are replicated.
 
-    Without a mesh, the reference sample's chunks (and the batch phase's calls) go
-    to ``concurrent_devices`` in turn: chunk i to device i mod D, D chunks at a
-    time, each sampled and differentiated on its device and all dispatched before
-    any is awaited, so they run concurrently; results are merged on the host in
-    chunk order, so the numbers do not depend on D. None: every local CPU device
-    on the CPU backend (XLA runs one device's gradient loop on about one core;
-    ``rl-pg variance`` starts one CPU device per core, see
-    :func:`rl_pg.distributed.use_cpu_cores`), the default device elsewhere.
+    Without a mesh, the reference sample's chunks go to ``concurrent_devices`` in
+    turn: chunk i to device i mod D, D chunks at a time, each sampled and
+    differentiated on its device and all dispatched before any is awaited, so
+    they run concurrently; their sums are merged on the host in chunk order, so
+    the numbers do not depend on D. None: every local CPU device when the CPU
+    backend has several (XLA runs one device's gradient loop on about one core;
+    the ``rl-pg`` command starts one CPU device per core, see
+    :func:`rl_pg.distributed.use_cpu_cores`), else jit's default placement. The
+    batch phase stays on the default device: its larger products already use
+    several cores, and a second device would compile it again (measured: the
+    quick preset ran slower).
     """
     G = problem.group_size
     group_len = config.reference_trajectories // config.reference_groups
@@ -912,13 +915,38 @@ def _concurrent_devices(mesh: Mesh | None, devices: Sequence | None) -> tuple:
         if devices is not None:
             raise ValueError("concurrent_devices cannot be combined with a mesh")
         return ()
-    if devices is None:
-        cpu = jax.default_backend() == "cpu"
-        devices = jax.local_devices() if cpu else jax.local_devices()[:1]
-    devices = tuple(devices)
-    if not devices:
+    if devices is None:  # every CPU device if there are several; else as jit places
+        cpu = jax.default_backend() == "cpu" and jax.local_device_count() > 1
+        return tuple(jax.local_devices()) if cpu else ()
+    if not tuple(devices):
         raise ValueError("concurrent_devices must name at least one device")
-    return devices
+    return tuple(devices)
+
+
+def _placements(runners: Runners) -> list[Callable]:
+    """One function per concurrent slot putting a pytree where that slot runs: on
+    every device of the mesh (replicated), on one of ``concurrent_devices``, or left
+    where it is (one slot, jit's default placement)."""
+    if runners.mesh is not None:
+        return [functools.partial(distributed.replicate, mesh=runners.mesh)]
+    if runners.concurrent_devices:
+        return [
+            functools.partial(jax.device_put, device=d)
+            for d in runners.concurrent_devices
+        ]
+    return [lambda tree: tree]
+
+
+def _folded_keys(key: jax.Array, count: int):
+    """``fold_in(key, i)`` for i < count, on the host (raw keys): handing a slot its
+    keys then waits for nothing queued on the default device, so the slots' calls
+    really overlap."""
+    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(count))
+    return (
+        keys
+        if jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+        else np.asarray(keys)
+    )
 
 
 def trajectory_moments(
@@ -950,23 +978,18 @@ def trajectory_moments(
     group_len = num_trajectories // num_groups
     mesh = runners.mesh
     distributed.check_divisible(chunk, mesh, "chunk")
-    if mesh is not None:
-        put = [functools.partial(distributed.replicate, mesh=mesh)]
-    else:
-        devices = runners.concurrent_devices or jax.local_devices()[:1]
-        put = [functools.partial(jax.device_put, device=d) for d in devices]
-    on = [p(params) for p in put]  # params on each device
+    put = _placements(runners)
+    on = [p(params) for p in put]  # params where each slot runs
     buffers, compiled = [None] * len(put), [None] * len(put)
     moments = TrajectoryMoments()
     grad_seconds, flops = 0.0, float("nan")
     calls = num_trajectories // chunk
+    chunk_keys = _folded_keys(key, calls)
     for first in range(0, calls, len(put)):
-        wave = range(len(put))[: calls - first]  # chunk first + d on device d
+        wave = range(len(put))[: calls - first]  # chunk first + d in slot d
+        keys = [put[d](chunk_keys[first + d]) for d in wave]
         trajs = jax.block_until_ready(
-            [
-                runners.sample(put[d](jax.random.fold_in(key, first + d)), on[d], chunk)
-                for d in wave
-            ]
+            [runners.sample(keys[d], on[d], chunk) for d in wave]
         )
         for d in wave:
             if compiled[d] is None:  # [chunk, P] outputs, then reused (donated)
@@ -980,7 +1003,7 @@ def trajectory_moments(
                     on[d], trajs[d], buffers[d]
                 ).compile()
         if first == 0:  # FLOPs of the whole (unsharded) computation, per device
-            flops = runners.trajectory_flops(params, trajs[0])
+            flops = runners.trajectory_flops(on[0], trajs[0])
             flops /= mesh.size if mesh else 1
         start = time.perf_counter()
         outs = jax.block_until_ready(
@@ -1013,7 +1036,9 @@ def trajectory_moments(
         "trajectory_gradients_per_s": 2 * num_trajectories / grad_seconds,
         "gradient_flops_per_s": flops * calls / grad_seconds,
         "gradient_seconds": grad_seconds,
-        "gradient_devices": mesh.size if mesh is not None else len(put),
+        # devices at work at once, and whether FLOP/s are per device (a mesh)
+        "gradient_devices": mesh.size if mesh is not None else min(len(put), calls),
+        "gradient_flops_per_device": mesh is not None,
     }
     return moments, perf
 
@@ -1037,36 +1062,26 @@ def batch_estimates(
     on how batches are chunked or sharded); size n's estimates are those of its
     sub-batches, ordered by top batch: ``{n: {name: [M * sub_batches[n], P]}}``.
     With ``runners.mesh`` each call's batches are split across the devices;
-    ``batches_per_call`` is rounded up to a multiple of their number. Without,
-    consecutive calls go to ``runners.concurrent_devices`` in turn and run
-    concurrently (the same numbers for any number of devices).
+    ``batches_per_call`` is rounded up to a multiple of their number.
     """
     b = jnp.float32(constant_b)
     mesh = runners.mesh
     if mesh is not None:
         batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
-        put = [functools.partial(distributed.replicate, mesh=mesh)]
-    else:
-        devices = runners.concurrent_devices or jax.local_devices()[:1]
-        put = [functools.partial(jax.device_put, device=d) for d in devices]
-    on = [p((params, b)) for p in put]
-    starts = list(range(0, num_batches, batches_per_call))
+        params, b = distributed.replicate((params, b), mesh)
     out = []
-    for first in range(0, len(starts), len(put)):
-        results = []
-        for d, start in enumerate(starts[first : first + len(put)]):
-            idx = jnp.arange(start, min(start + batches_per_call, num_batches))
-            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-            if len(idx) < batches_per_call:  # keep one compiled shape
-                pad = batches_per_call - len(idx)
-                keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-            keys = distributed.shard(keys, mesh) if mesh is not None else put[d](keys)
-            results.append((len(idx), runners.batch(on[d][0], keys, on[d][1])))
-        for count, result in results:  # in batch order
-            result = distributed.gather(result)
-            out.append({n: np.asarray(v)[:count] for n, v in result.items()})
-            if progress is not None:
-                progress(count)
+    for start in range(0, num_batches, batches_per_call):
+        idx = jnp.arange(start, min(start + batches_per_call, num_batches))
+        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
+        if len(idx) < batches_per_call:  # keep one compiled shape
+            pad = batches_per_call - len(idx)
+            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
+        if mesh is not None:
+            keys = distributed.shard(keys, mesh)
+        result = distributed.gather(runners.batch(params, keys, b))
+        out.append({n: np.asarray(v)[: len(idx)] for n, v in result.items()})
+        if progress is not None:
+            progress(len(idx))
     estimates = {}
     for n in runners.sub_batches:
         stacked = np.concatenate([o[n] for o in out])  # [M, S, E, P]
