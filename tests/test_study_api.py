@@ -233,7 +233,7 @@ def test_devices_give_the_single_device_results(tmp_path):
             check=True,
             capture_output=True,
         )
-    cores = min(distributed.usable_cores(), 8, 2)  # at most one per chunk at work
+    cores = min(distributed.usable_cores(), 4, 2)  # at most one per chunk at work
     for name, devices in (("one", 1), ("concurrent", 2), ("cores", cores)):
         perf = json.loads((tmp_path / name / "performance.json").read_text())
         assert {s["gradient_devices"] for s in perf["stages"].values()} == {devices}
