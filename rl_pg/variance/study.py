@@ -791,8 +791,10 @@ def make_runners(
     the numbers do not depend on D. None: every local CPU device when the CPU
     backend has several (XLA runs one device's gradient loop on about one core;
     the ``rl-pg`` command starts one CPU device per core, see
-    :func:`rl_pg.distributed.use_cpu_cores`), else jit's default placement. The
-    batch phase stays on the default device: its larger products already use
+    :func:`rl_pg.distributed.use_cpu_cores`), else jit's default placement. Each
+    device compiles the chunk functions and holds its own chunk and [chunk, P]
+    outputs (about 170 MB per device at the full preset). The batch phase stays
+    on the default device: its larger products already use
     several cores, and a second device would compile it again (measured: the
     quick preset ran slower).
     """
