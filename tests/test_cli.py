@@ -238,3 +238,20 @@ def test_variance_missing_checkpoint(capsys, tmp_path):
         str(missing),
     )
     assert not out.exists()
+
+
+def test_the_command_leaves_the_backend_alone_when_a_mesh_is_asked_for(tmp_path):
+    """`rl-pg variance` gives the CPU one device per core only without a mesh: with
+    `--devices`, or rerunning a config that had one, the user's count stands."""
+    parser = cli.build_parser()
+
+    def asked(*argv):
+        return cli._mesh_requested(parser.parse_args(["variance", *argv]))
+
+    assert not asked("--out", "x")
+    assert asked("--devices", "all", "--out", "x")
+    saved = tmp_path / "config.json"
+    for devices, expected in ((None, False), ("2", True)):
+        saved.write_text(json.dumps({"study": {}, "devices": devices}))
+        assert asked("--config", str(saved), "--out", "x") is expected
+    assert asked("--config", str(tmp_path / "missing.json"), "--out", "x")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from rl_pg import checkpoint, enumerable, estimators, variance
+from rl_pg import checkpoint, distributed, enumerable, estimators, variance
 from rl_pg.variance import exact, report, statistics, study
 
 G = 4
@@ -578,8 +578,13 @@ def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
     np.testing.assert_array_equal(two.m2["reward_to_go"], one.m2["reward_to_go"])
     np.testing.assert_array_equal(np.stack(two.group_R_s), np.stack(one.group_R_s))
     np.testing.assert_array_equal(np.stack(two.group_s), np.stack(one.group_s))
+    _, perf_one_chunk = variance.trajectory_moments(params, twice, key, 2**10, 2**10, 2)
+    assert perf_one_chunk["gradient_devices"] == 1  # devices at work, not listed
     with pytest.raises(ValueError, match="at least one device"):
         variance.make_runners(problem, CONFIG, concurrent_devices=())
+    mesh = distributed.batch_mesh([device])
+    with pytest.raises(ValueError, match="combined with a mesh"):
+        variance.make_runners(problem, CONFIG, mesh, concurrent_devices=[device])
 
 
 def test_chunk_sums_keep_small_return_differences():
