@@ -264,3 +264,47 @@ def test_train_traces_under_vmap_over_seeds():
     assert metrics.env_steps.shape == (3, config.num_chunks)
     assert metrics.val_median.shape == (3, config.num_chunks)
     assert state.best_params.shape == (3, config.binning.num_states, 2)
+
+
+@pytest.mark.slow
+def test_keep_checkpoints_all_keeps_every_table_and_variance_refuses_the_run(
+    tmp_path,
+):
+    """`rl-pg train --algo qlearning --keep-checkpoints all` used to crash writing
+    checkpoints/evaluations/ (never created); the variance study then pointed the
+    user at --keep-checkpoints all instead of a policy-gradient run."""
+    from rl_pg.variance import report
+
+    config = ql.QLearningConfig(
+        num_envs=8,
+        total_env_steps=4096,
+        eval_every_steps=2048,
+        eval_episodes=4,
+        final_eval_episodes=4,
+        eval_max_score=20,
+    )
+    out = tmp_path / "run"
+    result = train.run(config, out, progress=False, gif=False, keep_checkpoints="all")
+    kept = sorted((out / "checkpoints" / "evaluations").iterdir())
+    assert [p.name for p in kept] == [f"env_steps_{n:012d}.npz" for n in (2048, 4096)]
+    q, _ = ql.load_checkpoint(kept[-1])
+    np.testing.assert_array_equal(q, result.state.q)
+    with pytest.raises(ValueError, match="qlearning run.*reinforce, a2c, ppo, grpo"):
+        report.run_checkpoints(out)
+
+
+def test_variance_refuses_a_value_based_run_by_its_config(tmp_path):
+    from rl_pg.variance import report
+
+    for algo in ("qlearning", "dqn"):
+        run = tmp_path / algo
+        (run / "checkpoints" / "evaluations" / "env_steps_000000000008").mkdir(
+            parents=True
+        )
+        (run / "config.json").write_text(json.dumps({"algo": algo}))
+        with pytest.raises(ValueError, match=f"a {algo} run.*needs a run of"):
+            report.run_checkpoints(run)
+    (tmp_path / "ppo").mkdir()
+    (tmp_path / "ppo" / "config.json").write_text(json.dumps({"algo": "ppo"}))
+    with pytest.raises(ValueError, match="keep-checkpoints all"):
+        report.run_checkpoints(tmp_path / "ppo")

@@ -524,7 +524,8 @@ def save_checkpoint(
     config: QLearningConfig,
     **metadata: Any,
 ) -> None:
-    """Write the table and its config to ``path`` (.npz), atomically."""
+    """Write the table and its config to ``path`` (.npz), atomically; creates
+    ``path``'s parent directories (``checkpoints/evaluations/``) as needed."""
     buffer = BytesIO()
     np.savez_compressed(
         buffer,
@@ -532,6 +533,7 @@ def save_checkpoint(
         config=np.asarray(_to_json(dataclasses.asdict(config))),
         metadata=np.asarray(_to_json(metadata)),
     )
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     io.atomic_write_bytes(path, buffer.getvalue())
 
 

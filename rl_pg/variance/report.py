@@ -177,10 +177,23 @@ def flappy_stages(
 
 def run_checkpoints(run_dir: str | Path) -> list[Path]:
     """The policies a training run kept at every evaluation
-    (``rl-pg train --keep-checkpoints all``), in training order."""
+    (``rl-pg train --keep-checkpoints all``), in training order. A run of a
+    value-based agent (Q-learning table, DQN Q-network) is refused: its
+    policies are not policy-gradient policies."""
     root = Path(run_dir) / "checkpoints" / "evaluations"
     if not Path(run_dir).is_dir():
         raise ValueError(f"--run {run_dir}: no such directory")
+    try:
+        algo = json.loads((Path(run_dir) / "config.json").read_text())["algo"]
+    except (OSError, ValueError, KeyError, TypeError):
+        algo = None  # not a training run: the message below
+    qualify = ("reinforce", "a2c", "ppo", "grpo")  # runs of policy gradients
+    if algo is not None and algo not in qualify:
+        raise ValueError(
+            f"{run_dir} is a {algo} run, whose policies are not policy-gradient "
+            f"policies: the variance study needs a run of {', '.join(qualify)} "
+            "(trained with --keep-checkpoints all)"
+        )
     found = (
         sorted(p for p in root.glob("env_steps_*") if p.is_dir())
         if root.is_dir()
