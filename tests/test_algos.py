@@ -221,17 +221,15 @@ _TINY = dict(hidden=(8,), eval_every_steps=1)
     ids=["reinforce", "grpo"],
 )
 def test_episodic_train_runs_and_counts_steps(module, config):
-    @functools.partial(jax.jit, static_argnums=0)
-    def updates(config, key):  # the updates of the run's one chunk, unreduced
-        state = module.init(config, key)
-        return jax.lax.scan(
-            lambda s, _: module.update(config, s), state, None, config.num_updates
-        )
+    config = dataclasses.replace(config, eval_every_steps=320)
 
-    state, metrics = updates(config, jax.random.PRNGKey(0))
-    num_updates = config.num_updates
-    assert num_updates == 2
-    assert metrics.loss.shape == (num_updates,)
+    @functools.partial(jax.jit, static_argnums=(0, 2))
+    def updates(config, key, n):  # n updates, unreduced
+        state = module.init(config, key)
+        return jax.lax.scan(lambda s, _: module.update(config, s), state, None, n)
+
+    state, metrics = updates(config, jax.random.PRNGKey(0), 2)
+    assert metrics.loss.shape == (2,)
     assert np.all(np.isfinite(np.asarray(metrics.loss)))
     assert np.all(np.asarray(metrics.grad_norm) > 0)
     # only live steps count: the padding after a crash is not an env step
@@ -240,14 +238,23 @@ def test_episodic_train_runs_and_counts_steps(module, config):
     np.testing.assert_array_equal(metrics.episodes, [4, 4])  # one per column
     assert np.all(live <= config.steps_per_update)
     assert np.any(live < config.steps_per_update)  # random birds crash early
-    assert int(state.update) == num_updates and state.stream is None
-    # the pure train (one update per chunk here) reports the same updates
+    assert int(state.update) == 2 and state.stream is None
+    # The pure train counts the budget (640) and the evaluations (every 320) in
+    # live steps: it updates until each multiple of 320 is passed, so it takes
+    # more updates than the 640 / 320 = 2 batches of slots would.
     run, out = jax.jit(module.train, static_argnums=0)(config, jax.random.PRNGKey(0))
-    assert int(run.train.update) == num_updates
-    np.testing.assert_array_equal(out.metrics["update"], [1, 2])
-    np.testing.assert_array_equal(out.metrics["train_episodes"], [4, 4])
-    np.testing.assert_array_equal(out.env_steps, metrics.env_steps)
-    np.testing.assert_allclose(out.metrics["loss"], metrics.loss, rtol=1e-5)
+    n = int(run.train.update)
+    _, every = updates(config, jax.random.PRNGKey(0), n)
+    steps = np.asarray(every.env_steps)
+    assert n > config.num_updates == 2 and steps[-1] >= 640 > steps[-2]
+    ends = [int(np.argmax(steps >= t)) for t in (320, 640)]  # first update past
+    np.testing.assert_array_equal(out.env_steps, steps[ends])
+    np.testing.assert_array_equal(out.metrics["update"], np.add(ends, 1))
+    np.testing.assert_array_equal(
+        out.metrics["train_episodes"], np.diff([-1, *ends]) * 4
+    )
+    first = every.loss[: ends[0] + 1]
+    np.testing.assert_allclose(out.metrics["loss"][0], np.mean(first), rtol=1e-5)
     assert (state.ref_params is not None) == (module is grpo)
     if module is grpo:  # the reference stays at the initial params, params move
         diff = jax.tree.map(

@@ -6,6 +6,7 @@ agreement between code paths, not learning.
 """
 
 import csv
+import dataclasses
 import json
 
 import jax
@@ -347,3 +348,50 @@ def test_a_sweep_cell_equals_the_single_run(tmp_path):
     _, a, *_ = checkpoint.load_policy(cell / "checkpoints/best")
     _, b, *_ = checkpoint.load_policy(single / "checkpoints/best")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
+
+
+# ------------------------------------------------------------------ episodic budgets
+
+
+@pytest.mark.slow
+def test_an_episodic_budget_and_its_evaluations_count_live_env_steps(tmp_path):
+    """REINFORCE's --total-env-steps and --eval-every-steps are live env steps, as
+    its metrics' env_steps and the progress bar: the run updates until the budget
+    is reached (it used to stop after budget / batch slots updates, a fraction of
+    the budget in live steps, with evaluations as far apart)."""
+    from rl_pg.algos import reinforce
+
+    config = reinforce.ReinforceConfig(
+        num_levels=2,
+        group_size=2,
+        horizon=80,
+        hidden=(8,),
+        total_env_steps=1000,
+        eval_every_steps=400,
+        eval_episodes=4,
+        final_eval_episodes=4,
+        eval_max_score=5,
+        stop_at_score=None,
+    )
+    batch = config.steps_per_update  # 320 slots, far fewer live steps
+    result = train.run(config, tmp_path / "run", progress=False, gif=False)
+    steps = [r["env_steps"] for r in result.metrics]
+    assert len(steps) == 3  # evaluations at 400, 800 and the budget, 1000
+    for row, target in zip(result.metrics, (400, 800, 1000), strict=True):
+        assert target <= row["env_steps"] < target + batch
+        assert row["live_env_steps"] == row["env_steps"]
+    assert result.metrics[-1]["update"] > config.num_updates  # 1000 // 320 = 3
+    assert result.eval["trained_env_steps"] == steps[-1] == int(result.state.env_steps)
+    config_json = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config_json["budget"] == "live env steps"
+    # Evaluations closer than one batch: one per update, none after the budget.
+    close = train.run(
+        dataclasses.replace(config, eval_every_steps=10),
+        tmp_path / "close",
+        progress=False,
+        gif=False,
+    )
+    updates = [r["update"] for r in close.metrics]
+    assert updates == list(range(1, len(updates) + 1))
+    env_steps = [r["env_steps"] for r in close.metrics]
+    assert env_steps[-1] >= 1000 > env_steps[-2]

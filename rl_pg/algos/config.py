@@ -231,9 +231,13 @@ class OnPolicyConfig(RunConfig):
         where a critic exists) after this many steps (None: the env's own
         limit, 10,000 steps for Flappy Bird, 500 for CartPole-v1).
       total_env_steps: training budget in env steps (all envs together); the run
-        does ``total_env_steps // steps_per_update`` updates.
+        does ``total_env_steps // steps_per_update`` updates. Episodic algorithms
+        (``LIVE_BUDGET``: REINFORCE family, GRPO) count live env steps (the steps
+        inside episodes, not the padding after one ended) and update until the
+        budget is reached (the last batch may overshoot it).
       lr: Adam learning rate.
-      anneal_lr: decay the learning rate linearly to 0 over the budget.
+      anneal_lr: decay the learning rate linearly to 0 over the budget (over the
+        live env steps, for ``LIVE_BUDGET`` algorithms).
       adam_eps: Adam's epsilon.
       max_grad_norm: clip the gradient's global norm to this (optax).
       reward_scale: rewards are multiplied by this before the loss (REFERENCE s.10:
@@ -245,6 +249,9 @@ class OnPolicyConfig(RunConfig):
     """
 
     SWEEPABLE: ClassVar[tuple[str, ...]] = ("lr", "reward_scale")
+    # Budget and evaluations in live env steps, reached by a data-dependent number
+    # of updates (episodic batches); False: whole batches, all of them live.
+    LIVE_BUDGET: ClassVar[bool] = False
 
     seed: int = 0
     env_id: str = "FlappyBird-v0"
@@ -278,6 +285,7 @@ class OnPolicyConfig(RunConfig):
 
     @property
     def num_updates(self) -> int:
+        """Updates in the budget (``LIVE_BUDGET``: the fewest it can take)."""
         return self.total_env_steps // self.steps_per_update
 
     @property

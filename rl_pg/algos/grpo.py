@@ -26,6 +26,10 @@ class GRPOConfig(OnPolicyConfig):
     """GRPO hyperparameters (plus the shared fields of ``OnPolicyConfig``).
 
     Attributes:
+      total_env_steps: training budget in live env steps (steps inside
+        episodes, not the padding after one ended): updates go on until it is
+        reached, so the last batch may overshoot it.
+      eval_every_steps: live env steps between validation evaluations.
       num_levels: levels ("prompts") per batch.
       group_size: G, episodes per level (>= 2).
       horizon: steps per episode at most (batch length T).
@@ -44,9 +48,10 @@ class GRPOConfig(OnPolicyConfig):
         "clip_eps",
         "ent_coef",
     )
+    LIVE_BUDGET: ClassVar[bool] = True  # budget and evaluations in live env steps
 
     total_env_steps: int = 20_000_000
-    eval_every_steps: int = 524_288  # 16 updates
+    eval_every_steps: int = 524_288  # live env steps
     num_levels: int = 16
     group_size: int = 8
     horizon: int = 256

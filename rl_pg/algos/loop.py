@@ -174,14 +174,22 @@ def greedy_act_fn(policy: policies.Policy):
 # ----------------------------------------------------------------------- optimizer
 
 
-def make_optimizer(config: OnPolicyConfig) -> optax.GradientTransformation:
+def make_optimizer(
+    config: OnPolicyConfig, env_steps: jax.Array | None = None
+) -> optax.GradientTransformation:
     """``chain(clip_by_global_norm, adam)``, with linear annealing if asked.
 
     The annealing schedule reaches 0 after ``num_updates x gradient steps per
-    update`` optimizer steps (the whole budget).
+    update`` optimizer steps (the whole budget). With ``config.LIVE_BUDGET`` the
+    number of updates is not known in advance: the rate of an update is
+    ``lr * max(0, 1 - env_steps / total_env_steps)`` (``env_steps`` before it;
+    None, for ``init``: the same state structure).
     """
     lr: float | optax.Schedule = config.lr
-    if config.anneal_lr:
+    if config.anneal_lr and config.LIVE_BUDGET:
+        if env_steps is not None:
+            lr = lr * jnp.maximum(0.0, 1.0 - env_steps / config.total_env_steps)
+    elif config.anneal_lr:
         total = config.num_updates * config.gradient_steps_per_update
         lr = optax.linear_schedule(config.lr, 0.0, total)
     return optax.chain(
@@ -303,9 +311,15 @@ def ordered_mean(x: jax.Array) -> jax.Array:
     so under ``vmap`` a seed's metric would change in the last bit with the number
     of seeds beside it; a sequential sum (a ``lax.scan``) does not.
     """
+    return ordered_sum(x) / x.size
+
+
+def ordered_sum(x: jax.Array) -> jax.Array:
+    """Sum of all elements, one after another in index order (see
+    :func:`ordered_mean`)."""
     flat = jnp.ravel(x)
     total, _ = jax.lax.scan(lambda c, v: (c + v, None), jnp.zeros((), flat.dtype), flat)
-    return total / flat.shape[0]
+    return total
 
 
 def sgd_on_batch(
@@ -443,7 +457,7 @@ def _learn(
         batch = prepare(batch)
     params, opt_state, stats = sgd_on_batch(
         loss_fn,
-        make_optimizer(config),
+        make_optimizer(config, state.env_steps),
         state.params,
         state.opt_state,
         batch,
@@ -572,23 +586,49 @@ def _chunk_metrics(
 ) -> dict[str, jax.Array]:
     """A chunk's ``metrics.csv`` columns from its [n] updates' metrics: means of
     the loss terms, sums of the episode counts."""
-    episodes = jnp.sum(m.episodes)
-    lr = jnp.asarray(config.lr, jnp.float32)
-    if config.anneal_lr:
-        lr = lr * jnp.maximum(0.0, 1.0 - state.update / config.num_updates)
     bad = ~(jnp.isfinite(m.loss) & jnp.isfinite(m.grad_norm))
     first_update = state.update - m.loss.shape[0] + 1
+    totals = _Totals(
+        count=jnp.asarray(m.loss.shape[0], jnp.int32),
+        sums={name: ordered_sum(getattr(m, name)) for name in _LOSS_COLUMNS},
+        episodes=jnp.sum(m.episodes),
+        score_sum=jnp.sum(m.score_sum),
+        score_max=jnp.max(m.score_max),
+        first_bad=jnp.where(jnp.any(bad), first_update + jnp.argmax(bad), -1),
+    )
+    return _columns(config, state, totals)
+
+
+class _Totals(NamedTuple):
+    """A chunk's update metrics reduced so far (sums in update order)."""
+
+    count: jax.Array  # int32 updates
+    sums: dict[str, jax.Array]  # _LOSS_COLUMNS, summed one after another
+    episodes: jax.Array
+    score_sum: jax.Array
+    score_max: jax.Array
+    first_bad: jax.Array  # int32 first update with a non-finite loss, or -1
+
+
+def _columns(
+    config: OnPolicyConfig, state: TrainState, t: _Totals
+) -> dict[str, jax.Array]:
+    """``metrics.csv`` columns from a chunk's totals (``state``: after it)."""
+    lr = jnp.asarray(config.lr, jnp.float32)
+    if config.anneal_lr and config.LIVE_BUDGET:
+        lr = lr * jnp.maximum(0.0, 1.0 - state.env_steps / config.total_env_steps)
+    elif config.anneal_lr:
+        lr = lr * jnp.maximum(0.0, 1.0 - state.update / config.num_updates)
+    count = jnp.maximum(t.count, 1)
     return dict(
         update=state.update,
         live_env_steps=state.env_steps,
         lr=lr,
-        **{name: ordered_mean(getattr(m, name)) for name in _LOSS_COLUMNS},
-        train_episodes=episodes,
-        train_score_mean=jnp.sum(m.score_sum) / jnp.maximum(episodes, 1),
-        train_score_max=jnp.max(m.score_max),
-        first_nonfinite_update=jnp.where(
-            jnp.any(bad), first_update + jnp.argmax(bad), -1
-        ),
+        **{name: t.sums[name] / count for name in _LOSS_COLUMNS},
+        train_episodes=t.episodes,
+        train_score_mean=t.score_sum / jnp.maximum(t.episodes, 1),
+        train_score_max=t.score_max,
+        first_nonfinite_update=t.first_bad,
     )
 
 
@@ -614,7 +654,15 @@ COLUMNS = (
 
 
 def chunk_sizes(config: OnPolicyConfig) -> tuple[int, ...]:
-    """Updates per chunk: ``updates_per_eval`` each, the remainder last."""
+    """Updates per chunk: ``updates_per_eval`` each, the remainder last.
+
+    ``LIVE_BUDGET``: ``ceil(total_env_steps / eval_every_steps)`` chunks of
+    ``eval_every_steps`` live env steps (:func:`steps_until`), the most a run
+    can need; the driver skips those left once the budget is spent.
+    """
+    if config.LIVE_BUDGET:
+        every = config.eval_every_steps
+        return (every,) * -(-config.total_env_steps // every)
     per_eval = config.updates_per_eval
     sizes = (per_eval,) * (config.num_updates // per_eval)
     remainder = config.num_updates % per_eval
@@ -645,12 +693,58 @@ def save_policy(directory: str | Path, config: Any, params: Any, **extra: Any) -
 
 def describe(config: OnPolicyConfig) -> dict[str, Any]:
     """What ``config.json`` records besides the config."""
+    if config.LIVE_BUDGET:
+        return dict(
+            policy=policy_spec(config),
+            steps_per_update=config.steps_per_update,
+            budget="live env steps",
+        )
     return dict(
         policy=policy_spec(config),
         steps_per_update=config.steps_per_update,
         num_updates=config.num_updates,
         updates_per_eval=config.updates_per_eval,
     )
+
+
+def steps_until(
+    update: Callable[[Any, TrainState], tuple[TrainState, UpdateMetrics]],
+    config: OnPolicyConfig,
+    state: TrainState,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """Updates until the live env steps reach the next multiple of
+    ``eval_every_steps`` (at most ``total_env_steps``): one chunk of a
+    ``LIVE_BUDGET`` run, in a ``lax.while_loop`` (jittable, vmappable). A run
+    whose budget is spent does no update. Returns (state, chunk columns)."""
+    every = config.eval_every_steps
+    target = jnp.minimum((state.env_steps // every + 1) * every, config.total_env_steps)
+    zero = jnp.zeros((), jnp.float32)
+    totals = _Totals(
+        count=jnp.asarray(0, jnp.int32),
+        sums={name: zero for name in _LOSS_COLUMNS},
+        episodes=jnp.asarray(0, jnp.int32),
+        score_sum=zero,
+        score_max=jnp.asarray(0, jnp.int32),
+        first_bad=jnp.asarray(-1, jnp.int32),
+    )
+
+    def body(carry: tuple[TrainState, _Totals]) -> tuple[TrainState, _Totals]:
+        state, t = carry
+        state, m = update(config, state)
+        bad = ~(jnp.isfinite(m.loss) & jnp.isfinite(m.grad_norm))
+        return state, _Totals(
+            count=t.count + 1,
+            sums={k: t.sums[k] + getattr(m, k) for k in _LOSS_COLUMNS},
+            episodes=t.episodes + m.episodes,
+            score_sum=t.score_sum + m.score_sum,
+            score_max=jnp.maximum(t.score_max, m.score_max),
+            first_bad=jnp.where((t.first_bad < 0) & bad, state.update, t.first_bad),
+        )
+
+    state, totals = jax.lax.while_loop(
+        lambda carry: carry[0].env_steps < target, body, (state, totals)
+    )
+    return state, _columns(config, state, totals)
 
 
 def make_algorithm(
@@ -663,6 +757,9 @@ def make_algorithm(
     a chunk is ``n`` updates in one ``lax.scan``."""
 
     def steps(config, state, n):
+        if config.LIVE_BUDGET:
+            return steps_until(update, config, state)
+
         def body(state: TrainState, _):
             return update(config, state)
 

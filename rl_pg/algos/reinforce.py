@@ -36,6 +36,11 @@ class ReinforceConfig(OnPolicyConfig):
     """REINFORCE-family hyperparameters (plus ``OnPolicyConfig``'s fields).
 
     Attributes:
+      total_env_steps: training budget in live env steps (steps inside
+        episodes; the padding after an episode ended is not counted): updates
+        go on until it is reached, so the last batch may overshoot it.
+      eval_every_steps: live env steps between validation evaluations (each
+        evaluation comes after the first update that passes a multiple of it).
       estimator: a name in ``rl_pg.estimators.ESTIMATORS``.
       num_levels: levels per batch.
       group_size: episodes per level (>= 2 for ``rloo``).
@@ -53,8 +58,9 @@ class ReinforceConfig(OnPolicyConfig):
         "ent_coef",
         "vf_coef",
     )
+    LIVE_BUDGET: ClassVar[bool] = True  # budget and evaluations in live env steps
 
-    eval_every_steps: int = 524_288  # 64 updates
+    eval_every_steps: int = 524_288  # live env steps
     estimator: str = "rloo"
     num_levels: int = 8
     group_size: int = 4
