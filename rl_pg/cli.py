@@ -331,7 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train fully inside jit, evaluate on held-out levels and write "
         "config.json, metrics.csv, eval.json, checkpoints, learning_curve.png and "
         "agent.gif into --out. Any config field can be set as --field-name VALUE "
-        "(see --help-config).",
+        "(see --help-config). --total-env-steps, --eval-every-steps and the "
+        "progress bar count env steps; for reinforce and grpo (episodic batches) "
+        "the live steps inside episodes, not the padding after one ended, and "
+        "updates go on until the budget is reached.",
     )
     train.add_argument("--algo", required=True, help=algo_help)
     train.add_argument(
@@ -438,6 +441,7 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
     it is.
     """
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "takes_extra", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
@@ -451,11 +455,31 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
             args.func(args, extra)
         else:
             args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C: one line, what to run next, exit 130
+        hint = _recovery(args, argv, None)
+        print(f"rl-pg {args.command}: interrupted{hint}", file=sys.stderr)
+        raise SystemExit(130) from None
     except (ValueError, OSError) as error:  # bad input, missing or existing files
         message = " ".join(str(error).split())  # one line
-        print(f"rl-pg {args.command}: error: {message}", file=sys.stderr)
+        hint = _recovery(args, argv, error)
+        print(f"rl-pg {args.command}: error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Exception as error:  # a bug: its traceback, then what to run next
+        hint = _recovery(args, argv, error)
+        if hint:
+            print(f"rl-pg {args.command}: failed{hint}", file=sys.stderr)
+        raise
     print(f"done in {time.perf_counter() - start:.1f} s")
+
+
+def _recovery(args, argv: list[str], error: BaseException | None) -> str:
+    """``rl-pg train``: the run directory left behind and the command to run
+    (``rl_pg.runs.commands.recovery_hint``); other commands: ``""``."""
+    if args.command != "train" or not args.out or args.help_config:
+        return ""
+    from rl_pg.runs import commands
+
+    return commands.recovery_hint(args.out, argv, error, args.keep_checkpoints)
 
 
 def _mesh_requested(args) -> bool:

@@ -3,6 +3,7 @@ sweep``, :func:`rl_pg.runs.sweep.sweep_main`)."""
 
 import functools
 import json
+import shlex
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -191,3 +192,46 @@ def _sampling_act_fn(policy):
         return jax.random.categorical(key, logits).astype(jnp.int32)
 
     return act
+
+
+def recovery_hint(
+    out_dir: str | Path,
+    argv: list[str],
+    error: BaseException | None = None,
+    keep_checkpoints: str = "best",
+) -> str:
+    """What to run after ``rl-pg train --out OUT_DIR`` (``argv``) died with
+    ``error`` (None: interrupted), as ``"; ..."`` to end its one-line message;
+    ``""`` where ``out_dir`` holds no unfinished run.
+
+    An unfinished run is resumable: its directory and the ``--resume`` command
+    are named (options come from its ``config.json``; before that file exists,
+    the command given again, which starts the run in place). A non-finite loss
+    recurs on resuming: the directory is named, to be deleted.
+    """
+    out = Path(out_dir)
+    if not out.is_dir() or (out / "eval.json").is_file():
+        return ""
+    names = {p.name for p in out.iterdir()}
+    if "config.json" not in names and names != {io.CLAIM_FILE}:
+        return ""  # not a run this command wrote
+    if isinstance(error, driver.NonFiniteLossError):
+        return (
+            f"; the stopped run in {out} would stop there again if resumed: delete "
+            f"it (rm -r {shlex.quote(str(out))}) or choose a new --out"
+        )
+    if "config.json" in names:
+        argv = ["train", "--algo", _saved_algo(out, argv), "--out", str(out)]
+        if keep_checkpoints != "best":
+            argv += ["--keep-checkpoints", keep_checkpoints]
+    command = shlex.join(
+        ["rl-pg", *argv, *(() if "--resume" in argv else ["--resume"])]
+    )
+    return f"; the run in {out} is resumable: {command}"
+
+
+def _saved_algo(out: Path, argv: list[str]) -> str:
+    try:
+        return str(json.loads((out / "config.json").read_text())["algo"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return argv[argv.index("--algo") + 1] if "--algo" in argv else "ALGO"

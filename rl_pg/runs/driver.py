@@ -320,9 +320,22 @@ def train_batch(
         disable=not progress,
         desc=batch.algorithm.name,
     )
+    try:  # the bar ends its line, also on an error or Ctrl-C
+        return _train_chunks(batch, runs, sizes[first:], bar, max_evals, callback)
+    finally:
+        bar.close()
+
+
+def _train_chunks(batch, runs, sizes, bar, max_evals, callback):
+    """:func:`train_batch`'s loop over the chunks ``sizes`` left."""
     completed = True
-    for done, n in enumerate(sizes[first:]):
-        active = ~np.asarray(runs.stopped)
+    for done, n in enumerate(sizes):
+        # A run stops at its stop rule, or once its budget is spent (an episodic
+        # run may spend it before its last possible chunk: see loop.chunk_sizes).
+        spent = np.asarray(batch.algorithm.env_steps(runs.train)) >= (
+            batch.static.total_env_steps
+        )
+        active = ~np.asarray(runs.stopped) & ~spent
         if not active.any():
             break
         if max_evals is not None and done >= max_evals:
@@ -333,7 +346,7 @@ def train_batch(
         )
         out = jax.device_get(out)
         _check_finite(out, active)
-        last = first + done + 1 == len(sizes)
+        last = done + 1 == len(sizes)
         runs = _record(batch, runs, out, active, callback, last)
         bar.update(max(0, int(np.max(out.env_steps)) - bar.n))
         bar.set_postfix(
@@ -341,7 +354,6 @@ def train_batch(
             best=float(np.max(out.best_median)),
             refresh=False,
         )
-    bar.close()
     return runs, completed
 
 

@@ -1,0 +1,138 @@
+"""A training run that dies (Ctrl-C, an error, a non-finite loss) ends with one
+line naming its directory and the command to run next, and leaves that directory
+resumable (or, where resuming would fail again, says to delete it)."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rl_pg import cli, io
+from rl_pg.runs import commands, driver
+
+ROOT = Path(__file__).resolve().parents[1]
+QTINY = [
+    "--num-envs", "8",
+    "--total-env-steps", "4096",
+    "--eval-every-steps", "2048",
+    "--eval-episodes", "4",
+    "--final-eval-episodes", "4",
+    "--eval-max-score", "20",
+]  # fmt: skip
+
+
+def _train_argv(out):
+    return ["train", "--algo", "qlearning", "--out", str(out), *QTINY]
+
+
+def _command_in(stderr: str) -> list[str]:
+    """The ``rl-pg ...`` command a message ends with, as argv (no ``rl-pg``)."""
+    argv = shlex.split(stderr.strip().splitlines()[-1].split(": ")[-1])
+    assert argv[0] == "rl-pg"
+    return argv[1:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_exit_130_and_a_resumable_run(tmp_path):
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl_pg.cli", *_train_argv(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    deadline = time.monotonic() + 120
+    while not (out / "config.json").is_file() and proc.poll() is None:
+        assert time.monotonic() < deadline, "the run never started"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # while it compiles or trains
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("rl-pg train: interrupted; the run in ")
+    assert last.endswith("--resume") and str(out) in last
+    assert not (out / "eval.json").exists()
+    cli.main(_command_in(stderr))  # the command it names completes the run
+    assert (out / "eval.json").is_file()
+
+
+def test_an_interrupt_names_the_directory_and_the_resume_command(
+    tmp_path, monkeypatch, capsys
+):
+    """In process: Ctrl-C (a KeyboardInterrupt) during training, then a bug."""
+    out = tmp_path / "run"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(driver, "train_batch", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(_train_argv(out) + ["--keep-checkpoints", "all"])
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert _command_in(err) == [
+        "train", "--algo", "qlearning", "--out", str(out),
+        "--keep-checkpoints", "all", "--resume",
+    ]  # fmt: skip
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(driver, "train_batch", bug)
+    with pytest.raises(RuntimeError, match="a bug"):  # its traceback is kept
+        cli.main(_command_in(err))
+    err = capsys.readouterr().err
+    assert err.startswith(f"rl-pg train: failed; the run in {out} is resumable")
+    # The same command without --resume is refused, naming the resume command.
+    with pytest.raises(SystemExit) as stop:
+        cli.main(_train_argv(out))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and err.strip().endswith(f"--out {out} --resume")
+
+
+def test_a_non_finite_loss_names_the_directory_to_delete(tmp_path, capsys):
+    out = tmp_path / "inf"
+    argv = [
+        "train", "--algo", "ppo", "--out", str(out), "--num-envs", "4",
+        "--num-steps", "16", "--num-minibatches", "1", "--update-epochs", "1",
+        "--hidden", "8", "--total-env-steps", "128", "--eval-every-steps", "64",
+        "--eval-episodes", "2", "--eval-max-score", "5", "--reward-scale", "1e38",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("rl-pg train: error: non-finite loss at update 1")
+    assert f"delete it (rm -r {out})" in err
+
+
+def test_recovery_hint_cases(tmp_path):
+    out = tmp_path / "run"
+    argv = ["train", "--algo", "ppo", "--out", str(out), "--lr", "0.1"]
+    assert commands.recovery_hint(out, argv) == ""  # nothing created
+    out.mkdir()
+    (out / io.CLAIM_FILE).touch()  # killed before config.json: the same options
+    assert commands.recovery_hint(out, argv).endswith(
+        f"rl-pg train --algo ppo --out {out} --lr 0.1 --resume"
+    )
+    (out / "config.json").write_text('{"algo": "ppo"}')  # options from config.json
+    assert commands.recovery_hint(out, argv, ValueError("x")) == (
+        f"; the run in {out} is resumable: rl-pg train --algo ppo --out {out} --resume"
+    )
+    (out / "eval.json").write_text("{}")  # finished
+    assert commands.recovery_hint(out, argv) == ""
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")  # not a run: never named
+    assert commands.recovery_hint(other, argv) == ""
