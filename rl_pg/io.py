@@ -4,6 +4,8 @@ import contextlib
 import json
 import os
 import platform
+import shutil
+import sys
 import tempfile
 from importlib import metadata
 from pathlib import Path
@@ -44,6 +46,48 @@ def new_out_dir(path: str | os.PathLike) -> Path:
     except FileExistsError:
         raise _refusal(path) from None
     return path
+
+
+@contextlib.contextmanager
+def owned_output(path: str | os.PathLike, command: str = "rl-pg"):
+    """Claim ``path`` (:func:`new_out_dir`) for a command; undo it if the
+    command dies.
+
+    Yields the claimed directory. On Ctrl-C (``KeyboardInterrupt``) or any
+    exception, everything the command wrote there and the claim are removed
+    (the directory too, unless it existed, empty, before), so that the same
+    command may run again; a Ctrl-C then prints one line to stderr and exits
+    with status 130 (``SystemExit(130)``), other exceptions propagate. Use it
+    where partial results cannot be resumed; a resumable command (``rl-pg
+    train``) keeps its directory and names the ``--resume`` command instead.
+    """
+    path = Path(path)
+    existed = path.is_dir()
+    out = new_out_dir(path)
+    try:
+        yield out
+    except BaseException as error:
+        if isinstance(error, SystemExit) and not error.code:
+            raise  # a normal exit is not a failure
+        _remove_contents(out)
+        if not existed:
+            out.rmdir()
+        if isinstance(error, KeyboardInterrupt):
+            print(
+                f"{command}: interrupted; removed the partial results in {out}: "
+                "the same command starts again",
+                file=sys.stderr,
+            )
+            raise SystemExit(130) from None
+        raise
+
+
+def _remove_contents(path: Path) -> None:
+    for entry in path.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _refusal(path: Path) -> FileExistsError:

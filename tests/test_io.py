@@ -60,3 +60,42 @@ def test_atomic_path_exclusive_never_overwrites(tmp_path):
         tmp.write_bytes(b"second")
     assert path.read_bytes() == b"first"
     assert [p.name for p in tmp_path.iterdir()] == ["a.gif"]
+
+
+def test_owned_output_keeps_a_finished_result(tmp_path):
+    with io.owned_output(tmp_path / "out") as out:
+        (out / "report.md").write_text("done")
+    assert (out / "report.md").read_text() == "done"
+    assert (out / io.CLAIM_FILE).is_file()  # still claimed: never overwritten
+    with pytest.raises(FileExistsError), io.owned_output(out):
+        pass
+
+
+def test_owned_output_on_ctrl_c_removes_what_it_wrote_and_exits_130(tmp_path, capsys):
+    out = tmp_path / "study"
+    claim = io.owned_output(out, "rl-pg variance")
+    with pytest.raises(SystemExit) as stop, claim as claimed:
+        io.write_json(claimed / "config.json", {"a": 1})
+        (claimed / "plots").mkdir()
+        (claimed / "plots" / "x.png").write_bytes(b"png")
+        raise KeyboardInterrupt
+    assert stop.value.code == 130
+    assert not out.exists()  # claim and partial files gone
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rl-pg variance: interrupted")
+    with io.owned_output(out) as again:  # the same command may run again
+        assert again == out
+
+
+def test_owned_output_on_an_error_empties_a_given_empty_directory(tmp_path):
+    out = tmp_path / "empty"
+    out.mkdir()
+    with pytest.raises(ValueError, match="bad"), io.owned_output(out) as claimed:
+        (claimed / "results.csv").write_text("partial")
+        raise ValueError("bad")
+    assert out.is_dir() and not any(out.iterdir())  # as it was given
+    # An exit with an error code is a failure too.
+    with pytest.raises(SystemExit) as stop, io.owned_output(out) as claimed:
+        (claimed / "results.csv").write_text("partial")
+        raise SystemExit(2)
+    assert stop.value.code == 2 and not any(out.iterdir())
