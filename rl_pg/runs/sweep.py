@@ -23,7 +23,7 @@ import numpy as np
 
 from rl_pg import io
 from rl_pg.algos import registry
-from rl_pg.runs import files, overrides
+from rl_pg.runs import files, overrides, tensorboard
 from rl_pg.runs.driver import Batch, Member, pick, train_batch
 
 SUMMARY_COLUMNS = (
@@ -116,10 +116,13 @@ def sweep_main(
     *,
     gif: bool = True,
     progress: bool = True,
+    log: str | None = None,
 ) -> list[dict[str, Any]]:
     """``rl-pg sweep``: train the grid x seeds side by side; write one run
     directory per run, ``summary.csv`` and ``sweep.png``. Returns the summary
-    rows. Every input is checked before anything is compiled or written."""
+    rows. ``log="tensorboard"``: TensorBoard logs in every run directory. Every
+    input is checked before anything is compiled or written."""
+    tensorboard.check_log(log)
     grid_cells, runs = plan(algo, options, num_seeds)
     io.check_out_dir(out_dir)
     algorithm = registry.get(algo)
@@ -139,7 +142,12 @@ def sweep_main(
         run_dir = io.new_out_dir(_run_dir(out, cell, seed))
         io.write_config(run_dir, files.run_config(algorithm, config))
         (run_dir / "checkpoints").mkdir()
-        members.append(Member(algorithm, config, run_dir))
+        member = Member(algorithm, config, run_dir)
+        if log is not None:
+            member.log = tensorboard.TensorBoardLog(
+                run_dir, files.run_config(algorithm, config)
+            )
+        members.append(member)
     start = time.perf_counter()
     for member in members:
         member.clock = start
