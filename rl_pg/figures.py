@@ -520,6 +520,7 @@ def study_figures(
     SVG. ``rows``: ``results.csv``'s rows as dicts (e.g. ``result_rows``).
     Returns the files written."""
     plt = _pyplot()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for stem, metric in STUDY_FIGURES.items():
         fig = study_figure(rows, metric, rescaled=rescaled)
@@ -672,3 +673,41 @@ def plot(
     if estimators:
         raise ValueError("--estimators applies to a variance study's results only")
     return plot_run(directory, metric or "score", fmt, out)
+
+
+# ------------------------------------------------------- performance profiles
+
+
+def profile_figure(profile: dict[str, Any], xlabel: str = "held-out score (pipes)"):
+    """Performance profiles (Agarwal et al. 2021): the fraction of runs scoring
+    above tau, one line per group with its 95% bootstrap band
+    (:func:`rl_pg.runs.aggregate.performance_profiles`' output)."""
+    plt = _pyplot()
+    taus = np.asarray(profile["taus"], float)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
+        for i, (name, y) in enumerate(profile["profiles"].items()):
+            color = OKABE_ITO[i % len(OKABE_ITO)]
+            style = LINESTYLES[(i // len(OKABE_ITO)) % len(LINESTYLES)]
+            ax.plot(
+                taus,
+                y,
+                color=color,
+                linestyle=style,
+                label=name,
+                gid=f"series:profile:{name}",
+            )
+            ax.fill_between(
+                taus,
+                profile["lo"][name],
+                profile["hi"][name],
+                color=color,
+                alpha=0.15,
+                lw=0,
+            )
+        ax.set_xlabel(xlabel + r" $\tau$")
+        ax.set_ylabel(r"fraction of runs with score $> \tau$")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.25, lw=0.5)
+        ax.legend(frameon=False)
+    return fig

@@ -7,7 +7,9 @@ chunks (:mod:`rl_pg.runs.driver`): the swept fields are the config's
 Each run gets its own directory, with the same files as ``rl-pg train``, bit for
 bit what ``jit(vmap(train))`` returns for it on the CPU (a single ``rl-pg train``
 run, a batch of one, agrees up to float rounding); ``summary.csv`` and
-``sweep.png`` (held-out median per cell, seeds as points) sum it up.
+``sweep.png`` (held-out median per cell, seeds as points) sum it up; with
+rliable (``rl_pg[viz]``) also ``aggregate.csv``/``.md`` (IQM and median over
+seeds with stratified-bootstrap 95% intervals) and ``performance_profile.png``.
 """
 
 import csv
@@ -171,7 +173,52 @@ def sweep_main(
         )
     _write_summary(out / "summary.csv", summary, list(grid_cells[0]))
     _plot(out / "sweep.png", summary, grid_cells, algo)
+    seed_statistics(out, summary, grid_cells)
     return summary
+
+
+def _label(cell: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in cell.items()) or "defaults"
+
+
+def seed_statistics(
+    out: Path, rows: list[dict], grid_cells: list[dict]
+) -> dict[str, dict] | None:
+    """Per cell, the IQM and median of the runs' held-out median scores with
+    95% stratified-bootstrap intervals (rliable, :mod:`rl_pg.runs.aggregate`)
+    into ``aggregate.csv`` and ``aggregate.md``, and the performance profiles
+    into ``performance_profile.png/.pdf/.svg``. Without rliable: one line
+    saying which extra to install, and None."""
+    from rl_pg import extras, figures
+    from rl_pg.runs import aggregate
+
+    scores = {
+        _label(cell): [r["median_score"] for r in rows if r["cell"] == c]
+        for c, cell in enumerate(grid_cells)
+    }
+    feature = "rl-pg sweep's seed statistics"
+    try:
+        stats = aggregate.interval_estimates(scores, feature=feature)
+        profile = aggregate.performance_profiles(scores, feature=feature)
+    except extras.MissingExtraError as error:
+        print(f"skipped: {error}")
+        return None
+    columns = ["cell", *grid_cells[0], "label", *aggregate.STAT_COLUMNS]
+    table = [
+        dict(cell=c, **cell, label=_label(cell), **stats[_label(cell)])
+        for c, cell in enumerate(grid_cells)
+    ]
+    with io.atomic_path(out / "aggregate.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+    io.atomic_write_text(
+        out / "aggregate.md", aggregate.markdown_table(stats, "cell") + "\n"
+    )
+    fig = figures.profile_figure(profile)
+    figures.save(fig, out / "performance_profile.png", figures.FORMATS)
+    figures._pyplot().close(fig)
+    return stats
 
 
 def _write_summary(path: Path, rows: list[dict], names: list[str]) -> None:
@@ -189,10 +236,7 @@ def _plot(path: Path, rows: list[dict], grid_cells: list[dict], algo: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [
-        ", ".join(f"{k}={v:g}" for k, v in cell.items()) or "defaults"
-        for cell in grid_cells
-    ]
+    labels = [_label(cell) for cell in grid_cells]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4))
     for c in range(len(grid_cells)):
         medians = [r["median_score"] for r in rows if r["cell"] == c]
