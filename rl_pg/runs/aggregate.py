@@ -9,6 +9,7 @@ task here, so the strata are the task's runs), and the performance profile
 P(score > tau) over runs with its bootstrap band. ``pip install 'rl_pg[viz]'``.
 """
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -34,6 +35,20 @@ def _rliable(feature: str):
     from rliable import library, metrics
 
     return library, metrics
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """rliable 1.2 draws its bootstrap indices from numpy's global RNG (its
+    ``random_state`` only reaches arch): seed it here, restore it afterwards."""
+    saved = np.random.get_state()  # noqa: NPY002
+    np.random.seed(seed)  # noqa: NPY002
+    try:
+        with warnings.catch_warnings():  # arch deprecates rliable's random_state
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        np.random.set_state(saved)  # noqa: NPY002
 
 
 def _score_dict(scores: Mapping[str, Sequence[float]]) -> dict[str, np.ndarray]:
@@ -65,8 +80,7 @@ def interval_estimates(
     # rliable's aggregate_median is the median over tasks of the mean over
     # runs: with one task, a mean; the median over the runs is taken instead
     aggregate = lambda x: np.array([metrics.aggregate_iqm(x), np.median(x)])
-    with warnings.catch_warnings():  # arch deprecates rliable's random_state
-        warnings.simplefilter("ignore", FutureWarning)
+    with _seeded(seed):
         points, intervals = library.get_interval_estimates(
             score_dict,
             aggregate,
@@ -111,16 +125,10 @@ def performance_profiles(
         top = max(float(a.max()) for a in score_dict.values())
         taus = np.linspace(0.0, max(top, 1.0), 101)
     taus = np.asarray(taus, float)
-    saved = np.random.get_state()  # noqa: NPY002 (rliable draws from the global RNG)
-    np.random.seed(seed)  # noqa: NPY002
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            profiles, bands = library.create_performance_profile(
-                score_dict, taus, reps=reps
-            )
-    finally:
-        np.random.set_state(saved)  # noqa: NPY002
+    with _seeded(seed):
+        profiles, bands = library.create_performance_profile(
+            score_dict, taus, reps=reps
+        )
     return dict(
         taus=taus,
         profiles={k: np.asarray(v) for k, v in profiles.items()},
