@@ -196,7 +196,7 @@ def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list
         if fmt not in FORMATS:
             raise ValueError(f"figure format must be one of {FORMATS}, got {fmt!r}")
         target = path.with_suffix(f".{fmt}")
-        io.save_figure(fig, target, dpi=200 if fmt == "png" else None)
+        io.save_figure(fig, target, dpi=150 if fmt == "png" else None)
         written.append(target)
     return written
 
@@ -324,6 +324,7 @@ def facet_figure(
             figsize=(0.4 + 1.9 * len(families), 0.9 + 1.55 * len(rows)),
             layout="constrained",
         )
+        unbounded = False
         for i, row in enumerate(rows):
             for j, family in enumerate(families):
                 ax = axes[i, j]
@@ -332,48 +333,91 @@ def facet_figure(
                     for n, v in table[row].items()
                     if styles[n]["family"] == family.name
                 }
-                if reference is not None:
-                    _reference(ax, reference, mine, j == 0)
-                for name, series in mine.items():
-                    label = display_name(name) + ("*" if name in rescaled else "")
-                    _draw_series(ax, name, series, styles[name], label, row)
-                    _draw_band(ax, series, family.color, yscale, limits)
+                unbounded |= _panel(
+                    ax,
+                    mine,
+                    styles,
+                    reference,
+                    row=row,
+                    yscale=yscale,
+                    limits=limits,
+                    rescaled=rescaled,
+                    label_reference=j == 0,
+                )
                 _decorate(ax, yscale, limits, scale, xlog, xticks)
-                if mine and not _finite(*(v.y for v in mine.values())).size:
-                    ax.text(
-                        0.5,
-                        0.5,
-                        "no finite value\n(mean indistinguishable from 0)",
-                        transform=ax.transAxes,
-                        ha="center",
-                        va="center",
-                        fontsize=6,
-                        color=REFERENCE_COLOR,
-                    )
-                if i == len(rows) - 1:
-                    ax.set_xlabel(xlabel)
-                if j == 0 and row:
-                    ax.set_ylabel(row, fontweight="bold")
-                if i == 0:
-                    ax.legend(
-                        loc="lower left",
-                        bbox_to_anchor=(0.0, 1.02),
-                        frameon=False,
-                        title=family.name,
-                        borderaxespad=0,
-                        alignment="left",
-                        handlelength=2.6,
-                    )
+                _label_panel(ax, mine, family, row, xlabel, i == len(rows) - 1, j, i)
         fig.supylabel(ylabel, fontsize=STYLE["axes.labelsize"])
+        notes = ["bands: 95% intervals"]
+        if unbounded:
+            notes.append("dotted arrows: unbounded above")
         if rescaled & set(names):
-            fig.supxlabel(
-                r"* on another scale than $\nabla J$ (compare only "
-                "scale-free metrics)",
-                fontsize=6,
-                x=0.99,
-                ha="right",
+            notes.append(
+                r"* on another scale than $\nabla J$ (compare scale-free metrics)"
             )
+        fig.supxlabel("; ".join(notes), fontsize=6, x=0.99, ha="right")
     return fig
+
+
+def _panel(
+    ax,
+    mine: dict[str, Series],
+    styles: dict,
+    reference,
+    *,
+    row: str,
+    yscale: str,
+    limits,
+    rescaled: frozenset,
+    label_reference: bool,
+) -> bool:
+    """One panel's guide, lines and bands; whether a band is unbounded above."""
+    if reference is not None:
+        _reference(ax, reference, mine, label_reference)
+    unbounded = False
+    for name, series in mine.items():
+        label = display_name(name) + ("*" if name in rescaled else "")
+        _draw_series(ax, name, series, styles[name], label, row)
+        unbounded |= _draw_band(ax, series, styles[name]["color"], yscale, limits)
+    return unbounded
+
+
+def _label_panel(
+    ax,
+    mine,
+    family: Family,
+    row: str,
+    xlabel: str,
+    bottom: bool,
+    column: int,
+    line: int,
+) -> None:
+    """Axis labels on the edges, the family's legend above the top row, and a
+    note in a panel with nothing finite to draw."""
+    if mine and not _finite(*(v.y for v in mine.values())).size:
+        ax.text(
+            0.5,
+            0.5,
+            "no finite value\n(mean indistinguishable from 0)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=6,
+            color=REFERENCE_COLOR,
+        )
+    if bottom:
+        ax.set_xlabel(xlabel)
+    if column == 0 and row:
+        ax.set_ylabel(row, fontweight="bold")
+    if line == 0:
+        ax.legend(
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.02),
+            frameon=False,
+            title=family.name,
+            borderaxespad=0,
+            alignment="left",
+            handlelength=2.6,
+        )
 
 
 def _reference(ax, reference, panel: dict[str, Series], label: bool) -> None:
@@ -391,9 +435,9 @@ def _reference(ax, reference, panel: dict[str, Series], label: bool) -> None:
             return
 
 
-def _draw_band(ax, series: Series, color: str, yscale: str, limits) -> None:
+def _draw_band(ax, series: Series, color: str, yscale: str, limits) -> bool:
     """The 95% band; where it is unbounded above, a dotted arrow from the point
-    to the top of the axis instead."""
+    to the top of the axis instead (returns whether it drew one)."""
     lo, hi = _band(series.lo, series.hi, yscale, limits)
     bounded = np.isfinite(series.hi)
     ax.fill_between(
@@ -407,9 +451,11 @@ def _draw_band(ax, series: Series, color: str, yscale: str, limits) -> None:
         interpolate=False,
     )
     if limits is None:
-        return
+        return False
+    arrows = False
     for x, y, top in zip(series.x, series.y, bounded, strict=True):
         if not top and np.isfinite(y):
+            arrows = True
             ax.annotate(
                 "",
                 xy=(x, limits[1]),
@@ -418,6 +464,7 @@ def _draw_band(ax, series: Series, color: str, yscale: str, limits) -> None:
                     arrowstyle="->", color=color, lw=0.6, linestyle=":", alpha=0.7
                 ),
             )
+    return arrows
 
 
 def _decorate(ax, yscale: str, limits, scale: str, xlog: bool, xticks) -> None:
