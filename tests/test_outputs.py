@@ -182,3 +182,26 @@ def test_performance_profile_is_the_fraction_above_tau(tmp_path):
         'id="series:profile:lr=0.001"' in svg and 'id="series:profile:lr=0.003"' in svg
     )
     assert (tmp_path / "performance_profile.pdf").is_file()
+
+
+def test_compare_algorithms_reports_seed_statistics(tmp_path):
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "experiments/compare_algorithms.py"
+    spec = importlib.util.spec_from_file_location("compare_algorithms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    table = [
+        dict(algo="ppo", held_out_medians=[3.0, 5.0, 40.0, 7.0]),
+        dict(algo="a2c", held_out_medians=[0.0, 1.0, 2.0]),
+    ]
+    (tmp_path / "summary.json").write_text(json.dumps({"algorithms": table}))
+    stats = module.seed_statistics(tmp_path, table)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["seed_statistics"] == stats and saved["algorithms"] == table
+    assert stats["ppo"]["iqm"] == pytest.approx(6.0)  # mean of 5 and 7
+    assert stats["a2c"]["median"] == 1.0
+    svg = (tmp_path / "performance_profile.svg").read_text()
+    assert 'id="series:profile:ppo"' in svg and 'id="series:profile:a2c"' in svg
