@@ -201,7 +201,7 @@ def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list
     return written
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -306,7 +306,7 @@ def facet_figure(
     ``reference(series) -> y``: a grey dotted guide in each panel through its
     first series with a finite positive first point (e.g. 1/n).
     Lines carry the SVG id ``series:<row>:<estimator>``. Returns the figure."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(dict.fromkeys(n for panel in table.values() for n in panel))
     styles = series_styles(names)
     families = _families(names, styles)
@@ -475,9 +475,9 @@ def _decorate(ax, yscale: str, limits, scale: str, xlog: bool, xticks) -> None:
         ax.set_xscale("log", base=2)
     if xticks is not None:
         ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
-        ax.minorticks_off() if yscale != "log" else ax.xaxis.set_minor_locator(
-            _pyplot().NullLocator()
-        )
+        from matplotlib import ticker
+
+        ax.xaxis.set_minor_locator(ticker.NullLocator())  # only the given ticks
     if scale == "cosine" and limits and limits[0] < 0 < limits[1]:
         ax.axhline(0, color=REFERENCE_COLOR, lw=0.5, zorder=0)
     ax.grid(alpha=0.25, lw=0.5)
@@ -566,7 +566,7 @@ def study_figures(
     variance and cosine against batch size) in ``out_dir``, each as PNG, PDF and
     SVG. ``rows``: ``results.csv``'s rows as dicts (e.g. ``result_rows``).
     Returns the files written."""
-    plt = _pyplot()
+    plt = pyplot()
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     written = []
     for stem, metric in STUDY_FIGURES.items():
@@ -592,7 +592,7 @@ def plot_study(
     out = _out_path(out, Path(results_dir) / f"{metric}_vs_batch_size", fmt)
     fig = study_figure(read_csv(path), metric, estimators)
     save(fig, out)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return out
 
 
@@ -650,7 +650,7 @@ def run_figure(run_dir: str | os.PathLike, metric: str = "score"):
     """``metric`` (a ``metrics.csv`` column, or ``score``: validation median,
     best so far and training mean) against env steps; a sweep's runs drawn one
     colour per cell, one thin line per seed."""
-    plt = _pyplot()
+    plt = pyplot()
     runs = _runs(Path(run_dir))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
@@ -699,7 +699,7 @@ def plot_run(
     out = _out_path(out, Path(run_dir) / metric, fmt)
     fig = run_figure(run_dir, metric)
     save(fig, out)
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return out
 
 
@@ -729,7 +729,7 @@ def profile_figure(profile: dict[str, Any], xlabel: str = "held-out score (pipes
     """Performance profiles (Agarwal et al. 2021): the fraction of runs scoring
     above tau, one line per group with its 95% bootstrap band
     (:func:`rl_pg.runs.aggregate.performance_profiles`' output)."""
-    plt = _pyplot()
+    plt = pyplot()
     taus = np.asarray(profile["taus"], float)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")

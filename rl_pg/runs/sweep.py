@@ -217,7 +217,7 @@ def seed_statistics(
     )
     fig = figures.profile_figure(profile)
     figures.save(fig, out / "performance_profile.png", figures.FORMATS)
-    figures._pyplot().close(fig)
+    figures.pyplot().close(fig)
     return stats
 
 
