@@ -9,16 +9,20 @@ seeds one after another and side by side without evaluation, for the speedup of
 ``vmap`` over sequential seeds.
 
 Writes ``DIR/curves.csv``, ``DIR/results.csv``, ``DIR/table.md``,
-``DIR/learning_curves.png`` and ``DIR/summary.json``.
+``DIR/learning_curves.png`` and ``DIR/summary.json``; with ``rl_pg[viz]`` also
+the IQM and median over seeds with stratified-bootstrap 95% intervals (rliable)
+in the table and ``summary.json``, and ``DIR/performance_profile.png/.pdf/.svg``.
 """
 
 import argparse
 import csv
+import json
 
 import jax
 import numpy as np
 
-from rl_pg import io, train
+from rl_pg import extras, figures, io, train
+from rl_pg.runs import aggregate
 
 # name -> (algo, overrides); episodic algorithms count every simulated step.
 ALGORITHMS = {
@@ -67,6 +71,24 @@ def plot(path, curves):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def seed_statistics(out, table):
+    """IQM and median over seeds with 95% intervals (rliable) into
+    summary.json's ``seed_statistics``, and the performance profiles; None
+    (and one line) without the viz extra."""
+    scores = {t["algo"]: t["held_out_medians"] for t in table}
+    try:
+        stats = aggregate.interval_estimates(scores, feature="seed statistics")
+        profile = aggregate.performance_profiles(scores)
+    except extras.MissingExtraError as error:
+        print(f"skipped: {error}")
+        return None
+    fig = figures.profile_figure(profile)
+    figures.save(fig, out / "performance_profile.png", figures.FORMATS)
+    summary = json.loads((out / "summary.json").read_text())
+    io.write_json(out / "summary.json", {**summary, "seed_statistics": stats})
+    return stats
 
 
 def main() -> None:
@@ -156,6 +178,7 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
     plot(out / "learning_curves.png", curves)
+    stats = seed_statistics(out, table)
     lines = [
         f"# Algorithms at {args.env_steps / 1e6:.1f}M env steps per seed, "
         f"seeds {seeds}",
@@ -183,6 +206,15 @@ def main() -> None:
             f"{', '.join(f'{m:g}' for m in t['held_out_medians'])} | "
             f"{t['median_over_seeds']:g} | {t['env_steps_per_s']:,.0f} | {speed} |"
         )
+    if stats:
+        lines += [
+            "",
+            "Across seeds (Agarwal et al. 2021, rliable): interquartile mean and "
+            "median of the held-out medians, stratified-bootstrap 95% intervals; "
+            "performance profiles in performance_profile.png.",
+            "",
+            aggregate.markdown_table(stats, "algorithm"),
+        ]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -179,6 +179,7 @@ def _train(args, extra: list[str]) -> None:
         overrides,
         resume=args.resume,
         keep_checkpoints=args.keep_checkpoints,
+        log=args.log,
     )
     if result is not None:
         print(
@@ -201,6 +202,7 @@ def _sweep(args, extra: list[str]) -> None:
         overrides.overrides_from_argv(extra),
         args.num_seeds,
         gif=not args.no_gif,
+        log=args.log,
     )
     print(f"{len(rows)} runs; summary in {args.out}/summary.csv")
 
@@ -222,6 +224,45 @@ def _eval(args) -> None:
         f"{result['mean_score']:.1f} over {len(result['scores'])} levels; "
         f"wrote {args.out}/eval.json"
     )
+
+
+LOG_HELP = (
+    "tensorboard: also log every metrics.csv column and the hyperparameters to "
+    "RUN/tensorboard/ (view: tensorboard --logdir OUT; needs pip install "
+    "'rl_pg[viz]')"
+)
+
+
+def _plot(args) -> None:
+    from rl_pg import figures
+
+    estimators = args.estimators.split(",") if args.estimators else None
+    path = figures.plot(args.directory, args.metric, estimators, args.format, args.out)
+    print(f"wrote {path}")
+
+
+def _add_plot_parser(sub) -> None:
+    """``rl-pg plot``: redraw a figure from a finished run's CSV files (no JAX)."""
+    plot = sub.add_parser(
+        "plot",
+        help="redraw a figure of a finished study, training run or sweep",
+        description="Redraw a figure from the CSV files of a finished variance "
+        "study (results.csv: one panel per policy and estimator family), training "
+        "run (metrics.csv) or sweep (summary.csv and its runs), without JAX. "
+        "Writes a new PNG, PDF or SVG file.",
+    )
+    plot.add_argument("directory", metavar="RESULTS_DIR")
+    plot.add_argument(
+        "--metric",
+        help="a study: rel_variance (default), variance, mse, bias2, snr, cos_true, "
+        "cos_pairwise, cos_mean; a run: score (default) or a metrics.csv column",
+    )
+    plot.add_argument("--estimators", help="comma-separated estimators (a study)")
+    plot.add_argument("--format", choices=["png", "pdf", "svg"], default="pdf")
+    plot.add_argument(
+        "--out", help="file to create (default RESULTS_DIR/<figure>.<format>)"
+    )
+    plot.set_defaults(func=_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -355,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="all: also keep the policy of every evaluation, in "
         "checkpoints/evaluations/ (for rl-pg variance --run)",
     )
+    train.add_argument("--log", choices=["tensorboard"], help=LOG_HELP)
     train.set_defaults(func=_train, takes_extra=True)
 
     sweep = sub.add_parser(
@@ -377,6 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="list the config fields of --algo (sweepable ones marked)",
     )
+    sweep.add_argument("--log", choices=["tensorboard"], help=LOG_HELP)
     sweep.set_defaults(func=_sweep, takes_extra=True)
 
     ev = sub.add_parser(
@@ -427,6 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--seed", type=int, default=0, help="level and policy seed")
     render.set_defaults(func=_render)
+    _add_plot_parser(sub)
     return parser
 
 
@@ -459,7 +503,7 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
         hint = _recovery(args, argv, None)
         print(f"rl-pg {args.command}: interrupted{hint}", file=sys.stderr)
         raise SystemExit(130) from None
-    except (ValueError, OSError) as error:  # bad input, missing or existing files
+    except (ValueError, OSError, ImportError) as error:  # bad input, files, extras
         message = " ".join(str(error).split())  # one line
         hint = _recovery(args, argv, error)
         print(f"rl-pg {args.command}: error: {message}{hint}", file=sys.stderr)

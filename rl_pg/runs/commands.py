@@ -25,6 +25,7 @@ def train_main(
     resume: bool = False,
     progress: bool = True,
     keep_checkpoints: str = "best",
+    log: str | None = None,
 ) -> dict[str, Any] | None:
     """``rl-pg train --algo ALGO --out DIR [--resume] [--field value ...]``.
 
@@ -38,6 +39,8 @@ def train_main(
       progress: show a progress bar.
       keep_checkpoints: ``"best"`` or ``"all"`` (every evaluated policy; see
         :func:`rl_pg.runs.driver.run`).
+      log: ``"tensorboard"``: also write TensorBoard logs (see
+        :mod:`rl_pg.runs.tensorboard`).
 
     Returns:
       The contents of ``eval.json``.
@@ -63,6 +66,7 @@ def train_main(
         resume=resume,
         progress=progress,
         keep_checkpoints=keep_checkpoints,
+        log=log,
     ).eval
 
 

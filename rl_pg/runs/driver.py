@@ -29,7 +29,7 @@ from rl_pg import evaluate as evaluation
 from rl_pg import io
 from rl_pg.algos import base, registry
 from rl_pg.algos.config import hyperparameters
-from rl_pg.runs import files
+from rl_pg.runs import files, tensorboard
 
 
 class NonFiniteLossError(ValueError):
@@ -130,6 +130,8 @@ class Member:
       progress: host bookkeeping (times), checkpointed with the state.
       clock: ``time.perf_counter()`` when this call started, minus the time
         spent before (a resume).
+      log: where rows are also logged (:class:`rl_pg.runs.tensorboard.
+        TensorBoardLog`), or None.
     """
 
     algorithm: base.Algorithm
@@ -139,6 +141,7 @@ class Member:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     progress: files.Progress = dataclasses.field(default_factory=files.Progress)
     clock: float = dataclasses.field(default_factory=time.perf_counter)
+    log: Any = None  # a tensorboard.TensorBoardLog, or None
 
     @property
     def ckpt_dir(self) -> Path:
@@ -181,6 +184,8 @@ class Member:
             files.metrics_columns(self.algorithm),
             self.rows,
         )
+        if self.log is not None:
+            self.log.write(row)
         return row
 
     def save(self, path: Path, params: Any, **meta: Any) -> None:
@@ -249,6 +254,8 @@ class Member:
                 self.out_dir / "agent.gif",
                 jax.random.PRNGKey(0),
             )
+        if self.log is not None:
+            self.log.close()
         return data
 
 
@@ -450,6 +457,7 @@ def run(
     gif: bool = True,
     callback: Callable[[EvalEvent], bool | None] | None = None,
     keep_checkpoints: str = "best",
+    log: str | None = None,
 ) -> RunResult:
     """Train ``config``'s algorithm and write a run directory.
 
@@ -469,6 +477,8 @@ def run(
       keep_checkpoints: ``"best"`` (and ``last``), or ``"all"``: also the policy
         of every evaluation, in ``checkpoints/evaluations/env_steps_<N>/`` (for
         ``rl-pg variance --run``: estimator quality along training).
+      log: ``"tensorboard"``: also log every metrics row and the
+        hyperparameters to ``out_dir/tensorboard/`` (:mod:`rl_pg.runs.tensorboard`).
 
     Returns:
       RunResult.
@@ -485,9 +495,14 @@ def run(
             f"keep_checkpoints must be one of {files.KEEP_CHECKPOINTS}, "
             f"got {keep_checkpoints!r}"
         )
+    tensorboard.check_log(log)
     out_dir = Path(out_dir)
     mode = _claim(out_dir, files.run_config(algorithm, config), resume)
     member = Member(algorithm, config, out_dir, keep_checkpoints)
+    if log is not None and mode != "finished":
+        member.log = tensorboard.TensorBoardLog(
+            out_dir, files.run_config(algorithm, config)
+        )
     batch = Batch.of([member])
     runs = batch.init()
     if mode != "new":

@@ -7,7 +7,9 @@ chunks (:mod:`rl_pg.runs.driver`): the swept fields are the config's
 Each run gets its own directory, with the same files as ``rl-pg train``, bit for
 bit what ``jit(vmap(train))`` returns for it on the CPU (a single ``rl-pg train``
 run, a batch of one, agrees up to float rounding); ``summary.csv`` and
-``sweep.png`` (held-out median per cell, seeds as points) sum it up.
+``sweep.png`` (held-out median per cell, seeds as points) sum it up; with
+rliable (``rl_pg[viz]``) also ``aggregate.csv``/``.md`` (IQM and median over
+seeds with stratified-bootstrap 95% intervals) and ``performance_profile.png``.
 """
 
 import csv
@@ -23,7 +25,7 @@ import numpy as np
 
 from rl_pg import io
 from rl_pg.algos import registry
-from rl_pg.runs import files, overrides
+from rl_pg.runs import files, overrides, tensorboard
 from rl_pg.runs.driver import Batch, Member, pick, train_batch
 
 SUMMARY_COLUMNS = (
@@ -116,10 +118,13 @@ def sweep_main(
     *,
     gif: bool = True,
     progress: bool = True,
+    log: str | None = None,
 ) -> list[dict[str, Any]]:
     """``rl-pg sweep``: train the grid x seeds side by side; write one run
     directory per run, ``summary.csv`` and ``sweep.png``. Returns the summary
-    rows. Every input is checked before anything is compiled or written."""
+    rows. ``log="tensorboard"``: TensorBoard logs in every run directory. Every
+    input is checked before anything is compiled or written."""
+    tensorboard.check_log(log)
     grid_cells, runs = plan(algo, options, num_seeds)
     io.check_out_dir(out_dir)
     algorithm = registry.get(algo)
@@ -139,7 +144,12 @@ def sweep_main(
         run_dir = io.new_out_dir(_run_dir(out, cell, seed))
         io.write_config(run_dir, files.run_config(algorithm, config))
         (run_dir / "checkpoints").mkdir()
-        members.append(Member(algorithm, config, run_dir))
+        member = Member(algorithm, config, run_dir)
+        if log is not None:
+            member.log = tensorboard.TensorBoardLog(
+                run_dir, files.run_config(algorithm, config)
+            )
+        members.append(member)
     start = time.perf_counter()
     for member in members:
         member.clock = start
@@ -163,7 +173,52 @@ def sweep_main(
         )
     _write_summary(out / "summary.csv", summary, list(grid_cells[0]))
     _plot(out / "sweep.png", summary, grid_cells, algo)
+    seed_statistics(out, summary, grid_cells)
     return summary
+
+
+def _label(cell: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v:g}" for k, v in cell.items()) or "defaults"
+
+
+def seed_statistics(
+    out: Path, rows: list[dict], grid_cells: list[dict]
+) -> dict[str, dict] | None:
+    """Per cell, the IQM and median of the runs' held-out median scores with
+    95% stratified-bootstrap intervals (rliable, :mod:`rl_pg.runs.aggregate`)
+    into ``aggregate.csv`` and ``aggregate.md``, and the performance profiles
+    into ``performance_profile.png/.pdf/.svg``. Without rliable: one line
+    saying which extra to install, and None."""
+    from rl_pg import extras, figures
+    from rl_pg.runs import aggregate
+
+    scores = {
+        _label(cell): [r["median_score"] for r in rows if r["cell"] == c]
+        for c, cell in enumerate(grid_cells)
+    }
+    feature = "rl-pg sweep's seed statistics"
+    try:
+        stats = aggregate.interval_estimates(scores, feature=feature)
+        profile = aggregate.performance_profiles(scores, feature=feature)
+    except extras.MissingExtraError as error:
+        print(f"skipped: {error}")
+        return None
+    columns = ["cell", *grid_cells[0], "label", *aggregate.STAT_COLUMNS]
+    table = [
+        dict(cell=c, **cell, label=_label(cell), **stats[_label(cell)])
+        for c, cell in enumerate(grid_cells)
+    ]
+    with io.atomic_path(out / "aggregate.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(table)
+    io.atomic_write_text(
+        out / "aggregate.md", aggregate.markdown_table(stats, "cell") + "\n"
+    )
+    fig = figures.profile_figure(profile)
+    figures.save(fig, out / "performance_profile.png", figures.FORMATS)
+    figures.pyplot().close(fig)
+    return stats
 
 
 def _write_summary(path: Path, rows: list[dict], names: list[str]) -> None:
@@ -181,10 +236,7 @@ def _plot(path: Path, rows: list[dict], grid_cells: list[dict], algo: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [
-        ", ".join(f"{k}={v:g}" for k, v in cell.items()) or "defaults"
-        for cell in grid_cells
-    ]
+    labels = [_label(cell) for cell in grid_cells]
     fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4))
     for c in range(len(grid_cells)):
         medians = [r["median_score"] for r in rows if r["cell"] == c]

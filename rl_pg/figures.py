@@ -1,0 +1,760 @@
+"""Figures for papers, redrawn from a finished run's CSV files (matplotlib only).
+
+The variance study's ``results.csv`` (:func:`plot_study`, :func:`study_figures`)
+and a training run's ``metrics.csv`` or a sweep's runs (:func:`plot_run`) become
+PNG, PDF or SVG figures. Colours follow the colour-blind-safe Okabe-Ito palette
+(Okabe & Ito 2008; Wong 2011, Nature Methods 8:441), one hue per estimator
+family (:data:`FAMILIES`), line styles and markers within a family; many
+estimators are drawn as small multiples, one panel per family with shared axes.
+Nothing here imports JAX: ``rl-pg plot`` works on a machine without it.
+"""
+
+import csv
+import math
+import os
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from rl_pg import io
+
+FORMATS = ("png", "pdf", "svg")
+# Okabe-Ito: blue, bluish green, orange, vermillion, reddish purple, black, sky blue
+OKABE_ITO = (
+    "#0072B2",
+    "#009E73",
+    "#E69F00",
+    "#D55E00",
+    "#CC79A7",
+    "#000000",
+    "#56B4E9",
+)
+LINESTYLES = ("-", "--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 1)))
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+REFERENCE_COLOR = "#7f7f7f"
+
+
+class Family(NamedTuple):
+    """Estimators drawn in one hue (and one panel of a faceted figure)."""
+
+    name: str
+    color: str
+    members: tuple[str, ...]  # known names, in drawing order
+    prefixes: tuple[str, ...] = ()  # other names that start so belong here
+
+
+FAMILIES = (
+    Family("REINFORCE", OKABE_ITO[0], ("reinforce", "reward_to_go")),
+    Family(
+        "baselines",
+        OKABE_ITO[1],
+        (
+            "constant_baseline",
+            "mean_baseline",
+            "rloo",
+            "optimal_baseline",
+            "optimal_baseline_per_parameter",
+            "value_baseline",
+        ),
+        ("optimal", "oracle"),
+    ),
+    Family("actor-critic", OKABE_ITO[2], ("actor_critic", "a2c", "gae")),
+    Family("PPO / GRPO", OKABE_ITO[3], ("ppo_clip", "ppo", "grpo", "dr_grpo")),
+    Family(
+        "off-policy",
+        OKABE_ITO[4],
+        ("naive", "truncated_is", "vtrace", "dual_clip", "gspo", "cispo"),
+        ("is_", "truncated", "vtrace", "v_trace", "dual_clip", "off_policy"),
+    ),
+)
+OTHER = Family("other", OKABE_ITO[5], ())
+# estimators whose mean is not on grad J's scale (rl_pg.estimators' ``rescaled``;
+# a test keeps the two equal): their variance is marked in the figures
+KNOWN_RESCALED = frozenset({"mean_baseline", "ppo_clip", "grpo", "dr_grpo"})
+DISPLAY = {
+    "reinforce": "REINFORCE",
+    "reward_to_go": "reward-to-go",
+    "rloo": "RLOO",
+    "optimal_baseline_per_parameter": "optimal b, per parameter",
+    "gae": "GAE",
+    "a2c": "A2C",
+    "ppo_clip": "PPO-clip",
+    "ppo": "PPO",
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "vtrace": "V-trace",
+    "gspo": "GSPO",
+    "cispo": "CISPO",
+}
+# metric -> (axis label, scale: "log" if positive, "cosine" or "linear")
+METRICS = {
+    "rel_variance": (
+        r"$\mathrm{tr}\,\mathrm{Cov}(\hat g)/\|\mathbb{E}\hat g\|^2$",
+        "log",
+    ),
+    "variance": (r"$\mathrm{tr}\,\mathrm{Cov}(\hat g)$", "log"),
+    "mse": (r"$\mathbb{E}\|\hat g - g\|^2$", "log"),
+    "bias2": (r"$\|\mathbb{E}\hat g - g\|^2$ (noise-corrected)", "log"),
+    "snr": (
+        r"$\|\mathbb{E}\hat g\| / \sqrt{\mathrm{tr}\,\mathrm{Cov}(\hat g)}$",
+        "log",
+    ),
+    "cos_true": (r"$\cos(\hat g,\, g)$", "cosine"),
+    "cos_pairwise": (r"$\cos(\hat g,\, \hat g')$", "cosine"),
+    "cos_mean": (r"$\cos(\mathbb{E}\hat g,\, g)$", "cosine"),
+}
+# the study's standard figures: file stem -> metric
+ONE_OVER_N = ("rel_variance", "variance", "mse")  # metrics that fall as 1/n
+STUDY_FIGURES = {
+    "rel_variance_vs_batch_size": "rel_variance",
+    "variance_vs_batch_size": "variance",
+    "cosine_vs_batch_size": "cos_true",
+}
+STYLE = {
+    "font.family": "serif",
+    "font.serif": ["STIXGeneral", "DejaVu Serif"],
+    "mathtext.fontset": "stix",
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "legend.fontsize": 7,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 3.5,
+    "pdf.fonttype": 42,  # TrueType: editable text in the PDF
+    "svg.fonttype": "none",  # text stays text in the SVG
+    "svg.hashsalt": "rl_pg",  # the same figure gives the same SVG
+}
+
+
+def family_of(name: str) -> Family:
+    """The family of an estimator name (:data:`OTHER` for unknown names)."""
+    for family in FAMILIES:
+        if name in family.members:
+            return family
+    for family in FAMILIES:
+        if any(name.startswith(p) for p in family.prefixes):
+            return family
+    return OTHER
+
+
+def display_name(name: str) -> str:
+    """How an estimator is named in a legend."""
+    return DISPLAY.get(name, name.replace("_", " "))
+
+
+def series_styles(names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    """Colour (the family's), line style and marker (by the name's place in its
+    family: known members first, in :data:`FAMILIES` order) of every name."""
+    names = list(dict.fromkeys(names))
+    styles = {}
+    for family in (*FAMILIES, OTHER):
+        mine = [n for n in names if family_of(n) is family]
+        mine.sort(
+            key=lambda n: (
+                n not in family.members,
+                family.members.index(n) if n in family.members else names.index(n),
+            )
+        )
+        for i, n in enumerate(mine):
+            styles[n] = dict(
+                color=family.color,
+                linestyle=LINESTYLES[i % len(LINESTYLES)],
+                marker=MARKERS[i % len(MARKERS)],
+                family=family.name,
+            )
+    return styles
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A CSV file as dicts; numbers parsed (empty cells -> nan), text kept."""
+
+    def parse(value: str) -> Any:
+        if value in ("", None):
+            return math.nan
+        try:
+            return float(value)
+        except ValueError:
+            return value
+
+    with open(path, newline="") as f:
+        return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
+
+
+def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list[Path]:
+    """Save ``fig`` atomically to ``path`` (its suffix picks the format) and
+    beside it in each of ``formats`` (same stem); returns the files written."""
+    path = Path(path)
+    suffixes = dict.fromkeys([path.suffix.lstrip(".").lower(), *formats])
+    written = []
+    for fmt in suffixes:
+        if fmt not in FORMATS:
+            raise ValueError(f"figure format must be one of {FORMATS}, got {fmt!r}")
+        target = path.with_suffix(f".{fmt}")
+        io.save_figure(fig, target, dpi=150 if fmt == "png" else None)
+        written.append(target)
+    return written
+
+
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# ----------------------------------------------------------------- axis helpers
+
+
+def _finite(*arrays: Any) -> np.ndarray:
+    values = np.concatenate([np.ravel(np.asarray(a, float)) for a in arrays] or [[]])
+    return values[np.isfinite(values)]
+
+
+def axis_limits(scale: str, y: Any, lo: Any, hi: Any) -> tuple[str, tuple | None]:
+    """The y scale and limits that show every point and every band.
+
+    ``cosine``: linear, limits from the lowest band edge to the highest, padded
+    by 5% and kept within [-1, 1]. ``log``: log when every finite point is
+    positive, limits from the positive points and band edges (a band reaching 0
+    or infinity is cut at the axis). Otherwise linear, matplotlib's limits.
+    """
+    points = _finite(y)
+    if scale == "cosine":
+        values = _finite(y, lo, hi)
+        if not values.size:
+            return "linear", (-1.0, 1.0)
+        low, high = values.min(), values.max()
+        pad = 0.05 * max(high - low, 0.02)
+        return "linear", (max(-1.0, low - pad), min(1.0, high + pad))
+    if scale == "log" and points.size and (points > 0).all():
+        values = _finite(y, lo, hi)
+        values = values[values > 0]
+        return "log", (values.min() / 1.5, values.max() * 1.5)
+    return "linear", None
+
+
+def _band(lo: np.ndarray, hi: np.ndarray, yscale: str, limits) -> tuple:
+    """Band edges drawable on the axis: nan/inf or non-positive (log) edges are
+    cut at the axis limits."""
+    if limits is None:
+        return np.where(np.isfinite(lo), lo, np.nan), np.where(
+            np.isfinite(hi), hi, np.nan
+        )
+    bottom, top = limits
+    lo = np.where(np.isfinite(lo) & ((lo > 0) | (yscale != "log")), lo, bottom)
+    hi = np.where(np.isfinite(hi), hi, top)
+    return np.clip(lo, bottom, top), np.clip(hi, bottom, top)
+
+
+# ------------------------------------------------------------ faceted figures
+
+
+class Series(NamedTuple):
+    """One line with its 95% band (arrays of equal length)."""
+
+    x: np.ndarray
+    y: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+
+def _all(table: dict[str, dict[str, Series]], field: str) -> list[np.ndarray]:
+    return [getattr(s, field) for panel in table.values() for s in panel.values()]
+
+
+def _families(names: Sequence[str], styles: dict) -> list[Family]:
+    present = {styles[n]["family"] for n in names}
+    return [f for f in (*FAMILIES, OTHER) if f.name in present]
+
+
+def _draw_series(ax, name: str, series: Series, style: dict, label: str, row: str):
+    (line,) = ax.plot(
+        series.x,
+        series.y,
+        color=style["color"],
+        linestyle=style["linestyle"],
+        marker=style["marker"],
+        label=label,
+        markerfacecolor="white" if label.endswith("*") else style["color"],
+    )
+    line.set_gid(f"series:{row}:{name}")
+    return line
+
+
+def facet_figure(
+    table: dict[str, dict[str, Series]],
+    ylabel: str,
+    scale: str,
+    xlabel: str,
+    *,
+    xlog: bool = True,
+    rescaled: frozenset = frozenset(),
+    reference: "Callable[[Series], np.ndarray] | None" = None,
+    xticks: Sequence[float] | None = None,
+):
+    """Small multiples: one row of panels per row label of ``table`` (e.g. a
+    policy), one column per estimator family present, shared axes; each line
+    with its 95% band (an interval unbounded above: a dotted arrow to the top).
+    ``reference(series) -> y``: a grey dotted guide in each panel through its
+    first series with a finite positive first point (e.g. 1/n).
+    Lines carry the SVG id ``series:<row>:<estimator>``. Returns the figure."""
+    plt = pyplot()
+    names = list(dict.fromkeys(n for panel in table.values() for n in panel))
+    styles = series_styles(names)
+    families = _families(names, styles)
+    rows = list(table)
+    yscale, limits = axis_limits(
+        scale, _all(table, "y"), _all(table, "lo"), _all(table, "hi")
+    )
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            len(rows),
+            len(families),
+            sharex=True,
+            sharey=True,
+            squeeze=False,
+            figsize=(0.4 + 1.9 * len(families), 0.9 + 1.55 * len(rows)),
+            layout="constrained",
+        )
+        unbounded = False
+        for i, row in enumerate(rows):
+            for j, family in enumerate(families):
+                ax = axes[i, j]
+                mine = {
+                    n: v
+                    for n, v in table[row].items()
+                    if styles[n]["family"] == family.name
+                }
+                unbounded |= _panel(
+                    ax,
+                    mine,
+                    styles,
+                    reference,
+                    row=row,
+                    yscale=yscale,
+                    limits=limits,
+                    rescaled=rescaled,
+                    label_reference=j == 0,
+                )
+                _decorate(ax, yscale, limits, scale, xlog, xticks)
+                _label_panel(ax, mine, family, row, xlabel, i == len(rows) - 1, j, i)
+        fig.supylabel(ylabel, fontsize=STYLE["axes.labelsize"])
+        notes = ["bands: 95% intervals"]
+        if unbounded:
+            notes.append("dotted arrows: unbounded above")
+        if rescaled & set(names):
+            notes.append(
+                r"* on another scale than $\nabla J$ (compare scale-free metrics)"
+            )
+        fig.supxlabel("; ".join(notes), fontsize=6, x=0.99, ha="right")
+    return fig
+
+
+def _panel(
+    ax,
+    mine: dict[str, Series],
+    styles: dict,
+    reference,
+    *,
+    row: str,
+    yscale: str,
+    limits,
+    rescaled: frozenset,
+    label_reference: bool,
+) -> bool:
+    """One panel's guide, lines and bands; whether a band is unbounded above."""
+    if reference is not None:
+        _reference(ax, reference, mine, label_reference)
+    unbounded = False
+    for name, series in mine.items():
+        label = display_name(name) + ("*" if name in rescaled else "")
+        _draw_series(ax, name, series, styles[name], label, row)
+        unbounded |= _draw_band(ax, series, styles[name]["color"], yscale, limits)
+    return unbounded
+
+
+def _label_panel(
+    ax,
+    mine,
+    family: Family,
+    row: str,
+    xlabel: str,
+    bottom: bool,
+    column: int,
+    line: int,
+) -> None:
+    """Axis labels on the edges, the family's legend above the top row, and a
+    note in a panel with nothing finite to draw."""
+    if mine and not _finite(*(v.y for v in mine.values())).size:
+        ax.text(
+            0.5,
+            0.5,
+            "no finite value\n(mean indistinguishable from 0)",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+            fontsize=6,
+            color=REFERENCE_COLOR,
+        )
+    if bottom:
+        ax.set_xlabel(xlabel)
+    if column == 0 and row:
+        ax.set_ylabel(row, fontweight="bold")
+    if line == 0:
+        ax.legend(
+            loc="lower left",
+            bbox_to_anchor=(0.0, 1.02),
+            frameon=False,
+            title=family.name,
+            borderaxespad=0,
+            alignment="left",
+            handlelength=2.6,
+        )
+
+
+def _reference(ax, reference, panel: dict[str, Series], label: bool) -> None:
+    for series in panel.values():
+        if series.y.size and np.isfinite(series.y[0]) and series.y[0] > 0:
+            ax.plot(
+                series.x,
+                reference(series),
+                ":",
+                color=REFERENCE_COLOR,
+                lw=1,
+                label=r"$\propto 1/n$" if label else None,
+                zorder=1,
+            )
+            return
+
+
+def _draw_band(ax, series: Series, color: str, yscale: str, limits) -> bool:
+    """The 95% band; where it is unbounded above, a dotted arrow from the point
+    to the top of the axis instead (returns whether it drew one)."""
+    lo, hi = _band(series.lo, series.hi, yscale, limits)
+    bounded = np.isfinite(series.hi)
+    ax.fill_between(
+        series.x,
+        lo,
+        hi,
+        where=bounded,
+        color=color,
+        alpha=0.15,
+        lw=0,
+        interpolate=False,
+    )
+    if limits is None:
+        return False
+    arrows = False
+    for x, y, top in zip(series.x, series.y, bounded, strict=True):
+        if not top and np.isfinite(y):
+            arrows = True
+            ax.annotate(
+                "",
+                xy=(x, limits[1]),
+                xytext=(x, y),
+                arrowprops=dict(
+                    arrowstyle="->", color=color, lw=0.6, linestyle=":", alpha=0.7
+                ),
+            )
+    return arrows
+
+
+def _decorate(ax, yscale: str, limits, scale: str, xlog: bool, xticks) -> None:
+    ax.set_yscale(yscale)
+    if limits is not None:
+        ax.set_ylim(*limits)
+    if xlog:
+        ax.set_xscale("log", base=2)
+    if xticks is not None:
+        ax.set_xticks(list(xticks), [f"{t:g}" for t in xticks])
+        from matplotlib import ticker
+
+        ax.xaxis.set_minor_locator(ticker.NullLocator())  # only the given ticks
+    if scale == "cosine" and limits and limits[0] < 0 < limits[1]:
+        ax.axhline(0, color=REFERENCE_COLOR, lw=0.5, zorder=0)
+    ax.grid(alpha=0.25, lw=0.5)
+
+
+# ------------------------------------------------------------------ the study
+
+
+def _pick(rows: list[dict], estimators: Sequence[str] | None) -> list[dict]:
+    """Rows of the chosen estimators (ValueError naming unknown ones)."""
+    if not rows:
+        raise ValueError("no result rows to plot")
+    known = list(dict.fromkeys(r["estimator"] for r in rows))
+    if estimators is None:
+        return rows
+    unknown = [e for e in estimators if e not in known]
+    if unknown:
+        raise ValueError(f"estimator(s) {unknown} not in the results; known: {known}")
+    order = {e: i for i, e in enumerate(estimators)}
+    return sorted(
+        (r for r in rows if r["estimator"] in order),
+        key=lambda r: order[r["estimator"]],
+    )
+
+
+def _check_metric(rows: list[dict], metric: str) -> None:
+    if metric not in rows[0] or f"{metric}_lo" not in rows[0]:
+        have = [m for m in METRICS if m in rows[0]]
+        raise ValueError(f"unknown metric {metric!r}; the results have {have}")
+
+
+def _series(rows: list[dict], x: str, metric: str) -> Series:
+    rows = sorted(rows, key=lambda r: r[x])
+    col = lambda k: np.array([float(r[k]) for r in rows])
+    return Series(col(x), col(metric), col(f"{metric}_lo"), col(f"{metric}_hi"))
+
+
+def study_table(rows: list[dict], metric: str) -> dict[str, dict[str, Series]]:
+    """checkpoint -> estimator -> the metric against batch size."""
+    table: dict[str, dict[str, Series]] = {}
+    for stage in dict.fromkeys(r["checkpoint"] for r in rows):
+        mine = [r for r in rows if r["checkpoint"] == stage]
+        table[str(stage)] = {
+            e: _series([r for r in mine if r["estimator"] == e], "batch_size", metric)
+            for e in dict.fromkeys(r["estimator"] for r in mine)
+        }
+    return table
+
+
+def _one_over_n(series: Series) -> np.ndarray:
+    """y0 n0 / n through the first point: the rate of an i.i.d. batch mean."""
+    return series.y[0] * series.x[0] / series.x
+
+
+def study_figure(
+    rows: list[dict],
+    metric: str,
+    estimators: Sequence[str] | None = None,
+    rescaled: frozenset = KNOWN_RESCALED,
+):
+    """The faceted figure of ``metric`` against batch size (rows of
+    ``results.csv`` as dicts: one panel row per checkpoint)."""
+    rows = _pick(rows, estimators)
+    _check_metric(rows, metric)
+    label, scale = METRICS.get(metric, (metric.replace("_", " "), "log"))
+    table = study_table(rows, metric)
+    sizes = sorted({float(r["batch_size"]) for r in rows})
+    return facet_figure(
+        table,
+        label,
+        scale,
+        r"batch size $n$ (trajectories)",
+        rescaled=frozenset(rescaled) if metric == "variance" else frozenset(),
+        reference=_one_over_n if metric in ONE_OVER_N else None,
+        xticks=sizes,
+    )
+
+
+def study_figures(
+    rows: list[dict],
+    out_dir: str | os.PathLike,
+    rescaled: frozenset = KNOWN_RESCALED,
+    formats: Sequence[str] = FORMATS,
+) -> list[Path]:
+    """The study's standard figures (:data:`STUDY_FIGURES`: relative variance,
+    variance and cosine against batch size) in ``out_dir``, each as PNG, PDF and
+    SVG. ``rows``: ``results.csv``'s rows as dicts (e.g. ``result_rows``).
+    Returns the files written."""
+    plt = pyplot()
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, metric in STUDY_FIGURES.items():
+        fig = study_figure(rows, metric, rescaled=rescaled)
+        written += save(fig, Path(out_dir) / f"{stem}.{formats[0]}", formats)
+        plt.close(fig)
+    return written
+
+
+def plot_study(
+    results_dir: str | os.PathLike,
+    metric: str = "rel_variance",
+    estimators: Sequence[str] | None = None,
+    fmt: str = "pdf",
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Redraw ``metric`` against batch size from a finished study's
+    ``results.csv`` into ``out`` (default ``RESULTS_DIR/<metric>_vs_batch_size.
+    <fmt>``; its suffix, if any, picks the format). Never overwrites a file."""
+    path = Path(results_dir) / "results.csv"
+    if not path.is_file():
+        raise ValueError(f"{results_dir} has no results.csv (not a variance study)")
+    out = _out_path(out, Path(results_dir) / f"{metric}_vs_batch_size", fmt)
+    fig = study_figure(read_csv(path), metric, estimators)
+    save(fig, out)
+    pyplot().close(fig)
+    return out
+
+
+def _out_path(out, default: Path, fmt: str) -> Path:
+    """The figure file to create (FileExistsError if it exists)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
+    path = Path(out) if out is not None else default.with_suffix(f".{fmt}")
+    if not path.suffix:
+        path = path.with_suffix(f".{fmt}")
+    if path.suffix.lstrip(".").lower() not in FORMATS:
+        raise ValueError(f"--out must end in one of {FORMATS}, got {path}")
+    if path.exists():
+        raise FileExistsError(f"{path} exists; refusing to overwrite it")
+    return path
+
+
+# ------------------------------------------------------------- training runs
+
+SCORE_LINES = (  # metric "score": column, label, line style
+    ("val_median", "validation median", "-"),
+    ("best_median", "best so far", "--"),
+    ("train_score_mean", "training mean (exploring)", ":"),
+)
+
+
+def _runs(run_dir: Path) -> dict[str, list[Path]]:
+    """Label -> run directories: the run itself, or a sweep's runs by cell."""
+    if (run_dir / "metrics.csv").is_file():
+        return {"": [run_dir]}
+    summary = run_dir / "summary.csv"
+    if not summary.is_file():
+        raise ValueError(
+            f"{run_dir} has neither metrics.csv (a training run) nor summary.csv "
+            "(a sweep) nor results.csv (a variance study)"
+        )
+    runs: dict[str, list[Path]] = {}
+    for row in read_csv(summary):
+        fields = [k for k in row if k not in ("cell", "seed", "run_dir")]
+        fields = (
+            fields[: fields.index("median_score")] if "median_score" in fields else []
+        )
+        label = (
+            ", ".join(
+                f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                for k in fields
+            )
+            or "defaults"
+        )
+        runs.setdefault(label, []).append(run_dir / str(row["run_dir"]))
+    return runs
+
+
+def run_figure(run_dir: str | os.PathLike, metric: str = "score"):
+    """``metric`` (a ``metrics.csv`` column, or ``score``: validation median,
+    best so far and training mean) against env steps; a sweep's runs drawn one
+    colour per cell, one thin line per seed."""
+    plt = pyplot()
+    runs = _runs(Path(run_dir))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
+        for c, (label, dirs) in enumerate(runs.items()):
+            color = OKABE_ITO[c % len(OKABE_ITO)]
+            for k, d in enumerate(dirs):
+                rows = read_csv(d / "metrics.csv")
+                lines = SCORE_LINES if metric == "score" else ((metric, metric, "-"),)
+                if metric != "score" and rows and metric not in rows[0]:
+                    raise ValueError(
+                        f"unknown metric {metric!r}; metrics.csv has {list(rows[0])}"
+                    )
+                for column, name, style in lines:
+                    if column not in rows[0] or (label and column != lines[0][0]):
+                        continue
+                    x = np.array([r["env_steps"] for r in rows], float) / 1e6
+                    text = (label if label else name) if k == 0 else None
+                    ax.plot(
+                        x,
+                        [r[column] for r in rows],
+                        style,
+                        color=color,
+                        lw=1.0 if len(dirs) > 1 else 1.3,
+                        label=text,
+                        gid=f"series:{label or column}:{d.name}",
+                    )
+        ax.set_xlabel("env steps (millions)")
+        ax.set_ylabel(
+            "score (pipes)" if metric == "score" else metric.replace("_", " ")
+        )
+        if metric == "score":
+            ax.set_yscale("symlog", linthresh=10)
+        ax.grid(alpha=0.25, lw=0.5)
+        ax.legend(frameon=False)
+    return fig
+
+
+def plot_run(
+    run_dir: str | os.PathLike,
+    metric: str = "score",
+    fmt: str = "pdf",
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """Redraw a training run's (or a sweep's) ``metric`` from its metrics.csv
+    files into ``out`` (default ``RUN_DIR/<metric>.<fmt>``). Never overwrites."""
+    out = _out_path(out, Path(run_dir) / metric, fmt)
+    fig = run_figure(run_dir, metric)
+    save(fig, out)
+    pyplot().close(fig)
+    return out
+
+
+def plot(
+    directory: str | os.PathLike,
+    metric: str | None = None,
+    estimators: Sequence[str] | None = None,
+    fmt: str = "pdf",
+    out: str | os.PathLike | None = None,
+) -> Path:
+    """``rl-pg plot``: a study (results.csv; default metric rel_variance) or a
+    training run or sweep (metrics.csv / summary.csv; default score)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ValueError(f"{directory}: no such directory")
+    if (directory / "results.csv").is_file():
+        return plot_study(directory, metric or "rel_variance", estimators, fmt, out)
+    if estimators:
+        raise ValueError("--estimators applies to a variance study's results only")
+    return plot_run(directory, metric or "score", fmt, out)
+
+
+# ------------------------------------------------------- performance profiles
+
+
+def profile_figure(profile: dict[str, Any], xlabel: str = "held-out score (pipes)"):
+    """Performance profiles (Agarwal et al. 2021): the fraction of runs scoring
+    above tau, one line per group with its 95% bootstrap band
+    (:func:`rl_pg.runs.aggregate.performance_profiles`' output)."""
+    plt = pyplot()
+    taus = np.asarray(profile["taus"], float)
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
+        for i, (name, y) in enumerate(profile["profiles"].items()):
+            color = OKABE_ITO[i % len(OKABE_ITO)]
+            style = LINESTYLES[(i // len(OKABE_ITO)) % len(LINESTYLES)]
+            ax.plot(
+                taus,
+                y,
+                color=color,
+                linestyle=style,
+                label=name,
+                gid=f"series:profile:{name}",
+            )
+            ax.fill_between(
+                taus,
+                profile["lo"][name],
+                profile["hi"][name],
+                color=color,
+                alpha=0.15,
+                lw=0,
+            )
+        ax.set_xlabel(xlabel + r" $\tau$")
+        ax.set_ylabel(r"fraction of runs with score $> \tau$")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.25, lw=0.5)
+        ax.legend(frameon=False)
+    return fig

@@ -1,0 +1,75 @@
+"""TensorBoard logs of training runs (``rl-pg train --log tensorboard``).
+
+Each run directory gets ``tensorboard/`` with one event file: every
+``metrics.csv`` column as a scalar at step ``env_steps`` (the CSV itself is
+unchanged), and the run's hyperparameters (the hparams plugin, linked to the
+``val_median`` and ``best_median`` scalars). Written with tensorboardX (no
+TensorFlow; ``pip install 'rl_pg[viz]'``).
+
+View: ``tensorboard --logdir RUN_OR_SWEEP_DIR``. Weights & Biases:
+``wandb sync --sync-tensorboard RUN_OR_SWEEP_DIR``, or
+``wandb.init(sync_tensorboard=True)`` before training in Python.
+"""
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from rl_pg import extras
+
+LOGS = ("tensorboard",)
+LOG_DIR = "tensorboard"
+HPARAM_METRICS = ("val_median", "best_median")
+
+
+def check_log(log: str | None) -> None:
+    """ValueError for an unknown ``--log``; MissingExtraError without tensorboardX."""
+    if log is None:
+        return
+    if log not in LOGS:
+        raise ValueError(f"--log must be one of {list(LOGS)}, got {log!r}")
+    extras.require("tensorboardX", f"rl-pg train --log {log}")
+
+
+def flat_hparams(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A config dict flattened to the hparams plugin's types (bool, int, float,
+    str): nested dicts as ``a/b``, anything else (tuples, None) as its repr."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out |= flat_hparams(value, f"{name}/")
+        elif isinstance(value, bool | int | float | str):
+            out[name] = value
+        else:
+            out[name] = repr(value)
+    return out
+
+
+class TensorBoardLog:
+    """A run's event file: :meth:`write` one ``metrics.csv`` row at a time."""
+
+    def __init__(self, run_dir: str | Path, hparams: Mapping[str, Any]):
+        tbx = extras.require("tensorboardX", "rl-pg train --log tensorboard")
+        from tensorboardX import summary
+
+        self.writer = tbx.SummaryWriter(logdir=str(Path(run_dir) / LOG_DIR))
+        experiment, start, self._end = summary.hparams(
+            flat_hparams(hparams), {m: math.nan for m in HPARAM_METRICS}
+        )
+        for event in (experiment, start):
+            self.writer.file_writer.add_summary(event)
+
+    def write(self, row: Mapping[str, Any]) -> None:
+        """Every column of ``row`` but ``env_steps``, at step ``env_steps``."""
+        step = int(row["env_steps"])
+        for key, value in row.items():
+            if key != "env_steps":
+                self.writer.add_scalar(key, float(value), global_step=step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        """End the hparams session and close the file."""
+        self.writer.file_writer.add_summary(self._end)
+        self.writer.close()

@@ -1,0 +1,219 @@
+"""Paper figures from CSV files (rl_pg.figures) and ``rl-pg plot``."""
+
+import csv
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rl_pg import cli, figures
+
+METRICS = (
+    "bias2",
+    "variance",
+    "mse",
+    "cos_true",
+    "cos_pairwise",
+    "snr",
+    "cos_mean",
+    "rel_variance",
+)
+ESTIMATORS = (
+    "reinforce",
+    "reward_to_go",
+    "constant_baseline",
+    "mean_baseline",
+    "rloo",
+    "optimal_baseline",
+    "optimal_baseline_per_parameter",
+    "value_baseline",
+    "gae",
+    "ppo_clip",
+    "grpo",
+    "dr_grpo",
+    "vtrace",
+    "my_new_loss",
+)
+
+
+def _results(path, checkpoints=("initial", "good")):
+    """A results.csv like the study's: cosines with bands down to -0.6."""
+    columns = ["checkpoint", "estimator", "batch_size", "num_batches", *METRICS]
+    columns += [f"{m}_{s}" for m in METRICS for s in ("lo", "hi")]
+    rows = []
+    for c, stage in enumerate(checkpoints):
+        for i, e in enumerate(ESTIMATORS):
+            for n in (4, 16, 64):
+                row = dict(checkpoint=stage, estimator=e, batch_size=n, num_batches=8)
+                for m in METRICS:
+                    value = (
+                        (0.1 + 0.05 * i) * (n / 64)
+                        if "cos" in m
+                        else (1 + i + c) * 100 / n
+                    )
+                    row[m], row[f"{m}_lo"], row[f"{m}_hi"] = value, value / 2, value * 2
+                row["cos_true_lo"] = -0.6 if e == "gae" else row["cos_true"] - 0.1
+                row["rel_variance_hi"] = float("inf") if e == "reinforce" else 1.0
+                rows.append(row)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return figures.read_csv(path / "results.csv")
+
+
+def _svg_series(path):
+    return set(re.findall(r'id="series:([^"]+)"', path.read_text()))
+
+
+def test_every_estimator_has_a_family_and_one_hue_per_family():
+    fam = lambda n: figures.family_of(n).name
+    assert fam("reinforce") == fam("reward_to_go") == "REINFORCE"
+    assert fam("rloo") == fam("optimal_baseline_per_parameter") == "baselines"
+    assert fam("gae") == "actor-critic" and fam("dr_grpo") == "PPO / GRPO"
+    assert fam("is_per_decision") == fam("vtrace") == fam("cispo") == "off-policy"
+    assert fam("my_module:my_loss") == "other"
+    styles = figures.series_styles(ESTIMATORS)
+    hues = {s["family"]: s["color"] for s in styles.values()}
+    assert len(set(hues.values())) == len(hues) == 6  # 5 families + other
+    for family in hues:  # within a family: distinct line style and marker
+        mine = [
+            (s["linestyle"], s["marker"])
+            for s in styles.values()
+            if s["family"] == family
+        ]
+        assert len(set(mine)) == len(mine)
+
+
+def test_known_rescaled_is_the_registry_s():
+    from rl_pg import estimators
+
+    registered = {n for n, s in estimators.REGISTRY.items() if s.rescaled}
+    assert registered == figures.KNOWN_RESCALED
+
+
+def test_cosine_limits_show_the_whole_band_within_minus_one_and_one():
+    _, (lo, hi) = figures.axis_limits("cosine", [0.2, 0.9], [-0.6, 0.5], [0.5, 1.0])
+    assert -1.0 <= lo < -0.6 and hi == 1.0
+    _, (lo, _) = figures.axis_limits("cosine", [0.0], [-3.0], [1.0])
+    assert lo == -1.0
+    scale, (bottom, top) = figures.axis_limits("log", [1, 10], [0.5, -1], [2, np.inf])
+    assert scale == "log" and bottom == 0.5 / 1.5 and top == 10 * 1.5
+    assert figures.axis_limits("log", [-1, 10], [-2, 5], [0, 20]) == ("linear", None)
+
+
+def test_study_figures_write_every_format_with_every_series(tmp_path):
+    rows = _results(tmp_path / "study")
+    written = figures.study_figures(rows, tmp_path / "figs")
+    names = {p.name for p in written}
+    for stem in figures.STUDY_FIGURES:
+        assert {f"{stem}.{f}" for f in figures.FORMATS} <= names
+    assert all(p.stat().st_size > 0 for p in written)
+    svg = tmp_path / "figs/rel_variance_vs_batch_size.svg"
+    expected = {f"{c}:{e}" for c in ("initial", "good") for e in ESTIMATORS}
+    assert _svg_series(svg) == expected
+    text = svg.read_text()
+    assert "Cov" in text and "tab20" not in text
+    assert (tmp_path / "figs/cosine_vs_batch_size.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_cosine_figure_shows_the_lowest_band_edge(tmp_path):
+    fig = figures.study_figure(_results(tmp_path), "cos_true")
+    bottoms = {ax.get_ylim()[0] for ax in fig.axes}
+    assert len(bottoms) == 1 and -1.0 <= bottoms.pop() <= -0.6  # shared axes
+
+
+def test_small_multiples_one_column_per_family(tmp_path):
+    fig = figures.study_figure(_results(tmp_path, ("a", "b", "c")), "variance")
+    assert len(fig.axes) == 3 * 6
+    legend_titles = [
+        ax.get_legend().get_title().get_text() for ax in fig.axes if ax.get_legend()
+    ]
+    assert legend_titles == [
+        "REINFORCE",
+        "baselines",
+        "actor-critic",
+        "PPO / GRPO",
+        "off-policy",
+        "other",
+    ]
+    ppo = [t.get_text() for t in fig.axes[3].get_legend().get_texts()]
+    assert ppo == ["PPO-clip*", "GRPO*", "Dr. GRPO*"]  # another scale: marked
+
+
+def test_plot_command_redraws_chosen_series_without_jax(tmp_path):
+    _results(tmp_path / "study")
+    out = tmp_path / "fig.svg"
+    code = (
+        "import sys; from rl_pg import cli; cli.main(['plot', sys.argv[1], "
+        "'--metric', 'cos_true', '--estimators', 'gae,reinforce', '--out', "
+        "sys.argv[2]]); assert 'jax' not in sys.modules, 'jax imported'"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "study"), str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert _svg_series(out) == {
+        f"{c}:{e}" for c in ("initial", "good") for e in ("gae", "reinforce")
+    }
+
+
+def test_plot_command_errors_in_one_line(tmp_path, capsys):
+    _results(tmp_path / "study")
+    for argv, message in (
+        (["--estimators", "nope"], "estimator(s) ['nope'] not in the results"),
+        (["--metric", "speed"], "unknown metric 'speed'"),
+        (["--out", str(tmp_path / "study/results.csv")], "--out must end in one of"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(["plot", str(tmp_path / "study"), *argv])
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    figures.plot_study(tmp_path / "study", fmt="png")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        figures.plot_study(tmp_path / "study", fmt="png")
+
+
+def _metrics(run_dir, scale):
+    run_dir.mkdir(parents=True)
+    lines = [
+        "env_steps,wall_clock_s,loss,train_score_mean,val_median,val_mean,"
+        "best_median,best_env_steps"
+    ]
+    lines += [
+        f"{s},{s / 100},{-s / 1e4},{scale * s / 1e3},{scale * s / 500},1,"
+        f"{scale * s / 500},{s}"
+        for s in (1000, 2000, 3000)
+    ]
+    (run_dir / "metrics.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_plot_run_draws_a_run_and_a_sweep(tmp_path):
+    _metrics(tmp_path / "run", 1)
+    out = figures.plot_run(tmp_path / "run", fmt="svg")
+    assert out.name == "score.svg"
+    assert _svg_series(out) == {
+        "val_median:run",
+        "best_median:run",
+        "train_score_mean:run",
+    }
+    fig = figures.run_figure(tmp_path / "run", "loss")
+    assert list(fig.axes[0].get_lines()[0].get_ydata()) == [-0.1, -0.2, -0.3]
+    sweep = tmp_path / "sweep"
+    summary = ["cell,seed,lr,median_score,run_dir"]
+    for cell, lr in enumerate((0.001, 0.003)):
+        for seed in (0, 1):
+            _metrics(sweep / f"c{cell}s{seed}", cell + 1)
+            summary.append(f"{cell},{seed},{lr},1,c{cell}s{seed}")
+    (sweep / "summary.csv").write_text("\n".join(summary) + "\n")
+    out = figures.plot(sweep, "val_median", fmt="svg")
+    assert _svg_series(out) == {
+        f"lr=0.00{k}:c{c}s{s}" for c, k in ((0, 1), (1, 3)) for s in (0, 1)
+    }
+    with pytest.raises(ValueError, match="unknown metric 'nope'"):
+        figures.run_figure(tmp_path / "run", "nope")
