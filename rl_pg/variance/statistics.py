@@ -12,7 +12,7 @@ metric is built from unbiased U-statistic pieces:
   |mu|^2 = ||Xbar||^2 - tr S_X / M,  |g|^2 = ||Ybar||^2 - se_ref^2
   snr = sqrt(max(|mu|^2, 0) / tr S_X),   rel_variance = tr S_X / |mu|^2 (= 1 / snr^2)
   cos_mean = <Xbar, Ybar> / sqrt(|mu|^2 |g|^2) - jackknife bias (direction of the
-             mean estimate; noise-corrected, so it may exceed 1 by noise)
+             mean estimate; noise-corrected norms), clamped to [-1, 1]
   cos_true = mean_m cos(X_m, g_ref),  cos_pairwise = mean_{m != m'} cos(X_m, X_m')
 
 The plug-in ||Xbar - g_ref||^2 would carry the noise terms; ``bias2_noise`` = tr S_X / M
@@ -36,7 +36,10 @@ below the point (rare large overestimates), and the upper bound is a score-type
 inversion whose variance grows with bias2. It is continuous in its inputs.
 cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so its
 O(1/M + 1/K) bias is as large as its spread there: point and interval are shifted by
-the two-sample jackknife bias estimate (Quenouille 1956).
+the two-sample jackknife bias estimate (Quenouille 1956). Every cosine's point
+and interval are then clamped to [-1, 1]: clamping an interval does not change
+whether it holds a truth in [-1, 1], so coverage at the truth cos = 1 (an
+unbiased estimator) stays measurable (hi = 1 holds it).
 SNR and rel_variance come from one interval on
 snr^2 = |mu|^2 / tr S_X. A percentile bootstrap is wrong here: resampling adds
 the noise term again (its bias2 distribution centres near B + tr S/M) and
@@ -262,7 +265,7 @@ def _summarize(
         if name == "cos_mean":
             shift = _jackknife_bias(values, M)
             point, lo, hi = point - shift, lo - shift, hi - shift
-        if name in ("cos_true", "cos_pairwise"):  # cosines of vectors: in [-1, 1]
+        if name.startswith("cos"):  # cosines: point and interval in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
     out |= _snr_intervals(reps["snr2"], M, z)
