@@ -255,3 +255,36 @@ def test_cosine_points_and_intervals_stay_in_minus_one_one():
                 assert s[f"{m}_lo"] <= s[m] <= s[f"{m}_hi"], m
         seen_edge |= s["cos_mean_hi"] == 1.0 or s["cos_mean_lo"] == -1.0
     assert seen_edge
+
+
+def test_calibration_repeats_have_independent_keys():
+    """Every (seed, policy, batch size) of the calibration gets its own study seed
+    (the old script gave all three policies one key, and every size one sample)."""
+    seeds = {
+        exact.calibration_seed(s, p, i)
+        for s in range(20)
+        for p in range(3)
+        for i in range(3)
+    }
+    assert len(seeds) == 20 * 3 * 3
+
+
+def test_calibration_rows_differ_between_policies_and_sizes(monkeypatch):
+    """The studies behind the rows of one seed use distinct seeds."""
+    used = []
+
+    def fake_stage(params, runners, config, horizon):
+        used.append(config.seed)
+        return type("R", (), {"rows": []})()
+
+    monkeypatch.setattr(exact.study, "study_stage", fake_stage)
+    monkeypatch.setattr(exact.study, "make_runners", lambda problem, config: None)
+    config = variance.StudyConfig(
+        batch_sizes=(4, 16),
+        num_batches=4,
+        reference_trajectories=64,
+        reference_groups=4,
+        chunk=64,
+    )
+    exact.calibration_rows(range(2), config)
+    assert len(used) == 2 * 3 * 2 and len(set(used)) == len(used)
