@@ -288,3 +288,23 @@ def test_calibration_rows_differ_between_policies_and_sizes(monkeypatch):
     )
     exact.calibration_rows(range(2), config)
     assert len(used) == 2 * 3 * 2 and len(set(used)) == len(used)
+
+
+def test_an_estimate_that_is_zero_up_to_rounding_has_one_defined_cosine():
+    """A batch whose groups all have equal returns gives 0 up to float32 rounding
+    (~1e-9 in a direction set by the reduction order, so by the device count):
+    its metrics must not depend on that noise, and its cosine is 0."""
+    rng = np.random.default_rng(3)
+    X = 1.0 + rng.normal(size=(16, 5))
+    Y = 1.0 + 0.3 * rng.normal(size=(8, 5))
+    X[[2, 9]] = 0.0
+    exact_zero = statistics.summarize(X, Y)
+    for seed in range(3):
+        noisy = X.copy()
+        noisy[[2, 9]] = 1e-9 * np.random.default_rng(seed).normal(size=(2, 5))
+        out = statistics.summarize(noisy, Y)
+        for m in statistics.METRICS:
+            assert out[m] == pytest.approx(exact_zero[m], abs=1e-12), m
+    U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
+    cos = U @ Y.mean(0) / np.linalg.norm(Y.mean(0))
+    assert cos[2] == 0 and exact_zero["cos_true"] == pytest.approx(cos.mean())

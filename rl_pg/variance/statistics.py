@@ -116,7 +116,7 @@ def _metrics(Kxx, Kxy, Kyy) -> dict[str, np.ndarray]:
     mu2 = xx - tr_x / nx
     g2 = yy - se2
     # cos_true = mean_m cos(X_m, Ybar) for every replicate
-    norms = np.sqrt(np.maximum(dx, 1e-300))
+    norms = np.sqrt(np.maximum(dx, 1e-300))  # a zero row's cosines are 0
     row = Kxy.sum(1)  # <X_m, sum_k Y_k>
     cos_full = row / K / (norms * np.sqrt(max(yy[0], 1e-300)))
     dot_del = (row[:, None] - Kxy) / (K - 1)  # [M, K]: <X_m, Ybar_(-k)>
@@ -248,6 +248,7 @@ def _summarize(
             f"need at least 4 batch estimates and 4 reference groups, got {M} and {K}"
         )
     Kxx = X @ X.T if gram is None else np.asarray(gram, np.float64)
+    X, Kxx = flush_zero_estimates(X, Kxx)
     Kxy, Kyy = X @ Y.T, Y @ Y.T
     reps = _metrics(Kxx, Kxy, Kyy)
     z = NormalDist().inv_cdf(0.5 + level / 2)
@@ -273,6 +274,26 @@ def _summarize(
     out["se_ref"] = float(np.sqrt(max(reps["se_ref2"][0], 0.0)))
     out["mean_norm2"] = float(reps["mu2"][0])
     return out
+
+
+ZERO_TOLERANCE = 1e-5  # relative to the largest estimate's norm (float32 eps ~ 1e-7)
+
+
+def flush_zero_estimates(X: np.ndarray, gram: np.ndarray) -> tuple:
+    """X and X X^T with every estimate that is zero up to rounding set to exactly 0.
+
+    A batch whose groups all have equal returns has estimate 0, but float32
+    sums leave ~1e-9 of noise in a direction that depends on the reduction order
+    (so on the device count), and its cosine would be arbitrary. An estimate
+    whose norm is at most ``ZERO_TOLERANCE`` x the largest of the M norms is
+    zero; the cosine of a zero vector is defined as 0.
+    """
+    norms2 = np.diag(gram)
+    zero = norms2 <= ZERO_TOLERANCE**2 * np.max(norms2, initial=0.0)
+    if not zero.any():
+        return X, gram
+    keep = (~zero).astype(np.float64)
+    return X * keep[:, None], gram * np.outer(keep, keep)
 
 
 def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
