@@ -74,7 +74,8 @@ def _exact_metrics(mu: np.ndarray | None, g: np.ndarray, variance: float) -> dic
         return out
     mu2 = float(mu @ mu)
     out["bias2"] = float(np.sum((mu - g) ** 2))
-    out["cos_mean"] = float(mu @ g / np.sqrt(mu2 * (g @ g))) if mu2 > 0 else np.nan
+    cos = mu @ g / np.sqrt(mu2 * (g @ g)) if mu2 > 0 else np.nan
+    out["cos_mean"] = float(np.clip(cos, -1.0, 1.0))  # rounding: c g may give 1 + 1e-16
     out["mse"] = variance + out["bias2"]
     out["snr"] = float(np.sqrt(mu2 / variance))
     out["rel_variance"] = variance / mu2 if mu2 > 0 else np.inf
@@ -183,22 +184,49 @@ def coverage(rows: list[dict], metrics=EXACT_METRICS) -> dict[str, tuple[int, in
     return out
 
 
+CALIBRATION_SEED = 20_250_101  # base of calibration_keys' fold_in chain
+
+
+def calibration_seed(seed: int, policy_index: int, size_index: int) -> int:
+    """The study seed of one calibration repeat: fold_in(fold_in(fold_in(
+    PRNGKey(CALIBRATION_SEED), seed), policy), size), as a non-negative int32.
+
+    Every (seed, policy, batch size) gets its own key, so the repeats are
+    independent: no two policies share trajectories, and no batch size reuses
+    another's sample."""
+    key = jax.random.PRNGKey(CALIBRATION_SEED)
+    for i in (seed, policy_index, size_index):
+        key = jax.random.fold_in(key, int(i))
+    return int(np.asarray(jax.random.key_data(key))[-1]) & 0x7FFFFFFF
+
+
 def calibration_rows(
     seeds, config: "study.StudyConfig", group_size: int = 4, progress=None
 ) -> list[dict]:
-    """Result rows of the exact-mode study for every seed and policy (with
-    ``seed`` and ``checkpoint`` keys), to measure the intervals' coverage."""
+    """Result rows of the exact-mode study for every seed, policy and batch size
+    (with ``seed`` and ``checkpoint`` keys), to measure the intervals' coverage.
 
+    Each (seed, policy, batch size) is its own study (``config`` with that one
+    batch size, ``config.num_batches`` batches of it, and the key of
+    :func:`calibration_seed`): every row is an independent repeat."""
     problem = enumerable_problem(group_size)
-    runners = study.make_runners(problem, config)
+    sizes = [int(n) for n in config.batch_sizes]
+    runners = {}
+    for n in sizes:
+        one = dataclasses.replace(
+            config, batch_sizes=(n,), max_batches_per_size=config.num_batches
+        )
+        runners[n] = (one, study.make_runners(problem, one))
     rows = []
     for seed in seeds:
-        seeded = dataclasses.replace(config, seed=int(seed))
-        for label, params in enumerable_policies().items():
-            result = study.study_stage(
-                params, runners, seeded, enumerable.DEFAULT_MDP.horizon
-            )
-            rows += [{"seed": seed, "checkpoint": label, **r} for r in result.rows]
+        for p, (label, params) in enumerate(enumerable_policies().items()):
+            for i, n in enumerate(sizes):
+                one, runner = runners[n]
+                seeded = dataclasses.replace(one, seed=calibration_seed(seed, p, i))
+                result = study.study_stage(
+                    params, runner, seeded, enumerable.DEFAULT_MDP.horizon
+                )
+                rows += [{"seed": seed, "checkpoint": label, **r} for r in result.rows]
         if progress is not None:
             progress(seed)
     return rows

@@ -12,7 +12,7 @@ metric is built from unbiased U-statistic pieces:
   |mu|^2 = ||Xbar||^2 - tr S_X / M,  |g|^2 = ||Ybar||^2 - se_ref^2
   snr = sqrt(max(|mu|^2, 0) / tr S_X),   rel_variance = tr S_X / |mu|^2 (= 1 / snr^2)
   cos_mean = <Xbar, Ybar> / sqrt(|mu|^2 |g|^2) - jackknife bias (direction of the
-             mean estimate; noise-corrected, so it may exceed 1 by noise)
+             mean estimate; noise-corrected norms), clamped to [-1, 1]
   cos_true = mean_m cos(X_m, g_ref),  cos_pairwise = mean_{m != m'} cos(X_m, X_m')
 
 The plug-in ||Xbar - g_ref||^2 would carry the noise terms; ``bias2_noise`` = tr S_X / M
@@ -28,20 +28,18 @@ Intervals: the delete-one jackknife over both independent samples (Efron & Stein
 and a normal interval theta +- z sqrt(Var_J), on the log scale for the positive,
 right-skewed variance and mse. For bias2 the jackknife counts the degenerate
 (second-order) part of the U-statistic's variance twice, which dominates at an
-unbiased estimator; it is subtracted with unbiased estimates of tr(Sigma^2)
-(:func:`trace_sigma_squared`), flooring the variance at that degenerate part
-(the variance is at least it; the floor matters in low effective dimension), and
-the interval is that of the plug-in
-||Xbar - g_ref||^2 (a scaled chi-square, skewed in low dimension; Wilson-Hilferty)
-minus the estimated noise (where the plug-in is too noisy for that shape to bound
-it above, the bound is the point plus twice the normal half-width). cos_mean =
-(|mu|^2 + |g|^2 - bias2) / (2 |mu| |g|) is degenerate the same way when mu is
-parallel to g (its first-order term vanishes), so its jackknife interval is widened
-to hold the one the bias2 interval implies; it is not clipped to [-1, 1], so that
-its coverage stays measurable at the truth cos = 1. cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so its
+unbiased estimator; it is subtracted with an unbiased estimate of it
+(:func:`trace_sigma_squared`), flooring the variance at that degenerate part, and
+the interval follows the law of point - bias2, a normal first-order part plus a
+right-skewed sum of chi-squares (:func:`_bias2_interval`): the longer half lies
+below the point (rare large overestimates), and the upper bound is a score-type
+inversion whose variance grows with bias2. It is continuous in its inputs.
+cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so its
 O(1/M + 1/K) bias is as large as its spread there: point and interval are shifted by
-the two-sample jackknife bias estimate (Quenouille 1956), and not clipped to [-1, 1]
-(noise-corrected norms), so that coverage at the truth cos = 1 stays measurable.
+the two-sample jackknife bias estimate (Quenouille 1956). Every cosine's point
+and interval are then clamped to [-1, 1]: clamping an interval does not change
+whether it holds a truth in [-1, 1], so coverage at the truth cos = 1 (an
+unbiased estimator) stays measurable (hi = 1 holds it).
 SNR and rel_variance come from one interval on
 snr^2 = |mu|^2 / tr S_X. A percentile bootstrap is wrong here: resampling adds
 the noise term again (its bias2 distribution centres near B + tr S/M) and
@@ -53,6 +51,7 @@ the truth. The coverage of these intervals is measured against exact values in
 from statistics import NormalDist
 
 import numpy as np
+from scipy import special
 
 METRICS = (
     "bias2",
@@ -65,6 +64,12 @@ METRICS = (
     "rel_variance",
 )
 LOG_SCALE = frozenset({"variance", "mse"})
+# bias2's interval (see _bias2_interval): the first-order variance at bias2 = theta
+# is modelled as FIRST_ORDER_FACTOR * theta * D / tr C (1.5: between the 1 of a
+# noise-like bias direction and the 2 of a noncentral chi-square; set on the
+# exact-mode calibration, experiments/calibration.py), and skew <= sqrt(8) (chi2_1)
+FIRST_ORDER_FACTOR = 1.5
+SKEW_CAP = float(np.sqrt(8.0))
 
 
 def _replicates(full: float, deleted_x, deleted_y) -> np.ndarray:
@@ -111,7 +116,7 @@ def _metrics(Kxx, Kxy, Kyy) -> dict[str, np.ndarray]:
     mu2 = xx - tr_x / nx
     g2 = yy - se2
     # cos_true = mean_m cos(X_m, Ybar) for every replicate
-    norms = np.sqrt(np.maximum(dx, 1e-300))
+    norms = np.sqrt(np.maximum(dx, 1e-300))  # a zero row's cosines are 0
     row = Kxy.sum(1)  # <X_m, sum_k Y_k>
     cos_full = row / K / (norms * np.sqrt(max(yy[0], 1e-300)))
     dot_del = (row[:, None] - Kxy) / (K - 1)  # [M, K]: <X_m, Ybar_(-k)>
@@ -174,19 +179,22 @@ def _degenerate_part(Kxx, Kxy, Kyy) -> float:
     )
 
 
-def _plug_in_interval(q: float, se: float, z: float) -> tuple[float, float]:
-    """Interval for E[Q] of the plug-in Q = ||Xbar - g_ref||^2 >= 0 (Wilson &
-    Hilferty 1931): Q ~ c chi^2_nu with nu = 2 Q^2 / se^2, (Q / E Q)^(1/3) ~
-    N(1 - a, a), a = 2 / (9 nu). Skewed like Q in low dimension (where the normal
-    interval undercovers at an unbiased estimator), normal in high dimension."""
-    if q <= 0 or se <= 0:
-        return q, q
-    a = 2 * se**2 / (9 * 2 * q**2)
-    low_den = 1 - a + z * np.sqrt(a)
-    high_den = 1 - a - z * np.sqrt(a)
-    # beyond a = z^2 the shape would put the lower bound above q: normal there
-    low = q / low_den**3 if low_den >= 1 else q - z * se
-    return low, (q / high_den**3 if high_den > 0 else np.inf)
+def skewed_quantiles(var: float, kappa3: float, level: float) -> tuple[float, float]:
+    """The (1 -+ level) / 2 quantiles of a zero-mean W with variance ``var`` and
+    third cumulant ``kappa3`` >= 0, as a shifted, scaled chi-square a (chi2_k - k)
+    with those cumulants (k = 8 / skew^2, a = sqrt(var / (2 k)); Pearson type III).
+    The skew is capped at ``SKEW_CAP`` = sqrt(8), a chi2_1's (the most a sum of independent
+    squares has). Continuous in its inputs; normal as the skew -> 0."""
+    sd = float(np.sqrt(max(var, 0.0)))
+    if not sd > 0:
+        return 0.0, 0.0
+    skew = min(max(kappa3, 0.0) / sd**3, SKEW_CAP)
+    k = min(8.0 / skew**2, 1e8) if skew > 0 else 1e8
+    a = sd / np.sqrt(2 * k)
+    tail = (1 - level) / 2
+    lower = a * (2 * special.gammaincinv(k / 2, tail) - k)
+    upper = a * (2 * special.gammaincinv(k / 2, 1 - tail) - k)
+    return float(lower), float(upper)
 
 
 def _jackknife_se(values: np.ndarray, num_x_units: int) -> float:
@@ -240,6 +248,7 @@ def _summarize(
             f"need at least 4 batch estimates and 4 reference groups, got {M} and {K}"
         )
     Kxx = X @ X.T if gram is None else np.asarray(gram, np.float64)
+    X, Kxx = flush_zero_estimates(X, Kxx)
     Kxy, Kyy = X @ Y.T, Y @ Y.T
     reps = _metrics(Kxx, Kxy, Kyy)
     z = NormalDist().inv_cdf(0.5 + level / 2)
@@ -249,7 +258,7 @@ def _summarize(
         point = float(values[0])
         se = _jackknife_se(values, M)
         if name == "bias2":
-            lo, hi = _bias2_interval(reps, Kxx, Kxy, Kyy, z)
+            lo, hi = _bias2_interval(reps, Kxx, Kxy, Kyy, level)
         elif name in LOG_SCALE and point > 0:
             lo, hi = point * np.exp(-z * se / point), point * np.exp(z * se / point)
         else:
@@ -257,7 +266,7 @@ def _summarize(
         if name == "cos_mean":
             shift = _jackknife_bias(values, M)
             point, lo, hi = point - shift, lo - shift, hi - shift
-        if name in ("cos_true", "cos_pairwise"):  # cosines of vectors: in [-1, 1]
+        if name.startswith("cos"):  # cosines: point and interval in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
     out |= _snr_intervals(reps["snr2"], M, z)
@@ -267,21 +276,68 @@ def _summarize(
     return out
 
 
-def _bias2_interval(reps, Kxx, Kxy, Kyy, z: float) -> tuple[float, float]:
-    """bias2's interval: jackknife less the degenerate part, chi-square shaped."""
+ZERO_TOLERANCE = 1e-5  # relative to the largest estimate's norm (float32 eps ~ 1e-7)
+
+
+def flush_zero_estimates(X: np.ndarray, gram: np.ndarray) -> tuple:
+    """X and X X^T with every estimate that is zero up to rounding set to exactly 0.
+
+    A batch whose groups all have equal returns has estimate 0, but float32
+    sums leave ~1e-9 of noise in a direction that depends on the reduction order
+    (so on the device count), and its cosine would be arbitrary. An estimate
+    whose norm is at most ``ZERO_TOLERANCE`` x the largest of the M norms is
+    zero; the cosine of a zero vector is defined as 0.
+    """
+    norms2 = np.diag(gram)
+    zero = norms2 <= ZERO_TOLERANCE**2 * np.max(norms2, initial=0.0)
+    if not zero.any():
+        return X, gram
+    keep = (~zero).astype(np.float64)
+    return X * keep[:, None], gram * np.outer(keep, keep)
+
+
+def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
+    """bias2's interval from the law of W = point - bias2 (REFERENCE.md s. 11).
+
+    W ~ 2 d'e + (||e||^2 - tr C), e ~ N(0, C), d = mu - g: variance F + D (first-
+    order part F = 4 d'C d, degenerate part D = 2 tr C^2), third cumulant
+    8 tr C^3 + 24 d'C^2 d ~ D (2 D + 3 F) / tr C (Satterthwaite: C's spectrum acts
+    like one scaled chi-square; tr C = ``bias2_noise``), skewed to the right
+    (:func:`skewed_quantiles`). D is estimated without bias
+    (:func:`_degenerate_part`); F by the jackknife less D (which it counts
+    twice), floored at 0 and at what the same model gives at bias2 = theta,
+    ~ ``FIRST_ORDER_FACTOR`` theta D / tr C: near a small point the jackknife's F is small too (it is
+    built from the same d-hat), so the upper bound solves
+    theta + lower quantile of W(theta) = point (a score-type inversion).
+    Continuous in its inputs.
+    """
     point = float(reps["bias2"][0])
     jack = _jackknife_se(reps["bias2"], Kxy.shape[0]) ** 2
-    degenerate = _degenerate_part(Kxx, Kxy, Kyy)
-    # Var = first-order part + degenerate part >= the degenerate part: the floor
-    # matters in low effective dimension, where a plug-in that is small by chance
-    # makes the jackknife small too.
-    se = np.sqrt(max(jack - degenerate, degenerate, jack / 4))
+    deg = _degenerate_part(Kxx, Kxy, Kyy)
     noise = float(reps["bias2_noise"][0])
-    lo, hi = _plug_in_interval(point + noise, se, z)
-    lo, hi = lo - noise, hi - noise
-    if not np.isfinite(hi):  # too noisy for the chi-square shape
-        hi = point + 2 * z * se
-    return lo, hi
+    if not (deg > 0 and noise > 0):
+        return point, point
+    # Var >= the degenerate part: the floor matters in low effective dimension
+    first_hat = max(jack - deg, deg, jack / 4) - deg
+
+    def quantiles(theta: float) -> tuple[float, float]:
+        first = max(first_hat, FIRST_ORDER_FACTOR * max(theta, 0.0) * deg / noise)
+        kappa3 = deg * (2 * deg + 3 * first) / noise
+        return skewed_quantiles(deg + first, kappa3, level)
+
+    lo = point - quantiles(point)[1]
+
+    def excess(theta):  # increasing in theta; < 0 at theta = point
+        return theta + quantiles(theta)[0] - point
+
+    a, step = point, np.sqrt(deg + first_hat)
+    b = a + step
+    while excess(b) < 0:
+        a, b, step = b, b + 2 * step, 2 * step
+    for _ in range(60):
+        mid = 0.5 * (a + b)
+        a, b = (mid, b) if excess(mid) < 0 else (a, mid)
+    return lo, b
 
 
 def _jackknife_bias(values: np.ndarray, num_x_units: int) -> float:
