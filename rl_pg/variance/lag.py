@@ -316,11 +316,7 @@ def step_params(mu_params: Params, direction: Params, alpha: float) -> Params:
     )
 
 
-@functools.partial(jax.jit, static_argnames="apply_fn")
-def _staleness_along(alpha, mu_params, direction, apply_fn, batch) -> Staleness:
-    return staleness(
-        mu_params, step_params(mu_params, direction, alpha), apply_fn, batch
-    )
+_step_params = jax.jit(step_params)  # the same compiled step for search and result
 
 
 def _check_levels(kl_levels: Sequence[float]) -> tuple[float, ...]:
@@ -414,18 +410,18 @@ def targets_at_kl(
         direction = lag_direction(key_direction, mu_params, apply_fn, sample, config)
     batch = sample(key_eval, mu_params, config.eval_batch)
 
+    def target(alpha: float) -> Params:
+        return _step_params(mu_params, direction, jnp.float32(alpha))
+
     def kl_at(alpha: float) -> Staleness:
-        alpha = jnp.float32(alpha)
-        return _as_floats(
-            _staleness_along(alpha, mu_params, direction, apply_fn, batch)
-        )
+        return _as_floats(staleness(mu_params, target(alpha), apply_fn, batch))
 
     targets, lo, lo_kl = [], 0.0, 0.0
     for level in levels:
         alpha = 0.0
         if level > 0:
             alpha = _find_step(kl_at, level, lo if lo_kl < level else 0.0, config)
-        params = mu_params if level == 0 else step_params(mu_params, direction, alpha)
+        params = mu_params if level == 0 else target(alpha)
         s = _as_floats(staleness(mu_params, params, apply_fn, batch))
         targets.append(LagTarget(params, level, s.kl, s.max_ratio, alpha, s))
         lo, lo_kl = alpha, s.kl
