@@ -258,6 +258,11 @@ class LagTarget(NamedTuple):
     staleness: Staleness
 
 
+def _jit_sample(sample: Sampler) -> Sampler:
+    """``sample`` compiled (n static): rollouts run eagerly op by op otherwise."""
+    return jax.jit(sample, static_argnums=2)
+
+
 def _global_norm(tree: Params) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
 
@@ -287,7 +292,7 @@ def lag_direction(
     Raises:
       ValueError: if the gradient is zero or not finite (e.g. every advantage equal).
     """
-    batch = sample(key, mu_params, config.direction_batch)
+    batch = _jit_sample(sample)(key, mu_params, config.direction_batch)
     loss = estimators.get_estimator(
         "ppo_clip",
         apply_fn=apply_fn,
@@ -408,7 +413,7 @@ def targets_at_kl(
     key_direction, key_eval = jax.random.split(key)
     if direction is None:
         direction = lag_direction(key_direction, mu_params, apply_fn, sample, config)
-    batch = sample(key_eval, mu_params, config.eval_batch)
+    batch = _jit_sample(sample)(key_eval, mu_params, config.eval_batch)
 
     def target(alpha: float) -> Params:
         return _step_params(mu_params, direction, jnp.float32(alpha))
