@@ -112,7 +112,7 @@ def test_direction_is_ppo_ascent():
     loss = functools.partial(
         estimators.ppo_clip, apply_fn=APPLY, vf_coef=0.0, ent_coef=0.0
     )
-    g = jax.grad(lambda p: loss(p, batch)[0])(MU)["logits"]
+    g = jax.jit(jax.grad(lambda p: loss(p, batch)[0]))(MU)["logits"]
     np.testing.assert_allclose(
         d["logits"], -g / np.linalg.norm(g), rtol=1e-5, atol=1e-7
     )

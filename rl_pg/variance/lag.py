@@ -293,17 +293,9 @@ def lag_direction(
       ValueError: if the gradient is zero or not finite (e.g. every advantage equal).
     """
     batch = _jit_sample(sample)(key, mu_params, config.direction_batch)
-    loss = estimators.get_estimator(
-        "ppo_clip",
-        apply_fn=apply_fn,
-        gamma=config.gamma,
-        lam=config.lam,
-        clip_eps=config.clip_eps,
-        normalize_advantages=True,
-        vf_coef=0.0,
-        ent_coef=0.0,
-    )
-    grad = jax.jit(jax.grad(lambda p: loss(p, batch)[0]))(mu_params)
+    hp = dict(gamma=config.gamma, lam=config.lam, clip_eps=config.clip_eps)
+    estimators.get_estimator("ppo_clip", apply_fn=apply_fn, **hp)  # validates hp
+    grad = _ppo_gradient(mu_params, batch, apply_fn, *hp.values())
     norm = float(_global_norm(grad))
     if not (math.isfinite(norm) and norm > 0):
         raise ValueError(
@@ -312,6 +304,22 @@ def lag_direction(
             "direction_batch"
         )
     return jax.tree.map(lambda g: -g / norm, grad)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4, 5))
+def _ppo_gradient(params, batch, apply_fn, gamma, lam, clip_eps) -> Params:
+    """grad of ppo_clip (normalised advantages, no value or entropy terms)."""
+    loss = functools.partial(
+        estimators.ESTIMATORS["ppo_clip"],
+        apply_fn=apply_fn,
+        gamma=gamma,
+        lam=lam,
+        clip_eps=clip_eps,
+        normalize_advantages=True,
+        vf_coef=0.0,
+        ent_coef=0.0,
+    )
+    return jax.grad(lambda p: loss(p, batch)[0])(params)
 
 
 def step_params(mu_params: Params, direction: Params, alpha: float) -> Params:
@@ -550,6 +558,18 @@ def target_name(level: float) -> str:
 # ------------------------------------------------- exact truth (enumerable MDP)
 
 
+@functools.partial(jax.jit, static_argnums=2)
+def _column_estimates(params: Params, batch: Trajectory, loss_fn: Callable):
+    """[B, P] -grad loss(params, column b) for every column of ``batch``."""
+
+    def one(column: Trajectory) -> jax.Array:
+        column = jax.tree.map(lambda x: x[:, None], column)
+        grad = jax.grad(lambda p: loss_fn(p, column)[0])(params)
+        return -ravel_pytree(grad)[0]
+
+    return jax.vmap(one, in_axes=1)(batch)
+
+
 def off_policy_columns(
     mu_params: Params, pi_params: Params, loss_fn: Callable, mdp=enumerable.DEFAULT_MDP
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -569,13 +589,7 @@ def off_policy_columns(
       ``(y [N, P] float64, p_mu(tau) [N] float64, s_0 [N])``, P the raveled params.
     """
     batch, probs, s0 = enumerable.enumerated_batch(mu_params, mdp)
-
-    def one(column: Trajectory) -> jax.Array:
-        column = jax.tree.map(lambda x: x[:, None], column)
-        grad = jax.grad(lambda p: loss_fn(p, column)[0])(pi_params)
-        return -ravel_pytree(grad)[0]
-
-    y = jax.jit(jax.vmap(one, in_axes=1))(batch)
+    y = _column_estimates(pi_params, batch, loss_fn)
     return np.asarray(y, np.float64), np.asarray(probs, np.float64), np.asarray(s0)
 
 
@@ -597,6 +611,13 @@ def exact_off_policy(
     return mean, float(max(second - mean @ mean, 0.0))
 
 
+@functools.cache
+def _reinforce(num_states: int, num_actions: int, value: bool) -> Callable:
+    """One REINFORCE loss per table size (a stable static argument under jit)."""
+    apply_fn = enumerable.tabular_policy(num_states, num_actions, value).apply
+    return estimators.get_estimator("reinforce", apply_fn=apply_fn)
+
+
 def exact_gradient(pi_params: Params, mdp=enumerable.DEFAULT_MDP) -> np.ndarray:
     """grad J at the target, raveled like :func:`off_policy_columns`' y: [P] float64.
 
@@ -605,7 +626,6 @@ def exact_gradient(pi_params: Params, mdp=enumerable.DEFAULT_MDP) -> np.ndarray:
     agree to ~1e-7; ``rl_pg.enumerable.exact_gradient`` (the same quantity summed in
     float32) is off by up to ~2e-6 on the default MDP.
     """
-    policy = enumerable.mdp_policy(mdp, value="value" in pi_params)
-    loss = estimators.get_estimator("reinforce", apply_fn=policy.apply)
+    loss = _reinforce(mdp.num_states, mdp.num_actions, "value" in pi_params)
     y, probs, _ = off_policy_columns(pi_params, pi_params, loss, mdp)
     return probs @ y
