@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from rl_pg import cli
-from rl_pg.runs import overrides, sweep
+from rl_pg import cli, train
+from rl_pg.runs import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -79,9 +79,9 @@ def check_rl_pg(argv: list[str]) -> None:
         raise AssertionError(f"rl-pg {shlex.join(argv)}: rejected ({exit_})") from None
     if extra and not getattr(args, "takes_extra", False):
         raise AssertionError(f"rl-pg {shlex.join(argv)}: unrecognized {extra}")
-    options = overrides.overrides_from_argv(extra)
+    options = train.overrides_from_argv(extra)
     if args.command == "train":
-        overrides.make_config(args.algo, options)
+        train.make_config(args.algo, options)
     elif args.command == "sweep":
         sweep.plan(args.algo, options, args.num_seeds)
 
@@ -189,20 +189,21 @@ def _anchors(markdown: str) -> set[str]:
     }
 
 
-def test_relative_links_resolve():
-    text = README.read_text()
-    links = re.findall(r"\]\(([^)\s]+)\)", text)
+@pytest.mark.parametrize(
+    "page", ["README.md", "docs/performance.md", "docs/details.md"]
+)
+def test_relative_links_resolve(page):
+    source = ROOT / page
+    links = re.findall(r"\]\(([^)\s]+)\)", source.read_text())
     assert links
     for link in links:
         if "://" in link:
             continue
         target, _, anchor = link.partition("#")
-        path = ROOT / target if target else README
-        assert path.exists(), f"README links to a missing {target}"
+        path = source.parent / target if target else source
+        assert path.exists(), f"{page} links to a missing {target}"
         if anchor:
-            assert anchor in _anchors(path.read_text()), (
-                f"no heading #{anchor} in {target}"
-            )
+            assert anchor in _anchors(path.read_text()), f"no #{anchor} in {target}"
 
 
 def test_the_checks_catch_broken_commands():
