@@ -215,7 +215,7 @@ def test_the_checks_catch_broken_commands():
     with pytest.raises(AssertionError, match="rejected"):
         check_rl_pg(["variance", "--preset", "huge", "--out", "x"])
     with pytest.raises(AssertionError, match="unrecognized"):
-        check_rl_pg(["variance", "--out", "x", "--lag-kl", "0.1"])
+        check_rl_pg(["variance", "--out", "x", "--no-such-flag", "0.1"])
     with pytest.raises(ValueError, match="Unknown option"):
         check_rl_pg(["train", "--algo", "ppo", "--out", "x", "--no-such-field", "1"])
     with pytest.raises(ValueError, match="not sweepable"):
