@@ -15,7 +15,7 @@ import argparse
 import time
 
 from rl_pg import io
-from rl_pg.variance import exact, report
+from rl_pg.variance import exact, job
 
 
 def main() -> None:
@@ -30,7 +30,7 @@ def main() -> None:
     start = time.perf_counter()
     rows = exact.calibration_rows(
         range(args.seeds),
-        report.ENUMERABLE_STUDY,
+        job.ENUMERABLE_STUDY,
         progress=lambda s: print(f"seed {s} done, {time.perf_counter() - start:.0f} s"),
     )
     lines = ["metric,estimator,covered,intervals,coverage"]

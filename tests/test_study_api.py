@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rl_pg import cli, distributed, estimators
-from rl_pg.variance import report, run_study
+from rl_pg.variance import job, pipeline, report, run_study, stages
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SMALL = dict(
@@ -161,7 +161,7 @@ def test_run_study_needs_the_policy_of_its_params():
         run_study(policies={"a": {"w": jnp.zeros(2)}}, **SMALL)
     with pytest.raises(ValueError, match="problem"):
         run_study(problem="atari", **SMALL)
-    assert report.stage_labels(["x/best"]) == ["best"]
+    assert stages.stage_labels(["x/best"]) == ["best"]
 
 
 @pytest.mark.slow
@@ -182,21 +182,22 @@ def test_variance_along_training_studies_every_kept_checkpoint(tmp_path):
     }
     run_dir = tmp_path / "run"
     train.train_main("ppo", run_dir, overrides, progress=False, keep_checkpoints="all")
-    kept = report.run_checkpoints(run_dir)
+    kept = stages.run_checkpoints(run_dir)
     assert [p.name for p in kept] == [f"env_steps_{8 * 32 * k:012d}" for k in (2, 4, 6)]
-    config = report.study_config_from_dict(
-        {**dataclasses.asdict(report.PRESETS["quick"]["study"]), **SMALL}
+    config = job.study_config_from_dict(
+        {**dataclasses.asdict(job.PRESETS["quick"]["study"]), **SMALL}
         | {"suite": {"names": ["reinforce", "rloo"]}}
     )
-    out = report.run(
-        "quick", tmp_path / "study", checkpoints=kept, horizon=16, config=config,
+    out = pipeline.run(
+        job.preset("quick", checkpoints=kept, horizon=16, study=config),
+        tmp_path / "study",
         progress=False,
-    )  # fmt: skip
+    )
     rows = report.read_results(out / "results.csv")
     assert sorted({r["checkpoint"] for r in rows}) == [p.name for p in kept]
     assert (out / "along_training.png").stat().st_size > 0
     with pytest.raises(ValueError, match="keep-checkpoints all"):
-        report.run_checkpoints(tmp_path / "study")
+        stages.run_checkpoints(tmp_path / "study")
 
 
 @pytest.mark.slow
@@ -252,7 +253,7 @@ def test_devices_give_the_single_device_results(tmp_path):
 
 
 def test_a_user_function_named_like_a_builtin_is_the_users(tmp_path, monkeypatch):
-    from rl_pg.variance import exact, study
+    from rl_pg.variance import exact, problems
 
     (tmp_path / "shadow.py").write_text(
         "def reinforce(params, batch, *, apply_fn, scale=2.0):\n"
@@ -260,12 +261,14 @@ def test_a_user_function_named_like_a_builtin_is_the_users(tmp_path, monkeypatch
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     problem = exact.enumerable_problem(4)
-    suite = study.estimator_suite(
-        problem, study.SuiteConfig(names=("shadow:reinforce",))
+    suite = problems.estimator_suite(
+        problem, problems.SuiteConfig(names=("shadow:reinforce",))
     )
     assert suite["reinforce"].func is sys.modules["shadow"].reinforce
     with pytest.raises(ValueError, match="two studied estimators"):
-        study.suite_specs(study.SuiteConfig(names=("reinforce", "shadow:reinforce")))
+        problems.suite_specs(
+            problems.SuiteConfig(names=("reinforce", "shadow:reinforce"))
+        )
 
 
 def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
