@@ -293,3 +293,71 @@ def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
     )
     assert code == 2 and "estimators fail" in out, out
     assert not (tmp_path / "out").exists()
+
+
+def _compiles(fn, caplog) -> list[str]:
+    """Messages of the XLA compilations that ``fn()`` triggers."""
+    import logging
+
+    import jax
+
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_run_study_in_a_loop_compiles_once(caplog):
+    """A second study with the same sizes (another seed, other params) reuses the
+    compiled runners: a calibration or a sweep of studies compiles once."""
+    from rl_pg.variance import exact
+
+    policies = exact.enumerable_policies()
+    small = SMALL | {"batch_sizes": (4, 8), "reference_trajectories": 1024}
+    small |= {"chunk": 512, "reference_groups": 8}
+    kw = dict(problem="enumerable", estimators=["reinforce", "rloo"], **small)
+    first = _compiles(lambda: run_study({"u": policies["uniform"]}, **kw), caplog)
+    assert first  # the log does show compilations
+    again = _compiles(
+        lambda: run_study({"s": policies["skewed"]}, seed=1, **kw), caplog
+    )
+    assert again == []
+
+
+def test_variance_job_checks_and_round_trips(tmp_path):
+    """VarianceJob: one-line errors before anything compiles; config.json (also
+    one written before VarianceJob, with a bool decompose and text devices) reads
+    back to the same job."""
+    quick = job.preset("quick", seed=3, decompose=True, devices="2")
+    assert quick.study.seed == 3 and quick.devices == 2
+    assert quick.decompose == job.PRESETS["quick"]["decompose"]
+    assert job.VarianceJob.from_dict(json.loads(json.dumps(quick.to_dict()))) == quick
+    old = quick.to_dict() | {"decompose": True, "devices": "2", "versions": {}}
+    assert job.VarianceJob.from_dict(old) == quick
+    enum = job.preset("quick", "enumerable", sizes={"num_batches": 8})
+    assert enum.horizon == 4 and enum.study.num_batches == 8
+    assert enum.study.max_batches_per_size == job.ENUMERABLE_STUDY.max_batches_per_size
+    for kwargs, message in (
+        ({"problem": "atari"}, "problem must be one of"),
+        ({"horizon": 0}, "horizon and group_size"),
+        ({"devices": "two"}, "devices must be a positive int"),
+        ({"devices": 0}, "devices must be a positive int"),
+        ({"problem": "enumerable", "horizon": 16}, "enumerable MDP"),
+        ({"problem": "enumerable", "env_id": "FlappyBird-v0", "horizon": 4}, "env-id"),
+        ({"decompose": {"num_states": 2, "num_actions": 2, "num_continuations": 2}},
+         "num_states"),
+        ({"study": job.QUICK_STUDY.__class__(suite=job.SuiteConfig(names=("nope",)))},
+         "nope"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message) as info:
+            job.VarianceJob(**kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        job.preset("huge")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a variance run"):
+        job.load(tmp_path / "bad.json")
