@@ -282,3 +282,28 @@ def test_decompose_enumerable_compiles_once(caplog):
         caplog,
     )
     assert again == []
+
+
+def test_decomposed_estimators_come_from_the_registry(monkeypatch):
+    """The rows' estimators are the registry's (in its order) that the branches
+    can weight; a new registered estimator needs no edit here (it is left out),
+    and one taken out of the registry leaves the decomposition."""
+    from rl_pg import estimators
+
+    assert dec.decomposed_estimators() == dec.ESTIMATORS
+    assert dec.ESTIMATORS[:4] == ("reinforce", "reward_to_go", "value_baseline", "gae")
+    toy = estimators.EstimatorSpec(
+        "toy", estimators.REGISTRY["reinforce"].loss, per_trajectory=True
+    )
+    registry = {"toy": toy} | dict(estimators.REGISTRY)
+    registry.pop("gae")
+    monkeypatch.setattr(estimators, "REGISTRY", registry)
+    assert dec.decomposed_estimators() == (
+        "reinforce",
+        "reward_to_go",
+        "value_baseline",
+        *dec.ORACLES,
+    )
+    registry.pop("value_baseline")
+    with pytest.raises(ValueError, match="value_baseline"):
+        dec.decomposed_estimators()
