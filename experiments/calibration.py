@@ -22,7 +22,7 @@ import time
 import numpy as np
 
 from rl_pg import io
-from rl_pg.variance import exact, study
+from rl_pg.variance import exact, problems, study
 
 METRICS = exact.EXACT_METRICS + ("cos_true", "cos_pairwise")
 NAMES = ("reinforce", "reward_to_go", "constant_baseline", "mean_baseline", "rloo")
@@ -34,7 +34,7 @@ CONFIG = study.StudyConfig(
     reference_trajectories=2**12,
     reference_groups=32,
     chunk=2**12,
-    suite=study.SuiteConfig(names=NAMES),
+    suite=problems.SuiteConfig(names=NAMES),
 )
 
 

@@ -36,7 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_pg import distributed, io, variance
-from rl_pg.variance import report, study
+from rl_pg.variance import job, kernels, problems, stages
+from rl_pg.variance import runners as runners_lib
 
 # the batch phase's columns (nan with --gradient-only)
 ROW_KEYS = (
@@ -71,10 +72,10 @@ def _gradient_phase(problem, config, params, key) -> dict:
 
 
 def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
-    setting = report.PRESETS[preset]
+    setting = job.PRESETS[preset]
     config, horizon = setting["study"], setting["horizon"]
     found = {
-        s.label: s for s in report.flappy_stages(None, horizon, setting["group_size"])
+        s.label: s for s in stages.flappy_stages(None, horizon, setting["group_size"])
     }
     params, problem = found[stage].params, found[stage].problem
     largest = max(config.batch_sizes)
@@ -104,13 +105,15 @@ def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
 
     # the new batch path's gradient computation on one sampled top-level batch
     batch = sample(key, params, largest)
-    weight_fns = study.weight_suite(problem, config.suite, jnp.float32(0.0))
+    weight_fns = problems.weight_suite(problem, config.suite, jnp.float32(0.0))
     counts = runners.sub_batches
     blocked = jax.jit(
-        study.score_weight_estimates(problem, weight_fns, counts, study.CPU_BLOCK_STEPS)
+        kernels.score_weight_estimates(
+            problem, weight_fns, counts, runners_lib.CPU_BLOCK_STEPS
+        )
     )
-    unblocked = jax.jit(study.score_weight_estimates(problem, weight_fns, counts))
-    flops = study._flops(unblocked, params, batch)
+    unblocked = jax.jit(kernels.score_weight_estimates(problem, weight_fns, counts))
+    flops = runners_lib.xla_flops(unblocked, params, batch)
     compiled = blocked.lower(params, batch).compile()
     row["new_batch_gradient_s"] = _best(lambda: compiled(params, batch), 3)
     row["new_batch_gradient_flops_per_s"] = flops / row["new_batch_gradient_s"]
@@ -128,7 +131,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     presets = args.presets.split(",")
-    unknown = [p for p in presets if p not in report.PRESETS]
+    unknown = [p for p in presets if p not in job.PRESETS]
     if unknown:
         raise SystemExit(f"unknown presets {unknown}")
     devices = distributed.use_cpu_cores()  # as `rl-pg variance` does

@@ -24,7 +24,8 @@ from fractions import Fraction
 import numpy as np
 
 from rl_pg import distributed, io, variance
-from rl_pg.variance import report
+from rl_pg.variance import job
+from rl_pg.variance import stages as stages_lib
 
 
 def scaled(study: variance.StudyConfig, f: Fraction) -> variance.StudyConfig:
@@ -69,11 +70,12 @@ def main() -> None:
     parser.add_argument("--stage", default="partial", help="shipped checkpoint")
     args = parser.parse_args()
     fractions = [Fraction(f) for f in args.fractions.split(",")]
-    setting = report.PRESETS["full"]
+    setting = job.PRESETS["full"]
     studies = [scaled(setting["study"], f) for f in fractions]  # validate first
     horizon = setting["horizon"]
     stages = {
-        s.label: s for s in report.flappy_stages(None, horizon, setting["group_size"])
+        s.label: s
+        for s in stages_lib.flappy_stages(None, horizon, setting["group_size"])
     }
     if args.stage not in stages:
         raise SystemExit(f"--stage must be one of {sorted(stages)}")

@@ -78,13 +78,11 @@ def _render(args) -> None:
 
 
 def _variance(args) -> None:
-    from rl_pg.variance import report
+    from rl_pg.variance import job, pipeline, stages
 
+    fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed")
     if args.config:
-        given = [f for f in VARIANCE_OVERRIDES if getattr(args, f) is not None]
-        given += [
-            f for f in ("preset", "problem", "seed") if getattr(args, f) is not None
-        ]
+        given = [f for f in fixed if getattr(args, f) is not None]
         if given or args.checkpoints or args.run or args.decompose:
             raise ValueError(
                 "--config reruns a saved run as it was; drop "
@@ -93,45 +91,22 @@ def _variance(args) -> None:
                     for f in given + ["checkpoints", "run", "decompose"]
                 )
             )
-        out = report.rerun(args.config, args.out)
+        variance_job = job.load(args.config)
     else:
-        args.preset = args.preset or "quick"
-        args.problem = args.problem or "flappy"
-        args.seed = 0 if args.seed is None else args.seed
-        config = None
-        sizes = {
-            f: getattr(args, f)
-            for f in ("batch_sizes", "num_batches", "reference_trajectories")
-            if getattr(args, f) is not None
-        }
-        if sizes or args.estimators:
-            base = (
-                report.ENUMERABLE_STUDY
-                if args.problem == "enumerable"
-                else report.PRESETS[args.preset]["study"]
-            )
-            group_size = args.group_size or report.PRESETS[args.preset]["group_size"]
-            config = report.override_study(
-                base, args.estimators, group_size=group_size, **sizes
-            )
-        checkpoints = args.checkpoints
-        if args.run:
-            if checkpoints:
-                raise ValueError("give --run or --checkpoints, not both")
-            checkpoints = report.run_checkpoints(args.run)
-        out = report.run(
-            args.preset,
-            args.out,
-            checkpoints=checkpoints,
-            seed=args.seed,
-            problem=args.problem,
-            config=config,
-            horizon=args.horizon,
-            group_size=args.group_size,
-            env_id=args.env_id,
-            devices=args.devices,
+        if args.run and args.checkpoints:
+            raise ValueError("give --run or --checkpoints, not both")
+        checkpoints = stages.run_checkpoints(args.run) if args.run else args.checkpoints
+        variance_job = job.preset(
+            args.preset or "quick",
+            args.problem or "flappy",
+            estimators=args.estimators,
             decompose=args.decompose,
+            sizes={f: getattr(args, f) for f in VARIANCE_SIZES},
+            seed=args.seed,
+            checkpoints=checkpoints,
+            **{f: getattr(args, f) for f in VARIANCE_FIELDS},
         )
+    out = pipeline.run(variance_job, args.out)
     print((out / "report.md").read_text())
     print(
         f"wrote {out}/results.csv, report.md and plots: "
@@ -140,16 +115,10 @@ def _variance(args) -> None:
     )
 
 
-VARIANCE_OVERRIDES = (
-    "estimators",
-    "batch_sizes",
-    "num_batches",
-    "reference_trajectories",
-    "horizon",
-    "group_size",
-    "env_id",
-    "devices",
-)
+# rl-pg variance's options that change a preset: study sizes, job fields, estimators
+VARIANCE_SIZES = ("batch_sizes", "num_batches", "reference_trajectories")
+VARIANCE_FIELDS = ("horizon", "group_size", "env_id", "devices")
+VARIANCE_OVERRIDES = ("estimators",) + VARIANCE_SIZES + VARIANCE_FIELDS
 
 
 def _int_list(text: str) -> tuple[int, ...]:

@@ -245,3 +245,65 @@ def test_bad_sizes_raise(tabular_params, sizes):
     kwargs = dict(num_states=8, num_actions=2, num_continuations=2) | sizes
     with pytest.raises(ValueError):
         dec.decompose_enumerable(jax.random.PRNGKey(0), tabular_params, **kwargs)
+
+
+def _compiles(fn, caplog) -> list[str]:
+    """Messages of the XLA compilations that ``fn()`` triggers."""
+    import logging
+
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_decompose_enumerable_compiles_once(caplog):
+    """A second call with other params and key reuses the compiled sampler (it
+    used to build a new apply_fn and env, static jit arguments: ~5 s a call)."""
+    from rl_pg.variance import exact as exact_lib
+
+    policies = exact_lib.enumerable_policies()
+    sizes = dict(num_states=8, num_actions=2, num_continuations=2)
+    first = _compiles(
+        lambda: dec.decompose_enumerable(
+            jax.random.PRNGKey(0), policies["uniform"], **sizes, gamma=0.9
+        ),
+        caplog,
+    )
+    assert first  # the log does show compilations
+    again = _compiles(
+        lambda: dec.decompose_enumerable(
+            jax.random.PRNGKey(1), policies["skewed"], **sizes, gamma=0.9
+        ),
+        caplog,
+    )
+    assert again == []
+
+
+def test_decomposed_estimators_come_from_the_registry(monkeypatch):
+    """The rows' estimators are the registry's (in its order) that the branches
+    can weight; a new registered estimator needs no edit here (it is left out),
+    and one taken out of the registry leaves the decomposition."""
+    from rl_pg import estimators
+
+    assert dec.decomposed_estimators() == dec.ESTIMATORS
+    assert dec.ESTIMATORS[:4] == ("reinforce", "reward_to_go", "value_baseline", "gae")
+    toy = estimators.EstimatorSpec(
+        "toy", estimators.REGISTRY["reinforce"].loss, per_trajectory=True
+    )
+    registry = {"toy": toy} | dict(estimators.REGISTRY)
+    registry.pop("gae")
+    monkeypatch.setattr(estimators, "REGISTRY", registry)
+    assert dec.decomposed_estimators() == (
+        "reinforce",
+        "reward_to_go",
+        "value_baseline",
+        *dec.ORACLES,
+    )
+    registry.pop("value_baseline")
+    with pytest.raises(ValueError, match="value_baseline"):
+        dec.decomposed_estimators()

@@ -8,7 +8,7 @@ from jax.flatten_util import ravel_pytree
 
 from rl_pg import enumerable, policies
 from rl_pg.trajectory import Trajectory
-from rl_pg.variance import dense, study
+from rl_pg.variance import dense, kernels, problems
 
 T, C, D, F = 5, 8, 6, 2
 
@@ -106,11 +106,11 @@ def test_score_and_rtg_equals_the_vmap_of_vjp_path(monkeypatch):
         policy.init(jax.random.PRNGKey(0), jnp.zeros(D)), jax.random.PRNGKey(5)
     )
     obs, actions, weights = _columns(jax.random.PRNGKey(6), 2)
-    problem = study.Problem(policy.apply, None, 1)
+    problem = problems.Problem(policy.apply, None, 1)
     traj = _trajectory(obs, actions, weights)
-    new = study._score_and_rtg(problem, block_steps=2 * T)(params, traj)
+    new = kernels.score_and_rtg(problem, block_steps=2 * T)(params, traj)
     monkeypatch.setattr(dense, "dense_column_grads", lambda *args: None)
-    old = study._score_and_rtg(problem, block_steps=2 * T)(params, traj)
+    old = kernels.score_and_rtg(problem, block_steps=2 * T)(params, traj)
     for a, b in zip(new, old, strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
@@ -203,7 +203,7 @@ def test_given_outputs_are_written_over(use_dense, monkeypatch):
     traj = _trajectory(*_columns(jax.random.PRNGKey(8), 2))
     if not use_dense:
         monkeypatch.setattr(dense, "dense_column_grads", lambda *args: None)
-    grads = study._score_and_rtg(study.Problem(policy.apply, None, 1), 2 * T)
+    grads = kernels.score_and_rtg(problems.Problem(policy.apply, None, 1), 2 * T)
     fresh = grads(params, traj)
     critic = ravel_pytree(_critic_mask(params))[0] > 0
     assert np.all(fresh[0][:, critic] == 0) and np.all(fresh[1][:, critic] == 0)

@@ -273,7 +273,7 @@ def test_keep_checkpoints_all_keeps_every_table_and_variance_refuses_the_run(
     """`rl-pg train --algo qlearning --keep-checkpoints all` used to crash writing
     checkpoints/evaluations/ (never created); the variance study then pointed the
     user at --keep-checkpoints all instead of a policy-gradient run."""
-    from rl_pg.variance import report
+    from rl_pg.variance import stages
 
     config = ql.QLearningConfig(
         num_envs=8,
@@ -290,11 +290,11 @@ def test_keep_checkpoints_all_keeps_every_table_and_variance_refuses_the_run(
     q, _ = ql.load_checkpoint(kept[-1])
     np.testing.assert_array_equal(q, result.state.q)
     with pytest.raises(ValueError, match="qlearning run.*reinforce, a2c, ppo, grpo"):
-        report.run_checkpoints(out)
+        stages.run_checkpoints(out)
 
 
 def test_variance_refuses_a_value_based_run_by_its_config(tmp_path):
-    from rl_pg.variance import report
+    from rl_pg.variance import stages
 
     for algo in ("qlearning", "dqn"):
         run = tmp_path / algo
@@ -303,8 +303,8 @@ def test_variance_refuses_a_value_based_run_by_its_config(tmp_path):
         )
         (run / "config.json").write_text(json.dumps({"algo": algo}))
         with pytest.raises(ValueError, match=f"a {algo} run.*needs a run of"):
-            report.run_checkpoints(run)
+            stages.run_checkpoints(run)
     (tmp_path / "ppo").mkdir()
     (tmp_path / "ppo" / "config.json").write_text(json.dumps({"algo": "ppo"}))
     with pytest.raises(ValueError, match="keep-checkpoints all"):
-        report.run_checkpoints(tmp_path / "ppo")
+        stages.run_checkpoints(tmp_path / "ppo")

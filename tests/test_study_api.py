@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rl_pg import cli, distributed, estimators
-from rl_pg.variance import report, run_study
+from rl_pg.variance import job, pipeline, report, run_study, stages
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SMALL = dict(
@@ -161,7 +161,7 @@ def test_run_study_needs_the_policy_of_its_params():
         run_study(policies={"a": {"w": jnp.zeros(2)}}, **SMALL)
     with pytest.raises(ValueError, match="problem"):
         run_study(problem="atari", **SMALL)
-    assert report.stage_labels(["x/best"]) == ["best"]
+    assert stages.stage_labels(["x/best"]) == ["best"]
 
 
 @pytest.mark.slow
@@ -182,21 +182,22 @@ def test_variance_along_training_studies_every_kept_checkpoint(tmp_path):
     }
     run_dir = tmp_path / "run"
     train.train_main("ppo", run_dir, overrides, progress=False, keep_checkpoints="all")
-    kept = report.run_checkpoints(run_dir)
+    kept = stages.run_checkpoints(run_dir)
     assert [p.name for p in kept] == [f"env_steps_{8 * 32 * k:012d}" for k in (2, 4, 6)]
-    config = report.study_config_from_dict(
-        {**dataclasses.asdict(report.PRESETS["quick"]["study"]), **SMALL}
+    config = job.study_config_from_dict(
+        {**dataclasses.asdict(job.PRESETS["quick"]["study"]), **SMALL}
         | {"suite": {"names": ["reinforce", "rloo"]}}
     )
-    out = report.run(
-        "quick", tmp_path / "study", checkpoints=kept, horizon=16, config=config,
+    out = pipeline.run(
+        job.preset("quick", checkpoints=kept, horizon=16, study=config),
+        tmp_path / "study",
         progress=False,
-    )  # fmt: skip
+    )
     rows = report.read_results(out / "results.csv")
     assert sorted({r["checkpoint"] for r in rows}) == [p.name for p in kept]
     assert (out / "along_training.png").stat().st_size > 0
     with pytest.raises(ValueError, match="keep-checkpoints all"):
-        report.run_checkpoints(tmp_path / "study")
+        stages.run_checkpoints(tmp_path / "study")
 
 
 @pytest.mark.slow
@@ -252,7 +253,7 @@ def test_devices_give_the_single_device_results(tmp_path):
 
 
 def test_a_user_function_named_like_a_builtin_is_the_users(tmp_path, monkeypatch):
-    from rl_pg.variance import exact, study
+    from rl_pg.variance import exact, problems
 
     (tmp_path / "shadow.py").write_text(
         "def reinforce(params, batch, *, apply_fn, scale=2.0):\n"
@@ -260,12 +261,14 @@ def test_a_user_function_named_like_a_builtin_is_the_users(tmp_path, monkeypatch
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     problem = exact.enumerable_problem(4)
-    suite = study.estimator_suite(
-        problem, study.SuiteConfig(names=("shadow:reinforce",))
+    suite = problems.estimator_suite(
+        problem, problems.SuiteConfig(names=("shadow:reinforce",))
     )
     assert suite["reinforce"].func is sys.modules["shadow"].reinforce
     with pytest.raises(ValueError, match="two studied estimators"):
-        study.suite_specs(study.SuiteConfig(names=("reinforce", "shadow:reinforce")))
+        problems.suite_specs(
+            problems.SuiteConfig(names=("reinforce", "shadow:reinforce"))
+        )
 
 
 def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
@@ -290,3 +293,71 @@ def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
     )
     assert code == 2 and "estimators fail" in out, out
     assert not (tmp_path / "out").exists()
+
+
+def _compiles(fn, caplog) -> list[str]:
+    """Messages of the XLA compilations that ``fn()`` triggers."""
+    import logging
+
+    import jax
+
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_run_study_in_a_loop_compiles_once(caplog):
+    """A second study with the same sizes (another seed, other params) reuses the
+    compiled runners: a calibration or a sweep of studies compiles once."""
+    from rl_pg.variance import exact
+
+    policies = exact.enumerable_policies()
+    small = SMALL | {"batch_sizes": (4, 8), "reference_trajectories": 1024}
+    small |= {"chunk": 512, "reference_groups": 8}
+    kw = dict(problem="enumerable", estimators=["reinforce", "rloo"], **small)
+    first = _compiles(lambda: run_study({"u": policies["uniform"]}, **kw), caplog)
+    assert first  # the log does show compilations
+    again = _compiles(
+        lambda: run_study({"s": policies["skewed"]}, seed=1, **kw), caplog
+    )
+    assert again == []
+
+
+def test_variance_job_checks_and_round_trips(tmp_path):
+    """VarianceJob: one-line errors before anything compiles; config.json (also
+    one written before VarianceJob, with a bool decompose and text devices) reads
+    back to the same job."""
+    quick = job.preset("quick", seed=3, decompose=True, devices="2")
+    assert quick.study.seed == 3 and quick.devices == 2
+    assert quick.decompose == job.PRESETS["quick"]["decompose"]
+    assert job.VarianceJob.from_dict(json.loads(json.dumps(quick.to_dict()))) == quick
+    old = quick.to_dict() | {"decompose": True, "devices": "2", "versions": {}}
+    assert job.VarianceJob.from_dict(old) == quick
+    enum = job.preset("quick", "enumerable", sizes={"num_batches": 8})
+    assert enum.horizon == 4 and enum.study.num_batches == 8
+    assert enum.study.max_batches_per_size == job.ENUMERABLE_STUDY.max_batches_per_size
+    for kwargs, message in (
+        ({"problem": "atari"}, "problem must be one of"),
+        ({"horizon": 0}, "horizon and group_size"),
+        ({"devices": "two"}, "devices must be a positive int"),
+        ({"devices": 0}, "devices must be a positive int"),
+        ({"problem": "enumerable", "horizon": 16}, "enumerable MDP"),
+        ({"problem": "enumerable", "env_id": "FlappyBird-v0", "horizon": 4}, "env-id"),
+        ({"decompose": {"num_states": 2, "num_actions": 2, "num_continuations": 2}},
+         "num_states"),
+        ({"study": job.QUICK_STUDY.__class__(suite=job.SuiteConfig(names=("nope",)))},
+         "nope"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=message) as info:
+            job.VarianceJob(**kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(ValueError, match="preset must be one of"):
+        job.preset("huge")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a variance run"):
+        job.load(tmp_path / "bad.json")

@@ -16,7 +16,8 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 from rl_pg import checkpoint, distributed, enumerable, estimators, variance
-from rl_pg.variance import exact, report, statistics, study
+from rl_pg.variance import exact, job, moments, pipeline, report, statistics
+from rl_pg.variance import stages as stages_lib
 
 G = 4
 IID = ("reinforce", "reward_to_go", "constant_baseline", "value_baseline")
@@ -171,10 +172,10 @@ def test_critic_calibration_is_computed_on_the_study_scale(setup):
 
 def test_checkpoint_critic_is_put_back_into_raw_reward_units(tmp_path):
     """The shipped critics learned rewards x 0.1: the study divides V by 0.1."""
-    path = report.shipped_checkpoints()[1]  # partial
+    path = stages_lib.shipped_checkpoints()[1]  # partial
     _, _, _, _, meta = checkpoint.load_policy(path)
     assert meta["reward_scale"] == 0.1
-    stage = report.flappy_stages([path], horizon=8, group_size=2)[0]
+    stage = stages_lib.flappy_stages([path], horizon=8, group_size=2)[0]
     policy, params, env, env_params, _ = checkpoint.load_policy(path)
     obs, _ = env.reset(jax.random.PRNGKey(0), env_params)
     _, raw = policy.apply(params, obs)
@@ -301,12 +302,10 @@ def test_log_slope_and_its_interval():
 def test_exact_mode_job_writes_every_output(tmp_path):
     """`rl-pg variance --problem enumerable` end to end, on small sizes."""
     config = dataclasses.replace(CONFIG, num_batches=8, max_batches_per_size=32)
-    out = report.run(
-        "quick",
+    out = pipeline.run(
+        job.preset("quick", "enumerable", study=config),
         tmp_path / "study",
-        problem="enumerable",
         progress=False,
-        config=config,
     )
     names = {p.name for p in out.iterdir()}
     assert {
@@ -330,20 +329,22 @@ def test_exact_mode_job_writes_every_output(tmp_path):
     text = (out / "report.md").read_text()
     assert "exact bias2" in text and "oracle" in text and "Critic calibration" in text
     with pytest.raises(FileExistsError):
-        report.run("quick", out, problem="enumerable", progress=False, config=config)
+        pipeline.run(
+            job.preset("quick", "enumerable", study=config), out, progress=False
+        )
     with pytest.raises(ValueError, match="problem"):
-        report.run("quick", tmp_path / "x", problem="atari", progress=False)
+        pipeline.run(job.preset("quick", "atari"), tmp_path / "x", progress=False)
     assert not (tmp_path / "x").exists()
 
 
 def test_stage_labels_are_unique():
-    assert report.stage_labels(["a/ckpt/best", "b/ckpt/best"]) == [
+    assert stages_lib.stage_labels(["a/ckpt/best", "b/ckpt/best"]) == [
         "a/ckpt/best",
         "b/ckpt/best",
     ]
-    assert report.stage_labels(["a/ckpt/best", "a/ckpt/last"]) == ["best", "last"]
+    assert stages_lib.stage_labels(["a/ckpt/best", "a/ckpt/last"]) == ["best", "last"]
     with pytest.raises(ValueError, match="twice"):
-        report.stage_labels(["a/best", "a/best"])
+        stages_lib.stage_labels(["a/best", "a/best"])
 
 
 def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
@@ -355,13 +356,10 @@ def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
         max_batches_per_size=8,
         suite=variance.SuiteConfig(names=("reinforce",)),
     )
-    out = report.run(
-        "quick",
+    out = pipeline.run(
+        job.preset("quick", "enumerable", study=config, decompose=True),
         tmp_path / "d",
-        problem="enumerable",
         progress=False,
-        config=config,
-        decompose=True,
     )
     import csv
 
@@ -412,8 +410,8 @@ def test_a_study_whose_returns_are_all_equal_is_well_defined(recwarn):
 
 
 def test_flappy_stages_carry_their_env_and_share_runners_by_architecture():
-    paths = report.shipped_checkpoints()
-    stages = report.flappy_stages(paths, horizon=8, group_size=2)
+    paths = stages_lib.shipped_checkpoints()
+    stages = stages_lib.flappy_stages(paths, horizon=8, group_size=2)
     assert all(s.env is not None and s.env_params is not None for s in stages)
     assert len({s.key for s in stages}) == 1  # same policy, env and critic scale
     assert [s.label for s in stages] == ["initial", "partial", "good"]
@@ -423,7 +421,7 @@ def test_each_stage_keeps_its_own_architecture_and_env(tmp_path):
     """Two runs' `best` checkpoints with different networks and step limits."""
     from rl_pg import policies
 
-    shipped = report.shipped_checkpoints()[1]
+    shipped = stages_lib.shipped_checkpoints()[1]
     small = policies.mlp_policy(2, hidden=(8,), activation="relu")
     params = small.init(jax.random.PRNGKey(0), jnp.zeros(12))
     other = tmp_path / "runY" / "checkpoints" / "best"
@@ -437,7 +435,7 @@ def test_each_stage_keeps_its_own_architecture_and_env(tmp_path):
     first = tmp_path / "runX" / "checkpoints" / "best"
     first.parent.mkdir(parents=True)
     first.symlink_to(shipped, target_is_directory=True)
-    stages = report.flappy_stages([first, other], horizon=8, group_size=2)
+    stages = stages_lib.flappy_stages([first, other], horizon=8, group_size=2)
     assert [s.label for s in stages] == [
         "runX/checkpoints/best",
         "runY/checkpoints/best",
@@ -615,4 +613,4 @@ def test_chunk_sums_keep_small_return_differences():
 def test_chunk_sums_refuse_groups_that_do_not_divide_the_chunk():
     score = jnp.ones((8, 3))
     with pytest.raises(ValueError, match="must divide the chunk"):
-        study.chunk_sums(score, score, jnp.ones(8), 3)
+        moments.chunk_sums(score, score, jnp.ones(8), 3)

@@ -93,16 +93,38 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from rl_pg import enumerable
+from rl_pg import estimators as estimators_lib
 from rl_pg import returns as returns_lib
 
-ESTIMATORS = (
-    "reinforce",
-    "reward_to_go",
-    "value_baseline",
-    "gae",
-    "oracle_value_baseline",
-    "oracle_advantage",
-)
+ORACLES = ("oracle_value_baseline", "oracle_advantage")  # ideal critics, not estimators
+# the registry's estimators whose per-step advantage the branches give (below)
+_STEP_ADVANTAGES = ("reinforce", "reward_to_go", "value_baseline", "gae")
+
+
+def decomposes(spec: estimators_lib.EstimatorSpec) -> bool:
+    """Whether the decomposition covers a registered estimator: a per-step term
+    A_hat_t grad log pi(a_t|s_t) whose A_hat depends on its own column alone
+    (``per_trajectory``, not ``trajectory_level``: no baseline from other
+    trajectories), declared as per-step weights, and given by the branches."""
+    return (
+        spec.per_trajectory
+        and not spec.trajectory_level
+        and spec.weights is not None
+        and spec.name in _STEP_ADVANTAGES
+    )
+
+
+def decomposed_estimators() -> tuple[str, ...]:
+    """The rows' estimators: the registry's that :func:`decomposes` (registry
+    order), then the ideal critics :data:`ORACLES`."""
+    found = tuple(n for n, s in estimators_lib.REGISTRY.items() if decomposes(s))
+    missing = {"reward_to_go", "value_baseline"} - set(found)
+    if missing:  # the oracle rows are built from these two
+        raise ValueError(f"the decomposition needs registered {sorted(missing)}")
+    return found + ORACLES
+
+
+ESTIMATORS = decomposed_estimators()
 COMPONENTS = ("state", "action", "trajectory", "total")
 CHECKS = ("sum", "sum_minus_total", "total_pooled")
 _Z95 = 1.959963984540054
@@ -350,15 +372,25 @@ def _branch_advantages(
         gamma,
         lam,
     )[0].reshape(i, k1, kp)
-    adv = {
-        "reinforce": point.past[:, None, None] + to_go,
-        "reward_to_go": to_go,
-        "value_baseline": to_go - value[:, None, None],
-        "gae": adv_gae,
-    }
+    adv = _step_advantages(
+        point.past[:, None, None], to_go, value[:, None, None], adv_gae
+    )
     probs = jax.nn.softmax(logits)
     mean_sq_score = jnp.sum(probs * jnp.sum(jac * jac, -1), -1)  # E_a ||g(s, a)||^2
     return adv, g, _oracle_terms(to_go, g, mean_sq_score)
+
+
+def _step_advantages(past, to_go, value, gae) -> dict:
+    """A_hat of each of :func:`decomposed_estimators` (the oracles aside) from a
+    branch's past reward R_<t, reward-to-go G, critic V(s) and GAE."""
+    adv = {
+        "reinforce": past + to_go,
+        "reward_to_go": to_go,
+        "value_baseline": to_go - value,
+        "gae": gae,
+    }
+    names = decomposed_estimators()
+    return {name: a for name, a in adv.items() if name in names}
 
 
 class _Oracle(NamedTuple):
@@ -522,7 +554,7 @@ def _all_components(moments: dict[str, _Moments], oracle: _Oracle, k, kp):
 def _rows(moments: dict[str, _Moments], oracle: _Oracle, k: int, kp: int):
     comps = _all_components(moments, oracle, k, kp)
     rows = []
-    for name in ESTIMATORS:
+    for name in decomposed_estimators():
         for comp in COMPONENTS + CHECKS:
             value, lo, hi = comps[name][comp]
             rows.append(
@@ -627,7 +659,7 @@ def decompose(
 
     Returns:
       Rows ``{checkpoint: "", estimator, component, variance, variance_lo,
-      variance_hi}`` for every estimator in ``ESTIMATORS`` and component in
+      variance_hi}`` for every estimator of :func:`decomposed_estimators` and component in
       ``COMPONENTS + CHECKS`` (``total`` is the separately measured one).
     """
     return _run(
@@ -679,6 +711,20 @@ class _MDPEnv:
         return jax.nn.one_hot(s_next, self.num_states), s_next, reward, crash, {}
 
 
+def _mdp_parts(mdp: enumerable.EnumerableMDP, value: bool):
+    """(the tabular policy's apply_fn, the :class:`_MDPEnv`), the same objects for
+    the same ``mdp`` (by identity) and ``value``: they are static arguments of the
+    jitted sampler, so new ones would compile it again on every call."""
+    key = (id(mdp), bool(value))
+    if key not in _MDP_PARTS or _MDP_PARTS[key][0] is not mdp:
+        apply_fn = enumerable.mdp_policy(mdp, value=value).apply
+        _MDP_PARTS[key] = mdp, apply_fn, _MDPEnv(mdp)
+    return _MDP_PARTS[key][1:]
+
+
+_MDP_PARTS: dict[tuple[int, bool], tuple] = {}  # (id(mdp), value) -> (mdp, apply, env)
+
+
 def decompose_enumerable(
     key: jax.Array,
     params: enumerable.Params,
@@ -707,12 +753,12 @@ def decompose_enumerable(
     Returns:
       Rows as :func:`decompose`'s.
     """
-    policy = enumerable.mdp_policy(mdp, value="value" in params)
+    apply_fn, env = _mdp_parts(mdp, "value" in params)
     return _run(
         key,
         params,
-        policy.apply,
-        _MDPEnv(mdp),
+        apply_fn,
+        env,
         None,
         num_states=num_states,
         num_actions=num_actions,
@@ -773,38 +819,12 @@ def decompose_exact(
     """
     e = enumerable.enumerate_trajectories(mdp)
     batch, probs, _ = enumerable.enumerated_batch(params, mdp)
-    horizon = mdp.horizon
     p = np.asarray(probs, np.float64)
     p = p / p.sum()
-    live = e.mask > 0  # [N, H]
-    length = live.sum(1)
-    n_idx, t_idx = np.nonzero(live)  # the live (tau, t) pairs
-
-    # group ids of the history h_t and of (h_t, a_t)
-    pad = -np.ones((len(n_idx), 2 * horizon + 1), np.int64)
-    for c in range(horizon):
-        pad[:, 1 + c] = np.where(c <= t_idx, e.states[n_idx, c], -1)
-        pad[:, 1 + horizon + c] = np.where(c < t_idx, e.actions[n_idx, c], -1)
-    pad[:, 0] = t_idx
-    _, h_id = np.unique(pad, axis=0, return_inverse=True)
-    with_a = np.concatenate([pad, e.actions[n_idx, t_idx][:, None]], 1)
-    _, ha_id = np.unique(with_a, axis=0, return_inverse=True)
-    h_id, ha_id = h_id.reshape(-1), ha_id.reshape(-1)
-
-    _, inv_len = _group_means(h_id, p[n_idx], 1.0 / length[n_idx])
-    w = p[n_idx] * inv_len[h_id]
-
-    # scores and advantages per live (tau, t)
-    flat, unravel = ravel_pytree(params)
+    n_idx, t_idx = np.nonzero(e.mask > 0)  # the live (tau, t) pairs
+    h_id, ha_id, w = _history_weights(e, p, n_idx, t_idx, mdp.horizon)
     policy = enumerable.mdp_policy(mdp, value="value" in params)
-    eye = jnp.eye(mdp.num_states)
-    jac = jax.vmap(
-        jax.jacrev(
-            lambda f, o: jax.nn.log_softmax(policy.apply(unravel(f), o[None])[0][0])
-        ),
-        in_axes=(None, 0),
-    )(flat, eye)  # [S, A, P]
-    g = np.asarray(jac, np.float64)[e.states[n_idx, t_idx], e.actions[n_idx, t_idx]]
+    g = _exact_scores(params, policy, mdp, e, n_idx, t_idx)
 
     rewards = np.asarray(e.rewards, np.float64) * e.mask
     to_go = np.cumsum(rewards[:, ::-1], 1)[:, ::-1]
@@ -824,21 +844,9 @@ def decompose_exact(
     }
     rows = []
     for name, a in adv.items():
-        y = a[:, None] * g
-        mu = w @ y
-        second = w @ np.sum(y * y, 1)
-        w_h, m_h = _group_means(h_id, w, y)
-        w_ha, m_ha = _group_means(ha_id, w, y)
-        between_h = w_h @ np.sum(m_h * m_h, 1)
-        between_ha = w_ha @ np.sum(m_ha * m_ha, 1)
-        comps = {
-            "state": between_h - mu @ mu,
-            "action": between_ha - between_h,
-            "trajectory": second - between_ha,
-            "total": second - mu @ mu,
-        }
-        comps["sum"] = comps["state"] + comps["action"] + comps["trajectory"]
-        for comp, value in comps.items():
+        if name not in decomposed_estimators():
+            continue
+        for comp, value in _exact_components(a[:, None] * g, w, h_id, ha_id).items():
             rows.append(
                 dict(
                     checkpoint="",
@@ -850,6 +858,54 @@ def decompose_exact(
                 )
             )
     return rows
+
+
+def _history_weights(e, p, n_idx, t_idx, horizon: int):
+    """Group ids of the history h_t and of (h_t, a_t) of every live (tau, t), and
+    the joint weight w(tau, t) = p(tau) E[1/L | h_t] (see :func:`decompose_exact`)."""
+    pad = -np.ones((len(n_idx), 2 * horizon + 1), np.int64)
+    for c in range(horizon):
+        pad[:, 1 + c] = np.where(c <= t_idx, e.states[n_idx, c], -1)
+        pad[:, 1 + horizon + c] = np.where(c < t_idx, e.actions[n_idx, c], -1)
+    pad[:, 0] = t_idx
+    _, h_id = np.unique(pad, axis=0, return_inverse=True)
+    with_a = np.concatenate([pad, e.actions[n_idx, t_idx][:, None]], 1)
+    _, ha_id = np.unique(with_a, axis=0, return_inverse=True)
+    h_id, ha_id = h_id.reshape(-1), ha_id.reshape(-1)
+    length = (e.mask > 0).sum(1)
+    _, inv_len = _group_means(h_id, p[n_idx], 1.0 / length[n_idx])
+    return h_id, ha_id, p[n_idx] * inv_len[h_id]
+
+
+def _exact_scores(params, policy, mdp, e, n_idx, t_idx) -> np.ndarray:
+    """grad log pi(a_t|s_t) [live steps, P] in float64."""
+    flat, unravel = ravel_pytree(params)
+    eye = jnp.eye(mdp.num_states)
+    jac = jax.vmap(
+        jax.jacrev(
+            lambda f, o: jax.nn.log_softmax(policy.apply(unravel(f), o[None])[0][0])
+        ),
+        in_axes=(None, 0),
+    )(flat, eye)  # [S, A, P]
+    return np.asarray(jac, np.float64)[e.states[n_idx, t_idx], e.actions[n_idx, t_idx]]
+
+
+def _exact_components(y, w, h_id, ha_id) -> dict[str, float]:
+    """The law-of-total-variance parts of y [live steps, P] under weights w."""
+    mu = w @ y
+    second = w @ np.sum(y * y, 1)
+    w_h, m_h = _group_means(h_id, w, y)
+    w_ha, m_ha = _group_means(ha_id, w, y)
+    between_h = w_h @ np.sum(m_h * m_h, 1)
+    between_ha = w_ha @ np.sum(m_ha * m_ha, 1)
+    comps = {
+        "state": between_h - mu @ mu,
+        "action": between_ha - between_h,
+        "trajectory": second - between_ha,
+        "total": second - mu @ mu,
+    }
+    comps["sum"] = comps["state"] + comps["action"] + comps["trajectory"]
+    return comps
 
 
 # ------------------------------------------------------------------ plot

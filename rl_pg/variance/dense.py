@@ -117,6 +117,30 @@ def dense_chain(apply_fn: Callable, params: Any, rows: int, obs_dim: int, dtype)
     )
 
 
+def _is_dense_product(eqn, leaf_of: dict, live: set) -> bool:
+    """Whether a ``dot_general`` is rows [n, in] x a kernel leaf [in, out]."""
+    x, k = eqn.invars
+    dims = eqn.params["dimension_numbers"]
+    return not (
+        k not in leaf_of
+        or x not in live
+        or x.aval.ndim != 2
+        or k.aval.ndim != 2
+        or tuple(map(tuple, dims[0])) != ((1,), (0,))
+        or any(dims[1])
+    )
+
+
+def _bias_operand(eqn, z, views: dict):
+    """The bias view an ``add`` adds to the pre-activation ``z`` (None if it is
+    no such add)."""
+    a, b = eqn.invars
+    other = b if a is z else a if b is z else None
+    if other in views and other.aval.shape[-1] == other.aval.size == z.aval.shape[-1]:
+        return other
+    return None
+
+
 def _parse(jaxpr: Jaxpr, leaf_of: dict, consts: dict) -> Chain | None:
     obs = jaxpr.invars[-1]
     views = {}  # variable -> leaf index, for reshapes of a [out] leaf (biases)
@@ -137,15 +161,7 @@ def _parse(jaxpr: Jaxpr, leaf_of: dict, consts: dict) -> Chain | None:
             continue
         if name == "dot_general":
             x, k = eqn.invars
-            dims = eqn.params["dimension_numbers"]
-            if (
-                k not in leaf_of
-                or x not in live
-                or x.aval.ndim != 2
-                or k.aval.ndim != 2
-                or tuple(map(tuple, dims[0])) != ((1,), (0,))
-                or any(dims[1])
-            ):
+            if not _is_dense_product(eqn, leaf_of, live):
                 return None
             if z is None:
                 prefix, first = tuple(eqns), x
@@ -156,12 +172,8 @@ def _parse(jaxpr: Jaxpr, leaf_of: dict, consts: dict) -> Chain | None:
             eqns, live = [], {z}
             continue
         if name == "add" and z is not None and not eqns and bias is None:
-            a, b = eqn.invars
-            other = b if a is z else a if b is z else None
-            if (
-                other in views
-                and other.aval.shape[-1] == other.aval.size == z.aval.shape[-1]
-            ):
+            other = _bias_operand(eqn, z, views)
+            if other is not None:
                 bias, z = views[other], eqn.outvars[0]
                 used.append(bias)
                 live = {z}
@@ -311,25 +323,11 @@ def dense_column_grads(
             return x.reshape(size, *x.shape[2:])
 
         grads = _block_grads(chain, leaves, cut(obs), cut(acts), cut(wts))
-        new = []
-        for f, out in enumerate(outs):
-            for layer, g in grads:
-                parts = [(layer.kernel, g[:, f])]
-                if layer.bias is not None:
-                    width = leaves[layer.bias].size
-                    parts = [
-                        (layer.bias, g[:, f, :width]),
-                        (layer.kernel, g[:, f, width:]),
-                    ]
-                    if offsets[layer.bias] + width == offsets[layer.kernel]:
-                        parts = [(layer.bias, g[:, f])]  # bias then kernel: one write
-                for leaf, part in parts:
-                    part = part.reshape(multiple, per_block, -1)
-                    out = jax.lax.dynamic_update_slice(
-                        out, part, (0, b * per_block, offsets[leaf])
-                    )
-            new.append(out)
-        return tuple(new)
+        start = (0, b * per_block)
+        return tuple(
+            _write_block(out, grads, f, leaves, offsets, start, multiple)
+            for f, out in enumerate(outs)
+        )
 
     if out is None:
         zeros = jnp.zeros((multiple, local, offsets[-1]), jnp.float32)
@@ -338,3 +336,23 @@ def dense_column_grads(
         out = tuple(o.reshape(multiple, local, offsets[-1]) for o in out)
     outs = jax.lax.fori_loop(0, num // size, block, out)
     return tuple(out.reshape(num, -1) for out in outs)
+
+
+def _write_block(out, grads, f: int, leaves, offsets, start, multiple: int):
+    """``out`` [devices, C / devices, P] with weighting f's gradients of a block
+    written at column ``start`` and each leaf's offset (bias then kernel of a
+    layer in one write where they are adjacent)."""
+    for layer, g in grads:
+        parts = [(layer.kernel, g[:, f])]
+        if layer.bias is not None:
+            width = leaves[layer.bias].size
+            parts = [
+                (layer.bias, g[:, f, :width]),
+                (layer.kernel, g[:, f, width:]),
+            ]
+            if offsets[layer.bias] + width == offsets[layer.kernel]:
+                parts = [(layer.bias, g[:, f])]  # bias then kernel: one write
+        for leaf, part in parts:
+            part = part.reshape(multiple, -1, part.shape[-1])
+            out = jax.lax.dynamic_update_slice(out, part, (*start, offsets[leaf]))
+    return out

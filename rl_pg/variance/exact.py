@@ -1,6 +1,6 @@
 """Exact answers for the study on the enumerable MDP: the benchmark's calibration.
 
-``enumerable_problem`` is the study's :class:`~rl_pg.variance.study.Problem` for
+``enumerable_problem`` is the study's :class:`~rl_pg.variance.problems.Problem` for
 :mod:`rl_pg.enumerable` with G > 1 (a level is an initial state s_0 shared by the
 G episodes of a group), plus exact values of the batch statistics:
 
@@ -37,6 +37,8 @@ from jax.flatten_util import ravel_pytree
 
 from rl_pg import enumerable
 from rl_pg.variance import study
+from rl_pg.variance.problems import Problem
+from rl_pg.variance.runners import make_runners
 
 
 def _conditional_moments(y: np.ndarray, probs: np.ndarray, s0: np.ndarray):
@@ -139,14 +141,29 @@ def _log_policy_prob(params, states, actions, mask):
 
 def enumerable_problem(
     group_size: int = 4, mdp: enumerable.EnumerableMDP = enumerable.DEFAULT_MDP
-) -> study.Problem:
-    """The study's problem on the enumerable MDP, with exact values."""
+) -> Problem:
+    """The study's problem on the enumerable MDP, with exact values.
+
+    The same object for the same ``group_size`` and ``mdp`` (by identity), so that
+    runners built for it reuse their compiled functions (no recompilation when a
+    study of new params or seeds runs again).
+    """
+    key = (int(group_size), id(mdp))
+    if key not in _PROBLEMS or _PROBLEMS[key][0] is not mdp:
+        _PROBLEMS[key] = mdp, _enumerable_problem(int(group_size), mdp)
+    return _PROBLEMS[key][1]
+
+
+_PROBLEMS: dict[tuple[int, int], tuple] = {}  # (G, id(mdp)) -> (mdp, Problem)
+
+
+def _enumerable_problem(group_size: int, mdp: enumerable.EnumerableMDP) -> Problem:
     policy = enumerable.mdp_policy(mdp)
 
     def sample(key, params, n):
         return enumerable.sample_batch(key, params, n, mdp, group_size=group_size)
 
-    return study.Problem(
+    return Problem(
         policy.apply,
         sample,
         group_size,
@@ -216,7 +233,7 @@ def calibration_rows(
         one = dataclasses.replace(
             config, batch_sizes=(n,), max_batches_per_size=config.num_batches
         )
-        runners[n] = (one, study.make_runners(problem, one))
+        runners[n] = (one, make_runners(problem, one))
     rows = []
     for seed in seeds:
         for p, (label, params) in enumerate(enumerable_policies().items()):

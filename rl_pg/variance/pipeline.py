@@ -1,0 +1,250 @@
+"""Run a :class:`~rl_pg.variance.job.VarianceJob`: stages, runners, the study of
+every stage, the decomposition step, then the report writer.
+
+``run(job, out_dir)`` is ``rl-pg variance``; :func:`run_study` the study from
+Python. Everything is validated, and every estimator traced, before the output
+directory is created; the outputs are written once, at the end, from memory.
+"""
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rl_pg import estimators as estimators_lib
+from rl_pg import io, policies
+from rl_pg.variance import decomposition, report, runners, stages, study
+from rl_pg.variance import job as job_lib
+from rl_pg.variance.problems import SuiteConfig, suite_specs
+from rl_pg.variance.stages import Stage
+
+
+def run(job: job_lib.VarianceJob, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run ``job`` (the ``rl-pg variance`` job) into the new directory ``out_dir``."""
+    found = stages.job_stages(job)
+    mesh = runners.device_mesh(job.devices)
+    return execute(job, found, out_dir, progress, mesh)[0]
+
+
+def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
+    """Run a previous run's ``config.json`` again (same seed: the same results)."""
+    return run(job_lib.load(config_file), out_dir, progress)
+
+
+def execute(
+    job: job_lib.VarianceJob,
+    found: list[Stage],
+    out_dir: str | Path | None,
+    progress: bool = True,
+    mesh=None,
+    command: str = "variance",
+) -> tuple[Path | None, dict]:
+    """Study every stage of ``found``, decompose if the job asks, and write the
+    outputs into ``out_dir`` (new) if given.
+
+    Returns the output directory (None without ``out_dir``) and the results
+    (label -> :class:`~rl_pg.variance.study.StageResult`).
+    """
+    config = job.study
+    built = _build_runners(found, config, mesh)
+    out = io.new_out_dir(out_dir) if out_dir is not None else None
+    if out is not None:
+        described = {s.label: s.description for s in found}
+        io.write_config(out, job.to_dict(described, command))
+    start = time.perf_counter()
+    results = _study_stages(found, built, config, progress)
+    if out is None:
+        return None, results
+    wall = time.perf_counter() - start
+    found_rows = None
+    if job.decompose is not None:
+        found_rows = decompose_step(job, found)
+    written = report.JobResults(
+        stages=results,
+        config=config,
+        wall=wall,
+        matmul=runners.matmul_flops_per_s(),
+        exact_mode=job.problem == "enumerable",
+        env_steps={s.label: s.description.get("env_steps") for s in found},
+        decomposition=found_rows,
+    )
+    report.write(out, written)
+    return out, results
+
+
+def _study_stages(found: list[Stage], built: dict, config, progress: bool) -> dict:
+    """label -> :func:`~rl_pg.variance.study.study_stage` of every stage."""
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = study.total_work(config, len(found))
+        bar = tqdm(total=total, unit="traj", desc="variance study")
+    results = {}
+    for stage in found:
+        if bar is not None:
+            bar.set_postfix_str(stage.label)
+        results[stage.label] = study.study_stage(
+            stage.params,
+            built[stage.key],
+            config,
+            stage.horizon,
+            bar.update if bar else None,
+        )
+    if bar is not None:
+        bar.close()
+    return results
+
+
+def _build_runners(found: list[Stage], config, mesh) -> dict:
+    """Runners per distinct stage key (reused across calls with the same problem,
+    sizes and mesh, so nothing compiles again); validates sizes and estimators,
+    and traces every estimator on one batch (a user loss that cannot be traced
+    fails here, before anything is written)."""
+    built = {}
+    for stage in found:
+        if stage.key not in built:
+            built[stage.key] = runners.shared_runners(stage.problem, config, mesh)
+            keys = jax.random.split(jax.random.PRNGKey(0), mesh.size if mesh else 1)
+            try:
+                jax.eval_shape(
+                    built[stage.key].batch, stage.params, keys, jnp.float32(0.0)
+                )
+            except Exception as e:  # noqa: BLE001 (reported with its type)
+                raise ValueError(
+                    f"the study's estimators fail on stage {stage.label!r}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
+    return built
+
+
+def decompose_step(
+    job: job_lib.VarianceJob, found: list[Stage]
+) -> report.Decomposition:
+    """Variance decomposition rows (Tucker et al. 2018) of every stage, with the
+    exact values on the enumerable MDP; see :mod:`rl_pg.variance.decomposition`."""
+    start = time.perf_counter()
+    sizes = dataclasses.asdict(job.decompose)
+    suite = job.study.suite
+    key = jax.random.fold_in(jax.random.PRNGKey(job.study.seed), 2**20)
+    rows = []
+    for i, stage in enumerate(found):
+        k = jax.random.fold_in(key, i)
+        common = dict(gamma=suite.gamma, lam=suite.lam, **sizes)
+        if job.problem == "enumerable":
+            found_rows = decomposition.decompose_enumerable(k, stage.params, **common)
+            exact = {
+                (r["estimator"], r["component"]): r["variance"]
+                for r in decomposition.decompose_exact(
+                    stage.params, gamma=suite.gamma, lam=suite.lam
+                )
+            }
+        else:
+            found_rows = decomposition.decompose(
+                k,
+                stage.params,
+                stage.problem.apply_fn,  # the critic already in raw reward units
+                stage.env,
+                stage.env_params,
+                horizon=stage.horizon,
+                **common,
+            )
+            exact = {}
+        for r in found_rows:
+            exact_value = exact.get((r["estimator"], r["component"]), np.nan)
+            rows.append({**r, "checkpoint": stage.label, "exact_variance": exact_value})
+    return report.Decomposition(rows, sizes, time.perf_counter() - start)
+
+
+def run_study(
+    policies: "dict[str, Any] | None" = None,
+    *,
+    policy: "policies.Policy | None" = None,
+    checkpoints: "list[str | Path] | None" = None,
+    env_id: str = "FlappyBird-v0",
+    problem: str = "flappy",
+    estimators: "list[str | Callable] | None" = None,
+    batch_sizes: tuple[int, ...] = (4, 16, 64),
+    num_batches: int = 32,
+    max_batches_per_size: int = 512,
+    reference_trajectories: int = 16_384,
+    reference_groups: int = 128,
+    chunk: int = 1024,
+    horizon: int = 128,
+    group_size: int = 4,
+    seed: int = 0,
+    mesh=None,
+    out_dir: "str | Path | None" = None,
+    progress: bool = False,
+) -> list[dict]:
+    """The estimator study from Python; returns the rows of ``results.csv``.
+
+    Args:
+      policies: label -> params of ``policy`` (a :class:`rl_pg.policies.Policy`)
+        acting in ``env_id``; or None with ``checkpoints``, or neither (the
+        shipped checkpoints). With ``problem="enumerable"`` the exact mode's
+        policies are used (or label -> tabular params) and rows get exact values.
+      estimators: registered names, ``module:function`` references and/or loss
+        functions ``loss(params, batch, *, apply_fn, **hyperparameters) -> (loss,
+        aux)`` (named in the outputs by their function name); default: every
+        registered estimator marked ``in_study``.
+      batch_sizes ... chunk: the :class:`~rl_pg.variance.study.StudyConfig`.
+      horizon: steps per Flappy Bird episode (the enumerable MDP has 4).
+      group_size: G episodes per level.
+      mesh: a :func:`rl_pg.distributed.batch_mesh` to shard the study over.
+      out_dir: also write the CLI's outputs into this new directory.
+
+    Returns:
+      One dict per (policy, estimator, batch size) with the columns of
+      ``results.csv``. A second call with the same policy (or problem), sizes
+      and mesh compiles nothing again.
+    """
+    config = study.StudyConfig(
+        batch_sizes=tuple(int(n) for n in batch_sizes),
+        num_batches=num_batches,
+        max_batches_per_size=max_batches_per_size,
+        reference_trajectories=reference_trajectories,
+        reference_groups=reference_groups,
+        chunk=chunk,
+        suite=SuiteConfig(names=_estimator_refs(estimators)),
+    )
+    enumerable_ = problem == "enumerable"
+    job = job_lib.VarianceJob(
+        preset=None,
+        problem=problem,
+        study=config,
+        horizon=job_lib.ENUMERABLE_HORIZON if enumerable_ else horizon,
+        group_size=group_size,
+        seed=seed,
+        checkpoints=None if enumerable_ or policies is not None else checkpoints,
+        env_id=None if enumerable_ else env_id,
+    )
+    found = stages.job_stages(job, policies, policy)
+    _, results = execute(job, found, out_dir, progress, mesh, command="run_study")
+    return report.result_rows(results)
+
+
+def _estimator_refs(estimators) -> tuple[str, ...]:
+    """Names / module:function strings for SuiteConfig (functions -> references,
+    so that config.json can rerun them)."""
+    if estimators is None:
+        return SuiteConfig().names
+    if isinstance(estimators, str) or callable(estimators):
+        estimators = [estimators]
+    refs = []
+    for e in estimators:
+        if callable(e):
+            spec = estimators_lib.resolve(e)
+            in_registry = estimators_lib.REGISTRY.get(spec.name)
+            registered = in_registry is not None and in_registry.loss is e
+            refs.append(spec.name if registered else estimators_lib.reference(e))
+        else:
+            refs.append(e)
+    refs = tuple(refs)
+    suite_specs(SuiteConfig(names=refs))  # validate now
+    return refs
