@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+from rl_pg.algos import registry
+
 EPILOG = "Every command writes into a new directory (or file) and never overwrites one."
 
 
@@ -46,22 +48,23 @@ def _check_render_args(args) -> Path:
 def _render(args) -> None:
     import jax
 
-    import rl_pg
+    from rl_pg.envs import make
     from rl_pg.envs.render import episode_frames, write_gif
     from rl_pg.scripted import scripted_action
 
     out = _check_render_args(args)
-    env, params = rl_pg.make("FlappyBird-v0")
+    env, params = make("FlappyBird-v0")
     if args.checkpoint:
-        from rl_pg import checkpoint
+        from rl_pg.envs import FlappyBird
 
-        found = checkpoint.find_policy_checkpoint(args.checkpoint)
-        if found is None:
+        found, agent = registry.load(args.checkpoint)
+        if not isinstance(agent.env, FlappyBird):
             raise ValueError(
-                f"--checkpoint {args.checkpoint} is neither a policy checkpoint nor "
-                "a training run directory"
+                f"{found} acts in {agent.meta.get('env_id', 'another env')}; "
+                "rl-pg render draws Flappy Bird only"
             )
-        act_fn, env, params = checkpoint.load_act_fn(found)
+        env, params = agent.env, agent.env_params
+        act_fn = lambda obs, state, key: agent.act_fn(agent.params, obs, state, key)
     elif args.policy == "scripted":
         act_fn = lambda obs, state, key: scripted_action(state, params)
     else:
@@ -324,10 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     var.add_argument("--devices", help="shard the study over N local devices, or 'all'")
     var.set_defaults(func=_variance)
 
-    algo_help = "the algorithm: reinforce, a2c, ppo, grpo, qlearning or dqn"
+    algo_help = "the algorithm: " + ", ".join(registry.NAMES)
     train = sub.add_parser(
         "train",
-        help="train an agent (REINFORCE family, A2C, PPO, GRPO, Q-learning, DQN)",
+        help=f"train an agent ({', '.join(registry.NAMES)})",
         description="Train fully inside jit, evaluate on held-out levels and write "
         "config.json, metrics.csv, eval.json, checkpoints, learning_curve.png and "
         "agent.gif into --out. Any config field can be set as --field-name VALUE "

@@ -216,6 +216,37 @@ def test_render_checkpoint_run_directory(capsys, tmp_path):
     assert "wrote" in capsys.readouterr().out
 
 
+def _qlearning_run(directory):
+    """A Q-learning run directory: config.json and an all-zero best table."""
+    from rl_pg.algos import qlearning
+
+    config = qlearning.QLearningConfig()
+    (directory / "checkpoints").mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"algo": "qlearning"}))
+    q = jnp.zeros((config.binning.num_states, 2))
+    qlearning.ALGORITHM.save(directory / "checkpoints" / "best", config, q, env_steps=9)
+    return directory
+
+
+def test_render_and_eval_take_a_qlearning_run(capsys, tmp_path):
+    """Both commands read any algorithm's run through the registry's ``load``."""
+    run = _qlearning_run(tmp_path / "q")
+    out = tmp_path / "q.gif"
+    cli.main(["render", "--out", str(out), "--checkpoint", str(run), "--steps", "6"])
+    assert 1 <= iio.imread(out).shape[0] <= 4  # never flaps: falls, 7 frames at most
+    argv = ["eval", "--checkpoint", str(run), "--out", str(tmp_path / "e")]
+    cli.main([*argv, "--episodes", "2", "--max-score", "5"])
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert data["scores"] == [0, 0] and data["env_steps"] == 9
+    assert data["checkpoint"].endswith("best.npz")
+    capsys.readouterr()
+    _fails(
+        capsys,
+        [*argv[:3], "--out", str(tmp_path / "e2"), "--sampled"],
+        "a Q-table's policy is greedy",
+    )
+
+
 def test_bench_tiny(capsys, tmp_path):
     out = tmp_path / "bench"
     argv = ["bench", "--out", str(out), "--num-envs", "2", "--modes", "features"]
