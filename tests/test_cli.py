@@ -1,7 +1,12 @@
 """``rl-pg`` end to end: render and bench at tiny sizes, and every expected user
 error as one ``rl-pg CMD: error: ...`` line, exit status 2 and nothing written."""
 
+import argparse
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import jax
@@ -9,7 +14,9 @@ import jax.numpy as jnp
 import pytest
 
 from rl_pg import checkpoint, cli
+from rl_pg.algos import registry
 from rl_pg.policies import mlp_policy
+from rl_pg.runs import overrides
 
 SPEC = {"kind": "mlp", "num_actions": 2, "hidden": [4], "activation": "tanh"}
 
@@ -286,3 +293,72 @@ def test_the_command_leaves_the_backend_alone_when_a_mesh_is_asked_for(tmp_path)
         saved.write_text(json.dumps({"study": {}, "devices": devices}))
         assert asked("--config", str(saved), "--out", "x") is expected
     assert asked("--config", str(tmp_path / "missing.json"), "--out", "x")
+
+
+# ------------------------------------------------------------------- help
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_of_every_command_has_help():
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+
+
+def test_help_groups_options_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for heading in ("inputs:", "sizes:", "outputs:"):
+        assert heading in text
+    assert "held-out levels (default: 32)" in text
+    assert "action-sampling seed (default: 0)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    groups = {g.title for g in _subparsers()["variance"]._action_groups}
+    assert {"inputs", "sizes", "outputs", "devices"} <= groups
+
+
+def test_help_imports_no_jax():
+    """`rl-pg --help` and `rl-pg CMD --help` answer without importing JAX."""
+    script = (
+        "import sys\n"
+        "from rl_pg import cli\n"
+        "for argv in ([], *([c] for c in cli.build_parser()._subparsers"
+        "._group_actions[0].choices)):\n"
+        "    try:\n"
+        "        cli.main([*argv, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "heavy = sorted(m for m in ('jax', 'gymnax', 'flax', 'optax') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: rl-pg render" in done.stdout
+
+
+@pytest.mark.parametrize("algo", registry.NAMES)
+def test_help_config_documents_every_field(capsys, algo):
+    cli.main(["train", "--algo", algo, "--help-config"])
+    text = capsys.readouterr().out
+    config_cls = registry.get(algo).config_cls
+    docs = overrides.field_docs(config_cls)
+    for field in dataclasses.fields(config_cls):
+        assert docs.get(field.name), (algo, field.name)
+        assert "--" + field.name.replace("_", "-") in text
+    assert "(undocumented)" not in text
+    if algo == "ppo":
+        assert "--clip-eps float (default: 0.2, sweepable)\n      ratio clip" in text
+    if algo == "dqn":  # "a, b: text" documents both fields
+        assert docs["epsilon_start"] == docs["epsilon_end"]
