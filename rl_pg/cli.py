@@ -287,7 +287,7 @@ def _add_variance_inputs(group) -> None:
     """``rl-pg variance``'s policies, problem and estimators."""
     group.add_argument(
         "--preset",
-        choices=["quick", "full"],
+        choices=VARIANCE_PRESETS,
         default=None,
         help="quick (default): about a minute on a 2-core CPU; full: research-grade",
     )
@@ -340,6 +340,80 @@ def _add_variance_sizes(group) -> None:
     group.add_argument("--group-size", type=int, help="episodes per level (G)")
 
 
+VARIANCE_PRESETS = ("quick", "full")
+_NONE = type(None)
+# What ``rl-pg variance --config`` reads from a run's config.json: key -> types.
+_VARIANCE_CONFIG_KEYS = {
+    "preset": (str,),
+    "seed": (int,),
+    "study": (dict,),
+    "problem": (str,),
+    "checkpoints": (list, _NONE),
+    "horizon": (int, _NONE),
+    "group_size": (int, _NONE),
+    "env_id": (str, _NONE),
+    "devices": (str, int, _NONE),
+}
+_TYPE_NAMES = {str: "a string", int: "an int", dict: "an object", list: "a list"}
+_TYPE_NAMES[_NONE] = "null"
+
+
+def check_variance_config(path: str | Path) -> dict:
+    """The JSON object of a variance run's ``config.json`` (``--config``), checked
+    for the keys and value types that a rerun reads.
+
+    Raises:
+      ValueError: one line naming the file and its first problem (missing file,
+        not JSON, not an object, a missing key, a value of the wrong type).
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not JSON ({error})") from None
+    what = "a variance run's config.json"
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"--config {path} must hold a JSON object ({what}), "
+            f"got {type(saved).__name__}"
+        )
+    if saved.get("command", "variance") != "variance" or "algo" in saved:
+        raise ValueError(
+            f"--config {path} is not {what} but a {saved.get('command', 'train')} "
+            "run's (a training run is studied with --run RUN_DIR)"
+        )
+    for key, types in _VARIANCE_CONFIG_KEYS.items():
+        if key not in saved:
+            if _NONE in types or key == "problem":  # optional
+                continue
+            raise ValueError(
+                f"--config {path} is missing {key!r} ({what} holds preset, seed "
+                "and study)"
+            )
+        value = saved[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ValueError(
+                f"--config {path}: {key!r} must be {expected}, got {value!r}"
+            )
+    if saved["preset"] not in VARIANCE_PRESETS:
+        raise ValueError(
+            f"--config {path}: 'preset' must be one of {', '.join(VARIANCE_PRESETS)}, "
+            f"got {saved['preset']!r}"
+        )
+    return saved
+
+
+def _check_variance_args(args) -> None:
+    """Checks of ``rl-pg variance`` before the command runs (a bad --config)."""
+    if args.config:
+        check_variance_config(args.config)
+
+
 def _add_variance(sub) -> None:
     var = _command(
         sub,
@@ -354,6 +428,7 @@ def _add_variance(sub) -> None:
         "rel_variance, with calibrated 95% intervals. Writes results.csv, slopes.csv, "
         "per_trajectory.csv, report.md, config.json, performance.json and plots.",
     )
+    var.set_defaults(check=_check_variance_args)
     _add_variance_inputs(var.add_argument_group("inputs"))
     _add_variance_sizes(
         var.add_argument_group("sizes", "unset: the sizes of --preset (or --config)")
@@ -558,6 +633,8 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
         distributed.use_cpu_cores()
     start = time.perf_counter()
     try:
+        if getattr(args, "check", None):
+            args.check(args)
         if getattr(args, "takes_extra", False):
             args.func(args, extra)
         else:

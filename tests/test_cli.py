@@ -362,3 +362,56 @@ def test_help_config_documents_every_field(capsys, algo):
         assert "--clip-eps float (default: 0.2, sweepable)\n      ratio clip" in text
     if algo == "dqn":  # "a, b: text" documents both fields
         assert docs["epsilon_start"] == docs["epsilon_end"]
+
+
+# ------------------------------------------------------------ variance --config
+
+SAVED_VARIANCE = {
+    "command": "variance",
+    "preset": "quick",
+    "problem": "flappy",
+    "seed": 0,
+    "checkpoints": None,
+    "env_id": None,
+    "devices": None,
+    "stages": {"initial": "..."},
+    "horizon": 128,
+    "group_size": 4,
+    "study": {"batch_sizes": [4, 16], "num_batches": 32},
+    "decompose": None,
+}
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{not json", "is not JSON (Expecting property name"),
+        ("[1, 2]", "must hold a JSON object (a variance run's config.json), got list"),
+        ('"quick"', "must hold a JSON object"),
+        (
+            {k: v for k, v in SAVED_VARIANCE.items() if k != "preset"},
+            "missing 'preset'",
+        ),
+        ({k: v for k, v in SAVED_VARIANCE.items() if k != "study"}, "missing 'study'"),
+        ({**SAVED_VARIANCE, "seed": "0"}, "'seed' must be an int, got '0'"),
+        ({**SAVED_VARIANCE, "seed": True}, "'seed' must be an int, got True"),
+        ({**SAVED_VARIANCE, "study": [1]}, "'study' must be an object, got [1]"),
+        ({**SAVED_VARIANCE, "horizon": 1.5}, "'horizon' must be an int or null"),
+        ({**SAVED_VARIANCE, "preset": "fast"}, "'preset' must be one of quick, full"),
+        ({"algo": "ppo", "config": {}}, "a training run is studied with --run"),
+    ],
+)
+def test_variance_bad_config_files(capsys, tmp_path, content, expected):
+    config, out = tmp_path / "config.json", tmp_path / "out"
+    text = content if isinstance(content, str) else json.dumps(content)
+    config.write_text(text)
+    _fails(capsys, ["variance", "--config", str(config), "--out", str(out)], expected)
+    assert not out.exists()
+
+
+def test_variance_config_check_accepts_a_saved_config(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(SAVED_VARIANCE))
+    assert cli.check_variance_config(config) == SAVED_VARIANCE
+    with pytest.raises(ValueError, match="no such file"):
+        cli.check_variance_config(tmp_path / "missing.json")
