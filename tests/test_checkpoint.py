@@ -134,7 +134,7 @@ def test_find_policy_checkpoint(saved, tmp_path):
     assert checkpoint.find_policy_checkpoint(tmp_path) is None
 
 
-def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path):
+def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path, capsys):
     """A CartPole policy (trained through ``--env-id``) loads with its own env."""
     from rl_pg import cli, train
     from rl_pg.algos import loop
@@ -153,6 +153,14 @@ def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path):
     )
     scores = json.loads((tmp_path / "e" / "eval.json").read_text())["scores"]
     assert 0 < max(scores) <= 50  # episode returns, capped by the step limit
+    # rl-pg render draws Flappy Bird only, and says so.
+    gif = tmp_path / "cartpole.gif"
+    with pytest.raises(SystemExit):
+        cli.main(["render", "--out", str(gif), "--checkpoint", str(tmp_path / "ckpt")])
+    assert "acts in CartPole-v1; rl-pg render draws Flappy Bird only" in (
+        capsys.readouterr().err
+    )
+    assert not gif.exists()
 
 
 def test_policy_dir_maps_a_run_to_its_best_policy(saved, tmp_path):
