@@ -2,13 +2,18 @@
 
 The public API, by layer (see DESIGN.md): environments, policies, rollouts,
 returns, estimators, and the estimator-variance study.
+
+The names below are imported on first use (PEP 562), so ``import rl_pg`` (and
+``rl-pg --help``) costs no JAX import. The Flappy Bird ids are registered with
+gymnax as soon as gymnax is imported (now, or later), so ``import rl_pg`` then
+``gymnax.make("FlappyBird-v0")`` works as before.
 """
 
-import importlib
+from rl_pg import _lazy
 
-# name -> the module that defines it; imported on first use (PEP 562), so that
-# JAX-free parts (``rl_pg.figures``, ``rl-pg plot``) load without JAX
-_EXPORTS = {
+__version__ = "0.1.0"
+
+_MODULES = {
     "rl_pg.envs": ("ENV_IDS", "EnvParams", "EnvState", "FlappyBird", "make"),
     "rl_pg.estimators": ("ESTIMATORS", "LossAux", "get_estimator"),
     "rl_pg.policies": (
@@ -35,52 +40,10 @@ _EXPORTS = {
     ),
     "rl_pg.trajectory": ("Trajectory",),
 }
-_HOME = {name: module for module, names in _EXPORTS.items() for name in names}
-
-
-def __getattr__(name: str):
-    if name in _HOME:
-        value = getattr(importlib.import_module(_HOME[name]), name)
-        globals()[name] = value
-        return value
-    try:
-        return importlib.import_module(f"rl_pg.{name}")  # a submodule
-    except ModuleNotFoundError as error:
-        if error.name != f"rl_pg.{name}":
-            raise
-    raise AttributeError(f"module 'rl_pg' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_HOME})
-
-
-__version__ = "0.1.0"
-
-__all__ = [
-    "ENV_IDS",
-    "ESTIMATORS",
-    "EnvParams",
-    "EnvState",
-    "FlappyBird",
-    "LossAux",
-    "Policy",
-    "StreamState",
-    "Trajectory",
-    "cnn_policy",
-    "discounted_returns",
-    "entropy",
-    "episodic_rollout",
-    "gae",
-    "get_estimator",
-    "grouped_rollout",
-    "lambda_returns",
-    "log_prob",
-    "make",
-    "mlp_policy",
-    "reward_to_go",
-    "sample",
-    "stream_init",
-    "streaming_rollout",
-    "total_return",
-]
+_NAMES = {name: module for module, names in _MODULES.items() for name in names}
+__all__ = sorted(_NAMES)
+# The subpackages an eager ``import rl_pg`` used to load stay reachable as
+# attributes (``rl_pg.envs``, ...).
+_NAMES.update({m.split(".")[1]: m for m in _MODULES})
+__getattr__, __dir__ = _lazy.attributes(__name__, _NAMES, globals())
+_lazy.register_envs_with_gymnax()

@@ -19,8 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
-import rl_pg
-from rl_pg import io, policies
+from rl_pg import envs, io, policies
 from rl_pg.envs import ENV_IDS, scored
 
 PARAMS_FILE, META_FILE = "params.msgpack", "meta.json"
@@ -89,6 +88,68 @@ def find_policy_checkpoint(path: str | Path) -> Path | None:
     return None
 
 
+RUN_HINT = (
+    "pass a training run directory (config.json and checkpoints/), its checkpoints/ "
+    "directory, or a checkpoint (a directory with meta.json and params.msgpack, or "
+    "a single-file checkpoint such as a Q-table's best.npz)"
+)
+
+
+def _best_in(directory: Path) -> Path | None:
+    """What an algorithm's ``save(directory / "best")`` wrote: ``best`` (a policy
+    directory) or ``best.<suffix>`` (a single file)."""
+    if (directory / "best").is_dir():
+        return directory / "best"
+    files = sorted(p for p in directory.glob("best.*") if p.is_file())
+    return files[0] if files else None
+
+
+def _run_algo(run: Path) -> str:
+    """The ``algo`` that a run's ``config.json`` records (``ALGO`` if unreadable)."""
+    try:
+        algo = json.loads((run / "config.json").read_text()).get("algo")
+    except (OSError, ValueError, AttributeError):
+        algo = None
+    return algo if isinstance(algo, str) else "ALGO"
+
+
+def policy_dir(path: str | Path) -> Path:
+    """The policy checkpoint that ``path`` names (for ``eval``, ``render``, the study).
+
+    * a checkpoint passes through: a directory holding ``meta.json`` or
+      ``params.msgpack``, or a file (a single-file checkpoint, e.g. a Q-table);
+    * a training run directory (``config.json`` and ``checkpoints/``), or its
+      ``checkpoints/`` directory: its best policy, ``checkpoints/best`` (or
+      ``checkpoints/best.<suffix>``, what the algorithm's ``save`` wrote).
+
+    Raises:
+      CheckpointError: ``path`` is missing, a run without a best policy yet, or
+        neither (the message says what to pass).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(
+            f"{path} is neither a policy checkpoint nor a training run directory "
+            f"(it does not exist); {RUN_HINT}"
+        )
+    if path.is_file() or any((path / f).is_file() for f in (META_FILE, PARAMS_FILE)):
+        return path
+    for checkpoints in (path / "checkpoints", path):
+        best = _best_in(checkpoints) if checkpoints.is_dir() else None
+        if best is not None:
+            return best
+    if (path / "config.json").is_file():
+        raise CheckpointError(
+            f"training run {path} has no best policy yet (checkpoints/best is "
+            "missing: it stopped before its first evaluation); finish it with "
+            f"rl-pg train --algo {_run_algo(path)} --resume --out {path}"
+        )
+    raise CheckpointError(
+        f"{path} is neither a policy checkpoint nor a training run directory; "
+        + RUN_HINT
+    )
+
+
 def read_meta(directory: str | Path) -> dict[str, Any]:
     """``meta.json`` of a checkpoint, checked for the fields a loader needs.
 
@@ -148,7 +209,7 @@ def _make_env(env_id: str, env_kwargs: dict):
     """Flappy Bird from ``rl_pg.make``; any other gymnax id scored by its episode
     return (:mod:`rl_pg.envs.scored`), as training made it."""
     if env_id in ENV_IDS or env_id not in gymnax.registered_envs:
-        return rl_pg.make(env_id, **env_kwargs)  # an unknown id: rl_pg's message
+        return envs.make(env_id, **env_kwargs)  # an unknown id: rl_pg's message
     return scored.make(env_id, **env_kwargs)
 
 

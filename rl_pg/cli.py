@@ -5,6 +5,8 @@ import sys
 import time
 from pathlib import Path
 
+from rl_pg.algos import registry
+
 EPILOG = "Every command writes into a new directory (or file) and never overwrites one."
 
 
@@ -46,22 +48,23 @@ def _check_render_args(args) -> Path:
 def _render(args) -> None:
     import jax
 
-    import rl_pg
+    from rl_pg.envs import make
     from rl_pg.envs.render import episode_frames, write_gif
     from rl_pg.scripted import scripted_action
 
     out = _check_render_args(args)
-    env, params = rl_pg.make("FlappyBird-v0")
+    env, params = make("FlappyBird-v0")
     if args.checkpoint:
-        from rl_pg import checkpoint
+        from rl_pg.envs import FlappyBird
 
-        found = checkpoint.find_policy_checkpoint(args.checkpoint)
-        if found is None:
+        found, agent = registry.load(args.checkpoint)
+        if not isinstance(agent.env, FlappyBird):
             raise ValueError(
-                f"--checkpoint {args.checkpoint} is neither a policy checkpoint nor "
-                "a training run directory"
+                f"{found} acts in {agent.meta.get('env_id', 'another env')}; "
+                "rl-pg render draws Flappy Bird only"
             )
-        act_fn, env, params = checkpoint.load_act_fn(found)
+        env, params = agent.env, agent.env_params
+        act_fn = lambda obs, state, key: agent.act_fn(agent.params, obs, state, key)
     elif args.policy == "scripted":
         act_fn = lambda obs, state, key: scripted_action(state, params)
     else:
@@ -214,6 +217,7 @@ def _add_plot_parser(sub) -> None:
     """``rl-pg plot``: redraw a figure from a finished run's CSV files (no JAX)."""
     plot = sub.add_parser(
         "plot",
+        formatter_class=_Formatter,
         help="redraw a figure of a finished study, training run or sweep",
         description="Redraw a figure from the CSV files of a finished variance "
         "study (results.csv: one panel per policy and estimator family), training "
@@ -234,43 +238,198 @@ def _add_plot_parser(sub) -> None:
     plot.set_defaults(func=_plot)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rl-pg",
-        description="rl_pg: policy-gradient estimators on a jittable Flappy Bird.",
-        epilog=EPILOG,
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` after an option's help, unless the help already
+    speaks of its default or there is none to show (None, or an off flag)."""
 
-    bench = sub.add_parser(
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _command(sub, name: str, func, *, help: str, description: str):
+    """A subcommand parser that runs ``func``, in the common style."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _add_bench(sub) -> None:
+    bench = _command(
+        sub,
         "bench",
+        _bench,
         help="environment throughput vs gymnax CartPole and flappy-bird-gymnasium",
         description="Env steps per second of FlappyBird (features, LIDAR, pixels) in "
         "jit(scan(vmap(step))) with random actions, side by side in the same run with "
         "gymnax CartPole-v1 and flappy-bird-gymnasium stepped in Python. Writes "
         "DIR/throughput.json and DIR/throughput.md.",
     )
-    bench.add_argument("--out", required=True, help="new output directory")
-    bench.add_argument(
+    sizes = bench.add_argument_group("sizes")
+    sizes.add_argument(
         "--num-envs",
         default="1,64,1024,16384,65536",
-        help="comma-separated batch sizes (default: %(default)s)",
+        help="comma-separated batch sizes",
     )
-    bench.add_argument(
+    sizes.add_argument(
         "--modes",
         default="features,lidar,pixels",
-        help="comma-separated observation modes (default: %(default)s)",
+        help="comma-separated observation modes",
     )
-    bench.add_argument(
+    sizes.add_argument(
         "--reference-seconds",
         type=float,
         default=2.0,
         help="seconds to time the Python reference per mode",
     )
-    bench.set_defaults(func=_bench)
+    outputs = bench.add_argument_group("outputs")
+    outputs.add_argument("--out", required=True, help="new output directory")
 
-    var = sub.add_parser(
+
+def _add_variance_inputs(group) -> None:
+    """``rl-pg variance``'s policies, problem and estimators."""
+    group.add_argument(
+        "--preset",
+        choices=VARIANCE_PRESETS,
+        default=None,
+        help="quick (default): about a minute on a 2-core CPU; full: research-grade",
+    )
+    group.add_argument(
+        "--checkpoints",
+        nargs="+",
+        help="policy checkpoint directories (default: the shipped "
+        "initial, partial and good policies)",
+    )
+    group.add_argument(
+        "--run",
+        help="a training run trained with --keep-checkpoints all: study every kept "
+        "policy in training order and plot along_training.png",
+    )
+    group.add_argument(
+        "--config", help="a previous run's config.json: run it again as it was"
+    )
+    group.add_argument("--seed", type=int, default=None, help="default 0")
+    group.add_argument(
+        "--problem",
+        choices=["flappy", "enumerable"],
+        default=None,
+        help="flappy: Flappy Bird policies; enumerable: the exactly solvable MDP, "
+        "with exact_bias2 and exact_variance columns (the benchmark's calibration)",
+    )
+    group.add_argument(
+        "--estimators",
+        help="comma-separated registered estimator names and/or module:function "
+        "loss functions (importable from the current directory or PYTHONPATH); "
+        "default: every registered estimator",
+    )
+    group.add_argument(
+        "--env-id",
+        help="FlappyBird-v0, -lidar-v0 or -pixels-v0 (checked against the "
+        "checkpoints; without checkpoints a freshly initialised policy)",
+    )
+
+
+def _add_variance_sizes(group) -> None:
+    """``rl-pg variance``'s sizes (None: the preset's)."""
+    group.add_argument("--batch-sizes", type=_int_list, help="e.g. 4,16,64")
+    group.add_argument("--num-batches", type=int, help="top-level batches (>= 4)")
+    group.add_argument(
+        "--reference-trajectories",
+        type=int,
+        help="trajectories in the reference estimate of the true gradient "
+        "(default: the preset's)",
+    )
+    group.add_argument("--horizon", type=int, help="steps per episode")
+    group.add_argument("--group-size", type=int, help="episodes per level (G)")
+
+
+VARIANCE_PRESETS = ("quick", "full")
+_NONE = type(None)
+# What ``rl-pg variance --config`` reads from a run's config.json: key -> types.
+_VARIANCE_CONFIG_KEYS = {
+    "preset": (str,),
+    "seed": (int,),
+    "study": (dict,),
+    "problem": (str,),
+    "checkpoints": (list, _NONE),
+    "horizon": (int, _NONE),
+    "group_size": (int, _NONE),
+    "env_id": (str, _NONE),
+    "devices": (str, int, _NONE),
+}
+_TYPE_NAMES = {str: "a string", int: "an int", dict: "an object", list: "a list"}
+_TYPE_NAMES[_NONE] = "null"
+
+
+def check_variance_config(path: str | Path) -> dict:
+    """The JSON object of a variance run's ``config.json`` (``--config``), checked
+    for the keys and value types that a rerun reads.
+
+    Raises:
+      ValueError: one line naming the file and its first problem (missing file,
+        not JSON, not an object, a missing key, a value of the wrong type).
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} is not JSON ({error})") from None
+    what = "a variance run's config.json"
+    if not isinstance(saved, dict):
+        raise ValueError(
+            f"--config {path} must hold a JSON object ({what}), "
+            f"got {type(saved).__name__}"
+        )
+    if saved.get("command", "variance") != "variance" or "algo" in saved:
+        raise ValueError(
+            f"--config {path} is not {what} but a {saved.get('command', 'train')} "
+            "run's (a training run is studied with --run RUN_DIR)"
+        )
+    for key, types in _VARIANCE_CONFIG_KEYS.items():
+        if key not in saved:
+            if _NONE in types or key == "problem":  # optional
+                continue
+            raise ValueError(
+                f"--config {path} is missing {key!r} ({what} holds preset, seed "
+                "and study)"
+            )
+        value = saved[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ValueError(
+                f"--config {path}: {key!r} must be {expected}, got {value!r}"
+            )
+    if saved["preset"] not in VARIANCE_PRESETS:
+        raise ValueError(
+            f"--config {path}: 'preset' must be one of {', '.join(VARIANCE_PRESETS)}, "
+            f"got {saved['preset']!r}"
+        )
+    return saved
+
+
+def _check_variance_args(args) -> None:
+    """Checks of ``rl-pg variance`` before the command runs (a bad --config)."""
+    if args.config:
+        check_variance_config(args.config)
+
+
+def _add_variance(sub) -> None:
+    var = _command(
+        sub,
         "variance",
+        _variance,
         help="the estimator-variance benchmark (bias, variance, cosine to the true "
         "gradient)",
         description="For policies at several training stages, estimate the true "
@@ -280,64 +439,51 @@ def build_parser() -> argparse.ArgumentParser:
         "rel_variance, with calibrated 95% intervals. Writes results.csv, slopes.csv, "
         "per_trajectory.csv, report.md, config.json, performance.json and plots.",
     )
-    var.add_argument(
-        "--preset",
-        choices=["quick", "full"],
-        default=None,
-        help="quick (default): about a minute on a 2-core CPU; full: research-grade",
+    var.set_defaults(check=_check_variance_args)
+    _add_variance_inputs(var.add_argument_group("inputs"))
+    _add_variance_sizes(
+        var.add_argument_group("sizes", "unset: the sizes of --preset (or --config)")
     )
-    var.add_argument("--out", required=True, help="new output directory")
-    var.add_argument(
-        "--checkpoints",
-        nargs="+",
-        help="policy checkpoint directories (default: the shipped "
-        "initial, partial and good policies)",
-    )
-    var.add_argument("--seed", type=int, default=None, help="default 0")
-    var.add_argument(
-        "--problem",
-        choices=["flappy", "enumerable"],
-        default=None,
-        help="flappy: Flappy Bird policies; enumerable: the exactly solvable MDP, "
-        "with exact_bias2 and exact_variance columns (the benchmark's calibration)",
-    )
-    var.add_argument(
-        "--estimators",
-        help="comma-separated registered estimator names and/or module:function "
-        "loss functions (importable from the current directory or PYTHONPATH); "
-        "default: every registered estimator",
-    )
-    var.add_argument("--batch-sizes", type=_int_list, help="e.g. 4,16,64")
-    var.add_argument("--num-batches", type=int, help="top-level batches (>= 4)")
-    var.add_argument("--reference-trajectories", type=int)
-    var.add_argument("--horizon", type=int, help="steps per episode")
-    var.add_argument("--group-size", type=int, help="episodes per level (G)")
-    var.add_argument(
-        "--env-id",
-        help="FlappyBird-v0, -lidar-v0 or -pixels-v0 (checked against the "
-        "checkpoints; without checkpoints a freshly initialised policy)",
-    )
-    var.add_argument(
-        "--config", help="a previous run's config.json: run it again as it was"
-    )
-    var.add_argument(
+    outputs = var.add_argument_group("outputs")
+    outputs.add_argument("--out", required=True, help="new output directory")
+    outputs.add_argument(
         "--decompose",
         action="store_true",
         help="also decompose each estimator's per-step variance into state, action "
         "and trajectory parts (Tucker et al. 2018): decomposition.csv/.png",
     )
-    var.add_argument(
-        "--run",
-        help="a training run trained with --keep-checkpoints all: study every kept "
-        "policy in training order and plot along_training.png",
+    devices = var.add_argument_group("devices")
+    devices.add_argument(
+        "--devices", help="shard the study over N local devices, or 'all'"
     )
-    var.add_argument("--devices", help="shard the study over N local devices, or 'all'")
-    var.set_defaults(func=_variance)
 
-    algo_help = "the algorithm: reinforce, a2c, ppo, grpo, qlearning or dqn"
-    train = sub.add_parser(
+
+def _add_algo_options(
+    parser, *, what: str, config_help: str
+) -> argparse._ArgumentGroup:
+    """``--algo``, ``--out`` and ``--help-config`` of ``train`` and ``sweep``; the
+    run group, for the command's own options."""
+    run = parser.add_argument_group("run")
+    run.add_argument(
+        "--algo",
+        required=True,
+        choices=registry.NAMES,
+        metavar="ALGO",
+        help="the algorithm: " + ", ".join(registry.NAMES),
+    )
+    run.add_argument("--out", help=f"{what} (required unless --help-config)")
+    info = parser.add_argument_group("help")
+    info.add_argument("--help-config", action="store_true", help=config_help)
+    parser.set_defaults(takes_extra=True)
+    return run
+
+
+def _add_train(sub) -> None:
+    train = _command(
+        sub,
         "train",
-        help="train an agent (REINFORCE family, A2C, PPO, GRPO, Q-learning, DQN)",
+        _train,
+        help=f"train an agent ({', '.join(registry.NAMES)})",
         description="Train fully inside jit, evaluate on held-out levels and write "
         "config.json, metrics.csv, eval.json, checkpoints, learning_curve.png and "
         "agent.gif into --out. Any config field can be set as --field-name VALUE "
@@ -346,30 +492,30 @@ def build_parser() -> argparse.ArgumentParser:
         "the live steps inside episodes, not the padding after one ended, and "
         "updates go on until the budget is reached.",
     )
-    train.add_argument("--algo", required=True, help=algo_help)
-    train.add_argument(
-        "--out", help="new run directory (required unless --help-config)"
+    run = _add_algo_options(
+        train,
+        what="new run directory",
+        config_help="list the config fields of --algo, what each does and its default",
     )
-    train.add_argument(
+    run.add_argument(
         "--resume", action="store_true", help="continue an interrupted run in --out"
     )
-    train.add_argument(
-        "--help-config",
-        action="store_true",
-        help="list the config fields of --algo and their defaults",
-    )
-    train.add_argument(
+    outputs = train.add_argument_group("outputs")
+    outputs.add_argument(
         "--keep-checkpoints",
         choices=["best", "all"],
         default="best",
         help="all: also keep the policy of every evaluation, in "
         "checkpoints/evaluations/ (for rl-pg variance --run)",
     )
-    train.add_argument("--log", choices=["tensorboard"], help=LOG_HELP)
-    train.set_defaults(func=_train, takes_extra=True)
+    outputs.add_argument("--log", choices=["tensorboard"], help=LOG_HELP)
 
-    sweep = sub.add_parser(
+
+def _add_sweep(sub) -> None:
+    sweep = _command(
+        sub,
         "sweep",
+        _sweep,
         help="train a grid of hyperparameters x seeds in one jit(vmap)",
         description="Train every combination of the comma-separated values given "
         "to sweepable fields (--lr 1e-3,3e-4 --ent-coef 0,0.01; see --help-config), "
@@ -377,69 +523,117 @@ def build_parser() -> argparse.ArgumentParser:
         "run directory per (cell, seed), equal to the single rl-pg train run, plus "
         "summary.csv and sweep.png into --out. Other fields take one value.",
     )
-    sweep.add_argument("--algo", required=True, help=algo_help)
-    sweep.add_argument("--out", help="new directory (required unless --help-config)")
-    sweep.add_argument("--num-seeds", type=int, default=1, help="seeds per cell")
-    sweep.add_argument(
+    run = _add_algo_options(
+        sweep,
+        what="new directory",
+        config_help="list the config fields of --algo, what each does and its "
+        "default (sweepable ones marked)",
+    )
+    run.add_argument("--num-seeds", type=int, default=1, help="seeds per cell")
+    outputs = sweep.add_argument_group("outputs")
+    outputs.add_argument(
         "--no-gif", action="store_true", help="skip each run's agent.gif"
     )
-    sweep.add_argument(
-        "--help-config",
-        action="store_true",
-        help="list the config fields of --algo (sweepable ones marked)",
-    )
-    sweep.add_argument("--log", choices=["tensorboard"], help=LOG_HELP)
-    sweep.set_defaults(func=_sweep, takes_extra=True)
+    outputs.add_argument("--log", choices=["tensorboard"], help=LOG_HELP)
 
-    ev = sub.add_parser(
+
+def _add_eval(sub) -> None:
+    ev = _command(
+        sub,
         "eval",
+        _eval,
         help="evaluate a saved policy on held-out levels",
         description="Score a checkpoint (a policy checkpoint or a training run "
         "directory) on held-out levels; writes DIR2/eval.json.",
     )
-    ev.add_argument("--checkpoint", required=True)
-    ev.add_argument("--out", required=True, help="new output directory")
-    ev.add_argument("--episodes", type=int, default=32, help="held-out levels")
-    ev.add_argument(
+    inputs = ev.add_argument_group("inputs")
+    inputs.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a training run directory (its best policy) or a checkpoint, of any "
+        "algorithm",
+    )
+    inputs.add_argument(
+        "--sampled",
+        action="store_true",
+        help="sample actions instead of taking the argmax",
+    )
+    inputs.add_argument("--seed", type=int, default=0, help="action-sampling seed")
+    sizes = ev.add_argument_group("sizes")
+    sizes.add_argument("--episodes", type=int, default=32, help="held-out levels")
+    sizes.add_argument(
         "--max-score",
         type=int,
         default=10_000,
         help="an episode stops at this many pipes",
     )
-    ev.add_argument(
-        "--sampled",
-        action="store_true",
-        help="sample actions instead of taking the argmax",
-    )
-    ev.add_argument("--gif", action="store_true", help="also write agent.gif")
-    ev.add_argument("--seed", type=int, default=0)
-    ev.set_defaults(func=_eval)
+    outputs = ev.add_argument_group("outputs")
+    outputs.add_argument("--out", required=True, help="new output directory")
+    outputs.add_argument("--gif", action="store_true", help="also write agent.gif")
 
-    render = sub.add_parser(
+
+def _add_render(sub) -> None:
+    render = _command(
+        sub,
         "render",
+        _render,
         help="write a GIF of one episode",
         description="Render one Flappy Bird episode to an animated GIF: a scripted "
         "controller, a random policy, or a trained policy from --checkpoint.",
     )
-    render.add_argument("--out", required=True, help="GIF file to create")
-    render.add_argument("--policy", choices=["scripted", "random"], default="scripted")
-    render.add_argument(
+    policy = render.add_argument_group("policy")
+    policy.add_argument(
+        "--policy",
+        choices=["scripted", "random"],
+        default="scripted",
+        help="the controller when no --checkpoint is given",
+    )
+    policy.add_argument(
         "--checkpoint",
         help="a trained policy: a training run directory or a policy checkpoint",
     )
-    render.add_argument(
+    policy.add_argument(
         "--flap-prob",
         type=float,
         default=0.1,
         help="flap probability of the random policy",
     )
-    render.add_argument("--steps", type=int, default=600, help="maximum steps")
-    render.add_argument(
+    policy.add_argument("--seed", type=int, default=0, help="level and policy seed")
+    sizes = render.add_argument_group("sizes")
+    sizes.add_argument("--steps", type=int, default=600, help="maximum steps")
+    sizes.add_argument(
         "--frame-skip", type=int, default=2, help="keep every k-th frame (smaller GIFs)"
     )
-    render.add_argument("--seed", type=int, default=0, help="level and policy seed")
-    render.set_defaults(func=_render)
-    _add_plot_parser(sub)
+    outputs = render.add_argument_group("outputs")
+    outputs.add_argument("--out", required=True, help="GIF file to create")
+
+
+COMMANDS = (
+    _add_bench,
+    _add_variance,
+    _add_train,
+    _add_sweep,
+    _add_eval,
+    _add_render,
+    _add_plot_parser,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``rl-pg`` parser: one builder per subcommand (:data:`COMMANDS`).
+
+    Building it imports no JAX (``rl-pg --help`` is instant); each command
+    imports what it needs when it runs.
+    """
+    parser = argparse.ArgumentParser(
+        prog="rl-pg",
+        description="rl_pg: policy-gradient estimators on a jittable Flappy Bird.",
+        epilog=EPILOG,
+        formatter_class=_Formatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in COMMANDS:
+        add(sub)
     return parser
 
 
@@ -464,6 +658,8 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
         distributed.use_cpu_cores()
     start = time.perf_counter()
     try:
+        if getattr(args, "check", None):
+            args.check(args)
         if getattr(args, "takes_extra", False):
             args.func(args, extra)
         else:

@@ -128,25 +128,19 @@ def _where_tree(pred: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(select, new, old)
 
 
-@functools.partial(jax.jit, static_argnames=("act_fn", "env", "chunk_size"))
-def _evaluate(
-    act_fn: ActFn,
-    agent_params: Any,
-    env: Any,
-    env_params: Any,
-    key: chex.PRNGKey,
-    reset_keys: jax.Array,
-    max_score: jax.Array,
-    median_only: jax.Array,
-    chunk_size: int,
-) -> EvalResult:
+def _step_limit(env: Any, env_params: Any, max_score: jax.Array) -> tuple[Any, Any]:
+    """``(env_params, max_steps)``: Flappy Bird stops once ``max_score`` pipes can
+    be passed (:func:`max_steps_for`); another gymnax env keeps its own limit
+    (its score is the episode return)."""
     if isinstance(env, FlappyBird):
         max_steps = max_steps_for(max_score, env_params)
-        env_params = env_params.replace(max_steps_in_episode=max_steps)
-    else:  # another gymnax env: its own time limit, score = episode return
-        max_steps = env_params.max_steps_in_episode
-    num_episodes = reset_keys.shape[0]
-    _, state = jax.vmap(env.reset_env, (0, None))(reset_keys, env_params)
+        return env_params.replace(max_steps_in_episode=max_steps), max_steps
+    return env_params, env_params.max_steps_in_episode
+
+
+def _one_step(act_fn, agent_params, env, env_params, max_score, max_steps, n: int):
+    """``one_step(carry, _) -> (carry, None)``: every live episode of the ``n``
+    takes one step; a finished one stays as it was."""
     # Observations are recomputed from the state rather than carried: an act_fn
     # that ignores them (tabular agents) then costs no observation at all.
     observe = jax.vmap(env.get_obs, (0, None))
@@ -159,10 +153,10 @@ def _evaluate(
             agent_params,
             observe(carry.state, env_params),
             carry.state,
-            jax.random.split(key_act, num_episodes),
+            jax.random.split(key_act, n),
         )
         _, state, _, terminated, _ = step(
-            jax.random.split(key_step, num_episodes), carry.state, action, env_params
+            jax.random.split(key_step, n), carry.state, action, env_params
         )
         live = ~carry.done
         state = _where_tree(live, state, carry.state)
@@ -170,26 +164,52 @@ def _evaluate(
         done = crashed | (state.score >= max_score) | (state.time >= max_steps)
         return _EvalCarry(state, done, crashed, key), None
 
+    return one_step
+
+
+def _median_known(carry: _EvalCarry, num_episodes: int) -> jax.Array:
+    """Whether the scores' median is already decided.
+
+    Pipes reach the bird at the same steps on every level, so an episode still
+    running will end with at least the score of every crashed one: crashed
+    episodes fill the lowest ranks, finished uncrashed ones the highest. The
+    median needs the 1-indexed order statistics ``(N + 1) // 2`` and ``N // 2 + 1``.
+    """
+    lo, hi = (num_episodes + 1) // 2, num_episodes // 2 + 1
+    num_low = jnp.sum(carry.crashed)
+    num_high = jnp.sum(carry.done & ~carry.crashed)
+
+    def known(k):
+        return (k <= num_low) | (k > num_episodes - num_high)
+
+    return known(lo) & known(hi)
+
+
+@functools.partial(jax.jit, static_argnames=("act_fn", "env", "chunk_size"))
+def _evaluate(
+    act_fn: ActFn,
+    agent_params: Any,
+    env: Any,
+    env_params: Any,
+    key: chex.PRNGKey,
+    reset_keys: jax.Array,
+    max_score: jax.Array,
+    median_only: jax.Array,
+    chunk_size: int,
+) -> EvalResult:
+    env_params, max_steps = _step_limit(env, env_params, max_score)
+    num_episodes = reset_keys.shape[0]
+    _, state = jax.vmap(env.reset_env, (0, None))(reset_keys, env_params)
+    one_step = _one_step(
+        act_fn, agent_params, env, env_params, max_score, max_steps, num_episodes
+    )
+
     def chunk(carry: _EvalCarry) -> _EvalCarry:
         return jax.lax.scan(one_step, carry, None, length=chunk_size)[0]
 
-    # 1-indexed order statistics that the median needs.
-    lo, hi = (num_episodes + 1) // 2, num_episodes // 2 + 1
-
-    def median_known(carry: _EvalCarry) -> jax.Array:
-        # Pipes reach the bird at the same steps on every level, so an episode
-        # still running will end with at least the score of every crashed one:
-        # crashed episodes fill the lowest ranks, finished uncrashed the highest.
-        num_low = jnp.sum(carry.crashed)
-        num_high = jnp.sum(carry.done & ~carry.crashed)
-
-        def known(k):
-            return (k <= num_low) | (k > num_episodes - num_high)
-
-        return known(lo) & known(hi)
-
     def keep_going(carry: _EvalCarry) -> jax.Array:
-        return ~jnp.all(carry.done) & ~(median_only & median_known(carry))
+        known = median_only & _median_known(carry, num_episodes)
+        return ~jnp.all(carry.done) & ~known
 
     done = jnp.zeros(num_episodes, bool)
     carry = _EvalCarry(state, done, done, key)

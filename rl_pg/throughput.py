@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import rl_pg
 from rl_pg import io
+from rl_pg.envs import make
 
 MODES = {
     "features": "FlappyBird-v0",
@@ -153,7 +153,7 @@ def run_benchmark(
     check_args(num_envs, modes, reference_seconds)
     key = jax.random.PRNGKey(seed)
     envs = {"cartpole": gymnax.make("CartPole-v1")}
-    envs.update({mode: rl_pg.make(MODES[mode]) for mode in modes})
+    envs.update({mode: make(MODES[mode]) for mode in modes})
     jax_rates = {name: {} for name in envs}
     for n in num_envs:
         steps = {

@@ -134,7 +134,7 @@ def test_find_policy_checkpoint(saved, tmp_path):
     assert checkpoint.find_policy_checkpoint(tmp_path) is None
 
 
-def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path):
+def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path, capsys):
     """A CartPole policy (trained through ``--env-id``) loads with its own env."""
     from rl_pg import cli, train
     from rl_pg.algos import loop
@@ -153,3 +153,47 @@ def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path):
     )
     scores = json.loads((tmp_path / "e" / "eval.json").read_text())["scores"]
     assert 0 < max(scores) <= 50  # episode returns, capped by the step limit
+    # rl-pg render draws Flappy Bird only, and says so.
+    gif = tmp_path / "cartpole.gif"
+    with pytest.raises(SystemExit):
+        cli.main(["render", "--out", str(gif), "--checkpoint", str(tmp_path / "ckpt")])
+    assert "acts in CartPole-v1; rl-pg render draws Flappy Bird only" in (
+        capsys.readouterr().err
+    )
+    assert not gif.exists()
+
+
+def test_policy_dir_maps_a_run_to_its_best_policy(saved, tmp_path):
+    """A checkpoint passes through; a run directory (or its checkpoints/) means
+    its best policy, whichever form the algorithm saved it in."""
+    assert checkpoint.policy_dir(saved) == saved
+    run = tmp_path / "run"
+    best = checkpoint.save_policy(
+        run / "checkpoints" / "best", _params(), policy=SPEC, env_id="FlappyBird-v0"
+    )
+    (run / "config.json").write_text(json.dumps({"algo": "ppo"}))
+    assert checkpoint.policy_dir(run) == best
+    assert checkpoint.policy_dir(run / "checkpoints") == best
+    table = tmp_path / "q" / "checkpoints" / "best.npz"
+    table.parent.mkdir(parents=True)
+    table.write_bytes(b"a table")
+    (table.parent / ".best.npz.tmp").write_bytes(b"a partial write")
+    assert checkpoint.policy_dir(tmp_path / "q") == table
+    assert checkpoint.policy_dir(table) == table
+
+
+def test_policy_dir_says_what_to_pass(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.policy_dir(tmp_path)
+    message = str(error.value)
+    assert "is neither a policy checkpoint nor a training run directory" in message
+    assert "pass a training run directory (config.json and checkpoints/)" in message
+    with pytest.raises(checkpoint.CheckpointError, match="it does not exist"):
+        checkpoint.policy_dir(tmp_path / "missing")
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"algo": "dqn"}))
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.policy_dir(run)
+    assert "has no best policy yet" in str(error.value)
+    assert f"rl-pg train --algo dqn --resume --out {run}" in str(error.value)

@@ -1,7 +1,12 @@
 """``rl-pg`` end to end: render and bench at tiny sizes, and every expected user
 error as one ``rl-pg CMD: error: ...`` line, exit status 2 and nothing written."""
 
+import argparse
+import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import imageio.v3 as iio
 import jax
@@ -9,7 +14,9 @@ import jax.numpy as jnp
 import pytest
 
 from rl_pg import checkpoint, cli
+from rl_pg.algos import registry
 from rl_pg.policies import mlp_policy
+from rl_pg.runs import overrides
 
 SPEC = {"kind": "mlp", "num_actions": 2, "hidden": [4], "activation": "tanh"}
 
@@ -216,6 +223,37 @@ def test_render_checkpoint_run_directory(capsys, tmp_path):
     assert "wrote" in capsys.readouterr().out
 
 
+def _qlearning_run(directory):
+    """A Q-learning run directory: config.json and an all-zero best table."""
+    from rl_pg.algos import qlearning
+
+    config = qlearning.QLearningConfig()
+    (directory / "checkpoints").mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps({"algo": "qlearning"}))
+    q = jnp.zeros((config.binning.num_states, 2))
+    qlearning.ALGORITHM.save(directory / "checkpoints" / "best", config, q, env_steps=9)
+    return directory
+
+
+def test_render_and_eval_take_a_qlearning_run(capsys, tmp_path):
+    """Both commands read any algorithm's run through the registry's ``load``."""
+    run = _qlearning_run(tmp_path / "q")
+    out = tmp_path / "q.gif"
+    cli.main(["render", "--out", str(out), "--checkpoint", str(run), "--steps", "6"])
+    assert 1 <= iio.imread(out).shape[0] <= 4  # never flaps: falls, 7 frames at most
+    argv = ["eval", "--checkpoint", str(run), "--out", str(tmp_path / "e")]
+    cli.main([*argv, "--episodes", "2", "--max-score", "5"])
+    data = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert data["scores"] == [0, 0] and data["env_steps"] == 9
+    assert data["checkpoint"].endswith("best.npz")
+    capsys.readouterr()
+    _fails(
+        capsys,
+        [*argv[:3], "--out", str(tmp_path / "e2"), "--sampled"],
+        "a Q-table's policy is greedy",
+    )
+
+
 def test_bench_tiny(capsys, tmp_path):
     out = tmp_path / "bench"
     argv = ["bench", "--out", str(out), "--num-envs", "2", "--modes", "features"]
@@ -255,3 +293,125 @@ def test_the_command_leaves_the_backend_alone_when_a_mesh_is_asked_for(tmp_path)
         saved.write_text(json.dumps({"study": {}, "devices": devices}))
         assert asked("--config", str(saved), "--out", "x") is expected
     assert asked("--config", str(tmp_path / "missing.json"), "--out", "x")
+
+
+# ------------------------------------------------------------------- help
+
+
+def _subparsers():
+    parser = cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices
+
+
+def test_every_option_of_every_command_has_help():
+    for name, parser in _subparsers().items():
+        for action in parser._actions:
+            assert action.help and action.help.strip(), (name, action.option_strings)
+
+
+def test_help_groups_options_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for heading in ("inputs:", "sizes:", "outputs:"):
+        assert heading in text
+    assert "held-out levels (default: 32)" in text
+    assert "action-sampling seed (default: 0)" in text
+    assert "(default: None)" not in text and "(default: False)" not in text
+    groups = {g.title for g in _subparsers()["variance"]._action_groups}
+    assert {"inputs", "sizes", "outputs", "devices"} <= groups
+
+
+def test_help_imports_no_jax():
+    """`rl-pg --help` and `rl-pg CMD --help` answer without importing JAX."""
+    script = (
+        "import sys\n"
+        "from rl_pg import cli\n"
+        "for argv in ([], *([c] for c in cli.build_parser()._subparsers"
+        "._group_actions[0].choices)):\n"
+        "    try:\n"
+        "        cli.main([*argv, '--help'])\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code == 0, argv\n"
+        "heavy = sorted(m for m in ('jax', 'gymnax', 'flax', 'optax') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "usage: rl-pg render" in done.stdout
+
+
+@pytest.mark.parametrize("algo", registry.NAMES)
+def test_help_config_documents_every_field(capsys, algo):
+    cli.main(["train", "--algo", algo, "--help-config"])
+    text = capsys.readouterr().out
+    config_cls = registry.get(algo).config_cls
+    docs = overrides.field_docs(config_cls)
+    for field in dataclasses.fields(config_cls):
+        assert docs.get(field.name), (algo, field.name)
+        assert "--" + field.name.replace("_", "-") in text
+    assert "(undocumented)" not in text
+    if algo == "ppo":
+        assert "--clip-eps float (default: 0.2, sweepable)\n      ratio clip" in text
+    if algo == "dqn":  # "a, b: text" documents both fields
+        assert docs["epsilon_start"] == docs["epsilon_end"]
+
+
+# ------------------------------------------------------------ variance --config
+
+SAVED_VARIANCE = {
+    "command": "variance",
+    "preset": "quick",
+    "problem": "flappy",
+    "seed": 0,
+    "checkpoints": None,
+    "env_id": None,
+    "devices": None,
+    "stages": {"initial": "..."},
+    "horizon": 128,
+    "group_size": 4,
+    "study": {"batch_sizes": [4, 16], "num_batches": 32},
+    "decompose": None,
+}
+
+
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ("{not json", "is not JSON (Expecting property name"),
+        ("[1, 2]", "must hold a JSON object (a variance run's config.json), got list"),
+        ('"quick"', "must hold a JSON object"),
+        (
+            {k: v for k, v in SAVED_VARIANCE.items() if k != "preset"},
+            "missing 'preset'",
+        ),
+        ({k: v for k, v in SAVED_VARIANCE.items() if k != "study"}, "missing 'study'"),
+        ({**SAVED_VARIANCE, "seed": "0"}, "'seed' must be an int, got '0'"),
+        ({**SAVED_VARIANCE, "seed": True}, "'seed' must be an int, got True"),
+        ({**SAVED_VARIANCE, "study": [1]}, "'study' must be an object, got [1]"),
+        ({**SAVED_VARIANCE, "horizon": 1.5}, "'horizon' must be an int or null"),
+        ({**SAVED_VARIANCE, "preset": "fast"}, "'preset' must be one of quick, full"),
+        ({"algo": "ppo", "config": {}}, "a training run is studied with --run"),
+    ],
+)
+def test_variance_bad_config_files(capsys, tmp_path, content, expected):
+    config, out = tmp_path / "config.json", tmp_path / "out"
+    text = content if isinstance(content, str) else json.dumps(content)
+    config.write_text(text)
+    _fails(capsys, ["variance", "--config", str(config), "--out", str(out)], expected)
+    assert not out.exists()
+
+
+def test_variance_config_check_accepts_a_saved_config(tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(SAVED_VARIANCE))
+    assert cli.check_variance_config(config) == SAVED_VARIANCE
+    with pytest.raises(ValueError, match="no such file"):
+        cli.check_variance_config(tmp_path / "missing.json")

@@ -68,6 +68,12 @@ class Algorithm(NamedTuple):
       describe: ``describe(config) -> dict``: what ``config.json`` records
         besides the config (network spec, derived sizes).
       columns: the metric names ``steps`` returns, in ``metrics.csv`` order.
+      load: ``load(path, greedy=True) -> Agent``: what ``save`` wrote at
+        ``path`` (the path ``save`` returned), ready to act; ``greedy=False``
+        samples actions (a ValueError where the policy has no sampling form).
+      is_checkpoint: ``is_checkpoint(path) -> bool``: whether ``path`` has the
+        form of what ``save`` writes (a policy directory, or a ``.npz`` file),
+        so that ``rl_pg.algos.registry.load`` finds the reader of any checkpoint.
     """
 
     name: str
@@ -82,6 +88,26 @@ class Algorithm(NamedTuple):
     save: Callable[..., Path]
     describe: Callable[[Any], dict[str, Any]]
     columns: tuple[str, ...]
+    load: Callable[..., "Agent"]
+    is_checkpoint: Callable[[Path], bool]
+
+
+class Agent(NamedTuple):
+    """A saved policy, ready to act: what :attr:`Algorithm.load` returns.
+
+    Attributes:
+      act_fn: ``act_fn(params, obs, env_state, key) -> action`` for one env
+        (``rl_pg.evaluate.evaluate``, GIFs).
+      params: its parameters (a pytree, or a Q-table).
+      env, env_params: the environment it acts in.
+      meta: what the checkpoint records besides the parameters (``env_steps``...).
+    """
+
+    act_fn: Callable[..., jax.Array]
+    params: Params
+    env: Any
+    env_params: Any
+    meta: dict[str, Any]
 
 
 class RunState(NamedTuple):

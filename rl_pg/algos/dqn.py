@@ -811,6 +811,8 @@ ALGORITHM = base.Algorithm(
         num_chunks=config.num_chunks,
     ),
     columns=COLUMNS,
+    load=loop.load_agent,
+    is_checkpoint=loop.is_policy_checkpoint,
 )
 train = base.make_train(ALGORITHM)
 

@@ -38,8 +38,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-import rl_pg
-from rl_pg import checkpoint, estimators, policies, returns, rollout
+from rl_pg import checkpoint, envs, estimators, policies, returns, rollout
 from rl_pg.algos import base
 from rl_pg.algos.config import OnPolicyConfig
 from rl_pg.envs import ENV_IDS, scored
@@ -102,7 +101,7 @@ def _env(env_id: str):
     if env_id not in ENV_IDS:  # another gymnax env, scored by its episode return
         return scored.make(env_id)[0]
     with jax.ensure_compile_time_eval():  # make() validates with jnp: not traced
-        return rl_pg.make(env_id)[0]
+        return envs.make(env_id)[0]
 
 
 @functools.cache
@@ -113,7 +112,7 @@ def _env_params(env_id: str, max_steps_in_episode: int | None):
     if max_steps_in_episode is not None:
         kwargs["max_steps_in_episode"] = max_steps_in_episode
     with jax.ensure_compile_time_eval():
-        return rl_pg.make(env_id, **kwargs)[1]
+        return envs.make(env_id, **kwargs)[1]
 
 
 def make_env(config: OnPolicyConfig):
@@ -169,6 +168,33 @@ def greedy_act_fn(policy: policies.Policy):
     """``act_fn(params, obs, state, key)`` for :func:`rl_pg.evaluate.evaluate`:
     argmax of the logits; one function object per policy (one compilation)."""
     return _greedy_act_fn(policy)
+
+
+@functools.cache
+def sampling_act_fn(policy: policies.Policy):
+    """``act_fn(params, obs, state, key)``: actions sampled from the logits."""
+
+    def act(params: Params, obs: jax.Array, state: Any, key: jax.Array) -> jax.Array:
+        del state
+        logits, _ = policy.apply(params, obs)
+        return jax.random.categorical(key, logits).astype(jnp.int32)
+
+    return act
+
+
+def load_agent(path: str | Path, greedy: bool = True) -> base.Agent:
+    """The agent of a :mod:`rl_pg.checkpoint` policy directory (what
+    :func:`save_policy` and DQN's ``save`` write): argmax or sampled actions."""
+    _, params, env, env_params, meta = checkpoint.load_policy(path)
+    # The cached policy object for this spec: evaluations share one compile.
+    policy = policy_from_spec(meta["policy"])
+    act_fn = greedy_act_fn(policy) if greedy else sampling_act_fn(policy)
+    return base.Agent(act_fn, params, env, env_params, meta)
+
+
+def is_policy_checkpoint(path: str | Path) -> bool:
+    """A policy checkpoint is a directory (its loader names a missing file)."""
+    return Path(path).is_dir()
 
 
 # ----------------------------------------------------------------------- optimizer
@@ -779,4 +805,6 @@ def make_algorithm(
         save=save_policy,
         describe=describe,
         columns=COLUMNS,
+        load=load_agent,
+        is_checkpoint=is_policy_checkpoint,
     )

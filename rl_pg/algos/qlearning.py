@@ -578,6 +578,19 @@ def _save(path: str | os.PathLike, config: QLearningConfig, q, **meta: Any) -> P
     return path
 
 
+def _load(path: str | os.PathLike, greedy: bool = True) -> base.Agent:
+    """The greedy agent of a table written by :func:`_save` (its metadata as meta)."""
+    if not greedy:
+        raise ValueError(f"{path}: a Q-table's policy is greedy; it samples no actions")
+    q, config = load_checkpoint(path)
+    with np.load(path) as data:
+        meta = json.loads(str(data["metadata"])) if "metadata" in data else {}
+    env, env_params = _env(config)
+    return base.Agent(
+        GreedyPolicy(config.binning), jnp.asarray(q), env, env_params, meta
+    )
+
+
 def _describe(config: QLearningConfig) -> dict[str, Any]:
     return dict(
         env_id=ENV_ID,
@@ -602,6 +615,8 @@ ALGORITHM = base.Algorithm(
     save=_save,
     describe=_describe,
     columns=COLUMNS,
+    load=_load,
+    is_checkpoint=lambda path: Path(path).suffix == ".npz" and Path(path).is_file(),
 )
 train = base.make_train(ALGORITHM)
 

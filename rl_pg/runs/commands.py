@@ -1,20 +1,18 @@
 """The CLI's training commands: ``rl-pg train``, ``rl-pg eval`` (and ``rl-pg
 sweep``, :func:`rl_pg.runs.sweep.sweep_main`)."""
 
-import functools
 import json
 import shlex
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 
-from rl_pg import checkpoint, io
 from rl_pg import evaluate as evaluation
-from rl_pg.algos import loop, qlearning
+from rl_pg import io
+from rl_pg.algos import base, registry
 from rl_pg.runs import driver, files, overrides
 
 
@@ -70,36 +68,12 @@ def train_main(
     ).eval
 
 
-class _Agent(NamedTuple):
-    act_fn: Any
-    params: Any
-    env: Any
-    env_params: Any
-    meta: dict[str, Any]  # the checkpoint's meta.json ({} for a Q-table)
-    source: str  # the file or directory read
-
-
-def _load_agent(path: Path, greedy: bool) -> _Agent:
-    """The agent of a policy checkpoint, a run directory's ``checkpoints/best``,
-    or a Q-learning run's ``checkpoints/best.npz``."""
+def _load_agent(path: Path, greedy: bool) -> tuple[Path, base.Agent]:
+    """The checkpoint that ``path`` names (a run directory: its best policy) and
+    its agent, read by the algorithm that wrote it."""
     if not path.exists():
         raise ValueError(f"--checkpoint {path} does not exist")
-    policy_dir = checkpoint.find_policy_checkpoint(path)
-    qtable = path / "checkpoints" / "best.npz"
-    if policy_dir is not None:
-        _, params, env, env_params, meta = checkpoint.load_policy(policy_dir)
-        # The cached policy object for this spec: evaluations share one compile.
-        policy = loop.policy_from_spec(meta["policy"])
-        act_fn = loop.greedy_act_fn(policy) if greedy else _sampling_act_fn(policy)
-        return _Agent(act_fn, params, env, env_params, meta, str(policy_dir))
-    if qtable.is_file():
-        q, qconfig = qlearning.load_checkpoint(qtable)
-        env, env_params = qlearning.ALGORITHM.make_env(qconfig)
-        act_fn = qlearning.ALGORITHM.act_fn(qconfig)
-        return _Agent(act_fn, jnp.asarray(q), env, env_params, {}, str(qtable))
-    raise ValueError(
-        f"{path} is neither a policy checkpoint nor a training run directory"
-    )
+    return registry.load(path, greedy)
 
 
 def _check_eval_args(num_episodes: Any, max_score: Any) -> None:
@@ -125,9 +99,9 @@ def eval_main(
     """``rl-pg eval --checkpoint DIR --out DIR2``: held-out scores -> ``eval.json``.
 
     Args:
-      checkpoint_dir: a policy checkpoint (``meta.json`` + ``params.msgpack``), a
-        training run directory (its ``checkpoints/best``), or a Q-learning run
-        directory (its ``checkpoints/best.npz``).
+      checkpoint_dir: a checkpoint (a policy directory, a Q-table ``.npz``) or a
+        training run directory (its best policy; see
+        :func:`rl_pg.checkpoint.policy_dir`), of any algorithm.
       out_dir: a new (or empty) directory for ``eval.json`` (and ``agent.gif``).
       num_episodes: held-out test levels.
       max_score: an episode stops at this many pipes.
@@ -140,7 +114,7 @@ def eval_main(
       time; ``env_steps`` the checkpoint's training steps when it records them).
     """
     _check_eval_args(num_episodes, max_score)
-    agent = _load_agent(Path(checkpoint_dir), greedy)
+    source, agent = _load_agent(Path(checkpoint_dir), greedy)
     io.check_out_dir(out_dir)
     start = time.perf_counter()
     out = io.new_out_dir(out_dir)  # only once the checkpoint has been read
@@ -148,7 +122,7 @@ def eval_main(
         out,
         dict(
             command="eval",
-            checkpoint=agent.source,
+            checkpoint=str(source),
             num_episodes=num_episodes,
             max_score=max_score,
             greedy=greedy,
@@ -171,7 +145,7 @@ def eval_main(
         result,
         wall_clock_s=time.perf_counter() - start,
         env_steps=int(agent.meta.get("env_steps", 0)),
-        checkpoint=agent.source,
+        checkpoint=str(source),
         max_score=max_score,
         held_out_seed=evaluation.HELD_OUT_SEED,
         greedy=greedy,
@@ -186,16 +160,6 @@ def eval_main(
             jax.random.PRNGKey(seed),
         )
     return data
-
-
-@functools.cache
-def _sampling_act_fn(policy):
-    def act(params, obs, state, key):
-        del state
-        logits, _ = policy.apply(params, obs)
-        return jax.random.categorical(key, logits).astype(jnp.int32)
-
-    return act
 
 
 def recovery_hint(

@@ -7,6 +7,9 @@ comma-separated values (``--lr 1e-3,3e-4``).
 """
 
 import dataclasses
+import inspect
+import re
+import textwrap
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -106,17 +109,60 @@ def config_from_saved(algo: str, saved: Mapping[str, Any], overrides=None) -> An
     return config_cls(**{**fields, **parse_overrides(config_cls, overrides or {})})
 
 
+def _attributes(doc: str) -> dict[str, str]:
+    """``{name: text}`` of a Google-style docstring's ``Attributes:`` section
+    (``a, b: text`` documents both)."""
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    inside = False
+    for line in inspect.cleandoc(doc).splitlines():
+        if line.strip() == "Attributes:":
+            inside = True
+            continue
+        field = re.match(r"^  (\w+(?:, \w+)*): (.*)$", line)
+        if inside and field:
+            names = field[1].split(", ")
+            docs.update(dict.fromkeys(names, field[2].strip()))
+        elif inside and line.startswith("    ") and names:
+            docs.update({n: docs[n] + " " + line.strip() for n in names})
+        else:  # the section's end, or an aside at the fields' indent
+            names = []
+            inside = inside and line.startswith("  ")
+    return docs
+
+
+def field_docs(config_cls: type) -> dict[str, str]:
+    """What each field of ``config_cls`` does, from the ``Attributes:`` sections
+    of its docstring and its bases' (the most derived class that documents a
+    field wins)."""
+    docs: dict[str, str] = {}
+    for cls in reversed(config_cls.__mro__):
+        docs.update(_attributes(cls.__dict__.get("__doc__") or ""))
+    return docs
+
+
 def config_help(algo: str) -> str:
-    """One line per config field of ``algo``: ``--name TYPE (default: value)``."""
+    """Every config field of ``algo``: ``--name TYPE (default: value)``, then what
+    it does (from the config classes' docstrings)."""
     config_cls = config_class(algo)
     hints = typing.get_type_hints(config_cls)
-    lines = []
+    docs = field_docs(config_cls)
+    lines = [
+        f"{config_cls.__name__} fields of --algo {algo} (set one with --name VALUE; "
+        "sweepable ones take v1,v2,... in rl-pg sweep):"
+    ]
     for field in dataclasses.fields(config_cls):
         hint = hints[field.name]
         hint = hint.__name__ if isinstance(hint, type) else str(hint)
         option = "--" + field.name.replace("_", "-")
         swept = ", sweepable" if field.name in config_cls.SWEEPABLE else ""
         lines.append(f"  {option} {hint} (default: {field.default!r}{swept})")
+        lines += textwrap.wrap(
+            docs.get(field.name, "(undocumented)"),
+            width=80,
+            initial_indent="      ",
+            subsequent_indent="      ",
+        )
     return "\n".join(lines)
 
 
