@@ -224,14 +224,20 @@ def _add_plot_parser(sub) -> None:
         "run (metrics.csv) or sweep (summary.csv and its runs), without JAX. "
         "Writes a new PNG, PDF or SVG file.",
     )
-    plot.add_argument("directory", metavar="RESULTS_DIR")
+    plot.add_argument(
+        "directory",
+        metavar="RESULTS_DIR",
+        help="a study's, training run's or sweep's output directory",
+    )
     plot.add_argument(
         "--metric",
         help="a study: rel_variance (default), variance, mse, bias2, snr, cos_true, "
         "cos_pairwise, cos_mean; a run: score (default) or a metrics.csv column",
     )
     plot.add_argument("--estimators", help="comma-separated estimators (a study)")
-    plot.add_argument("--format", choices=["png", "pdf", "svg"], default="pdf")
+    plot.add_argument(
+        "--format", choices=["png", "pdf", "svg"], default="pdf", help="file format"
+    )
     plot.add_argument(
         "--out", help="file to create (default RESULTS_DIR/<figure>.<format>)"
     )

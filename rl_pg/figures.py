@@ -347,15 +347,18 @@ def facet_figure(
                 _decorate(ax, yscale, limits, scale, xlog, xticks)
                 _label_panel(ax, mine, family, row, xlabel, i == len(rows) - 1, j, i)
         fig.supylabel(ylabel, fontsize=STYLE["axes.labelsize"])
-        notes = ["bands: 95% intervals"]
-        if unbounded:
-            notes.append("dotted arrows: unbounded above")
-        if rescaled & set(names):
-            notes.append(
-                r"* on another scale than $\nabla J$ (compare scale-free metrics)"
-            )
-        fig.supxlabel("; ".join(notes), fontsize=6, x=0.99, ha="right")
+        _footnote(fig, unbounded, bool(rescaled & set(names)))
     return fig
+
+
+def _footnote(fig, unbounded: bool, rescaled: bool) -> None:
+    """What the bands, arrows and stars of a faceted figure mean."""
+    notes = ["bands: 95% intervals"]
+    if unbounded:
+        notes.append("dotted arrows: unbounded above")
+    if rescaled:
+        notes.append(r"* on another scale than $\nabla J$ (compare scale-free metrics)")
+    fig.supxlabel("; ".join(notes), fontsize=6, x=0.99, ha="right")
 
 
 def _panel(

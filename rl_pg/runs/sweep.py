@@ -139,17 +139,9 @@ def sweep_main(
             cells=grid_cells,
         ),
     )
-    members = []
-    for cell, seed, config in runs:
-        run_dir = io.new_out_dir(_run_dir(out, cell, seed))
-        io.write_config(run_dir, files.run_config(algorithm, config))
-        (run_dir / "checkpoints").mkdir()
-        member = Member(algorithm, config, run_dir)
-        if log is not None:
-            member.log = tensorboard.TensorBoardLog(
-                run_dir, files.run_config(algorithm, config)
-            )
-        members.append(member)
+    members = [
+        _member(algorithm, config, out, cell, seed, log) for cell, seed, config in runs
+    ]
     start = time.perf_counter()
     for member in members:
         member.clock = start
@@ -175,6 +167,19 @@ def sweep_main(
     _plot(out / "sweep.png", summary, grid_cells, algo)
     seed_statistics(out, summary, grid_cells)
     return summary
+
+
+def _member(algorithm, config, out: Path, cell: int, seed: int, log) -> Member:
+    """One run of the sweep: its directory, config and (optional) TensorBoard log."""
+    run_dir = io.new_out_dir(_run_dir(out, cell, seed))
+    io.write_config(run_dir, files.run_config(algorithm, config))
+    (run_dir / "checkpoints").mkdir()
+    member = Member(algorithm, config, run_dir)
+    if log is not None:
+        member.log = tensorboard.TensorBoardLog(
+            run_dir, files.run_config(algorithm, config)
+        )
+    return member
 
 
 def _label(cell: Mapping[str, Any]) -> str:
