@@ -740,7 +740,7 @@ def _scaled(step: StepWeights, factor: jax.Array, tag: str) -> StepWeights:
 
 def _clipped(
     batch: Trajectory,
-    inputs: WeightInputs,
+    log_ratio: jax.Array | None,
     step: StepWeights,
     advantages: jax.Array,
     aggregate: Callable,
@@ -753,9 +753,8 @@ def _clipped(
 
     Its gradient is the weighting w_t r_t on the steps whose unclipped branch is
     active (A > 0 and r <= 1 + eps, or A < 0 and 1 - eps <= r (<= c)), 0 elsewhere.
-    On-policy (no ratios) the weights are ``step`` itself.
+    On-policy (``log_ratio`` None) the weights are ``step`` itself.
     """
-    log_ratio = _log_ratio(batch, inputs)
     if log_ratio is None:
         return Surrogate(step)
     mask = batch.mask.astype(jnp.float32)
@@ -1072,10 +1071,22 @@ def _ppo_clip(
         for minibatches of shuffled single transitions whose GAE was computed once
         over the whole batch.
     """
+    return _ppo_body(
+        batch, inputs, gamma, lam, clip_eps, normalize_advantages, advantages, None
+    )
+
+
+def _ppo_body(
+    batch, inputs, gamma, lam, clip_eps, normalize_advantages, advantages, dual_clip
+) -> Surrogate:
+    """PPO's clipped policy term (dual-clipped if ``dual_clip``) and GAE targets."""
     step, raw, normalised = _ppo_weights(
         batch, gamma, lam, normalize_advantages, advantages
     )
-    surrogate = _clipped(batch, inputs, step, normalised, _per_trajectory, clip_eps)
+    log_ratio = _log_ratio(batch, inputs)
+    surrogate = _clipped(
+        batch, log_ratio, step, normalised, _per_trajectory, clip_eps, dual_clip
+    )
     return surrogate._replace(value_targets=raw + batch.values)
 
 
@@ -1122,7 +1133,8 @@ def _group_relative(
         step = _score_weights(batch, advantages / num_steps)
     aggregate = _per_sequence_mean if length_normalize else _per_token_budget
     per_step = jnp.broadcast_to(advantages, batch.mask.shape)
-    return _clipped(batch, inputs, step, per_step, aggregate, clip_eps)
+    log_ratio = _log_ratio(batch, inputs)
+    return _clipped(batch, log_ratio, step, per_step, aggregate, clip_eps)
 
 
 def _grpo(
@@ -1191,6 +1203,306 @@ def _dr_grpo(
     return _group_relative(batch, inputs, advantages, False, clip_eps)
 
 
+# --------------------------------------------------------------- off-policy estimators
+#
+# Data from a behaviour mu (``batch.log_probs`` = log mu(a_t|s_t)), gradient wanted at
+# a target pi_theta (the params): rho_t = pi_theta(a_t|s_t) / mu(a_t|s_t) enters the
+# weights as a number (``WeightInputs.log_probs``), so each gradient is still
+# sum_t w_t grad log pi_theta(a_t|s_t). On-policy (no target log-probs, or ratios
+# exactly 1) every importance-weighted estimator's weights are its on-policy
+# counterpart's bit for bit. Formulas: ../shared REFERENCE.md section 13.
+
+
+def _naive(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
+    """Naive off-policy gradient: the on-policy reward-to-go formula on the
+    behaviour's data, ignoring the ratio: w_t = G_t / B. Biased once pi != mu."""
+    return _reward_to_go(batch, inputs)
+
+
+def _trajectory_is(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
+    """Trajectory-level importance sampling (the likelihood-ratio form of
+    REINFORCE; e.g. Precup, Sutton, Singh 2000; Degris et al. 2012):
+
+      g = (1/B) sum_i rho_{0:T-1}^(i) R(tau_i) sum_t grad log pi_theta(a_t|s_t),
+
+    rho_{0:T-1} = prod_t pi_theta / mu over the episode. Unbiased for grad J(theta)
+    (E_mu[rho f] = E_pi[f]); its variance grows like exp(T KL), the Kish ESS of
+    the rho_i collapses first. The loss value is -(1/B) sum_i rho_i R_i, the IS
+    estimate of -J(theta). Episodic batches (one episode per column).
+    """
+    base = _reinforce(batch, inputs).weights
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is None:
+        return Surrogate(base)
+    rho = jnp.exp(jnp.sum(log_ratio, axis=0))  # [B]
+    objective = -jnp.mean(rho * _episode_returns(batch))
+    return Surrogate(
+        _scaled(base, jnp.broadcast_to(rho, log_ratio.shape), "trajectory_ratio"),
+        objective=objective,
+    )
+
+
+def _cumulative_ratio_reward_to_go(
+    batch: Trajectory, inputs: WeightInputs, truncation: float | None
+) -> Surrogate:
+    """w_t = (1/B) sum_{t' >= t} prod_{k <= t'} rho~_k r_t', rho~ = rho or
+    min(rho, truncation); on-policy the reward-to-go's weights."""
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is None:
+        return _reward_to_go(batch, inputs)
+    tag = "per_decision_ratio"
+    if truncation is not None:
+        log_ratio = jnp.minimum(log_ratio, jnp.log(truncation))
+        tag = f"truncated_ratio({truncation!r})"
+    mask = batch.mask.astype(jnp.float32)
+    weighted = batch.rewards * jnp.exp(jnp.cumsum(log_ratio, axis=0))
+    to_go = returns_lib.batch_reward_to_go(weighted, mask, _done(batch))
+    num_columns = mask.shape[1]
+    step = _column_weights(batch, f"reward_to_go*{tag}", to_go, 1.0 / num_columns)
+    objective = None
+    if truncation is None:
+        objective = -_per_trajectory(weighted, mask)
+    clipped = (log_ratio < _log_ratio(batch, inputs)).astype(jnp.float32)
+    return Surrogate(
+        step, objective=objective, clip_fraction=_per_live_step(clipped, mask)
+    )
+
+
+def _per_decision_is(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
+    """Per-decision importance sampling (Precup, Sutton, Singh 2000):
+
+      g = (1/B) sum_i sum_t grad log pi_theta(a_t|s_t) sum_{t' >= t} rho_{0:t'} r_t',
+
+    each reward weighted by the ratios of the actions before it only. Unbiased for
+    grad J(theta), with less variance than trajectory IS. The loss value is
+    -(1/B) sum_i sum_t rho_{0:t} r_t (the per-decision IS estimate of -J). Episodic
+    batches. At rho = 1 the weights are ``reward_to_go``'s bit for bit.
+    """
+    return _cumulative_ratio_reward_to_go(batch, inputs, None)
+
+
+def _truncated_is(
+    batch: Trajectory, inputs: WeightInputs, *, truncation: float = 1.0
+) -> Surrogate:
+    """Truncated per-decision importance sampling: per-decision IS with
+    min(rho_t, c) in place of rho_t (c = ``truncation``; c = 1 as in Retrace,
+    Munos et al. 2016, and V-trace, Espeholt et al. 2018):
+
+      g = (1/B) sum_i sum_t grad log pi_theta(a_t|s_t) sum_{t' >= t}
+          prod_{k <= t'} min(rho_k, c) r_t'.
+
+    Biased (the truncated mass is dropped); bounded weights. ``clip_fraction`` is
+    the fraction of truncated steps. Episodic batches.
+
+    Args:
+      truncation: c > 0, the per-step ratio cap.
+    """
+    return _cumulative_ratio_reward_to_go(batch, inputs, truncation)
+
+
+def _ppo_dual_clip(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    clip_eps: float = 0.2,
+    dual_clip: float = 3.0,
+    normalize_advantages: bool = True,
+    advantages: jax.Array | None = None,
+) -> Surrogate:
+    """Dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+    Deep RL", arXiv:1912.09729): ``ppo_clip``'s objective, and for A_t < 0 also
+    max(., c A_t), so a large ratio on a negative advantage cannot push the loss
+    without bound:
+
+      pg_loss = -(1/B) sum m [A >= 0: min(r A, clip(r) A);
+                               A < 0: max(min(r A, clip(r) A), c A)].
+
+    Its gradient is w_t = r_t A_t / B where the unclipped branch is active
+    (A > 0, r <= 1 + eps; A < 0, 1 - eps <= r <= c), else 0. Biased under lag.
+
+    Args:
+      gamma: discount.
+      lam: GAE lambda.
+      clip_eps: ratio clip epsilon.
+      dual_clip: c > 1, the lower bound c A on a negative advantage's term.
+      normalize_advantages: normalise A over the batch.
+      advantages: [T, B] precomputed GAE (then ``gamma`` and ``lam`` are unused).
+    """
+    return _ppo_body(
+        batch, inputs, gamma, lam, clip_eps, normalize_advantages, advantages, dual_clip
+    )
+
+
+def _gspo(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    clip_eps: float = 4e-4,
+    eps: float = 1e-4,
+) -> Surrogate:
+    """Group Sequence Policy Optimization (Zheng et al. 2025, arXiv:2507.18071):
+    GRPO's group-normalised advantage A_i with one ratio per sequence,
+
+      s_i = exp((1/|o_i|) sum_t log rho_{i,t}),
+      loss = -(1/B) sum_i min(s_i A_i, clip(s_i, 1 - eps, 1 + eps) A_i),
+
+    clipped at the sequence level with a small eps (the paper: about 3e-4 to 4e-4).
+    Gradient: w_t = s_i A_i / (B |o_i|) on the sequences whose unclipped branch is
+    active, 0 on the others; at s = 1 ``grpo``'s weights bit for bit. Biased under
+    lag. Trajectory-level.
+
+    Args:
+      group_size: G, columns per level; None for the whole batch.
+      clip_eps: sequence-ratio clip epsilon.
+      eps: added to the group std.
+    """
+    advantages = _grpo_advantages(batch, group_size, eps)
+    lengths = jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32), axis=0), 1.0)
+    step = _score_weights(batch, advantages / lengths)
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is not None:
+        sequence = jnp.sum(log_ratio, axis=0) / lengths  # [B] log s_i
+        log_ratio = _zero_padding(
+            jnp.broadcast_to(sequence, log_ratio.shape), batch.mask
+        )
+    per_step = jnp.broadcast_to(advantages, batch.mask.shape)
+    surrogate = _clipped(batch, log_ratio, step, per_step, _per_sequence_mean, clip_eps)
+    return surrogate
+
+
+def _cispo(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    eps: float = 1e-4,
+    eps_low: float = 1.0,
+    eps_high: float = 0.28,
+) -> Surrogate:
+    """CISPO, clipped IS-weight policy optimisation (MiniMax-M1 report 2025,
+    arXiv:2506.13585): the IS weight is clipped and stop-gradiented, so no token
+    loses its gradient:
+
+      loss = -(1/N) sum_i sum_t m sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) A_i
+             log pi_theta(a_t|s_t),   N = sum_{i,t} m (token mean),
+
+    A_i GRPO's group-normalised advantage. The report sets no lower bound (a large
+    eps_low; 1.0 here, a bound of 0) and tunes eps_high (0.28 here, DAPO's
+    clip-higher value). Weights w_t = clip(rho_t) A_i / N. Biased under lag (the
+    clip). ``clip_fraction`` is the fraction of clipped tokens. Trajectory-level.
+
+    Args:
+      group_size: G, columns per level; None for the whole batch.
+      eps: added to the group std.
+      eps_low: the weight's lower clip 1 - eps_low.
+      eps_high: the weight's upper clip 1 + eps_high.
+    """
+    mask = batch.mask.astype(jnp.float32)
+    advantages = _grpo_advantages(batch, group_size, eps)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    step = _column_weights(batch, SCORE, _score_feature(batch), advantages / tokens)
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is None:
+        return Surrogate(step)
+    ratio = jnp.exp(log_ratio)
+    weight = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    tag = f"cispo({eps_low!r}, {eps_high!r})"
+    clipped = (weight != ratio).astype(jnp.float32)
+    return Surrogate(
+        _scaled(step, weight, tag),
+        approx_kl=_per_live_step((ratio - 1.0) - log_ratio, mask),
+        clip_fraction=_per_live_step(clipped, mask),
+    )
+
+
+def _vtrace_returns(
+    batch: Trajectory, values: jax.Array, rho: jax.Array, gamma, lam, c_bar, rho_bar
+) -> tuple[jax.Array, jax.Array]:
+    """([T, B] v_s, [T, B] V(s_{t+1}) bootstraps) of V-trace (Espeholt et al. 2018):
+    v_s = V(s) + sum_{t >= s} gamma^(t-s) (prod_{i=s..t-1} c_i) delta_t,
+    delta_t = min(rho_bar, rho_t) (r_t + gamma V(s_{t+1}) - V(s_t)),
+    c_i = lam min(c_bar, rho_i); no bootstrap after a termination, the batch's
+    next_values after a truncation; the recursion stops at each episode's end."""
+    live = _live(batch.mask)
+    values = _zero_padding(values, batch.mask)
+    done = _done(batch) | ~live
+    following = jnp.concatenate([values[1:], jnp.zeros_like(values[:1])])
+    bootstrap = jnp.where(batch.truncated, batch.next_values, following)
+    bootstrap = _zero_padding(jnp.where(batch.terminated, 0.0, bootstrap), batch.mask)
+    rewards = _zero_padding(batch.rewards.astype(jnp.float32), batch.mask)
+    delta = jnp.minimum(rho_bar, rho) * (rewards + gamma * bootstrap - values)
+    delta = _zero_padding(delta, batch.mask)
+    carry_on = jnp.where(done, 0.0, gamma * lam * jnp.minimum(c_bar, rho))
+
+    def step(acc, x):
+        d, k = x
+        acc = d + k * acc
+        return acc, acc
+
+    _, corrections = jax.lax.scan(
+        step, jnp.zeros(values.shape[1:]), (delta, carry_on), reverse=True
+    )
+    return values + corrections, bootstrap
+
+
+def _vtrace(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    gamma: float = 0.99,
+    lam: float = 1.0,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float = 1.0,
+) -> Surrogate:
+    """The V-trace actor-critic policy gradient (Espeholt et al. 2018, IMPALA,
+    arXiv:1802.01561), with the current critic V (``apply_fn``'s values):
+
+      w_s = min(pg_rho_bar, rho_s) (r_s + gamma q_{s+1} - V(s_s)) / B,
+      q_{s+1} = lam v_{s+1} + (1 - lam) V(s_{s+1})   (v_{s+1} at lam = 1, the paper),
+
+    v the V-trace targets (``_vtrace_returns``), which the value term regresses
+    V(s_s) on; q is rlax's lambda-mixed bootstrap. Biased under lag (truncated ratios; gamma < 1 and lam < 1 add
+    more); on-policy (rho = 1) with lam = 1 the advantage is the bootstrapped
+    n-step return minus V. ``rlax.vtrace_td_error_and_advantage`` computes the
+    same quantities.
+
+    Args:
+      gamma: discount.
+      lam: lambda of the traces c_i = lam min(c_bar, rho_i).
+      rho_bar: truncation of the TD errors' ratios.
+      c_bar: truncation of the traces' ratios.
+      pg_rho_bar: truncation of the policy gradient's ratio.
+    """
+    log_ratio = _log_ratio(batch, inputs)
+    ones = jnp.ones(batch.mask.shape, jnp.float32)
+    rho = ones if log_ratio is None else jnp.exp(log_ratio)
+    vs, bootstrap = _vtrace_returns(
+        batch, inputs.values, rho, gamma, lam, c_bar, rho_bar
+    )
+    values = _zero_padding(inputs.values, batch.mask)
+    mixed = lam * vs[1:] + (1.0 - lam) * values[1:]
+    following = jnp.concatenate([mixed, jnp.zeros_like(vs[:1])])
+    next_vs = jnp.where(_done(batch), bootstrap, following)
+    rewards = _zero_padding(batch.rewards.astype(jnp.float32), batch.mask)
+    advantage = jnp.minimum(pg_rho_bar, rho) * (rewards + gamma * next_vs - values)
+    name = _feature_key("vtrace", gamma, lam, rho_bar, c_bar, pg_rho_bar)
+    step = _column_weights(batch, name, advantage, 1.0 / batch.mask.shape[1])
+    truncated = (rho > jnp.minimum(pg_rho_bar, rho)).astype(jnp.float32)
+    mask = batch.mask.astype(jnp.float32)
+    return Surrogate(
+        step,
+        value_targets=vs,
+        approx_kl=0.0
+        if log_ratio is None
+        else _per_live_step((rho - 1.0) - log_ratio, mask),
+        clip_fraction=_per_live_step(truncated, mask),
+    )
+
+
 # ------------------------------------------------------------ the losses and weights
 
 reinforce = surrogate_loss(_reinforce)
@@ -1253,6 +1565,17 @@ def optimal_baseline(
         kwargs["variant"] = variant
     return loss(params, batch, apply_fn=apply_fn, **kwargs)
 
+
+naive = surrogate_loss(_naive)
+trajectory_is = surrogate_loss(_trajectory_is)
+per_decision_is = surrogate_loss(_per_decision_is)
+truncated_is = surrogate_loss(_truncated_is)
+ppo_dual_clip = surrogate_loss(
+    _ppo_dual_clip, value_regression(clipped=True), entropy_bonus(0.01)
+)
+gspo = surrogate_loss(_gspo, entropy_bonus(0.0, _per_sequence_mean))
+cispo = surrogate_loss(_cispo, entropy_bonus(0.0))
+vtrace = surrogate_loss(_vtrace, value_regression(), entropy_bonus())
 
 reinforce_weights = policy_weights(reinforce)
 reward_to_go_weights = policy_weights(reward_to_go)
@@ -1518,6 +1841,13 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "clip_value_loss": (lambda v: isinstance(v, bool), "a bool"),
     "advantages": (lambda v: v is None, "None (or an array at call time)"),
     "ref_params": (lambda v: True, "a params pytree or None"),
+    "truncation": (_positive, "a positive number"),
+    "dual_clip": (lambda v: _is_number(v) and v > 1.0, "a number > 1"),
+    "eps_low": (lambda v: _positive(v) and v <= 1.0, "a number in (0, 1]"),
+    "eps_high": (_positive, "a positive number"),
+    "rho_bar": (_positive, "a positive number"),
+    "c_bar": (_positive, "a positive number"),
+    "pg_rho_bar": (_positive, "a positive number"),
 }
 _RLOO_GROUPS = {
     "group_size": (
@@ -1599,6 +1929,7 @@ for _spec in (
         rescaled=True,
         weights=ppo_clip_weights,
         needs_critic=True,
+        in_lag_study=True,
     ),
     EstimatorSpec(
         "grpo",
@@ -1608,6 +1939,7 @@ for _spec in (
         rescaled=True,
         min_group_size=2,
         weights=grpo_weights,
+        in_lag_study=True,
     ),
     EstimatorSpec(
         "dr_grpo",
@@ -1617,6 +1949,81 @@ for _spec in (
         mean_factor=_dr_grpo_shrink,
         rescaled=True,
         weights=dr_grpo_weights,
+    ),
+    # Off-policy estimators (REFERENCE.md section 13): not in the on-policy study
+    # (their on-policy rows would repeat reward_to_go's or grpo's), in the lag study.
+    EstimatorSpec(
+        "naive",
+        naive,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "trajectory_is",
+        trajectory_is,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+        unbiased_off_policy=True,
+    ),
+    EstimatorSpec(
+        "per_decision_is",
+        per_decision_is,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+        unbiased_off_policy=True,
+    ),
+    EstimatorSpec(
+        "truncated_is",
+        truncated_is,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "ppo_dual_clip",
+        ppo_dual_clip,
+        rescaled=True,
+        needs_critic=True,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "gspo",
+        gspo,
+        trajectory_level=True,
+        self_normalised=True,
+        rescaled=True,
+        min_group_size=2,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "cispo",
+        cispo,
+        trajectory_level=True,
+        self_normalised=True,
+        rescaled=True,
+        min_group_size=2,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "vtrace",
+        vtrace,
+        per_trajectory=True,
+        needs_critic=True,
+        in_study=False,
+        in_lag_study=True,
     ),
 ):
     register(_spec)
