@@ -330,7 +330,10 @@ def test_ppo_clip_matches_rlax_away_from_the_behaviour():
     np.testing.assert_allclose(float(value), 5 * float(oracle(near)), rtol=1e-5)
     expected = 5 * np.asarray(jax.grad(oracle)(near)["logits"])
     np.testing.assert_allclose(grad["logits"], expected, rtol=1e-5, atol=1e-6)
-    assert 0 < float(aux.clip_fraction) < 1
+    logits, _ = POLICY.apply(near, batch.observations)
+    ratio = jnp.exp(policies.log_prob(logits, batch.actions) - batch.log_probs)
+    outside = float(jnp.mean(jnp.abs(ratio - 1.0) > 0.2))
+    assert float(aux.clip_fraction) == pytest.approx(outside) and outside > 0
 
 
 # ------------------------------------------------------- identities and padding
