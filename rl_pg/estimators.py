@@ -89,6 +89,14 @@ class _Forward(NamedTuple):
 # ----------------------------------------------------------------------------- helpers
 
 
+def _keyword_only(fn: Callable) -> dict[str, Any]:
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    }
+
+
 def _live(mask: jax.Array) -> jax.Array:
     return mask > 0
 
@@ -229,48 +237,11 @@ def _make_aux(
     )
 
 
-def _value_and_entropy_terms(
-    fwd: _Forward, targets: jax.Array, vf_coef: float, ent_coef: float
-) -> tuple[jax.Array, jax.Array]:
-    """value_loss = (1/B) sum m 0.5 (V - target)^2; entropy term = (1/B) sum m H."""
-    targets = _zero_padding(sg(targets), fwd.mask)
-    value_loss = _per_trajectory(0.5 * jnp.square(fwd.values - targets), fwd.mask)
-    entropy_sum = _per_trajectory(policies.entropy(fwd.logits), fwd.mask)
-    return value_loss, vf_coef * value_loss - ent_coef * entropy_sum
-
-
 def _normalize(x: jax.Array, mask: jax.Array, eps: float = 1e-8) -> jax.Array:
     """(x - mean) / (std + eps) over live steps."""
     mean = _per_live_step(x, mask)
     var = _per_live_step(jnp.square(x - mean), mask)
     return (x - mean) / (jnp.sqrt(var) + eps)
-
-
-class _Clipped(NamedTuple):
-    objective: jax.Array  # [T, B] min(r A, clip(r, 1 - eps, 1 + eps) A)
-    approx_kl: jax.Array  # [] (r - 1) - log r over live steps
-    clip_fraction: jax.Array  # []
-
-
-def _clipped_objective(
-    log_probs: jax.Array,
-    behaviour_log_probs: jax.Array,
-    advantages: jax.Array,
-    mask: jax.Array,
-    clip_eps: float,
-) -> _Clipped:
-    log_ratio = log_probs - _zero_padding(behaviour_log_probs, mask)
-    log_ratio = _zero_padding(log_ratio, mask)
-    ratio = jnp.exp(log_ratio)
-    advantages = _zero_padding(sg(advantages), mask)
-    unclipped = ratio * advantages
-    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
-    objective = jnp.minimum(unclipped, clipped)
-    approx_kl = _per_live_step(sg((ratio - 1.0) - log_ratio), mask)
-    clip_fraction = _per_live_step(
-        (jnp.abs(sg(ratio) - 1.0) > clip_eps).astype(jnp.float32), mask
-    )
-    return _Clipped(objective, approx_kl, clip_fraction)
 
 
 def _reference_kl(
@@ -293,97 +264,583 @@ def _reference_kl(
     return jnp.exp(log_ratio) - log_ratio - 1.0
 
 
-# -------------------------------------------------------------------------- estimators
+# ------------------------------------------------------------ per-step weights
+#
+# The gradient of every estimator below (but the per-parameter optimal baseline),
+# with its value, entropy and KL terms off, is a weighting of per-step scores:
+#
+#   -grad loss = sum_{t,i} w_{t,i} grad log pi(a_t|s_t).
+#
+# At the on-policy point (the batch was just sampled with ``params``) the weights
+# come as a few named per-step *features* f[t, i], each a function of column i
+# alone (mask, returns, advantages), with per-column *coefficients* c[i] that may
+# depend on the whole batch (baselines, normalisation, 1/B): w_{t,i} = sum_f
+# c_f[i] f[t, i]. That split lets the variance study compute each feature's
+# per-trajectory gradient once per sampled batch and get every estimator on every
+# sub-batch from coefficients (rl_pg.variance.study). Each estimator declares its
+# weights once (a *declaration*, ``Surrogate``); ``surrogate_loss`` builds its loss
+# from them and from optional terms (``value_regression``, ``entropy_bonus``,
+# ``reference_kl``), and ``policy_weights`` gives the weights alone.
+
+SCORE = "score"  # the feature m_t: its per-trajectory gradient is grad log p(tau_i)
 
 
-def reinforce(
-    params: Params, batch: Trajectory, *, apply_fn: ApplyFn
-) -> tuple[jax.Array, LossAux]:
+class StepWeights(NamedTuple):
+    """-grad loss = sum_f sum_{t,i} coefficients[f][i] features[f][t, i] grad log pi.
+
+    Attributes:
+      features: name -> [T, B] per-step weights of column i (0 on padding); equal
+        names mean equal arrays (so callers may share them between estimators).
+        On-policy (``WeightInputs.log_probs`` None) each depends on column i alone;
+        with ratios, a clipped estimator's features may depend on the batch (which
+        steps are clipped depends on the sign of a batch-normalised advantage), so
+        compute them on the batch the estimate is for.
+      coefficients: name -> [B] per-column coefficients (may depend on the batch);
+        the same names as ``features``.
+    """
+
+    features: dict[str, jax.Array]
+    coefficients: dict[str, jax.Array]
+
+    def dense(self) -> jax.Array:
+        """[T, B] w_{t,i} = sum_f c_f[i] f[t, i]."""
+        return sum(self.coefficients[k][None, :] * f for k, f in self.features.items())
+
+
+class WeightInputs(NamedTuple):
+    """What per-step weights may read besides the batch (all without gradient).
+
+    Attributes:
+      values: [T, B] V(s_t) under the params (``apply_fn``'s second output).
+      score_sq_norms: [B] ||s_i||^2 of the per-trajectory scores
+        s_i = sum_t m_t grad log pi(a_t|s_t) (the optimal baseline's weights).
+      log_probs: [T, B] log pi_theta(a_t|s_t) of the taken actions under the
+        params (the target policy), or None for the on-policy point: then every
+        ratio pi_theta / mu is taken as exactly 1 (the weights are the on-policy
+        ones, bit for bit). The behaviour's log mu(a_t|s_t) is ``batch.log_probs``.
+    """
+
+    values: jax.Array
+    score_sq_norms: jax.Array
+    log_probs: jax.Array | None = None
+
+
+class Surrogate(NamedTuple):
+    """What an estimator declares for one batch (everything without gradient).
+
+    Attributes:
+      weights: the policy term's -gradient as per-step score weights.
+      objective: [] the policy term's value where it is not the plain surrogate
+        -sum_{t,i} w_{t,i} log pi(a_t|s_t) (a clipped or importance-weighted
+        objective); None for the plain surrogate.
+      value_targets: [T, B] the critic's regression targets (for
+        ``value_regression``), or None.
+      approx_kl: [] mean (r - 1) - log r over live steps, r = pi / mu (0 on-policy).
+      clip_fraction: [] fraction of live steps whose ratio was clipped or truncated.
+    """
+
+    weights: StepWeights
+    objective: jax.Array | None = None
+    value_targets: jax.Array | None = None
+    approx_kl: jax.Array | float = 0.0
+    clip_fraction: jax.Array | float = 0.0
+
+
+def trajectory_scores(
+    params: Params, batch: Trajectory, apply_fn: ApplyFn
+) -> jax.Array:
+    """[B, P] per-column scores s_i = sum_t m_t grad log pi(a_t|s_t), flattened
+    (``ravel_pytree`` order), at ``stop_gradient(params)``."""
+    observations, actions, mask = _clean_inputs(batch)
+
+    def trajectory_log_prob(p, obs, act, m):
+        logits, _ = apply_fn(p, obs)
+        return jnp.sum(_zero_padding(policies.log_prob(logits, act), m))
+
+    def flat_score(obs, act, m):
+        grads = jax.grad(trajectory_log_prob)(sg(params), obs, act, m)
+        return ravel_pytree(grads)[0]
+
+    return jax.vmap(flat_score, in_axes=(1, 1, 1))(observations, actions, mask)
+
+
+def weight_inputs(
+    params: Params, batch: Trajectory, apply_fn: ApplyFn, *, ratios: bool = False
+) -> WeightInputs:
+    """``WeightInputs`` computed directly (a forward pass and per-column gradients);
+    with ``ratios`` the target log-probs too (weights at ``params`` as the target
+    of ``batch``'s behaviour policy)."""
+    observations, actions, _ = _clean_inputs(batch)
+    logits, values = apply_fn(params, observations)
+    scores = trajectory_scores(params, batch, apply_fn)
+    log_probs = sg(policies.log_prob(logits, actions)) if ratios else None
+    return WeightInputs(sg(values), sg(jnp.sum(jnp.square(scores), axis=1)), log_probs)
+
+
+def weighted_gradient(
+    params: Params, batch: Trajectory, weights: StepWeights, apply_fn: ApplyFn
+) -> Params:
+    """-grad loss from per-step weights: grad of sum_{t,i} w_{t,i} log pi(a_t|s_t)."""
+
+    def surrogate(p):
+        fwd = _forward(p, batch, apply_fn)
+        return jnp.sum(_zero_padding(fwd.log_probs * sg(weights.dense()), fwd.mask))
+
+    return jax.grad(surrogate)(params)
+
+
+# ------------------------------------------------------- building losses from weights
+
+
+class Term(NamedTuple):
+    """An optional piece of a surrogate loss besides the policy term.
+
+    Attributes:
+      hyperparameters: name -> default, added to the loss's keyword arguments.
+      loss: ``loss(fwd, batch, apply_fn, surrogate, hp) -> (value, aux fields)``,
+        hp the loss's bound hyperparameters; value is added to the loss.
+      switches: hyperparameters that must be 0 for the policy weights alone to be
+        the loss's gradient (``policy_weights`` refuses others).
+      policy: the value counts in ``LossAux.pg_loss`` (a KL penalty on the policy).
+    """
+
+    hyperparameters: dict[str, Any]
+    loss: Callable[..., tuple[jax.Array, dict]]
+    switches: tuple[str, ...]
+    policy: bool = False
+
+
+def _per_sequence_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """(1/B) sum_i (1/|o_i|) sum_t m x (GRPO's aggregation; |o_i| at least 1)."""
+    lengths = jnp.maximum(jnp.sum(mask, axis=0), 1.0)
+    return jnp.mean(jnp.sum(_zero_padding(x, mask), axis=0) / lengths)
+
+
+def _per_token_budget(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """(1/(B T)) sum_i sum_t m x (Dr. GRPO's constant normaliser)."""
+    per_sequence = jnp.sum(_zero_padding(x, mask), axis=0)
+    return jnp.sum(per_sequence) / (mask.shape[1] * mask.shape[0])
+
+
+def value_regression(vf_coef: float = 0.5, *, clipped: bool = False) -> Term:
+    """vf_coef (1/B) sum_i sum_t m 0.5 (V(s_t) - target_t)^2, V recomputed from the
+    params, targets the declaration's ``value_targets``. ``clipped`` adds PPO's
+    ``clip_value_loss``: max((V - target)^2, (V_clip - target)^2) per step with
+    V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps), V_old the batch's
+    collection-time values (PureJaxRL, CleanRL)."""
+
+    def loss(fwd, batch, apply_fn, surrogate, hp):
+        values, targets = fwd.values, sg(surrogate.value_targets)
+        if hp.get("clip_value_loss", False):
+            old = sg(batch.values)
+            clipped_values = old + jnp.clip(
+                values - old, -hp["clip_eps"], hp["clip_eps"]
+            )
+            larger = jnp.abs(clipped_values - targets) > jnp.abs(values - targets)
+            values = jnp.where(larger, clipped_values, values)
+        targets = _zero_padding(targets, fwd.mask)
+        value_loss = _per_trajectory(0.5 * jnp.square(values - targets), fwd.mask)
+        return hp["vf_coef"] * value_loss, {"value_loss": value_loss}
+
+    defaults = {"vf_coef": vf_coef} | ({"clip_value_loss": False} if clipped else {})
+    return Term(defaults, loss, ("vf_coef",))
+
+
+def entropy_bonus(ent_coef: float = 0.0, aggregate: Callable = _per_trajectory):
+    """-ent_coef aggregate(H(pi(.|s_t))), aggregated like the policy term."""
+
+    def loss(fwd, batch, apply_fn, surrogate, hp):
+        entropy = aggregate(policies.entropy(fwd.logits), fwd.mask)
+        return -hp["ent_coef"] * entropy, {}
+
+    return Term({"ent_coef": ent_coef}, loss, ("ent_coef",))
+
+
+def reference_kl(aggregate: Callable) -> Term:
+    """beta aggregate(KL_t), the k3 estimator KL_t = pi_ref/pi - log(pi_ref/pi) - 1 to
+    a reference policy ``ref_params`` (Shao et al. 2024; Schulman 2020)."""
+
+    def loss(fwd, batch, apply_fn, surrogate, hp):
+        kl = _reference_kl(fwd, batch, apply_fn, hp["ref_params"], hp["beta"])
+        return hp["beta"] * aggregate(kl, fwd.mask), {
+            "kl": _per_live_step(kl, fwd.mask)
+        }
+
+    return Term({"beta": 0.0, "ref_params": None}, loss, ("beta",), policy=True)
+
+
+_TERM_DOCS = {
+    "vf_coef": "weight of the value loss.",
+    "clip_value_loss": "clip the value loss as PPO implementations do.",
+    "ent_coef": "weight of the entropy bonus (aggregated like the policy term).",
+    "beta": "weight of the KL penalty to the reference policy.",
+    "ref_params": "params of the reference policy (same ``apply_fn``).",
+}
+
+
+class Weighting(NamedTuple):
+    """How a loss was built: its declaration, terms and inputs."""
+
+    declare: Callable[..., Surrogate]
+    terms: tuple[Term, ...]
+    score_norms: bool
+
+
+def _signature(leading: tuple[str, ...], keywords: dict[str, Any]):
+    positional = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    return inspect.Signature(
+        [inspect.Parameter(name, positional) for name in leading]
+        + [
+            inspect.Parameter(k, keyword, default=v)
+            if v is not inspect.Parameter.empty
+            else inspect.Parameter(k, keyword)
+            for k, v in keywords.items()
+        ]
+    )
+
+
+def _bind(signature: inspect.Signature, *args: Any, **kwargs: Any) -> dict:
+    """Hyperparameters with defaults applied (TypeError for unknown ones)."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return {
+        p.name: bound.arguments[p.name]
+        for p in signature.parameters.values()
+        if p.kind is p.KEYWORD_ONLY and p.name != "apply_fn"
+    }
+
+
+def _hyperparameters_of(declare: Callable, terms: tuple[Term, ...]) -> dict:
+    own = _keyword_only(declare)
+    for term in terms:
+        clash = set(own) & set(term.hyperparameters)
+        if clash:
+            raise ValueError(f"{declare.__name__}: hyperparameters {clash} twice")
+        own = own | term.hyperparameters
+    return own
+
+
+def _split_doc(declare: Callable) -> tuple[str, str]:
+    """(body, Args lines) of a declaration's docstring."""
+    doc = inspect.cleandoc(declare.__doc__ or "")
+    body, _, args = doc.partition("\nArgs:\n")
+    return body.rstrip(), args.rstrip()
+
+
+def _policy_loss(fwd: _Forward, surrogate: Surrogate) -> jax.Array:
+    """The policy term: value -sum w log pi (or the declared objective), gradient
+    -sum_{t,i} w_{t,i} grad log pi(a_t|s_t)."""
+    weights = _zero_padding(sg(surrogate.weights.dense()), fwd.mask)
+    plain = -jnp.sum(_zero_padding(fwd.log_probs * weights, fwd.mask))
+    if surrogate.objective is None:
+        return plain
+    return sg(surrogate.objective) + (plain - sg(plain))
+
+
+def surrogate_loss(
+    declare: Callable[..., Surrogate], *terms: Term, score_norms: bool = False
+) -> Callable[..., tuple[jax.Array, LossAux]]:
+    """The loss ``loss(params, batch, *, apply_fn, **hyperparameters)`` of an
+    estimator declared by ``declare(batch, inputs, **own) -> Surrogate``.
+
+    loss = policy term + sum of ``terms``; the policy term's gradient is
+    -sum_{t,i} w_{t,i} grad log pi(a_t|s_t) with the declared weights at
+    inputs = (V, ||s_i||^2 if ``score_norms``, log pi) under the params, all
+    without gradient (so ratios rho_t = pi / mu enter the weights as numbers);
+    its value is the declared objective, or the plain surrogate -sum w log pi.
+    The hyperparameters are the declaration's keyword-only ones, then the terms'.
+    """
+    name = declare.__name__.lstrip("_")
+    keywords = _hyperparameters_of(declare, terms)
+    own = tuple(_keyword_only(declare))
+    signature = _signature(
+        ("params", "batch"), {"apply_fn": inspect.Parameter.empty, **keywords}
+    )
+
+    def loss(params, batch, *, apply_fn, **kwargs):
+        hp = _bind(signature, params, batch, apply_fn=apply_fn, **kwargs)
+        fwd = _forward(params, batch, apply_fn)
+        norms = jnp.zeros(fwd.mask.shape[1:])
+        if score_norms:
+            scores = trajectory_scores(params, batch, apply_fn)
+            norms = jnp.sum(jnp.square(scores), axis=1)
+        inputs = WeightInputs(sg(fwd.values), sg(norms), sg(fwd.log_probs))
+        surrogate = declare(batch, inputs, **{k: hp[k] for k in own})
+        pg_loss = _policy_loss(fwd, surrogate)
+        total, fields = pg_loss, {}
+        for term in terms:
+            value, aux = term.loss(fwd, batch, apply_fn, surrogate, hp)
+            total, fields = total + value, fields | aux
+            pg_loss = pg_loss + value if term.policy else pg_loss
+        aux = _make_aux(
+            fwd,
+            pg_loss,
+            approx_kl=surrogate.approx_kl,
+            clip_fraction=surrogate.clip_fraction,
+            **fields,
+        )
+        return total, aux
+
+    body, args = _split_doc(declare)
+    term_args = [f"  {k}: {_TERM_DOCS[k]}" for t in terms for k in t.hyperparameters]
+    _finish(loss, name, signature, _loss_doc(body, args.splitlines() + term_args))
+    loss.weighting = Weighting(declare, terms, score_norms)
+    return loss
+
+
+def policy_weights(loss: Callable) -> Callable[..., StepWeights]:
+    """``weights(batch, inputs, **hyperparameters) -> StepWeights`` of a loss built
+    by ``surrogate_loss``: its policy term's declared weights, taking the loss's
+    hyperparameters; ValueError if a term that changes the gradient is on (value,
+    entropy or KL coefficients must be 0)."""
+    declare, terms, _ = loss.weighting
+    name = loss.__name__
+    keywords = _hyperparameters_of(declare, terms)
+    own = tuple(_keyword_only(declare))
+    signature = _signature(("batch", "inputs"), keywords)
+
+    def weights(batch, inputs, **kwargs):
+        hp = _bind(signature, batch, inputs, **kwargs)
+        on = [
+            k
+            for term in terms
+            for k in term.switches
+            if not (isinstance(hp[k], jax.Array) or hp[k] == 0)
+        ]
+        if on:
+            raise ValueError(
+                f"{name}: per-step weights describe the policy-gradient terms only; "
+                f"{', '.join(f'{k}={hp[k]!r}' for k in on)} must be 0."
+            )
+        return declare(batch, inputs, **{k: hp[k] for k in own}).weights
+
+    weights.__doc__ = f"``{name}``'s per-step score weights (see ``policy_weights``)."
+    weights.__name__ = weights.__qualname__ = f"{name}_weights"
+    weights.__module__ = __name__
+    weights.__signature__ = signature
+    return weights
+
+
+def _finish(loss: Callable, name: str, signature, doc: str) -> None:
+    loss.__doc__ = doc
+    loss.__name__ = loss.__qualname__ = name
+    loss.__module__ = __name__
+    loss.__signature__ = signature
+
+
+def scores_loss(
+    from_scores: Callable[..., jax.Array], name: str, value: Callable[..., Surrogate]
+) -> Callable:
+    """The loss of an estimator that is no weighting of scores but a function
+    ``from_scores(batch, scores [B, P], **hyperparameters) -> g [P]`` of the
+    per-trajectory scores (at ``stop_gradient(params)``): gradient exactly -g (g
+    without gradient), value that of the declaration ``value``'s policy term (a
+    surrogate with the same expected gradient, e.g. REINFORCE's)."""
+    keywords = _keyword_only(from_scores)
+    signature = _signature(
+        ("params", "batch"), {"apply_fn": inspect.Parameter.empty, **keywords}
+    )
+
+    def loss(params, batch, *, apply_fn, **kwargs):
+        hp = _bind(signature, params, batch, apply_fn=apply_fn, **kwargs)
+        fwd = _forward(params, batch, apply_fn)
+        scores = trajectory_scores(params, batch, apply_fn)
+        estimate = from_scores(batch, scores, **hp)
+        linear = -jnp.sum(sg(estimate) * ravel_pytree(params)[0])
+        shown = _policy_loss(fwd, value(batch, WeightInputs(sg(fwd.values), None)))
+        pg_loss = sg(shown) + (linear - sg(linear))
+        return pg_loss, _make_aux(fwd, pg_loss)
+
+    body, args = _split_doc(from_scores)
+    _finish(loss, name, signature, _loss_doc(body, args.splitlines()))
+    return loss
+
+
+def _loss_doc(body: str, args: list[str]) -> str:
+    head = [
+        "  params: policy params.",
+        "  batch: [T, B] trajectories.",
+        "  apply_fn: ``apply(params, obs) -> (logits, values)``.",
+    ]
+    tail = ["", "Returns:", "  (loss, LossAux)."]
+    return "\n".join([body, "", "Args:", *head, *args, *tail])
+
+
+# ------------------------------------------------------------ weight building blocks
+
+
+def _feature_key(name: str, *values: Any) -> str:
+    """A feature's name with its hyperparameters (Python numbers by value, arrays
+    by identity, so equal names mean equal features)."""
+    parts = [repr(v) if _is_number(v) else f"array@{id(v)}" for v in values]
+    return f"{name}({', '.join(parts)})" if parts else name
+
+
+def _score_feature(batch: Trajectory) -> jax.Array:
+    return (batch.mask > 0).astype(jnp.float32)
+
+
+def _column_weights(
+    batch: Trajectory, name: str, feature: jax.Array, per_column: jax.Array
+) -> StepWeights:
+    """One feature (0 on padding) with per-column coefficients [B] (or a scalar)."""
+    coefficient = jnp.broadcast_to(per_column, batch.mask.shape[1:])
+    feature = _zero_padding(feature.astype(jnp.float32), batch.mask)
+    return StepWeights({name: feature}, {name: coefficient.astype(jnp.float32)})
+
+
+def _merge(*parts: StepWeights) -> StepWeights:
+    features, coefficients = {}, {}
+    for part in parts:
+        features |= part.features
+        coefficients |= part.coefficients
+    return StepWeights(features, coefficients)
+
+
+def _return_feature(batch: Trajectory) -> jax.Array:
+    mask = batch.mask.astype(jnp.float32)
+    return returns_lib.batch_total_return(batch.rewards, mask, _done(batch))
+
+
+def _reward_to_go_feature(batch: Trajectory) -> jax.Array:
+    mask = batch.mask.astype(jnp.float32)
+    return returns_lib.batch_reward_to_go(batch.rewards, mask, _done(batch))
+
+
+def _score_weights(batch: Trajectory, advantages: jax.Array) -> StepWeights:
+    """w_t = A_i / B for one advantage per trajectory, A [B]."""
+    return _column_weights(
+        batch, SCORE, _score_feature(batch), advantages / batch.mask.shape[1]
+    )
+
+
+def _gae_feature(batch: Trajectory, gamma, lam, advantages) -> tuple[str, jax.Array]:
+    if advantages is not None:
+        return _feature_key("advantages", advantages), sg(advantages)
+    return _feature_key("gae", gamma, lam), returns_lib.trajectory_gae(
+        batch, gamma, lam
+    )
+
+
+def _log_ratio(batch: Trajectory, inputs: WeightInputs) -> jax.Array | None:
+    """[T, B] log rho_t = log pi_theta - log mu (0 on padding); None on-policy."""
+    if inputs.log_probs is None:
+        return None
+    behaviour = _zero_padding(batch.log_probs, batch.mask)
+    return _zero_padding(inputs.log_probs - behaviour, batch.mask)
+
+
+def _scaled(step: StepWeights, factor: jax.Array, tag: str) -> StepWeights:
+    """Every feature times a per-step factor [T, B] (renamed ``name*tag``)."""
+    features = {f"{k}*{tag}": f * factor for k, f in step.features.items()}
+    coefficients = {f"{k}*{tag}": c for k, c in step.coefficients.items()}
+    return StepWeights(features, coefficients)
+
+
+def _clipped(
+    batch: Trajectory,
+    log_ratio: jax.Array | None,
+    step: StepWeights,
+    advantages: jax.Array,
+    aggregate: Callable,
+    clip_eps: float,
+    dual_clip: float | None = None,
+) -> Surrogate:
+    """The clipped ratio objective aggregate(min(r A, clip(r, 1 +- eps) A)) (PPO,
+    Schulman et al. 2017), with Ye et al. 2020's max(., c A) for A < 0 if
+    ``dual_clip``; ``step`` are its on-policy weights (w_t proportional to A_t).
+
+    Its gradient is the weighting w_t r_t on the steps whose unclipped branch is
+    active (A > 0 and r <= 1 + eps, or A < 0 and 1 - eps <= r (<= c)), 0 elsewhere.
+    On-policy (``log_ratio`` None) the weights are ``step`` itself.
+    """
+    if log_ratio is None:
+        return Surrogate(step)
+    mask = batch.mask.astype(jnp.float32)
+    ratio = jnp.exp(log_ratio)
+    advantages = _zero_padding(sg(advantages), mask)
+    positive = step.dense() > 0
+    active = jnp.where(positive, ratio <= 1.0 + clip_eps, ratio >= 1.0 - clip_eps)
+    clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps) * advantages
+    objective = jnp.minimum(ratio * advantages, clipped)
+    tag = f"clip({clip_eps!r})"
+    if dual_clip is not None:
+        active &= positive | (ratio <= dual_clip)
+        objective = jnp.where(
+            advantages < 0, jnp.maximum(objective, dual_clip * advantages), objective
+        )
+        tag = f"clip({clip_eps!r}, {dual_clip!r})"
+    weights = _scaled(step, jnp.where(active, ratio, 0.0), tag)
+    outside = jnp.abs(ratio - 1.0) > clip_eps
+    return Surrogate(
+        weights,
+        objective=-aggregate(objective, mask),
+        approx_kl=_per_live_step((ratio - 1.0) - log_ratio, mask),
+        clip_fraction=_per_live_step(outside.astype(jnp.float32), mask),
+    )
+
+
+# ----------------------------------------------------------------- on-policy estimators
+
+
+def _reinforce(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
     """REINFORCE with the total return (Williams 1992).
 
     Loss = -(1/n) sum_i sum_t m_t log pi(a_t|s_t) R(tau_i),   n = B,
 
     the seed's surrogate; grad J = E[sum_t grad log pi(a_t|s_t) R(tau)]. R(tau_i) is the
     return of the episode containing step t (``returns.total_return``), so streaming
-    batches work too.
-
-    Args:
-      params: policy params.
-      batch: [T, B] trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
-
-    Returns:
-      (loss, LossAux).
+    batches work too. Weights w_t = R(tau_i) / B.
     """
-    fwd = _forward(params, batch, apply_fn)
-    total = returns_lib.batch_total_return(batch.rewards, fwd.mask, _done(batch))
-    loss = _score_surrogate(fwd.log_probs, total, fwd.mask)
-    return loss, _make_aux(fwd, loss)
+    num_columns = batch.mask.shape[1]
+    return Surrogate(
+        _column_weights(batch, "return", _return_feature(batch), 1.0 / num_columns)
+    )
 
 
-def reward_to_go(
-    params: Params, batch: Trajectory, *, apply_fn: ApplyFn
-) -> tuple[jax.Array, LossAux]:
+def _reward_to_go(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
     """REINFORCE with the reward-to-go (causality; OpenAI Spinning Up, "EGLP lemma").
 
     Loss = -(1/B) sum_i sum_t m_t log pi(a_t|s_t) G_t,   G_t = sum_{t' >= t} r_{t'},
 
     unbiased because rewards before t do not depend on a_t: E[grad log pi(a_t|s_t) r_k]
-    = 0 for k < t.
-
-    Args:
-      params: policy params.
-      batch: [T, B] trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
-
-    Returns:
-      (loss, LossAux).
+    = 0 for k < t. Weights w_t = G_t / B.
     """
-    fwd = _forward(params, batch, apply_fn)
-    to_go = returns_lib.batch_reward_to_go(batch.rewards, fwd.mask, _done(batch))
-    loss = _score_surrogate(fwd.log_probs, to_go, fwd.mask)
-    return loss, _make_aux(fwd, loss)
+    to_go = _reward_to_go_feature(batch)
+    return Surrogate(
+        _column_weights(batch, "reward_to_go", to_go, 1.0 / batch.mask.shape[1])
+    )
 
 
-def constant_baseline(
-    params: Params, batch: Trajectory, *, apply_fn: ApplyFn, b: float = 0.0
-) -> tuple[jax.Array, LossAux]:
+def _constant_baseline(
+    batch: Trajectory, inputs: WeightInputs, *, b: float = 0.0
+) -> Surrogate:
     """REINFORCE with a fixed baseline b (unbiased for any constant b).
 
-    Loss = -(1/B) sum_i sum_t m_t log pi(a_t|s_t) (R(tau_i) - b).
+    Loss = -(1/B) sum_i sum_t m_t log pi(a_t|s_t) (R(tau_i) - b); w_t = (R_i - b) / B.
 
     Args:
-      params: policy params.
-      batch: [T, B] trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
       b: the baseline.
-
-    Returns:
-      (loss, LossAux).
     """
-    fwd = _forward(params, batch, apply_fn)
-    total = returns_lib.batch_total_return(batch.rewards, fwd.mask, _done(batch))
-    loss = _score_surrogate(fwd.log_probs, total - b, fwd.mask)
-    return loss, _make_aux(fwd, loss)
-
-
-def _trajectory_weighted(
-    fwd: _Forward, weights: jax.Array
-) -> tuple[jax.Array, LossAux]:
-    """Surrogate with one weight per trajectory, weights [B], given to every step."""
-    loss = _score_surrogate(
-        fwd.log_probs, jnp.broadcast_to(weights, fwd.mask.shape), fwd.mask
+    num_columns = batch.mask.shape[1]
+    return Surrogate(
+        _merge(
+            _column_weights(batch, "return", _return_feature(batch), 1.0 / num_columns),
+            _column_weights(batch, SCORE, _score_feature(batch), -b / num_columns),
+        )
     )
-    return loss, _make_aux(fwd, loss)
 
 
-def mean_baseline(
-    params: Params,
-    batch: Trajectory,
-    *,
-    apply_fn: ApplyFn,
-    group_size: int | None = None,
-) -> tuple[jax.Array, LossAux]:
+def _mean_baseline_advantages(batch: Trajectory, group_size: int | None) -> jax.Array:
+    """[B] R_i - mean_{j in g(i)} R_j."""
+    total = _episode_returns(batch)
+    return total - _group_mean(total, group_size)
+
+
+def _mean_baseline(
+    batch: Trajectory, inputs: WeightInputs, *, group_size: int | None = None
+) -> Surrogate:
     """REINFORCE with the group mean return as baseline, the sample itself included.
 
     Loss = -(1/B) sum_i (R_i - mean_{j in g(i)} R_j) sum_t m_t log pi(a_t|s_t).
@@ -393,52 +850,11 @@ def mean_baseline(
     k/(k-1) rescaling removes exactly this).
 
     Args:
-      params: policy params.
-      batch: [T, B] episodic trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
       group_size: G; None for the whole batch.
-
-    Returns:
-      (loss, LossAux).
     """
-    fwd = _forward(params, batch, apply_fn)
-    return _trajectory_weighted(fwd, _mean_baseline_advantages(batch, group_size))
-
-
-def _mean_baseline_advantages(batch: Trajectory, group_size: int | None) -> jax.Array:
-    """[B] R_i - mean_{j in g(i)} R_j."""
-    total = _episode_returns(batch)
-    return total - _group_mean(total, group_size)
-
-
-def rloo(
-    params: Params,
-    batch: Trajectory,
-    *,
-    apply_fn: ApplyFn,
-    group_size: int | None = None,
-) -> tuple[jax.Array, LossAux]:
-    """REINFORCE leave-one-out: each return's baseline is the mean of the others.
-
-    b_i = (1/(G-1)) sum_{j in g(i), j != i} R_j,
-    Loss = -(1/B) sum_i (R_i - b_i) sum_t m_t log pi(a_t|s_t),
-
-    unbiased because b_i is independent of tau_i; R_i - b_i = G/(G-1) (R_i - mean).
-    Kool, van Hoof, Welling 2019 ("Buy 4 REINFORCE samples, get a baseline for free!");
-    Ahmadian et al. 2024 ("Back to Basics", RLOO for LLMs). Trajectory-level.
-
-    Args:
-      params: policy params.
-      batch: [T, B] episodic trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
-      group_size: G >= 2 columns of one level per group; None for the whole batch.
-
-    Returns:
-      (loss, LossAux).
-    """
-    advantages = _rloo_advantages(batch, group_size)
-    fwd = _forward(params, batch, apply_fn)
-    return _trajectory_weighted(fwd, advantages)
+    return Surrogate(
+        _score_weights(batch, _mean_baseline_advantages(batch, group_size))
+    )
 
 
 def _rloo_advantages(batch: Trajectory, group_size: int | None) -> jax.Array:
@@ -450,24 +866,42 @@ def _rloo_advantages(batch: Trajectory, group_size: int | None) -> jax.Array:
     return total - _group_sum_others(total, group_size) / (size - 1)
 
 
-def optimal_baseline(
-    params: Params,
+def _rloo(
+    batch: Trajectory, inputs: WeightInputs, *, group_size: int | None = None
+) -> Surrogate:
+    """REINFORCE leave-one-out: each return's baseline is the mean of the others.
+
+    b_i = (1/(G-1)) sum_{j in g(i), j != i} R_j,
+    Loss = -(1/B) sum_i (R_i - b_i) sum_t m_t log pi(a_t|s_t),
+
+    unbiased because b_i is independent of tau_i; R_i - b_i = G/(G-1) (R_i - mean).
+    Kool, van Hoof, Welling 2019 ("Buy 4 REINFORCE samples, get a baseline for free!");
+    Ahmadian et al. 2024 ("Back to Basics", RLOO for LLMs). Trajectory-level.
+
+    Args:
+      group_size: G >= 2 columns of one level per group; None for the whole batch.
+    """
+    return Surrogate(_score_weights(batch, _rloo_advantages(batch, group_size)))
+
+
+def _optimal_baseline(
     batch: Trajectory,
+    inputs: WeightInputs,
     *,
-    apply_fn: ApplyFn,
     variant: str = "scalar",
     leave_one_out: bool = True,
     group_size: int | None = None,
-) -> tuple[jax.Array, LossAux]:
+) -> Surrogate:
     """REINFORCE with the variance-minimising constant baseline.
 
     With the per-trajectory score s_i = grad log p(tau_i) = sum_t m_t grad log
-    pi(a_t|s_t) (computed here with ``jax.vmap(jax.grad(.))`` over the columns):
+    pi(a_t|s_t) (computed with ``jax.vmap(jax.grad(.))`` over the columns):
 
     * ``variant="scalar"`` (Greensmith, Bartlett, Baxter 2004, JMLR 5):
       b* = E[||s||^2 R] / E[||s||^2], minimising the total variance (trace);
     * ``variant="per_parameter"`` (Mohamed et al. 2020, JMLR 21, sec. 7.4):
-      b*_k = E[R s_k^2] / E[s_k^2], one baseline per parameter component k.
+      b*_k = E[R s_k^2] / E[s_k^2], one baseline per parameter component k
+      (``optimal_baseline_per_parameter``, which is no weighting of scores).
 
     The expectations are estimated from the batch. With ``leave_one_out=True`` (default)
     trajectory i uses b_{-i} estimated from the other members of its group only,
@@ -478,79 +912,24 @@ def optimal_baseline(
     g = (1/B) sum_i s_i (R_i - b_{-i}) stays unbiased. With ``leave_one_out=False`` the
     whole group (i included) is used, which correlates b with s_i and biases the
     estimate by O(1/G). A denominator of 0 (no other trajectory with a nonzero score)
-    gives b = 0.
-
-    The scalar form is a per-trajectory weight, so the loss is the usual surrogate
-    -(1/B) sum_i (R_i - b_i) log p(tau_i). The per-parameter form is not a scalar
-    weight; the loss is
-
-      -(1/B) sum_i R_i log p(tau_i; theta) + <c, theta - stop_gradient(theta)>,
-      c = stop_gradient((1/B) sum_i s_i * b_{-i}),
-
-    whose gradient is exactly -g and whose second term is 0 in value (so the loss value
-    is the REINFORCE surrogate's). Per-trajectory scores are computed at
-    stop_gradient(params); the estimate is a first-order object only (no
-    higher-order derivatives). Memory: B copies of the parameters. Trajectory-level.
+    gives b = 0. The scalar form weights every step of trajectory i by
+    (R_i - b_i) / B. Memory: B copies of the parameters. Trajectory-level.
 
     Args:
-      params: policy params.
-      batch: [T, B] episodic trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
       variant: "scalar" or "per_parameter".
       leave_one_out: estimate each trajectory's baseline without it (unbiased).
       group_size: estimate the baseline within groups of G columns; None for the batch.
-
-    Returns:
-      (loss, LossAux).
     """
-    if variant not in ("scalar", "per_parameter"):
+    if variant != "scalar":
         raise ValueError(
-            f"variant must be 'scalar' or 'per_parameter', got {variant!r}."
+            "optimal_baseline: only variant='scalar' is a weighting of per-step "
+            f"scores, got variant={variant!r}."
         )
-    fwd = _forward(params, batch, apply_fn)
     total = _episode_returns(batch)
-    observations, actions, mask = _clean_inputs(batch)
-
-    def trajectory_log_prob(p, obs, act, m):
-        logits, _ = apply_fn(p, obs)
-        return jnp.sum(_zero_padding(policies.log_prob(logits, act), m))
-
-    scores = jax.vmap(jax.grad(trajectory_log_prob), in_axes=(None, 1, 1, 1))(
-        sg(params), observations, actions, mask
-    )  # pytree of [B, *leaf_shape]
-
-    baseline = functools.partial(
-        _weighted_return_baseline,
-        total,
-        leave_one_out=leave_one_out,
-        group_size=group_size,
+    baseline = _weighted_return_baseline(
+        total, inputs.score_sq_norms, leave_one_out=leave_one_out, group_size=group_size
     )
-    if variant == "scalar":
-        sq_norms = sum(
-            jnp.sum(jnp.square(s).reshape(s.shape[0], -1), axis=1)
-            for s in jax.tree.leaves(scores)
-        )
-        return _trajectory_weighted(fwd, total - baseline(sq_norms))
-
-    reinforce_loss = _score_surrogate(
-        fwd.log_probs, jnp.broadcast_to(total, mask.shape), mask
-    )
-    correction = jax.tree.map(functools.partial(_baseline_correction, baseline), scores)
-    linear = sum(
-        jnp.sum(sg(c) * (p - sg(p)))
-        for c, p in zip(
-            jax.tree.leaves(correction), jax.tree.leaves(params), strict=True
-        )
-    )
-    loss = reinforce_loss + linear
-    return loss, _make_aux(fwd, loss)
-
-
-def _baseline_correction(baseline: Callable, scores: jax.Array) -> jax.Array:
-    """(1/B) sum_i s_i * b_i with b = baseline(s^2), per component; scores [B, ...]
-    (the baseline sees them as [..., B])."""
-    s = jnp.moveaxis(scores, 0, -1)
-    return jnp.sum(s * baseline(jnp.square(s)), axis=-1) / scores.shape[0]
+    return Surrogate(_score_weights(batch, total - baseline))
 
 
 def optimal_baseline_per_parameter_from_scores(
@@ -560,17 +939,22 @@ def optimal_baseline_per_parameter_from_scores(
     leave_one_out: bool = True,
     group_size: int | None = None,
 ) -> jax.Array:
-    """``optimal_baseline_per_parameter``'s estimate -grad loss from per-trajectory
-    scores: (1/B) sum_i s_i * (R_i - b_{-i}), per component.
+    """REINFORCE with one variance-minimising baseline per parameter component,
+    b*_k = E[R s_k^2] / E[s_k^2] (Mohamed et al. 2020, JMLR 21, sec. 7.4).
+
+    The estimate from per-trajectory scores s_i = sum_t m_t grad log pi(a_t|s_t)
+    ([B, P], flat): g_k = (1/B) sum_i s_ik (R_i - b_{-i,k}), with b_{-i,k} from the
+    other members of i's group if ``leave_one_out`` (unbiased), else from the whole
+    group. Not a weighting of per-step scores (the baseline differs per component);
+    the loss's gradient is exactly -g, its value the REINFORCE surrogate's (the
+    baseline term is 0 in value). Trajectory-level.
 
     Args:
-      batch: [T, B] episodic trajectories.
-      scores: [B, P] s_i = sum_t m_t grad log pi(a_t|s_t), flattened.
-      leave_one_out: as in ``optimal_baseline``.
-      group_size: as in ``optimal_baseline``.
+      leave_one_out: estimate b_k from the other members of the group only.
+      group_size: G; None for the whole batch.
 
     Returns:
-      [P] the estimate.
+      [P] the estimate g.
     """
     total = _episode_returns(batch)
     s = scores.T  # [P, B]: the batch axis contiguous for the sums over it
@@ -607,45 +991,7 @@ def _weighted_return_baseline(
     return jnp.where(den > 0, shift + _safe_div(num, den), 0.0)
 
 
-def optimal_baseline_per_parameter(
-    params: Params,
-    batch: Trajectory,
-    *,
-    apply_fn: ApplyFn,
-    leave_one_out: bool = True,
-    group_size: int | None = None,
-) -> tuple[jax.Array, LossAux]:
-    """``optimal_baseline`` with ``variant="per_parameter"``: one baseline per
-    parameter component, b*_k = E[R s_k^2] / E[s_k^2] (Mohamed et al. 2020, sec. 7.4).
-
-    Args:
-      params: policy params.
-      batch: [T, B] episodic trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
-      leave_one_out: estimate b_k from the other members of the group only.
-      group_size: G; None for the whole batch.
-
-    Returns:
-      (loss, LossAux).
-    """
-    return optimal_baseline(
-        params,
-        batch,
-        apply_fn=apply_fn,
-        variant="per_parameter",
-        leave_one_out=leave_one_out,
-        group_size=group_size,
-    )
-
-
-def value_baseline(
-    params: Params,
-    batch: Trajectory,
-    *,
-    apply_fn: ApplyFn,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.0,
-) -> tuple[jax.Array, LossAux]:
+def _value_baseline(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
     """Reward-to-go with a learned state-value baseline, plus the critic's regression.
 
     A_t = G_t - stop_gradient(V(s_t)),  G_t = sum_{t' >= t} r_{t'} (Monte Carlo, no
@@ -657,34 +1003,19 @@ def value_baseline(
     A baseline that depends on s_t but not a_t keeps the policy gradient unbiased
     (Williams 1992; Sutton et al. 2000). With ``vf_coef > 0`` the gradient also trains
     the critic; ``aux.pg_loss`` and ``aux.value_loss`` are reported separately.
-
-    Args:
-      params: policy params (with a critic, or V = 0).
-      batch: [T, B] trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
-      vf_coef: weight of the value loss.
-      ent_coef: weight of the entropy bonus.
-
-    Returns:
-      (loss, LossAux).
     """
-    fwd = _forward(params, batch, apply_fn)
-    to_go = returns_lib.batch_reward_to_go(batch.rewards, fwd.mask, _done(batch))
-    pg_loss = _score_surrogate(fwd.log_probs, to_go - sg(fwd.values), fwd.mask)
-    value_loss, extra = _value_and_entropy_terms(fwd, to_go, vf_coef, ent_coef)
-    return pg_loss + extra, _make_aux(fwd, pg_loss, value_loss=value_loss)
+    mask = batch.mask.astype(jnp.float32)
+    to_go = returns_lib.batch_reward_to_go(batch.rewards, mask, _done(batch))
+    advantages = to_go - _zero_padding(inputs.values, mask)
+    weights = _column_weights(
+        batch, "reward_to_go_minus_value", advantages, 1.0 / mask.shape[1]
+    )
+    return Surrogate(weights, value_targets=to_go)
 
 
-def gae(
-    params: Params,
-    batch: Trajectory,
-    *,
-    apply_fn: ApplyFn,
-    gamma: float = 0.99,
-    lam: float = 0.95,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.0,
-) -> tuple[jax.Array, LossAux]:
+def _gae(
+    batch: Trajectory, inputs: WeightInputs, *, gamma: float = 0.99, lam: float = 0.95
+) -> Surrogate:
     """Advantage actor-critic with generalized advantage estimation.
 
     A_t = GAE(gamma, lam) (Schulman et al. 2016, arXiv:1506.02438; see ``returns.gae``)
@@ -700,39 +1031,24 @@ def gae(
     lam < 1 trade bias for variance.
 
     Args:
-      params: policy params.
-      batch: [T, B] trajectories.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
       gamma: discount.
       lam: GAE lambda.
-      vf_coef: weight of the value loss.
-      ent_coef: weight of the entropy bonus.
-
-    Returns:
-      (loss, LossAux).
     """
-    fwd = _forward(params, batch, apply_fn)
-    advantages = returns_lib.trajectory_gae(batch, gamma, lam)
-    pg_loss = _score_surrogate(fwd.log_probs, advantages, fwd.mask)
-    targets = advantages + batch.values
-    value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
-    return pg_loss + extra, _make_aux(fwd, pg_loss, value_loss=value_loss)
+    name, advantages = _gae_feature(batch, gamma, lam, None)
+    weights = _column_weights(batch, name, advantages, 1.0 / batch.mask.shape[1])
+    return Surrogate(weights, value_targets=advantages + batch.values)
 
 
-def ppo_clip(
-    params: Params,
+def _ppo_clip(
     batch: Trajectory,
+    inputs: WeightInputs,
     *,
-    apply_fn: ApplyFn,
     gamma: float = 0.99,
     lam: float = 0.95,
     clip_eps: float = 0.2,
     normalize_advantages: bool = True,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.01,
-    clip_value_loss: bool = False,
     advantages: jax.Array | None = None,
-) -> tuple[jax.Array, LossAux]:
+) -> Surrogate:
     """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347).
 
     r_t = pi(a_t|s_t) / pi_behaviour(a_t|s_t) = exp(log pi - batch.log_probs),
@@ -741,157 +1057,56 @@ def ppo_clip(
 
     A_t = GAE from the batch's collection-time values (as in ``gae``), optionally
     normalised to zero mean and unit std over the batch's live steps. The value loss is
-    unclipped, as in ``gae``, unless ``clip_value_loss``. At r = 1 with ``normalize_advantages=False`` the gradient
-    equals that of ``gae`` with the same gamma, lam, vf_coef and ent_coef.
+    unclipped, as in ``gae``, unless ``clip_value_loss``. Its gradient is the weighting
+    w_t = r_t A_t / B on the steps whose unclipped branch is active (0 on clipped
+    ones); at r = 1 with ``normalize_advantages=False`` it equals ``gae``'s. Biased
+    for grad J(theta) under lag (the clip).
 
     Args:
-      params: policy params.
-      batch: [T, B] trajectories with behaviour ``log_probs``.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
       gamma: discount.
       lam: GAE lambda.
       clip_eps: ratio clip epsilon.
       normalize_advantages: normalise A over the batch (the usual PPO default).
-      vf_coef: weight of the value loss.
-      ent_coef: weight of the entropy bonus.
-      clip_value_loss: use max((V - target)^2, (V_clip - target)^2) with
-        V_clip = V_old + clip(V - V_old, -clip_eps, clip_eps), V_old the batch's
-        collection-time values (PureJaxRL, CleanRL).
       advantages: [T, B] precomputed GAE (then ``gamma`` and ``lam`` are unused),
         for minibatches of shuffled single transitions whose GAE was computed once
         over the whole batch.
-
-    Returns:
-      (loss, LossAux).
     """
-    fwd = _forward(params, batch, apply_fn)
-    if advantages is None:
-        advantages = returns_lib.trajectory_gae(batch, gamma, lam)
-    raw_advantages = sg(advantages)
-    advantages = raw_advantages
-    if normalize_advantages:
-        advantages = _normalize(advantages, fwd.mask)
-    clipped = _clipped_objective(
-        fwd.log_probs, batch.log_probs, advantages, fwd.mask, clip_eps
+    return _ppo_body(
+        batch, inputs, gamma, lam, clip_eps, normalize_advantages, advantages, None
     )
-    pg_loss = -_per_trajectory(clipped.objective, fwd.mask)
-    targets = raw_advantages + batch.values
-    if clip_value_loss:
-        old_values = sg(batch.values)
-        clipped_values = old_values + jnp.clip(
-            fwd.values - old_values, -clip_eps, clip_eps
-        )
-        fwd_max = fwd._replace(
-            values=jnp.where(  # the larger of the two squared errors, per step
-                jnp.abs(clipped_values - targets) > jnp.abs(fwd.values - targets),
-                clipped_values,
-                fwd.values,
-            )
-        )
-        value_loss, extra = _value_and_entropy_terms(
-            fwd_max, targets, vf_coef, ent_coef
-        )
-    else:
-        value_loss, extra = _value_and_entropy_terms(fwd, targets, vf_coef, ent_coef)
-    aux = _make_aux(
-        fwd,
-        pg_loss,
-        value_loss=value_loss,
-        approx_kl=clipped.approx_kl,
-        clip_fraction=clipped.clip_fraction,
+
+
+def _ppo_body(
+    batch, inputs, gamma, lam, clip_eps, normalize_advantages, advantages, dual_clip
+) -> Surrogate:
+    """PPO's clipped policy term (dual-clipped if ``dual_clip``) and GAE targets."""
+    step, raw, normalised = _ppo_weights(
+        batch, gamma, lam, normalize_advantages, advantages
     )
-    return pg_loss + extra, aux
-
-
-def _group_relative(
-    params: Params,
-    batch: Trajectory,
-    apply_fn: ApplyFn,
-    advantages: jax.Array,
-    length_normalize: bool,
-    clip_eps: float,
-    beta: float,
-    ref_params: Params | None,
-    ent_coef: float,
-) -> tuple[jax.Array, LossAux]:
-    """Shared body of GRPO and Dr. GRPO; advantages [B], one per trajectory."""
-    fwd = _forward(params, batch, apply_fn)
-    num_steps, num_columns = fwd.mask.shape
-    per_step_adv = jnp.broadcast_to(advantages, fwd.mask.shape)
-    clipped = _clipped_objective(
-        fwd.log_probs, batch.log_probs, per_step_adv, fwd.mask, clip_eps
+    log_ratio = _log_ratio(batch, inputs)
+    surrogate = _clipped(
+        batch, log_ratio, step, normalised, _per_trajectory, clip_eps, dual_clip
     )
-    kl = _reference_kl(fwd, batch, apply_fn, ref_params, beta)
+    return surrogate._replace(value_targets=raw + batch.values)
 
-    def aggregate(x):  # per-token [T, B] -> scalar, the same for every term
-        per_sequence = jnp.sum(_zero_padding(x, fwd.mask), axis=0)  # [B]
-        if length_normalize:
-            lengths = jnp.maximum(jnp.sum(fwd.mask, axis=0), 1.0)
-            return jnp.mean(per_sequence / lengths)
-        return jnp.sum(per_sequence) / (num_columns * num_steps)
 
-    pg_loss = -aggregate(clipped.objective - beta * kl)
-    entropy = aggregate(policies.entropy(fwd.logits))
-    aux = _make_aux(
-        fwd,
-        pg_loss,
-        kl=_per_live_step(kl, fwd.mask),
-        approx_kl=clipped.approx_kl,
-        clip_fraction=clipped.clip_fraction,
+def _ppo_weights(batch, gamma, lam, normalize_advantages, advantages):
+    """(on-policy weights, raw GAE, the advantages of the objective)."""
+    name, raw = _gae_feature(batch, gamma, lam, advantages)
+    raw = sg(raw)
+    mask = batch.mask.astype(jnp.float32)
+    num_columns = mask.shape[1]
+    if not normalize_advantages:
+        return _column_weights(batch, name, raw, 1.0 / num_columns), raw, raw
+    mean = _per_live_step(raw, mask)
+    scale = jnp.sqrt(_per_live_step(jnp.square(raw - mean), mask)) + 1e-8
+    step = _merge(
+        _column_weights(batch, name, raw, 1.0 / (num_columns * scale)),
+        _column_weights(
+            batch, SCORE, _score_feature(batch), -mean / (num_columns * scale)
+        ),
     )
-    return pg_loss - ent_coef * entropy, aux
-
-
-def grpo(
-    params: Params,
-    batch: Trajectory,
-    *,
-    apply_fn: ApplyFn,
-    group_size: int | None = None,
-    clip_eps: float = 0.2,
-    eps: float = 1e-4,
-    beta: float = 0.0,
-    ref_params: Params | None = None,
-    ent_coef: float = 0.0,
-) -> tuple[jax.Array, LossAux]:
-    """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath).
-
-    Over the G rollouts of one level (a "prompt"), the outcome advantage given to every
-    step of rollout i is
-
-      A_i = (R_i - mean_g R) / (std_g R + eps)     (population std, ddof = 0),
-
-    and the loss averages per-sequence means of a clipped ratio term:
-
-      loss = -(1/B) sum_i (1/|o_i|) sum_t m_t [min(r_t A_i, clip(r_t, 1-eps_c, 1+eps_c)
-             A_i) - beta KL_t],   |o_i| = sum_t m_t (at least 1),
-
-    with r_t = pi / pi_behaviour (``batch.log_probs``) and the k3 estimator
-    KL_t = pi_ref/pi - log(pi_ref/pi) - 1 to a reference policy ``ref_params`` (needed
-    when beta > 0; the KL term's default beta = 0 matches common practice since Dr. GRPO
-    and DAPO). The std division and the 1/|o_i| weights make the expected gradient
-    differ from grad J in direction, not just scale (Liu et al. 2025). ``eps`` keeps a
-    group of equal returns at A = 0. Trajectory-level; groups of ``group_size`` columns.
-
-    Args:
-      params: policy params.
-      batch: [T, B] episodic trajectories with behaviour ``log_probs``.
-      apply_fn: ``apply(params, obs) -> (logits, values)``.
-      group_size: G, columns per level; None for the whole batch.
-      clip_eps: ratio clip epsilon.
-      eps: added to the group std.
-      beta: weight of the KL penalty to the reference policy.
-      ref_params: params of the reference policy (same ``apply_fn``).
-      ent_coef: weight of an entropy bonus, aggregated like the policy term:
-        (1/B) sum_i (1/|o_i|) sum_t m_t H_t.
-
-    Returns:
-      (loss, LossAux).
-    """
-    advantages = _grpo_advantages(batch, group_size, eps)
-    return _group_relative(
-        params, batch, apply_fn, advantages, True, clip_eps, beta, ref_params, ent_coef
-    )
+    return step, raw, _normalize(raw, mask)
 
 
 def _grpo_advantages(batch: Trajectory, group_size: int | None, eps) -> jax.Array:
@@ -902,17 +1117,70 @@ def _grpo_advantages(batch: Trajectory, group_size: int | None, eps) -> jax.Arra
     return (total - mean) / (std + eps)
 
 
-def dr_grpo(
-    params: Params,
+def _group_relative(
     batch: Trajectory,
+    inputs: WeightInputs,
+    advantages: jax.Array,
+    length_normalize: bool,
+    clip_eps: float,
+) -> Surrogate:
+    """GRPO's and Dr. GRPO's clipped policy term; advantages [B], one per sequence."""
+    num_steps = batch.mask.shape[0]
+    if length_normalize:
+        lengths = jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32), axis=0), 1.0)
+        step = _score_weights(batch, advantages / lengths)
+    else:
+        step = _score_weights(batch, advantages / num_steps)
+    aggregate = _per_sequence_mean if length_normalize else _per_token_budget
+    per_step = jnp.broadcast_to(advantages, batch.mask.shape)
+    log_ratio = _log_ratio(batch, inputs)
+    return _clipped(batch, log_ratio, step, per_step, aggregate, clip_eps)
+
+
+def _grpo(
+    batch: Trajectory,
+    inputs: WeightInputs,
     *,
-    apply_fn: ApplyFn,
     group_size: int | None = None,
     clip_eps: float = 0.2,
-    beta: float = 0.0,
-    ref_params: Params | None = None,
-    ent_coef: float = 0.0,
-) -> tuple[jax.Array, LossAux]:
+    eps: float = 1e-4,
+) -> Surrogate:
+    """Group Relative Policy Optimization (Shao et al. 2024, DeepSeekMath).
+
+    Over the G rollouts of one level (a "prompt"), the outcome advantage given to every
+    step of rollout i is
+
+      A_i = (R_i - mean_g R) / (std_g R + eps)     (population std, ddof = 0),
+
+    and the loss averages per-sequence means of a clipped ratio term (per token):
+
+      loss = -(1/B) sum_i (1/|o_i|) sum_t m_t [min(r_t A_i, clip(r_t, 1-eps_c, 1+eps_c)
+             A_i) - beta KL_t],   |o_i| = sum_t m_t (at least 1),
+
+    with r_t = pi / pi_behaviour (``batch.log_probs``) and the k3 estimator
+    KL_t = pi_ref/pi - log(pi_ref/pi) - 1 to a reference policy ``ref_params`` (needed
+    when beta > 0; the KL term's default beta = 0 matches common practice since Dr. GRPO
+    and DAPO). The std division and the 1/|o_i| weights make the expected gradient
+    differ from grad J in direction, not just scale (Liu et al. 2025). ``eps`` keeps a
+    group of equal returns at A = 0. Trajectory-level; groups of ``group_size`` columns.
+    The entropy bonus is aggregated like the policy term.
+
+    Args:
+      group_size: G, columns per level; None for the whole batch.
+      clip_eps: ratio clip epsilon.
+      eps: added to the group std.
+    """
+    advantages = _grpo_advantages(batch, group_size, eps)
+    return _group_relative(batch, inputs, advantages, True, clip_eps)
+
+
+def _dr_grpo(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    clip_eps: float = 0.2,
+) -> Surrogate:
     """Dr. GRPO, "GRPO done right" (Liu et al. 2025, "Understanding R1-Zero-Like
     Training: A Critical Perspective").
 
@@ -924,348 +1192,402 @@ def dr_grpo(
              - beta KL_t].
 
     At r = 1 the expected gradient is (G-1)/(G T) grad J: the group mean includes the
-    sample itself (see ``mean_baseline``). Trajectory-level.
+    sample itself (see ``mean_baseline``). Trajectory-level. The entropy bonus is
+    aggregated like the policy term.
+
+    Args:
+      group_size: G, columns per level; None for the whole batch.
+      clip_eps: ratio clip epsilon.
+    """
+    advantages = _mean_baseline_advantages(batch, group_size)
+    return _group_relative(batch, inputs, advantages, False, clip_eps)
+
+
+# --------------------------------------------------------------- off-policy estimators
+#
+# Data from a behaviour mu (``batch.log_probs`` = log mu(a_t|s_t)), gradient wanted at
+# a target pi_theta (the params): rho_t = pi_theta(a_t|s_t) / mu(a_t|s_t) enters the
+# weights as a number (``WeightInputs.log_probs``), so each gradient is still
+# sum_t w_t grad log pi_theta(a_t|s_t). On-policy (no target log-probs, or ratios
+# exactly 1) every importance-weighted estimator's weights are its on-policy
+# counterpart's bit for bit. Formulas: ../shared REFERENCE.md section 13.
+
+
+def _naive(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
+    """Naive off-policy gradient: the on-policy reward-to-go formula on the
+    behaviour's data, ignoring the ratio: w_t = G_t / B. Biased once pi != mu."""
+    return _reward_to_go(batch, inputs)
+
+
+def _trajectory_is(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
+    """Trajectory-level importance sampling (the likelihood-ratio form of
+    REINFORCE; e.g. Precup, Sutton, Singh 2000; Degris et al. 2012):
+
+      g = (1/B) sum_i rho_{0:T-1}^(i) R(tau_i) sum_t grad log pi_theta(a_t|s_t),
+
+    rho_{0:T-1} = prod_t pi_theta / mu over the episode. Unbiased for grad J(theta)
+    (E_mu[rho f] = E_pi[f]); its variance grows like exp(T KL), the Kish ESS of
+    the rho_i collapses first. The loss value is -(1/B) sum_i rho_i R_i, the IS
+    estimate of -J(theta). Episodic batches (one episode per column).
+    """
+    base = _reinforce(batch, inputs).weights
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is None:
+        return Surrogate(base)
+    rho = jnp.exp(jnp.sum(log_ratio, axis=0))  # [B]
+    objective = -jnp.mean(rho * _episode_returns(batch))
+    return Surrogate(
+        _scaled(base, jnp.broadcast_to(rho, log_ratio.shape), "trajectory_ratio"),
+        objective=objective,
+    )
+
+
+def _cumulative_ratio_reward_to_go(
+    batch: Trajectory, inputs: WeightInputs, truncation: float | None
+) -> Surrogate:
+    """w_t = (1/B) sum_{t' >= t} prod_{k <= t'} rho~_k r_t', rho~ = rho or
+    min(rho, truncation); on-policy the reward-to-go's weights."""
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is None:
+        return _reward_to_go(batch, inputs)
+    tag = "per_decision_ratio"
+    if truncation is not None:
+        log_ratio = jnp.minimum(log_ratio, jnp.log(truncation))
+        tag = f"truncated_ratio({truncation!r})"
+    mask = batch.mask.astype(jnp.float32)
+    weighted = batch.rewards * jnp.exp(jnp.cumsum(log_ratio, axis=0))
+    to_go = returns_lib.batch_reward_to_go(weighted, mask, _done(batch))
+    num_columns = mask.shape[1]
+    step = _column_weights(batch, f"reward_to_go*{tag}", to_go, 1.0 / num_columns)
+    objective = None
+    if truncation is None:
+        objective = -_per_trajectory(weighted, mask)
+    clipped = (log_ratio < _log_ratio(batch, inputs)).astype(jnp.float32)
+    return Surrogate(
+        step, objective=objective, clip_fraction=_per_live_step(clipped, mask)
+    )
+
+
+def _per_decision_is(batch: Trajectory, inputs: WeightInputs) -> Surrogate:
+    """Per-decision importance sampling (Precup, Sutton, Singh 2000):
+
+      g = (1/B) sum_i sum_t grad log pi_theta(a_t|s_t) sum_{t' >= t} rho_{0:t'} r_t',
+
+    each reward weighted by the ratios of the actions before it only. Unbiased for
+    grad J(theta), with less variance than trajectory IS. The loss value is
+    -(1/B) sum_i sum_t rho_{0:t} r_t (the per-decision IS estimate of -J). Episodic
+    batches. At rho = 1 the weights are ``reward_to_go``'s bit for bit.
+    """
+    return _cumulative_ratio_reward_to_go(batch, inputs, None)
+
+
+def _truncated_is(
+    batch: Trajectory, inputs: WeightInputs, *, truncation: float = 1.0
+) -> Surrogate:
+    """Truncated per-decision importance sampling: per-decision IS with
+    min(rho_t, c) in place of rho_t (c = ``truncation``; c = 1 as in Retrace,
+    Munos et al. 2016, and V-trace, Espeholt et al. 2018):
+
+      g = (1/B) sum_i sum_t grad log pi_theta(a_t|s_t) sum_{t' >= t}
+          prod_{k <= t'} min(rho_k, c) r_t'.
+
+    Biased (the truncated mass is dropped); bounded weights. ``clip_fraction`` is
+    the fraction of truncated steps. Episodic batches.
+
+    Args:
+      truncation: c > 0, the per-step ratio cap.
+    """
+    return _cumulative_ratio_reward_to_go(batch, inputs, truncation)
+
+
+def _ppo_dual_clip(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    gamma: float = 0.99,
+    lam: float = 0.95,
+    clip_eps: float = 0.2,
+    dual_clip: float = 3.0,
+    normalize_advantages: bool = True,
+    advantages: jax.Array | None = None,
+) -> Surrogate:
+    """Dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games with
+    Deep RL", arXiv:1912.09729): ``ppo_clip``'s objective, and for A_t < 0 also
+    max(., c A_t), so a large ratio on a negative advantage cannot push the loss
+    without bound:
+
+      pg_loss = -(1/B) sum m [A >= 0: min(r A, clip(r) A);
+                               A < 0: max(min(r A, clip(r) A), c A)].
+
+    Its gradient is w_t = r_t A_t / B where the unclipped branch is active
+    (A > 0, r <= 1 + eps; A < 0, 1 - eps <= r <= c), else 0. Biased under lag.
+
+    Args:
+      gamma: discount.
+      lam: GAE lambda.
+      clip_eps: ratio clip epsilon.
+      dual_clip: c > 1, the lower bound c A on a negative advantage's term.
+      normalize_advantages: normalise A over the batch.
+      advantages: [T, B] precomputed GAE (then ``gamma`` and ``lam`` are unused).
+    """
+    return _ppo_body(
+        batch, inputs, gamma, lam, clip_eps, normalize_advantages, advantages, dual_clip
+    )
+
+
+def _gspo(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    clip_eps: float = 4e-4,
+    eps: float = 1e-4,
+) -> Surrogate:
+    """Group Sequence Policy Optimization (Zheng et al. 2025, arXiv:2507.18071):
+    GRPO's group-normalised advantage A_i with one ratio per sequence,
+
+      s_i = exp((1/|o_i|) sum_t log rho_{i,t}),
+      loss = -(1/B) sum_i min(s_i A_i, clip(s_i, 1 - eps, 1 + eps) A_i),
+
+    clipped at the sequence level with a small eps (the paper: about 3e-4 to 4e-4).
+    Gradient: w_t = s_i A_i / (B |o_i|) on the sequences whose unclipped branch is
+    active, 0 on the others; at s = 1 ``grpo``'s weights bit for bit. Biased under
+    lag. Trajectory-level.
+
+    Args:
+      group_size: G, columns per level; None for the whole batch.
+      clip_eps: sequence-ratio clip epsilon.
+      eps: added to the group std.
+    """
+    advantages = _grpo_advantages(batch, group_size, eps)
+    lengths = jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32), axis=0), 1.0)
+    step = _score_weights(batch, advantages / lengths)
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is not None:
+        sequence = jnp.sum(log_ratio, axis=0) / lengths  # [B] log s_i
+        log_ratio = _zero_padding(
+            jnp.broadcast_to(sequence, log_ratio.shape), batch.mask
+        )
+    per_step = jnp.broadcast_to(advantages, batch.mask.shape)
+    surrogate = _clipped(batch, log_ratio, step, per_step, _per_sequence_mean, clip_eps)
+    return surrogate
+
+
+def _cispo(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    group_size: int | None = None,
+    eps: float = 1e-4,
+    eps_low: float = 1.0,
+    eps_high: float = 0.28,
+) -> Surrogate:
+    """CISPO, clipped IS-weight policy optimisation (MiniMax-M1 report 2025,
+    arXiv:2506.13585): the IS weight is clipped and stop-gradiented, so no token
+    loses its gradient:
+
+      loss = -(1/N) sum_i sum_t m sg(clip(rho_t, 1 - eps_low, 1 + eps_high)) A_i
+             log pi_theta(a_t|s_t),   N = sum_{i,t} m (token mean),
+
+    A_i GRPO's group-normalised advantage. The report sets no lower bound (a large
+    eps_low; 1.0 here, a bound of 0) and tunes eps_high (0.28 here, DAPO's
+    clip-higher value). Weights w_t = clip(rho_t) A_i / N. Biased under lag (the
+    clip). ``clip_fraction`` is the fraction of clipped tokens. Trajectory-level.
+
+    Args:
+      group_size: G, columns per level; None for the whole batch.
+      eps: added to the group std.
+      eps_low: the weight's lower clip 1 - eps_low.
+      eps_high: the weight's upper clip 1 + eps_high.
+    """
+    mask = batch.mask.astype(jnp.float32)
+    advantages = _grpo_advantages(batch, group_size, eps)
+    tokens = jnp.maximum(jnp.sum(mask), 1.0)
+    step = _column_weights(batch, SCORE, _score_feature(batch), advantages / tokens)
+    log_ratio = _log_ratio(batch, inputs)
+    if log_ratio is None:
+        return Surrogate(step)
+    ratio = jnp.exp(log_ratio)
+    weight = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    tag = f"cispo({eps_low!r}, {eps_high!r})"
+    clipped = (weight != ratio).astype(jnp.float32)
+    return Surrogate(
+        _scaled(step, weight, tag),
+        approx_kl=_per_live_step((ratio - 1.0) - log_ratio, mask),
+        clip_fraction=_per_live_step(clipped, mask),
+    )
+
+
+def _vtrace_returns(
+    batch: Trajectory, values: jax.Array, rho: jax.Array, gamma, lam, c_bar, rho_bar
+) -> tuple[jax.Array, jax.Array]:
+    """([T, B] v_s, [T, B] V(s_{t+1}) bootstraps) of V-trace (Espeholt et al. 2018):
+    v_s = V(s) + sum_{t >= s} gamma^(t-s) (prod_{i=s..t-1} c_i) delta_t,
+    delta_t = min(rho_bar, rho_t) (r_t + gamma V(s_{t+1}) - V(s_t)),
+    c_i = lam min(c_bar, rho_i); no bootstrap after a termination, the batch's
+    next_values after a truncation; the recursion stops at each episode's end."""
+    live = _live(batch.mask)
+    values = _zero_padding(values, batch.mask)
+    done = _done(batch) | ~live
+    following = jnp.concatenate([values[1:], jnp.zeros_like(values[:1])])
+    bootstrap = jnp.where(batch.truncated, batch.next_values, following)
+    bootstrap = _zero_padding(jnp.where(batch.terminated, 0.0, bootstrap), batch.mask)
+    rewards = _zero_padding(batch.rewards.astype(jnp.float32), batch.mask)
+    delta = jnp.minimum(rho_bar, rho) * (rewards + gamma * bootstrap - values)
+    delta = _zero_padding(delta, batch.mask)
+    carry_on = jnp.where(done, 0.0, gamma * lam * jnp.minimum(c_bar, rho))
+
+    def step(acc, x):
+        d, k = x
+        acc = d + k * acc
+        return acc, acc
+
+    _, corrections = jax.lax.scan(
+        step, jnp.zeros(values.shape[1:]), (delta, carry_on), reverse=True
+    )
+    return values + corrections, bootstrap
+
+
+def _vtrace(
+    batch: Trajectory,
+    inputs: WeightInputs,
+    *,
+    gamma: float = 0.99,
+    lam: float = 1.0,
+    rho_bar: float = 1.0,
+    c_bar: float = 1.0,
+    pg_rho_bar: float = 1.0,
+) -> Surrogate:
+    """The V-trace actor-critic policy gradient (Espeholt et al. 2018, IMPALA,
+    arXiv:1802.01561), with the current critic V (``apply_fn``'s values):
+
+      w_s = min(pg_rho_bar, rho_s) (r_s + gamma q_{s+1} - V(s_s)) / B,
+      q_{s+1} = lam v_{s+1} + (1 - lam) V(s_{s+1})   (v_{s+1} at lam = 1, the paper),
+
+    v the V-trace targets (``_vtrace_returns``), which the value term regresses
+    V(s_s) on; q is rlax's lambda-mixed bootstrap. Biased under lag (truncated ratios; gamma < 1 and lam < 1 add
+    more); on-policy (rho = 1) with lam = 1 the advantage is the bootstrapped
+    n-step return minus V. ``rlax.vtrace_td_error_and_advantage`` computes the
+    same quantities.
+
+    Args:
+      gamma: discount.
+      lam: lambda of the traces c_i = lam min(c_bar, rho_i).
+      rho_bar: truncation of the TD errors' ratios.
+      c_bar: truncation of the traces' ratios.
+      pg_rho_bar: truncation of the policy gradient's ratio.
+    """
+    log_ratio = _log_ratio(batch, inputs)
+    ones = jnp.ones(batch.mask.shape, jnp.float32)
+    rho = ones if log_ratio is None else jnp.exp(log_ratio)
+    vs, bootstrap = _vtrace_returns(
+        batch, inputs.values, rho, gamma, lam, c_bar, rho_bar
+    )
+    values = _zero_padding(inputs.values, batch.mask)
+    mixed = lam * vs[1:] + (1.0 - lam) * values[1:]
+    following = jnp.concatenate([mixed, jnp.zeros_like(vs[:1])])
+    next_vs = jnp.where(_done(batch), bootstrap, following)
+    rewards = _zero_padding(batch.rewards.astype(jnp.float32), batch.mask)
+    advantage = jnp.minimum(pg_rho_bar, rho) * (rewards + gamma * next_vs - values)
+    name = _feature_key("vtrace", gamma, lam, rho_bar, c_bar, pg_rho_bar)
+    step = _column_weights(batch, name, advantage, 1.0 / batch.mask.shape[1])
+    truncated = (rho > jnp.minimum(pg_rho_bar, rho)).astype(jnp.float32)
+    mask = batch.mask.astype(jnp.float32)
+    return Surrogate(
+        step,
+        value_targets=vs,
+        approx_kl=0.0
+        if log_ratio is None
+        else _per_live_step((rho - 1.0) - log_ratio, mask),
+        clip_fraction=_per_live_step(truncated, mask),
+    )
+
+
+# ------------------------------------------------------------ the losses and weights
+
+reinforce = surrogate_loss(_reinforce)
+reward_to_go = surrogate_loss(_reward_to_go)
+constant_baseline = surrogate_loss(_constant_baseline)
+mean_baseline = surrogate_loss(_mean_baseline)
+rloo = surrogate_loss(_rloo)
+_optimal_baseline_scalar = surrogate_loss(_optimal_baseline, score_norms=True)
+optimal_baseline_per_parameter = scores_loss(
+    optimal_baseline_per_parameter_from_scores,
+    "optimal_baseline_per_parameter",
+    value=_reinforce,
+)
+value_baseline = surrogate_loss(_value_baseline, value_regression(), entropy_bonus())
+gae = surrogate_loss(_gae, value_regression(), entropy_bonus())
+ppo_clip = surrogate_loss(
+    _ppo_clip, value_regression(clipped=True), entropy_bonus(0.01)
+)
+grpo = surrogate_loss(
+    _grpo, reference_kl(_per_sequence_mean), entropy_bonus(0.0, _per_sequence_mean)
+)
+dr_grpo = surrogate_loss(
+    _dr_grpo, reference_kl(_per_token_budget), entropy_bonus(0.0, _per_token_budget)
+)
+
+
+def optimal_baseline(
+    params: Params,
+    batch: Trajectory,
+    *,
+    apply_fn: ApplyFn,
+    variant: str = "scalar",
+    leave_one_out: bool = True,
+    group_size: int | None = None,
+) -> tuple[jax.Array, LossAux]:
+    """REINFORCE with the variance-minimising constant baseline: the scalar form
+    (a weighting of scores, see ``_optimal_baseline``) or, with
+    ``variant="per_parameter"``, ``optimal_baseline_per_parameter``.
 
     Args:
       params: policy params.
-      batch: [T, B] episodic trajectories with behaviour ``log_probs``.
+      batch: [T, B] episodic trajectories.
       apply_fn: ``apply(params, obs) -> (logits, values)``.
-      group_size: G, columns per level; None for the whole batch.
-      clip_eps: ratio clip epsilon.
-      beta: weight of the KL penalty to the reference policy.
-      ref_params: params of the reference policy (same ``apply_fn``).
-      ent_coef: weight of an entropy bonus, aggregated like the policy term:
-        (1/(B T)) sum_i sum_t m_t H_t.
+      variant: "scalar" or "per_parameter".
+      leave_one_out: estimate each trajectory's baseline without it (unbiased).
+      group_size: estimate the baseline within groups of G columns; None for the batch.
 
     Returns:
       (loss, LossAux).
     """
-    advantages = _mean_baseline_advantages(batch, group_size)
-    return _group_relative(
-        params, batch, apply_fn, advantages, False, clip_eps, beta, ref_params, ent_coef
-    )
-
-
-# ----------------------------------------------------------------- per-step weights
-#
-# At the on-policy point (the batch was just sampled with ``params``, so every
-# ratio pi / pi_behaviour is 1) the gradient of each estimator above, with its value,
-# entropy and KL terms off, is a weighting of per-step scores:
-#
-#   -grad loss = sum_{t,i} w_{t,i} grad log pi(a_t|s_t).
-#
-# (PPO's and GRPO's clipped terms: at r = 1 the unclipped branch is active, so the
-# gradient is the unclipped one.) The weights come as a few named per-step *features*
-# f[t, i], each a function of column i alone (mask, returns, advantages), with
-# per-column *coefficients* c[i] that may depend on the whole batch (baselines,
-# normalisation, 1/B): w_{t,i} = sum_f c_f[i] f[t, i]. That split lets the variance
-# study compute each feature's per-trajectory gradient once per sampled batch and get
-# every estimator on every sub-batch from coefficients (rl_pg.variance.study).
-
-SCORE = "score"  # the feature m_t: its per-trajectory gradient is grad log p(tau_i)
-
-
-class StepWeights(NamedTuple):
-    """-grad loss = sum_f sum_{t,i} coefficients[f][i] features[f][t, i] grad log pi.
-
-    Attributes:
-      features: name -> [T, B] per-step weights of column i that depend on column i
-        alone (0 on padding); equal names mean equal arrays (so callers may share
-        them between estimators).
-      coefficients: name -> [B] per-column coefficients (may depend on the batch);
-        the same names as ``features``.
-    """
-
-    features: dict[str, jax.Array]
-    coefficients: dict[str, jax.Array]
-
-    def dense(self) -> jax.Array:
-        """[T, B] w_{t,i} = sum_f c_f[i] f[t, i]."""
-        return sum(self.coefficients[k][None, :] * f for k, f in self.features.items())
-
-
-class WeightInputs(NamedTuple):
-    """What per-step weights may read besides the batch (all without gradient).
-
-    Attributes:
-      values: [T, B] V(s_t) under the params (``apply_fn``'s second output).
-      score_sq_norms: [B] ||s_i||^2 of the per-trajectory scores
-        s_i = sum_t m_t grad log pi(a_t|s_t) (the optimal baseline's weights).
-    """
-
-    values: jax.Array
-    score_sq_norms: jax.Array
-
-
-def trajectory_scores(
-    params: Params, batch: Trajectory, apply_fn: ApplyFn
-) -> jax.Array:
-    """[B, P] per-column scores s_i = sum_t m_t grad log pi(a_t|s_t), flattened
-    (``ravel_pytree`` order)."""
-    observations, actions, mask = _clean_inputs(batch)
-
-    def trajectory_log_prob(p, obs, act, m):
-        logits, _ = apply_fn(p, obs)
-        return jnp.sum(_zero_padding(policies.log_prob(logits, act), m))
-
-    def flat_score(obs, act, m):
-        grads = jax.grad(trajectory_log_prob)(sg(params), obs, act, m)
-        return ravel_pytree(grads)[0]
-
-    return jax.vmap(flat_score, in_axes=(1, 1, 1))(observations, actions, mask)
-
-
-def weight_inputs(params: Params, batch: Trajectory, apply_fn: ApplyFn) -> WeightInputs:
-    """``WeightInputs`` computed directly (a forward pass and per-column gradients)."""
-    observations, _, _ = _clean_inputs(batch)
-    _, values = apply_fn(params, observations)
-    scores = trajectory_scores(params, batch, apply_fn)
-    return WeightInputs(sg(values), sg(jnp.sum(jnp.square(scores), axis=1)))
-
-
-def _feature_key(name: str, *values: Any) -> str:
-    """A feature's name with its hyperparameters (Python numbers by value, arrays
-    by identity, so equal names mean equal features)."""
-    parts = [repr(v) if _is_number(v) else f"array@{id(v)}" for v in values]
-    return f"{name}({', '.join(parts)})" if parts else name
-
-
-def _score_feature(batch: Trajectory) -> jax.Array:
-    return (batch.mask > 0).astype(jnp.float32)
-
-
-def _column_weights(
-    batch: Trajectory, name: str, feature: jax.Array, per_column: jax.Array
-) -> StepWeights:
-    """One feature (0 on padding) with per-column coefficients [B] (or a scalar)."""
-    coefficient = jnp.broadcast_to(per_column, batch.mask.shape[1:])
-    feature = _zero_padding(feature.astype(jnp.float32), batch.mask)
-    return StepWeights({name: feature}, {name: coefficient.astype(jnp.float32)})
-
-
-def _merge(*parts: StepWeights) -> StepWeights:
-    features, coefficients = {}, {}
-    for part in parts:
-        features |= part.features
-        coefficients |= part.coefficients
-    return StepWeights(features, coefficients)
-
-
-def _policy_gradient_only(name: str, **coefs: Any) -> None:
-    """Weights describe the score terms only: value, entropy and KL terms must be off."""
-    on = [k for k, v in coefs.items() if not (isinstance(v, jax.Array) or v == 0)]
-    if on:
+    loss = _optimal_baseline_scalar
+    if variant == "per_parameter":
+        loss = optimal_baseline_per_parameter
+    elif variant != "scalar":
         raise ValueError(
-            f"{name}: per-step weights describe the policy-gradient terms only; "
-            f"{', '.join(f'{k}={coefs[k]!r}' for k in on)} must be 0."
+            f"variant must be 'scalar' or 'per_parameter', got {variant!r}."
         )
+    kwargs = {"leave_one_out": leave_one_out, "group_size": group_size}
+    if variant == "scalar":
+        kwargs["variant"] = variant
+    return loss(params, batch, apply_fn=apply_fn, **kwargs)
 
 
-def _return_feature(batch: Trajectory) -> jax.Array:
-    mask = batch.mask.astype(jnp.float32)
-    return returns_lib.batch_total_return(batch.rewards, mask, _done(batch))
+naive = surrogate_loss(_naive)
+trajectory_is = surrogate_loss(_trajectory_is)
+per_decision_is = surrogate_loss(_per_decision_is)
+truncated_is = surrogate_loss(_truncated_is)
+ppo_dual_clip = surrogate_loss(
+    _ppo_dual_clip, value_regression(clipped=True), entropy_bonus(0.01)
+)
+gspo = surrogate_loss(_gspo, entropy_bonus(0.0, _per_sequence_mean))
+cispo = surrogate_loss(_cispo, entropy_bonus(0.0))
+vtrace = surrogate_loss(_vtrace, value_regression(), entropy_bonus())
 
-
-def reinforce_weights(batch: Trajectory, inputs: WeightInputs) -> StepWeights:
-    """``reinforce``: w_t = R(tau_i) / B."""
-    num_columns = batch.mask.shape[1]
-    return _column_weights(batch, "return", _return_feature(batch), 1.0 / num_columns)
-
-
-def reward_to_go_weights(batch: Trajectory, inputs: WeightInputs) -> StepWeights:
-    """``reward_to_go``: w_t = G_t / B."""
-    mask = batch.mask.astype(jnp.float32)
-    to_go = returns_lib.batch_reward_to_go(batch.rewards, mask, _done(batch))
-    return _column_weights(batch, "reward_to_go", to_go, 1.0 / mask.shape[1])
-
-
-def constant_baseline_weights(
-    batch: Trajectory, inputs: WeightInputs, *, b: float = 0.0
-) -> StepWeights:
-    """``constant_baseline``: w_t = (R(tau_i) - b) / B."""
-    num_columns = batch.mask.shape[1]
-    return _merge(
-        _column_weights(batch, "return", _return_feature(batch), 1.0 / num_columns),
-        _column_weights(batch, SCORE, _score_feature(batch), -b / num_columns),
-    )
-
-
-def _score_weights(batch: Trajectory, advantages: jax.Array) -> StepWeights:
-    """w_t = A_i / B for one advantage per trajectory, A [B]."""
-    return _column_weights(
-        batch, SCORE, _score_feature(batch), advantages / batch.mask.shape[1]
-    )
-
-
-def mean_baseline_weights(
-    batch: Trajectory, inputs: WeightInputs, *, group_size: int | None = None
-) -> StepWeights:
-    """``mean_baseline``: w_t = (R_i - mean_g R) / B."""
-    return _score_weights(batch, _mean_baseline_advantages(batch, group_size))
-
-
-def rloo_weights(
-    batch: Trajectory, inputs: WeightInputs, *, group_size: int | None = None
-) -> StepWeights:
-    """``rloo``: w_t = (R_i - mean_{j != i} R_j) / B."""
-    return _score_weights(batch, _rloo_advantages(batch, group_size))
-
-
-def optimal_baseline_weights(
-    batch: Trajectory,
-    inputs: WeightInputs,
-    *,
-    variant: str = "scalar",
-    leave_one_out: bool = True,
-    group_size: int | None = None,
-) -> StepWeights:
-    """``optimal_baseline`` (scalar): w_t = (R_i - b_i) / B, b_i from ||s_j||^2.
-
-    The per-parameter variant is not a weighting of scores (its baseline differs
-    per parameter component): ValueError.
-    """
-    if variant != "scalar":
-        raise ValueError(
-            "optimal_baseline: only variant='scalar' is a weighting of per-step "
-            f"scores, got variant={variant!r}."
-        )
-    total = _episode_returns(batch)
-    baseline = _weighted_return_baseline(
-        total, inputs.score_sq_norms, leave_one_out=leave_one_out, group_size=group_size
-    )
-    return _score_weights(batch, total - baseline)
-
-
-def value_baseline_weights(
-    batch: Trajectory,
-    inputs: WeightInputs,
-    *,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.0,
-) -> StepWeights:
-    """``value_baseline`` (vf_coef = ent_coef = 0): w_t = (G_t - V(s_t)) / B."""
-    _policy_gradient_only("value_baseline", vf_coef=vf_coef, ent_coef=ent_coef)
-    mask = batch.mask.astype(jnp.float32)
-    to_go = returns_lib.batch_reward_to_go(batch.rewards, mask, _done(batch))
-    advantages = to_go - _zero_padding(inputs.values, mask)
-    return _column_weights(
-        batch, "reward_to_go_minus_value", advantages, 1.0 / mask.shape[1]
-    )
-
-
-def _gae_feature(batch: Trajectory, gamma, lam, advantages) -> tuple[str, jax.Array]:
-    if advantages is not None:
-        return _feature_key("advantages", advantages), sg(advantages)
-    return _feature_key("gae", gamma, lam), returns_lib.trajectory_gae(
-        batch, gamma, lam
-    )
-
-
-def gae_weights(
-    batch: Trajectory,
-    inputs: WeightInputs,
-    *,
-    gamma: float = 0.99,
-    lam: float = 0.95,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.0,
-) -> StepWeights:
-    """``gae`` (vf_coef = ent_coef = 0): w_t = A_t^GAE / B."""
-    _policy_gradient_only("gae", vf_coef=vf_coef, ent_coef=ent_coef)
-    name, advantages = _gae_feature(batch, gamma, lam, None)
-    return _column_weights(batch, name, advantages, 1.0 / batch.mask.shape[1])
-
-
-def ppo_clip_weights(
-    batch: Trajectory,
-    inputs: WeightInputs,
-    *,
-    gamma: float = 0.99,
-    lam: float = 0.95,
-    clip_eps: float = 0.2,
-    normalize_advantages: bool = True,
-    vf_coef: float = 0.5,
-    ent_coef: float = 0.01,
-    clip_value_loss: bool = False,
-    advantages: jax.Array | None = None,
-) -> StepWeights:
-    """``ppo_clip`` at r = 1 (vf_coef = ent_coef = 0): w_t = A_t / B, with A_t
-    normalised over the batch's live steps, (A_t - mu) / (sigma + 1e-8), as
-    the coefficients 1 / (B (sigma + 1e-8)) on A_t and -mu / (B (sigma + 1e-8)) on
-    the score."""
-    _policy_gradient_only("ppo_clip", vf_coef=vf_coef, ent_coef=ent_coef)
-    name, raw = _gae_feature(batch, gamma, lam, advantages)
-    mask = batch.mask.astype(jnp.float32)
-    num_columns = mask.shape[1]
-    if not normalize_advantages:
-        return _column_weights(batch, name, raw, 1.0 / num_columns)
-    mean = _per_live_step(raw, mask)
-    scale = jnp.sqrt(_per_live_step(jnp.square(raw - mean), mask)) + 1e-8
-    return _merge(
-        _column_weights(batch, name, raw, 1.0 / (num_columns * scale)),
-        _column_weights(
-            batch, SCORE, _score_feature(batch), -mean / (num_columns * scale)
-        ),
-    )
-
-
-def _group_relative_weights(
-    batch: Trajectory,
-    advantages: jax.Array,
-    length_normalize: bool,
-    beta: float,
-    ent_coef: float,
-    name: str,
-) -> StepWeights:
-    _policy_gradient_only(name, beta=beta, ent_coef=ent_coef)
-    num_steps, num_columns = batch.mask.shape
-    if length_normalize:
-        lengths = jnp.maximum(jnp.sum(batch.mask.astype(jnp.float32), axis=0), 1.0)
-        return _score_weights(batch, advantages / lengths)
-    return _score_weights(batch, advantages / num_steps)
-
-
-def grpo_weights(
-    batch: Trajectory,
-    inputs: WeightInputs,
-    *,
-    group_size: int | None = None,
-    clip_eps: float = 0.2,
-    eps: float = 1e-4,
-    beta: float = 0.0,
-    ref_params: Params | None = None,
-    ent_coef: float = 0.0,
-) -> StepWeights:
-    """``grpo`` at r = 1 (beta = ent_coef = 0): w_t = A_i / (B |o_i|)."""
-    advantages = _grpo_advantages(batch, group_size, eps)
-    return _group_relative_weights(batch, advantages, True, beta, ent_coef, "grpo")
-
-
-def dr_grpo_weights(
-    batch: Trajectory,
-    inputs: WeightInputs,
-    *,
-    group_size: int | None = None,
-    clip_eps: float = 0.2,
-    beta: float = 0.0,
-    ref_params: Params | None = None,
-    ent_coef: float = 0.0,
-) -> StepWeights:
-    """``dr_grpo`` at r = 1 (beta = ent_coef = 0): w_t = (R_i - mean_g R) / (B T)."""
-    advantages = _mean_baseline_advantages(batch, group_size)
-    return _group_relative_weights(batch, advantages, False, beta, ent_coef, "dr_grpo")
-
-
-def weighted_gradient(
-    params: Params, batch: Trajectory, weights: StepWeights, apply_fn: ApplyFn
-) -> Params:
-    """-grad loss from per-step weights: grad of sum_{t,i} w_{t,i} log pi(a_t|s_t)."""
-
-    def surrogate(p):
-        fwd = _forward(p, batch, apply_fn)
-        return jnp.sum(_zero_padding(fwd.log_probs * sg(weights.dense()), fwd.mask))
-
-    return jax.grad(surrogate)(params)
+reinforce_weights = policy_weights(reinforce)
+reward_to_go_weights = policy_weights(reward_to_go)
+constant_baseline_weights = policy_weights(constant_baseline)
+mean_baseline_weights = policy_weights(mean_baseline)
+rloo_weights = policy_weights(rloo)
+optimal_baseline_weights = policy_weights(_optimal_baseline_scalar)
+value_baseline_weights = policy_weights(value_baseline)
+gae_weights = policy_weights(gae)
+ppo_clip_weights = policy_weights(ppo_clip)
+grpo_weights = policy_weights(grpo)
+dr_grpo_weights = policy_weights(dr_grpo)
 
 
 # ---------------------------------------------------------------------------- registry
@@ -1320,7 +1642,20 @@ class EstimatorSpec:
         for an estimator that is no weighting of scores but a function of the
         per-trajectory scores s_i (flat, [B, P]): its estimate -grad loss at the
         on-policy point (the per-parameter optimal baseline); the study uses it as
-        it uses ``weights``.
+        it uses ``weights``. An entry with ``from_scores`` and no ``weights`` is
+        not a weighting.
+      needs_critic: its gradient reads a critic's values (V(s_t) from the params or
+        the batch's collection-time values), so a critic-less policy gets a
+        meaningless estimate.
+      unbiased_off_policy: on data from a behaviour mu != pi_theta (the batch's
+        ``log_probs``), E_mu[g_hat] = c grad J(theta) with ``mean_factor``'s c (an
+        importance-weighted estimator); False for the on-policy formulas and for
+        clipped or truncated ratios.
+      in_lag_study: studied by default under policy lag (off-policy estimators).
+
+    A loss built by ``surrogate_loss`` gets its ``weights`` derived
+    (``policy_weights``) when the entry gives neither ``weights`` nor
+    ``from_scores``.
     """
 
     name: str
@@ -1336,6 +1671,14 @@ class EstimatorSpec:
     in_study: bool = True
     weights: Callable[..., StepWeights] | None = None
     from_scores: Callable[..., jax.Array] | None = None
+    needs_critic: bool = False
+    unbiased_off_policy: bool = False
+    in_lag_study: bool = False
+
+    def __post_init__(self):
+        built = getattr(self.loss, "weighting", None)
+        if self.weights is None and self.from_scores is None and built is not None:
+            object.__setattr__(self, "weights", policy_weights(self.loss))
 
 
 REGISTRY: dict[str, EstimatorSpec] = {}
@@ -1374,14 +1717,6 @@ def _check_loss(loss: Any, name: str) -> None:
             f"estimator {name!r}: the loss must have the signature "
             "loss(params, batch, *, apply_fn, **hyperparameters) -> (loss, aux)"
         )
-
-
-def _keyword_only(fn: Callable) -> dict[str, Any]:
-    return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.kind is p.KEYWORD_ONLY
-    }
 
 
 def _check_weights(spec: EstimatorSpec) -> None:
@@ -1506,6 +1841,13 @@ _CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "clip_value_loss": (lambda v: isinstance(v, bool), "a bool"),
     "advantages": (lambda v: v is None, "None (or an array at call time)"),
     "ref_params": (lambda v: True, "a params pytree or None"),
+    "truncation": (_positive, "a positive number"),
+    "dual_clip": (lambda v: _is_number(v) and v > 1.0, "a number > 1"),
+    "eps_low": (lambda v: _positive(v) and v <= 1.0, "a number in (0, 1]"),
+    "eps_high": (_positive, "a positive number"),
+    "rho_bar": (_positive, "a positive number"),
+    "c_bar": (_positive, "a positive number"),
+    "pg_rho_bar": (_positive, "a positive number"),
 }
 _RLOO_GROUPS = {
     "group_size": (
@@ -1576,9 +1918,19 @@ for _spec in (
         per_trajectory=True,
         mean_factor=_unbiased,
         weights=value_baseline_weights,
+        needs_critic=True,
     ),
-    EstimatorSpec("gae", gae, per_trajectory=True, weights=gae_weights),
-    EstimatorSpec("ppo_clip", ppo_clip, rescaled=True, weights=ppo_clip_weights),
+    EstimatorSpec(
+        "gae", gae, per_trajectory=True, weights=gae_weights, needs_critic=True
+    ),
+    EstimatorSpec(
+        "ppo_clip",
+        ppo_clip,
+        rescaled=True,
+        weights=ppo_clip_weights,
+        needs_critic=True,
+        in_lag_study=True,
+    ),
     EstimatorSpec(
         "grpo",
         grpo,
@@ -1587,6 +1939,7 @@ for _spec in (
         rescaled=True,
         min_group_size=2,
         weights=grpo_weights,
+        in_lag_study=True,
     ),
     EstimatorSpec(
         "dr_grpo",
@@ -1596,6 +1949,81 @@ for _spec in (
         mean_factor=_dr_grpo_shrink,
         rescaled=True,
         weights=dr_grpo_weights,
+    ),
+    # Off-policy estimators (REFERENCE.md section 13): not in the on-policy study
+    # (their on-policy rows would repeat reward_to_go's or grpo's), in the lag study.
+    EstimatorSpec(
+        "naive",
+        naive,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "trajectory_is",
+        trajectory_is,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+        unbiased_off_policy=True,
+    ),
+    EstimatorSpec(
+        "per_decision_is",
+        per_decision_is,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+        unbiased_off_policy=True,
+    ),
+    EstimatorSpec(
+        "truncated_is",
+        truncated_is,
+        trajectory_level=True,
+        per_trajectory=True,
+        mean_factor=_unbiased,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "ppo_dual_clip",
+        ppo_dual_clip,
+        rescaled=True,
+        needs_critic=True,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "gspo",
+        gspo,
+        trajectory_level=True,
+        self_normalised=True,
+        rescaled=True,
+        min_group_size=2,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "cispo",
+        cispo,
+        trajectory_level=True,
+        self_normalised=True,
+        rescaled=True,
+        min_group_size=2,
+        in_study=False,
+        in_lag_study=True,
+    ),
+    EstimatorSpec(
+        "vtrace",
+        vtrace,
+        per_trajectory=True,
+        needs_critic=True,
+        in_study=False,
+        in_lag_study=True,
     ),
 ):
     register(_spec)

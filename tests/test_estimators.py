@@ -49,6 +49,14 @@ DEFAULT_KWARGS = {
     "ppo_clip": {},
     "grpo": {"group_size": GROUP},
     "dr_grpo": {"group_size": GROUP},
+    "naive": {},
+    "trajectory_is": {},
+    "per_decision_is": {},
+    "truncated_is": {},
+    "ppo_dual_clip": {},
+    "gspo": {"group_size": GROUP},
+    "cispo": {"group_size": GROUP},
+    "vtrace": {},
 }
 
 
