@@ -308,3 +308,54 @@ def test_an_estimate_that_is_zero_up_to_rounding_has_one_defined_cosine():
     U = X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-300)
     cos = U @ Y.mean(0) / np.linalg.norm(Y.mean(0))
     assert cos[2] == 0 and exact_zero["cos_true"] == pytest.approx(cos.mean())
+
+
+def _rare_long_episodes(rng, mean, size):
+    """Rows with 6x the noise in 5% of them (rare long episodes): heavy tails."""
+    scale = np.array([2.0, 1.0, 0.5, 0.3, 0.2])
+    big = np.where(rng.random((size, 1)) < 0.05, 6.0, 1.0)
+    return mean + scale * big * rng.normal(size=(size, 5)), np.sum(scale**2) * 2.7
+
+
+def test_variance_interval_widens_with_heavy_tails():
+    """With rare long episodes the jackknife s.e. of tr S is itself noisy: the normal
+    quantile on the log scale covered 74% here; the Student quantile at the
+    jackknife's Satterthwaite degrees of freedom covers >= 80%."""
+    rng = np.random.default_rng(0)
+    hits, reps = 0, 300
+    for _ in range(reps):
+        X, truth = _rare_long_episodes(rng, 1.0, 64)
+        s = statistics.summarize(X, 1.0 + 0.3 * rng.normal(size=(16, 5)))
+        hits += s["variance_lo"] <= truth <= s["variance_hi"]
+    assert hits / reps >= 0.8, hits / reps
+
+
+def test_jackknife_degrees_of_freedom_fall_with_heavy_tails():
+    rng = np.random.default_rng(1)
+    normal = np.concatenate([[0.0], rng.normal(size=64), rng.normal(size=32)])
+    df = statistics._jackknife_df(normal, 64)
+    assert 40 < df < 130, df
+    heavy = normal.copy()
+    heavy[5] = 30.0  # one far replicate: few effective degrees of freedom
+    assert statistics._jackknife_df(heavy, 64) < 5
+
+
+def test_rel_variance_upper_side_is_finite_and_near_the_spread():
+    """rel_variance = tr S / |mu|^2 with |mu|^2 clearly > 0 but noisy: 1 / (p - z se)
+    made its top 5-30x the spread, or infinite; the log-scale jackknife keeps each
+    half within 3x the spread and covers."""
+    rng = np.random.default_rng(2)
+    mean = np.array([1.0, 0.8, 0.6, 0.4, 0.2])
+    points, highs, lows, hits = [], [], [], 0
+    for _ in range(200):
+        X, tr_sigma = _rare_long_episodes(rng, mean, 64)
+        truth = tr_sigma / np.sum(mean**2)
+        s = statistics.summarize(X, mean + 0.3 * rng.normal(size=(16, 5)))
+        points.append(s["rel_variance"])
+        highs.append(s["rel_variance_hi"] - s["rel_variance"])
+        lows.append(s["rel_variance"] - s["rel_variance_lo"])
+        hits += s["rel_variance_lo"] <= truth <= s["rel_variance_hi"]
+    sd = np.std(points)
+    assert np.all(np.isfinite(highs))
+    assert np.median(highs) < 3 * sd and np.median(lows) < 3 * sd
+    assert 0.9 <= hits / 200 <= 0.99, hits / 200
