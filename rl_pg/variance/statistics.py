@@ -36,8 +36,10 @@ right-skewed sum of chi-squares (:func:`_bias2_interval`): the longer half lies
 below the point (rare large overestimates), and the upper bound is a score-type
 inversion whose variance grows with bias2. It is continuous in its inputs.
 cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so its
-O(1/M + 1/K) bias is as large as its spread there: point and interval are shifted by
-the two-sample jackknife bias estimate (Quenouille 1956). Every cosine's point
+O(1/M + 1/K) bias is as large as its spread there: the point is shifted by
+the two-sample jackknife bias estimate (Quenouille 1956). Its interval is bias2's
+for the unit-scaled estimates projected off the mean direction, halved and mirrored
+(2 (1 - cos) is their bias2; :func:`_cos_mean_half_widths`): long above the point. Every cosine's point
 and interval are then clamped to [-1, 1]: clamping an interval does not change
 whether it holds a truth in [-1, 1], so coverage at the truth cos = 1 (an
 unbiased estimator) stays measurable (hi = 1 holds it).
@@ -72,6 +74,9 @@ LOG_SCALE = frozenset({"variance", "mse"})
 # exact-mode calibration, experiments/calibration.py), and skew <= sqrt(8) (chi2_1)
 FIRST_ORDER_FACTOR = 1.5
 SKEW_CAP = float(np.sqrt(8.0))
+# cos_mean's interval (_cos_mean_half_widths): the same model with factor 1 (a
+# noise-like direction; 1.5 made its lower half ~4x the spread on the calibration)
+COS_FIRST_ORDER_FACTOR = 1.0
 
 
 def _replicates(full: float, deleted_x, deleted_y) -> np.ndarray:
@@ -289,8 +294,8 @@ def _summarize(
         else:
             lo, hi = point - z * se, point + z * se
         if name == "cos_mean":
-            shift = _jackknife_bias(values, M)
-            point, lo, hi = point - shift, lo - shift, hi - shift
+            point -= _jackknife_bias(values, M)
+            lo, hi = point + np.array(_cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level))
         if name.startswith("cos"):  # cosines: point and interval in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
@@ -321,7 +326,15 @@ def flush_zero_estimates(X: np.ndarray, gram: np.ndarray) -> tuple:
     return X * keep[:, None], gram * np.outer(keep, keep)
 
 
-def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
+def _bias2_interval(
+    reps,
+    Kxx,
+    Kxy,
+    Kyy,
+    level: float,
+    factor: float = FIRST_ORDER_FACTOR,
+    ramp: bool = False,
+) -> tuple[float, float]:
     """bias2's interval from the law of W = point - bias2 (REFERENCE.md s. 11).
 
     W ~ 2 d'e + (||e||^2 - tr C), e ~ N(0, C), d = mu - g: variance F + D (first-
@@ -345,10 +358,13 @@ def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
     if not (deg > 0 and noise > 0):
         return point, point
     # Var >= the degenerate part: the floor matters in low effective dimension
-    first_hat = max(jack - deg, deg, jack / 4) - deg
+    first_hat = max(jack - 2 * deg, 0.0)  # the jackknife counts D twice
 
     def quantiles(theta: float) -> tuple[float, float]:
-        first = max(first_hat, FIRST_ORDER_FACTOR * max(theta, 0.0) * deg / noise)
+        shrink = 1.0
+        if ramp and theta < point:  # F = 4 d'C d scales with theta = |d|^2
+            shrink = max(theta, 0.0) / point
+        first = max(first_hat * shrink, factor * max(theta, 0.0) * deg / noise)
         kappa3 = deg * (2 * deg + 3 * first) / noise
         return skewed_quantiles(deg + first, kappa3, level)
 
@@ -362,6 +378,39 @@ def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
     while b + quantiles(b)[0] < point:
         a, b, step = b, b + 2 * step, 2 * step
     return lo, _bisect(lambda t: t + quantiles(t)[0] - point, a, b)
+
+
+def _cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
+    """cos_mean's (-lower, upper) half-widths from bias2's law on unit-scaled data.
+
+    With a = X / |mu|, b = Y / |g| and the bisector u of their means,
+    ||mu / |mu| - g / |g|||^2 = 2 (1 - cos) is the bias2 of a against b, which lies
+    off u; to second order cos_mean - cos = -(point - bias2) / 2 for the bias2
+    U-statistic of the projected a, b (the parallel part's noise-corrected norms
+    cancel at first order, and the jackknife bias shift removes its square). So
+    the interval is bias2's (:func:`_bias2_interval`, skewed: rare large
+    overestimates of bias2) on the projected Gram matrices, halved and mirrored:
+    the long half lies above the point. At an unbiased estimator (cos = 1) the
+    first-order part vanishes and the jackknife alone counts the degenerate part
+    twice (intervals covering ~100%).
+    """
+    mu2, g2 = reps["mu2"][0], reps["g2"][0]
+    if not (mu2 > 0 and g2 > 0):
+        return np.nan, np.nan
+    sx, sy = 1 / np.sqrt(mu2), 1 / np.sqrt(g2)
+    ax = sx * (sx * Kxx.mean(1) + sy * Kxy.mean(1))  # <a_m, abar + bbar>
+    by = sy * (sx * Kxy.mean(0) + sy * Kyy.mean(1))  # <b_k, abar + bbar>
+    norm = np.sqrt(max(ax.mean() + by.mean(), 1e-300))  # |abar + bbar|
+    px, py = ax / norm, by / norm  # components along u
+    proj = (
+        sx * sx * Kxx - np.outer(px, px),
+        sx * sy * Kxy - np.outer(px, py),
+        sy * sy * Kyy - np.outer(py, py),
+    )
+    theta = _metrics(*proj)
+    point = float(theta["bias2"][0])
+    lo, hi = _bias2_interval(theta, *proj, level, COS_FIRST_ORDER_FACTOR, ramp=True)
+    return -(hi - point) / 2, (point - lo) / 2
 
 
 def _bisect(f, a: float, b: float, steps: int = 60) -> float:
