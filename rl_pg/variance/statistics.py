@@ -26,7 +26,8 @@ Intervals: the delete-one jackknife over both independent samples (Efron & Stein
                + (K-1)/K sum_k (theta_(-k) - theta_(.k))^2   (each reference group),
 
 and a normal interval theta +- z sqrt(Var_J), on the log scale for the positive,
-right-skewed variance and mse. For bias2 the jackknife counts the degenerate
+right-skewed variance and mse, with a Student quantile at the jackknife's
+Satterthwaite degrees of freedom (few when rare long episodes dominate). For bias2 the jackknife counts the degenerate
 (second-order) part of the U-statistic's variance twice, which dominates at an
 unbiased estimator; it is subtracted with an unbiased estimate of it
 (:func:`trace_sigma_squared`), flooring the variance at that degenerate part, and
@@ -35,8 +36,10 @@ right-skewed sum of chi-squares (:func:`_bias2_interval`): the longer half lies
 below the point (rare large overestimates), and the upper bound is a score-type
 inversion whose variance grows with bias2. It is continuous in its inputs.
 cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so its
-O(1/M + 1/K) bias is as large as its spread there: point and interval are shifted by
-the two-sample jackknife bias estimate (Quenouille 1956). Every cosine's point
+O(1/M + 1/K) bias is as large as its spread there: the point is shifted by
+the two-sample jackknife bias estimate (Quenouille 1956). Its interval is bias2's
+for the unit-scaled estimates projected off the mean direction, halved and mirrored
+(2 (1 - cos) is their bias2; :func:`_cos_mean_half_widths`): long above the point. Every cosine's point
 and interval are then clamped to [-1, 1]: clamping an interval does not change
 whether it holds a truth in [-1, 1], so coverage at the truth cos = 1 (an
 unbiased estimator) stays measurable (hi = 1 holds it).
@@ -52,6 +55,7 @@ from statistics import NormalDist
 
 import numpy as np
 from scipy import special
+from scipy.stats import t as student_t
 
 METRICS = (
     "bias2",
@@ -70,6 +74,9 @@ LOG_SCALE = frozenset({"variance", "mse"})
 # exact-mode calibration, experiments/calibration.py), and skew <= sqrt(8) (chi2_1)
 FIRST_ORDER_FACTOR = 1.5
 SKEW_CAP = float(np.sqrt(8.0))
+# cos_mean's interval (_cos_mean_half_widths): the same model with factor 1 (a
+# noise-like direction; 1.5 made its lower half ~4x the spread on the calibration)
+COS_FIRST_ORDER_FACTOR = 1.0
 
 
 def _replicates(full: float, deleted_x, deleted_y) -> np.ndarray:
@@ -207,6 +214,28 @@ def _jackknife_se(values: np.ndarray, num_x_units: int) -> float:
     return float(np.sqrt(var))
 
 
+def _jackknife_df(values: np.ndarray, num_x_units: int) -> float:
+    """Welch-Satterthwaite degrees of freedom of the two-sample jackknife variance.
+
+    Each sample's part sum_a d_a^2 (d_a: deviations of its delete-one values) has
+    df = 2 / Var(s^2 / sigma^2) ~ 2 a / (kurt - 1), kurt = a sum d^4 / (sum d^2)^2
+    (a for normal data; heavy tails, as rare long episodes, give fewer), and
+    df = V^2 / sum_parts V_part^2 / df_part.
+    """
+    parts = (values[1 : 1 + num_x_units], values[1 + num_x_units :])
+    total, denom = 0.0, 0.0
+    for part in parts:
+        a = len(part)
+        d2 = (part - part.mean()) ** 2
+        v = (a - 1) / a * np.sum(d2)
+        if not v > 0:
+            continue
+        kurt = a * np.sum(d2**2) / np.sum(d2) ** 2
+        total += v
+        denom += v**2 * max(kurt - 1, 2 / (a - 1)) / (2 * a)
+    return float(total**2 / denom) if denom > 0 else np.inf
+
+
 def summarize(
     estimates: np.ndarray,
     reference_groups: np.ndarray,
@@ -260,16 +289,17 @@ def _summarize(
         if name == "bias2":
             lo, hi = _bias2_interval(reps, Kxx, Kxy, Kyy, level)
         elif name in LOG_SCALE and point > 0:
-            lo, hi = point * np.exp(-z * se / point), point * np.exp(z * se / point)
+            t = student_t.ppf(0.5 + level / 2, _jackknife_df(values, M))
+            lo, hi = point * np.exp(-t * se / point), point * np.exp(t * se / point)
         else:
             lo, hi = point - z * se, point + z * se
         if name == "cos_mean":
-            shift = _jackknife_bias(values, M)
-            point, lo, hi = point - shift, lo - shift, hi - shift
+            point -= _jackknife_bias(values, M)
+            lo, hi = point + np.array(_cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level))
         if name.startswith("cos"):  # cosines: point and interval in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
-    out |= _snr_intervals(reps["snr2"], M, z)
+    out |= _snr_intervals(reps["snr2"], M, z, level)
     out["bias2_noise"] = float(reps["bias2_noise"][0])
     out["se_ref"] = float(np.sqrt(max(reps["se_ref2"][0], 0.0)))
     out["mean_norm2"] = float(reps["mu2"][0])
@@ -296,7 +326,15 @@ def flush_zero_estimates(X: np.ndarray, gram: np.ndarray) -> tuple:
     return X * keep[:, None], gram * np.outer(keep, keep)
 
 
-def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
+def _bias2_interval(
+    reps,
+    Kxx,
+    Kxy,
+    Kyy,
+    level: float,
+    factor: float = FIRST_ORDER_FACTOR,
+    ramp: bool = False,
+) -> tuple[float, float]:
     """bias2's interval from the law of W = point - bias2 (REFERENCE.md s. 11).
 
     W ~ 2 d'e + (||e||^2 - tr C), e ~ N(0, C), d = mu - g: variance F + D (first-
@@ -307,8 +345,10 @@ def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
     (:func:`_degenerate_part`); F by the jackknife less D (which it counts
     twice), floored at 0 and at what the same model gives at bias2 = theta,
     ~ ``FIRST_ORDER_FACTOR`` theta D / tr C: near a small point the jackknife's F is small too (it is
-    built from the same d-hat), so the upper bound solves
-    theta + lower quantile of W(theta) = point (a score-type inversion).
+    built from the same d-hat), so both ends are score-type inversions: the
+    upper solves theta + lower quantile of W(theta) = point, the lower
+    theta + upper quantile of W(theta) = point (W's spread at a lower theta is
+    smaller, so the lower half is tighter than the upper quantile at the point).
     Continuous in its inputs.
     """
     point = float(reps["bias2"][0])
@@ -318,26 +358,67 @@ def _bias2_interval(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
     if not (deg > 0 and noise > 0):
         return point, point
     # Var >= the degenerate part: the floor matters in low effective dimension
-    first_hat = max(jack - deg, deg, jack / 4) - deg
+    first_hat = max(jack - 2 * deg, 0.0)  # the jackknife counts D twice
 
     def quantiles(theta: float) -> tuple[float, float]:
-        first = max(first_hat, FIRST_ORDER_FACTOR * max(theta, 0.0) * deg / noise)
+        shrink = 1.0
+        if ramp and theta < point:  # F = 4 d'C d scales with theta = |d|^2
+            shrink = max(theta, 0.0) / point
+        first = max(first_hat * shrink, factor * max(theta, 0.0) * deg / noise)
         kappa3 = deg * (2 * deg + 3 * first) / noise
         return skewed_quantiles(deg + first, kappa3, level)
 
-    lo = point - quantiles(point)[1]
-
-    def excess(theta):  # increasing in theta; < 0 at theta = point
-        return theta + quantiles(theta)[0] - point
-
+    # test inversion on both sides: theta is in the interval when point lies
+    # within W(theta)'s quantiles around it (the law's spread grows with theta)
+    lo = _bisect(
+        lambda t: t + quantiles(t)[1] - point, point - quantiles(point)[1], point
+    )
     a, step = point, np.sqrt(deg + first_hat)
     b = a + step
-    while excess(b) < 0:
+    while b + quantiles(b)[0] < point:
         a, b, step = b, b + 2 * step, 2 * step
-    for _ in range(60):
+    return lo, _bisect(lambda t: t + quantiles(t)[0] - point, a, b)
+
+
+def _cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level: float) -> tuple[float, float]:
+    """cos_mean's (-lower, upper) half-widths from bias2's law on unit-scaled data.
+
+    With a = X / |mu|, b = Y / |g| and the bisector u of their means,
+    ||mu / |mu| - g / |g|||^2 = 2 (1 - cos) is the bias2 of a against b, which lies
+    off u; to second order cos_mean - cos = -(point - bias2) / 2 for the bias2
+    U-statistic of the projected a, b (the parallel part's noise-corrected norms
+    cancel at first order, and the jackknife bias shift removes its square). So
+    the interval is bias2's (:func:`_bias2_interval`, skewed: rare large
+    overestimates of bias2) on the projected Gram matrices, halved and mirrored:
+    the long half lies above the point. At an unbiased estimator (cos = 1) the
+    first-order part vanishes and the jackknife alone counts the degenerate part
+    twice (intervals covering ~100%).
+    """
+    mu2, g2 = reps["mu2"][0], reps["g2"][0]
+    if not (mu2 > 0 and g2 > 0):
+        return np.nan, np.nan
+    sx, sy = 1 / np.sqrt(mu2), 1 / np.sqrt(g2)
+    ax = sx * (sx * Kxx.mean(1) + sy * Kxy.mean(1))  # <a_m, abar + bbar>
+    by = sy * (sx * Kxy.mean(0) + sy * Kyy.mean(1))  # <b_k, abar + bbar>
+    norm = np.sqrt(max(ax.mean() + by.mean(), 1e-300))  # |abar + bbar|
+    px, py = ax / norm, by / norm  # components along u
+    proj = (
+        sx * sx * Kxx - np.outer(px, px),
+        sx * sy * Kxy - np.outer(px, py),
+        sy * sy * Kyy - np.outer(py, py),
+    )
+    theta = _metrics(*proj)
+    point = float(theta["bias2"][0])
+    lo, hi = _bias2_interval(theta, *proj, level, COS_FIRST_ORDER_FACTOR, ramp=True)
+    return -(hi - point) / 2, (point - lo) / 2
+
+
+def _bisect(f, a: float, b: float, steps: int = 60) -> float:
+    """The root of an increasing f with f(a) <= 0 < f(b), by bisection."""
+    for _ in range(steps):
         mid = 0.5 * (a + b)
-        a, b = (mid, b) if excess(mid) < 0 else (a, mid)
-    return lo, b
+        a, b = (mid, b) if f(mid) <= 0 else (a, mid)
+    return b
 
 
 def _jackknife_bias(values: np.ndarray, num_x_units: int) -> float:
@@ -350,16 +431,27 @@ def _jackknife_bias(values: np.ndarray, num_x_units: int) -> float:
     return float(bias)
 
 
-def _snr_intervals(snr2: np.ndarray, num_x_units: int, z: float) -> dict[str, float]:
+def _snr_intervals(
+    snr2: np.ndarray, num_x_units: int, z: float, level: float
+) -> dict[str, float]:
     """snr = sqrt(snr^2) and rel_variance = 1 / snr^2 from one interval on snr^2.
 
     snr^2 = |mu|^2 / tr S is (nearly) unbiased and may be negative when the mean is
-    indistinguishable from 0; its normal jackknife interval maps monotonically to
-    snr (floored at 0) and to rel_variance (unbounded above when snr^2 may be 0).
+    indistinguishable from 0. Where the normal jackknife interval p +- z se
+    reaches 0 (the data cannot exclude mu = 0), that interval is used and
+    rel_variance is unbounded above. Otherwise the jackknife on the log scale,
+    p exp(-+ t se_log) (se_log: jackknife s.e. of log snr^2 = log |mu|^2 - log tr S,
+    t: Student quantile at :func:`_jackknife_df`): it follows the ratio's skew, and
+    1 / snr^2's upper half is no longer 1 / (p - z se), which explodes as p -> z se.
     """
     point = float(snr2[0])
     se = _jackknife_se(snr2, num_x_units)
     lo, hi = point - z * se, point + z * se
+    if point > 0 and np.all(snr2 > 0):
+        logs = np.log(snr2)
+        t = student_t.ppf(0.5 + level / 2, _jackknife_df(logs, num_x_units))
+        se_log = _jackknife_se(logs, num_x_units)
+        lo, hi = point * np.exp(-t * se_log), point * np.exp(t * se_log)
 
     def inverse(v):
         return 1.0 / v if v > 0 else np.inf
