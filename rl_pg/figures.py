@@ -726,6 +726,59 @@ def learning_curve_figure(rows: list[dict[str, Any]], title: str = ""):
     return fig
 
 
+DECOMPOSITION_PARTS = {  # component -> (label, colour)
+    "state": ("state", OKABE_ITO[0]),
+    "action": ("action", OKABE_ITO[2]),
+    "trajectory": ("trajectory (rest)", OKABE_ITO[1]),
+}
+
+
+def decomposition_figure(rows: Sequence[dict]):
+    """The variance decomposition (Tucker et al. 2018): per checkpoint, one
+    stacked bar per estimator (state, action and trajectory parts of tr Var(y);
+    negative method-of-moments estimates drawn as 0, the table keeps them) and
+    the separately measured total with its 95% interval (black diamond)."""
+    plt = pyplot()
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            1,
+            len(checkpoints),
+            squeeze=False,
+            figsize=(0.6 + 2.6 * len(checkpoints), 2.9),
+            layout="constrained",
+        )
+        for ax, ckpt in zip(axes[0], checkpoints, strict=True):
+            value = {
+                (r["estimator"], r["component"]): r
+                for r in rows
+                if r["checkpoint"] == ckpt
+            }
+            names = list(dict.fromkeys(e for e, _ in value))
+            x = np.arange(len(names))
+            bottom = np.zeros(len(names))
+            for comp, (label, color) in DECOMPOSITION_PARTS.items():
+                h = np.array([max(value[(n, comp)]["variance"], 0.0) for n in names])
+                ax.bar(x, h, 0.65, bottom=bottom, color=color, label=label, lw=0)
+                bottom += h
+            tot = [value[(n, "total")] for n in names]
+            mid = np.array([t["variance"] for t in tot])
+            lo = np.array([t["variance_lo"] for t in tot])
+            hi = np.array([t["variance_hi"] for t in tot])
+            ax.errorbar(
+                x, mid, yerr=np.maximum([mid - lo, hi - mid], 0.0), fmt="D",
+                color="black", ms=3, capsize=2, lw=0.8, label="total (measured apart)",
+            )  # fmt: skip
+            ax.set_xticks(x, [display_name(n) for n in names], rotation=35, ha="right")
+            ax.set_title(str(ckpt) or "policy")
+            ax.grid(axis="y", alpha=0.25, lw=0.5)
+        axes[0, 0].set_ylabel(
+            r"$\mathrm{tr}\,\mathrm{Var}(y)$, $y = \hat A\,\nabla\log\pi(a|s)$"
+        )
+        axes[0, -1].legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+
 # ------------------------------------------------------------- training runs
 
 SCORE_LINES = (  # metric "score": column, label, line style

@@ -249,3 +249,25 @@ def test_ctrl_c_ends_in_one_line_and_the_same_command_runs_again(tmp_path):
     again = subprocess.run(argv, capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
     assert (out / "report.md").is_file()
+
+
+def test_the_decomposition_figure_is_written_in_every_format(tmp_path):
+    from rl_pg.variance import decomposition
+
+    rows = [
+        dict(
+            checkpoint=ck, estimator=e, component=c, variance=v,
+            variance_lo=v * 0.8, variance_hi=v * 1.2,
+        )
+        for ck in ("initial", "good")
+        for e in ("reinforce", "value_baseline")
+        for c, v in (("state", 1.0), ("action", -0.5), ("trajectory", 2.0), ("total", 3.0))
+    ]  # fmt: skip
+    written = decomposition.plot_decomposition(
+        rows, tmp_path / "decomposition.png", figures.FORMATS
+    )
+    assert sorted(p.name for p in written) == [
+        f"decomposition.{fmt}" for fmt in ("pdf", "png", "svg")
+    ]
+    svg = (tmp_path / "decomposition.svg").read_text()
+    assert "value baseline" in svg and "trajectory (rest)" in svg

@@ -239,8 +239,10 @@ def _write_decomposition(out: Path, rows: list[dict]) -> list[str]:
             [[r.get(c, "") for c in DECOMPOSITION_COLUMNS] for r in table],
         ),
     )
-    decomposition.plot_decomposition(table, out / "decomposition.png")
-    return ["decomposition.csv", "decomposition.png"]
+    paths = decomposition.plot_decomposition(
+        table, out / "decomposition.png", figures.FORMATS
+    )
+    return ["decomposition.csv"] + [p.name for p in paths]
 
 
 def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
