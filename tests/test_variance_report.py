@@ -230,18 +230,22 @@ def test_ctrl_c_ends_in_one_line_and_the_same_command_runs_again(tmp_path):
     argv = [sys.executable, "-m", "rl_pg.cli", "variance", "--preset", "quick"]
     argv += [*SMALL, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True, env=env)
-    deadline = time.monotonic() + 120
-    while not (out / "config.json").is_file() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert proc.poll() is None, proc.stderr.read()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(argv, stderr=stderr, env=env)
+        deadline = time.monotonic() + 120
+        while ", initial]" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)  # until the study of the first policy has begun
+        time.sleep(2)
+        assert proc.poll() is None and (out / "config.json").is_file()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = log.read_text()
     lines = [
         line
-        for line in err.splitlines()
+        for line in err.replace("\r", "\n").splitlines()
         if line.strip() and "variance study" not in line
-    ]  # the progress bar aside
+    ]  # the progress bar aside: the message has a line of its own
     assert proc.returncode == 130, err
     assert "Traceback" not in err and len(lines) == 1, err
     assert "interrupted" in lines[0] and "same command" in lines[0]

@@ -45,7 +45,7 @@ def check_out(out_dir: str | Path) -> None:
     if (path / io.CLAIM_FILE).is_file() and not (path / "report.md").is_file():
         raise FileExistsError(
             f"{path} holds a variance study that did not finish (killed before "
-            f"its report): remove it with `rm -r {path}` and run the same command "
+            f"its report, or still running): if it is not running, remove it with `rm -r {path}` and run the same command "
             "again, or choose a new --out"
         )
     io.check_out_dir(path)
@@ -77,7 +77,8 @@ def execute(
     built = _build_runners(found, configs, mesh)
     if out_dir is None:
         return None, _study_stages(found, built, configs, progress)
-    with io.owned_output(out_dir, f"rl-pg {command}") as out:
+    owner = "rl-pg variance" if command == "variance" else command
+    with io.owned_output(out_dir, owner) as out:
         described = {s.label: s.description for s in found}
         io.write_config(out, job.to_dict(described, command))
         start = time.perf_counter()
@@ -128,18 +129,20 @@ def _study_stages(found: list[Stage], built: dict, configs: dict, progress) -> d
         total = study.total_work(config, len(found))
         bar = tqdm(total=total, unit="traj", desc="variance study")
     results = {}
-    for stage in found:
+    try:
+        for stage in found:
+            if bar is not None:
+                bar.set_postfix_str(stage.label)
+            results[stage.label] = study.study_stage(
+                stage.params,
+                built[stage.key],
+                configs[stage.label],
+                stage.horizon,
+                bar.update if bar else None,
+            )
+    finally:  # also on Ctrl-C: what is printed next starts on its own line
         if bar is not None:
-            bar.set_postfix_str(stage.label)
-        results[stage.label] = study.study_stage(
-            stage.params,
-            built[stage.key],
-            configs[stage.label],
-            stage.horizon,
-            bar.update if bar else None,
-        )
-    if bar is not None:
-        bar.close()
+            bar.close()
     return results
 
 
@@ -186,17 +189,19 @@ def decompose_step(
 
         bar = tqdm(total=len(found), unit="policy", desc="variance decomposition")
     rows = []
-    for i, stage in enumerate(found):
+    try:
+        for i, stage in enumerate(found):
+            if bar is not None:
+                bar.set_postfix_str(stage.label)
+            dropped = (left_out or {}).get(stage.label, ())
+            for r in _decompose_stage(job, stage, jax.random.fold_in(key, i), sizes):
+                if r["estimator"] not in dropped:
+                    rows.append({**r, "checkpoint": stage.label})
+            if bar is not None:
+                bar.update(1)
+    finally:
         if bar is not None:
-            bar.set_postfix_str(stage.label)
-        dropped = (left_out or {}).get(stage.label, ())
-        for r in _decompose_stage(job, stage, jax.random.fold_in(key, i), sizes):
-            if r["estimator"] not in dropped:
-                rows.append({**r, "checkpoint": stage.label})
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     return report.Decomposition(rows, sizes, time.perf_counter() - start)
 
 
