@@ -81,7 +81,7 @@ def _render(args) -> None:
 
 
 def _variance(args) -> None:
-    from rl_pg.variance import job, pipeline, stages
+    from rl_pg.variance import job, pipeline, report, stages
 
     fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed")
     if args.config:
@@ -111,11 +111,8 @@ def _variance(args) -> None:
         )
     out = pipeline.run(variance_job, args.out)
     print((out / "report.md").read_text())
-    print(
-        f"wrote {out}/results.csv, report.md and plots: "
-        f"{out}/rel_variance_vs_batch_size.png, {out}/variance_vs_batch_size.png, "
-        f"{out}/cosine_vs_batch_size.png"
-    )
+    names = [p.name for p in report.written_files(out)]
+    print(f"wrote into {out}: {', '.join(names)}")
 
 
 # rl-pg variance's options that change a preset: study sizes, job fields, estimators
@@ -311,13 +308,14 @@ def _add_variance_inputs(group) -> None:
     group.add_argument(
         "--checkpoints",
         nargs="+",
-        help="policy checkpoint directories (default: the shipped "
-        "initial, partial and good policies)",
+        help="policy checkpoint directories, or training run directories (their "
+        "best policy) (default: the shipped initial, partial and good policies); "
+        "estimators that read a critic are left out for a policy without one",
     )
     group.add_argument(
         "--run",
         help="a training run trained with --keep-checkpoints all: study every kept "
-        "policy in training order and plot along_training.png",
+        "policy in training order and plot along_training.png/.pdf/.svg",
     )
     group.add_argument(
         "--config", help="a previous run's config.json: run it again as it was"

@@ -613,6 +613,172 @@ def _out_path(out, default: Path, fmt: str) -> Path:
     return path
 
 
+ALONG_TRAINING = ("cos_true", "snr", "rel_variance")  # the along-training rows
+
+
+def along_training_table(
+    rows: list[dict], steps: dict[str, float], metric: str, batch_size: float
+) -> dict[str, Series]:
+    """estimator -> ``metric`` at ``batch_size`` against the env steps of each
+    checkpoint (``steps``: checkpoint -> env steps; nan where a checkpoint lacks
+    the estimator, e.g. critic estimators of a policy without a critic)."""
+    labels = sorted(steps, key=lambda k: steps[k])
+    x = np.array([steps[k] for k in labels], float)
+    at = {
+        (r["checkpoint"], r["estimator"]): r
+        for r in rows
+        if float(r["batch_size"]) == float(batch_size)
+    }
+    table = {}
+    for e in dict.fromkeys(r["estimator"] for r in rows):
+        found = [at.get((k, e)) for k in labels]
+        col = lambda c: np.array([r[c] if r else np.nan for r in found], float)  # noqa: B023
+        table[e] = Series(x, col(metric), col(f"{metric}_lo"), col(f"{metric}_hi"))
+    return table
+
+
+def along_training_figure(
+    rows: list[dict],
+    steps: dict[str, float],
+    metrics: Sequence[str] = ALONG_TRAINING,
+    batch_size: float | None = None,
+):
+    """Each estimator's ``metrics`` at the largest batch size (or
+    ``batch_size``) against the env steps of its checkpoints (Ilyas et al. 2020,
+    figure 2): one row of panels per metric, one column per estimator family,
+    95% bands. ``rows``: ``results.csv``'s rows as dicts."""
+    plt = pyplot()
+    n = batch_size or max(float(r["batch_size"]) for r in rows)
+    millions = {k: float(v) / 1e6 for k, v in steps.items()}
+    tables = {m: along_training_table(rows, millions, m, n) for m in metrics}
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    styles = series_styles(names)
+    families = _families(names, styles)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            len(metrics),
+            len(families),
+            sharex=True,
+            sharey="row",
+            squeeze=False,
+            figsize=(0.4 + 1.9 * len(families), 0.9 + 1.55 * len(metrics)),
+            layout="constrained",
+        )
+        unbounded = False
+        for i, metric in enumerate(metrics):
+            table = tables[metric]
+            label, scale = METRICS.get(metric, (metric.replace("_", " "), "log"))
+            yscale, limits = axis_limits(
+                scale, *(_all({metric: table}, f) for f in ("y", "lo", "hi"))
+            )
+            for j, family in enumerate(families):
+                ax = axes[i, j]
+                mine = {
+                    e: v for e, v in table.items() if styles[e]["family"] == family.name
+                }
+                unbounded |= _panel(
+                    ax, mine, styles, None, row=metric, yscale=yscale,
+                    limits=limits, rescaled=frozenset(), label_reference=False,
+                )  # fmt: skip
+                _decorate(ax, yscale, limits, scale, False, None)
+                _label_panel(
+                    ax,
+                    mine,
+                    family,
+                    label,
+                    "env steps (millions)",
+                    i == len(metrics) - 1,
+                    j,
+                    i,
+                )
+        fig.suptitle(f"along training, batch size $n = {n:g}$", fontsize=8)
+        _footnote(fig, unbounded, False)
+    return fig
+
+
+def learning_curve_figure(rows: list[dict[str, Any]], title: str = ""):
+    """A training run's validation median, best so far and training mean
+    (exploring) against env steps (``metrics.csv`` rows as dicts), symlog
+    score axis (linear below 10 pipes)."""
+    plt = pyplot()
+    x = np.array([float(r["env_steps"]) for r in rows], float) / 1e6
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
+        for i, (column, name, style) in enumerate(SCORE_LINES):
+            if rows and column in rows[0]:
+                ax.plot(
+                    x,
+                    [float(r[column]) for r in rows],
+                    linestyle=style,
+                    marker=MARKERS[i] if i == 0 else None,
+                    color=OKABE_ITO[i],
+                    label=name,
+                    gid=f"series:score:{column}",
+                )
+        ax.set_xlabel("env steps (millions)")
+        ax.set_ylabel("score (pipes)")
+        ax.set_yscale("symlog", linthresh=10)
+        ax.set_ylim(bottom=0)
+        if title:
+            ax.set_title(title)
+        ax.grid(alpha=0.25, lw=0.5)
+        ax.legend(frameon=False)
+    return fig
+
+
+DECOMPOSITION_PARTS = {  # component -> (label, colour)
+    "state": ("state", OKABE_ITO[0]),
+    "action": ("action", OKABE_ITO[2]),
+    "trajectory": ("trajectory (rest)", OKABE_ITO[1]),
+}
+
+
+def decomposition_figure(rows: Sequence[dict]):
+    """The variance decomposition (Tucker et al. 2018): per checkpoint, one
+    stacked bar per estimator (state, action and trajectory parts of tr Var(y);
+    negative method-of-moments estimates drawn as 0, the table keeps them) and
+    the separately measured total with its 95% interval (black diamond)."""
+    plt = pyplot()
+    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            1,
+            len(checkpoints),
+            squeeze=False,
+            figsize=(0.6 + 2.6 * len(checkpoints), 2.9),
+            layout="constrained",
+        )
+        for ax, ckpt in zip(axes[0], checkpoints, strict=True):
+            value = {
+                (r["estimator"], r["component"]): r
+                for r in rows
+                if r["checkpoint"] == ckpt
+            }
+            names = list(dict.fromkeys(e for e, _ in value))
+            x = np.arange(len(names))
+            bottom = np.zeros(len(names))
+            for comp, (label, color) in DECOMPOSITION_PARTS.items():
+                h = np.array([max(value[(n, comp)]["variance"], 0.0) for n in names])
+                ax.bar(x, h, 0.65, bottom=bottom, color=color, label=label, lw=0)
+                bottom += h
+            tot = [value[(n, "total")] for n in names]
+            mid = np.array([t["variance"] for t in tot])
+            lo = np.array([t["variance_lo"] for t in tot])
+            hi = np.array([t["variance_hi"] for t in tot])
+            ax.errorbar(
+                x, mid, yerr=np.maximum([mid - lo, hi - mid], 0.0), fmt="D",
+                color="black", ms=3, capsize=2, lw=0.8, label="total (measured apart)",
+            )  # fmt: skip
+            ax.set_xticks(x, [display_name(n) for n in names], rotation=35, ha="right")
+            ax.set_title(str(ckpt) or "policy")
+            ax.grid(axis="y", alpha=0.25, lw=0.5)
+        axes[0, 0].set_ylabel(
+            r"$\mathrm{tr}\,\mathrm{Var}(y)$, $y = \hat A\,\nabla\log\pi(a|s)$"
+        )
+        axes[0, -1].legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    return fig
+
+
 # ------------------------------------------------------------- training runs
 
 SCORE_LINES = (  # metric "score": column, label, line style

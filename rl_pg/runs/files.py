@@ -10,7 +10,7 @@ A run directory::
                                      or best.npz / last.npz for Q-learning)
     checkpoints/evaluations/env_steps_<N>  every evaluated policy (--keep-checkpoints all)
     eval.json                        held-out scores (the public contract)
-    learning_curve.png, agent.gif
+    learning_curve.png/.pdf/.svg, agent.gif
 
 Every file is written atomically (:mod:`rl_pg.io`).
 """
@@ -22,7 +22,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import serialization
 
 from rl_pg import evaluate as evaluation
@@ -116,30 +115,11 @@ def write_metrics(path: Path, columns: tuple[str, ...], rows: list[dict]) -> Non
 
 
 def plot_learning_curve(path: Path, rows: list[dict[str, Any]], title: str) -> None:
-    """Validation median, best so far and training score against env steps."""
-    import matplotlib
+    """Validation median, best so far and training score against env steps
+    (:func:`rl_pg.figures.learning_curve_figure`): ``path`` (a PNG) and the same
+    figure beside it as PDF and SVG."""
+    from rl_pg import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = np.array([r["env_steps"] for r in rows], dtype=float) / 1e6
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(
-        steps, [r["val_median"] for r in rows], "o-", ms=3, label="validation median"
-    )
-    ax.plot(steps, [r["best_median"] for r in rows], "--", label="best so far")
-    ax.plot(
-        steps,
-        [r["train_score_mean"] for r in rows],
-        ".-",
-        label="training mean (exploring)",
-    )
-    ax.set_yscale("symlog", linthresh=10)
-    ax.set_xlabel("env steps (millions)")
-    ax.set_ylabel("score (pipes)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    io.save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    fig = figures.learning_curve_figure(rows, title)
+    figures.save(fig, path, figures.FORMATS)
+    figures.pyplot().close(fig)

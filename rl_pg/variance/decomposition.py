@@ -83,7 +83,6 @@ estimator on the MDP of :mod:`rl_pg.enumerable`, and :func:`decompose_exact` giv
 that MDP's exact components. :func:`plot_decomposition` draws the rows.
 """
 
-import io
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -911,62 +910,22 @@ def _exact_components(y, w, h_id, ha_id) -> dict[str, float]:
 # ------------------------------------------------------------------ plot
 
 
-def plot_decomposition(rows: Sequence[dict], path) -> None:
+def plot_decomposition(rows: Sequence[dict], path, formats: Sequence[str] = ()) -> list:
     """Stacked bars (state, action, trajectory) per estimator, one panel per
-    checkpoint, with the separately measured total and its interval as a marker.
-
-    Negative method-of-moments estimates are drawn as 0 (the table keeps them).
-    Written atomically (``rl_pg.io.atomic_write_bytes``).
+    checkpoint, with the separately measured total and its interval as a marker
+    (:func:`rl_pg.figures.decomposition_figure`).
 
     Args:
       rows: rows of :func:`decompose` (several checkpoints allowed).
-      path: the PNG to write.
+      path: the figure to write (its suffix picks the format), atomically.
+      formats: also write it beside ``path`` in these formats (png, pdf, svg).
+
+    Returns:
+      The files written.
     """
-    import matplotlib
+    from rl_pg import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from rl_pg import io as io_lib
-
-    checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
-    colors = {"state": "tab:blue", "action": "tab:orange", "trajectory": "tab:green"}
-    fig, axes = plt.subplots(
-        1, len(checkpoints), figsize=(6 * len(checkpoints) + 1, 4.5), squeeze=False
-    )
-    for ax, ckpt in zip(axes[0], checkpoints, strict=True):
-        sel = [r for r in rows if r["checkpoint"] == ckpt]
-        names = list(dict.fromkeys(r["estimator"] for r in sel))
-        value = {(r["estimator"], r["component"]): r for r in sel}
-        x = np.arange(len(names))
-        bottom = np.zeros(len(names))
-        for comp, color in colors.items():
-            h = np.array([max(value[(n, comp)]["variance"], 0.0) for n in names])
-            ax.bar(x, h, 0.6, bottom=bottom, color=color, label=comp)
-            bottom += h
-        tot = [value[(n, "total")] for n in names]
-        mid = np.array([t["variance"] for t in tot])
-        err = np.array(
-            [
-                mid - [t["variance_lo"] for t in tot],
-                [t["variance_hi"] for t in tot] - mid,
-            ]
-        )
-        ax.errorbar(
-            x,
-            mid,
-            yerr=np.maximum(err, 0.0),
-            fmt="kD",
-            ms=4,
-            capsize=3,
-            label="total (separate)",
-        )
-        ax.set_xticks(x, names, rotation=30, ha="right")
-        ax.set_ylabel("tr Var(y), per-step term")
-        ax.set_title(ckpt or "policy")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    io_lib.atomic_write_bytes(path, buf.getvalue())
+    fig = figures.decomposition_figure(rows)
+    written = figures.save(fig, path, formats)
+    figures.pyplot().close(fig)
+    return written

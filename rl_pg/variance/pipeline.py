@@ -26,6 +26,7 @@ from rl_pg.variance.stages import Stage
 
 def run(job: job_lib.VarianceJob, out_dir: str | Path, progress: bool = True) -> Path:
     """Run ``job`` (the ``rl-pg variance`` job) into the new directory ``out_dir``."""
+    check_out(out_dir)
     found = stages.job_stages(job)
     mesh = runners.device_mesh(job.devices)
     return execute(job, found, out_dir, progress, mesh)[0]
@@ -34,6 +35,20 @@ def run(job: job_lib.VarianceJob, out_dir: str | Path, progress: bool = True) ->
 def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -> Path:
     """Run a previous run's ``config.json`` again (same seed: the same results)."""
     return run(job_lib.load(config_file), out_dir, progress)
+
+
+def check_out(out_dir: str | Path) -> None:
+    """Refuse ``out_dir`` now (before anything compiles) if it is taken; one
+    left by a study that was killed (a claim, no ``report.md``) is named as such,
+    with the command that frees it."""
+    path = Path(out_dir)
+    if (path / io.CLAIM_FILE).is_file() and not (path / "report.md").is_file():
+        raise FileExistsError(
+            f"{path} holds a variance study that did not finish (killed before "
+            f"its report, or still running): if it is not running, remove it with `rm -r {path}` and run the same command "
+            "again, or choose a new --out"
+        )
+    io.check_out_dir(path)
 
 
 def execute(
@@ -45,63 +60,93 @@ def execute(
     command: str = "variance",
 ) -> tuple[Path | None, dict]:
     """Study every stage of ``found``, decompose if the job asks, and write the
-    outputs into ``out_dir`` (new) if given.
+    outputs into ``out_dir`` (new) if given. Estimators that read a critic are
+    left out of stages whose policy has none (refused if named explicitly:
+    :func:`~rl_pg.variance.stages.without_critic`). The directory is owned
+    (:func:`rl_pg.io.owned_output`): if the study dies or is interrupted,
+    everything it wrote there is removed, so the same command may run again.
 
     Returns the output directory (None without ``out_dir``) and the results
     (label -> :class:`~rl_pg.variance.study.StageResult`).
     """
     config = job.study
-    built = _build_runners(found, config, mesh)
-    out = io.new_out_dir(out_dir) if out_dir is not None else None
-    if out is not None:
+    left_out = stages.without_critic(found, config.suite)
+    configs = {
+        s.label: _config_without(config, left_out.get(s.label, ())) for s in found
+    }
+    built = _build_runners(found, configs, mesh)
+    if out_dir is None:
+        return None, _study_stages(found, built, configs, progress)
+    owner = "rl-pg variance" if command == "variance" else command
+    with io.owned_output(out_dir, owner) as out:
         described = {s.label: s.description for s in found}
         io.write_config(out, job.to_dict(described, command))
-    start = time.perf_counter()
-    results = _study_stages(found, built, config, progress)
-    if out is None:
-        return None, results
-    wall = time.perf_counter() - start
-    found_rows = None
-    if job.decompose is not None:
-        found_rows = decompose_step(job, found)
-    written = report.JobResults(
-        stages=results,
-        config=config,
-        wall=wall,
-        matmul=runners.matmul_flops_per_s(),
-        exact_mode=job.problem == "enumerable",
-        env_steps={s.label: s.description.get("env_steps") for s in found},
-        decomposition=found_rows,
-    )
-    report.write(out, written)
+        start = time.perf_counter()
+        results = _study_stages(found, built, configs, progress)
+        wall = time.perf_counter() - start
+        found_rows = None
+        if job.decompose is not None:
+            found_rows = decompose_step(job, found, left_out, progress)
+        written = report.JobResults(
+            stages=results,
+            config=config,
+            wall=wall,
+            matmul=runners.matmul_flops_per_s(),
+            exact_mode=job.problem == "enumerable",
+            env_steps={s.label: s.description.get("env_steps") for s in found},
+            decomposition=found_rows,
+            job=job,
+            devices=_devices_text(mesh),
+            left_out=left_out,
+        )
+        report.write(out, written)
     return out, results
 
 
-def _study_stages(found: list[Stage], built: dict, config, progress: bool) -> dict:
-    """label -> :func:`~rl_pg.variance.study.study_stage` of every stage."""
+def _devices_text(mesh) -> str:
+    """Where the study ran, for the report."""
+    if mesh is not None:
+        kinds = sorted({d.platform for d in mesh.devices.flat})
+        return f"a mesh of {mesh.size} {'/'.join(kinds)} device(s)"
+    local = jax.local_devices()
+    return f"{len(local)} local {local[0].platform} device(s), no mesh"
+
+
+def _config_without(config: study.StudyConfig, names: tuple) -> study.StudyConfig:
+    if not names:
+        return config
+    return dataclasses.replace(config, suite=stages.suite_without(config.suite, names))
+
+
+def _study_stages(found: list[Stage], built: dict, configs: dict, progress) -> dict:
+    """label -> :func:`~rl_pg.variance.study.study_stage` of every stage
+    (``configs``: label -> its study config)."""
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
+        config = next(iter(configs.values()))
         total = study.total_work(config, len(found))
         bar = tqdm(total=total, unit="traj", desc="variance study")
     results = {}
-    for stage in found:
+    try:
+        for stage in found:
+            if bar is not None:
+                bar.set_postfix_str(stage.label)
+            results[stage.label] = study.study_stage(
+                stage.params,
+                built[stage.key],
+                configs[stage.label],
+                stage.horizon,
+                bar.update if bar else None,
+            )
+    finally:  # also on Ctrl-C: what is printed next starts on its own line
         if bar is not None:
-            bar.set_postfix_str(stage.label)
-        results[stage.label] = study.study_stage(
-            stage.params,
-            built[stage.key],
-            config,
-            stage.horizon,
-            bar.update if bar else None,
-        )
-    if bar is not None:
-        bar.close()
+            bar.close()
     return results
 
 
-def _build_runners(found: list[Stage], config, mesh) -> dict:
+def _build_runners(found: list[Stage], configs: dict, mesh) -> dict:
     """Runners per distinct stage key (reused across calls with the same problem,
     sizes and mesh, so nothing compiles again); validates sizes and estimators,
     and traces every estimator on one batch (a user loss that cannot be traced
@@ -109,7 +154,9 @@ def _build_runners(found: list[Stage], config, mesh) -> dict:
     built = {}
     for stage in found:
         if stage.key not in built:
-            built[stage.key] = runners.shared_runners(stage.problem, config, mesh)
+            built[stage.key] = runners.shared_runners(
+                stage.problem, configs[stage.label], mesh
+            )
             keys = jax.random.split(jax.random.PRNGKey(0), mesh.size if mesh else 1)
             try:
                 jax.eval_shape(
@@ -124,41 +171,68 @@ def _build_runners(found: list[Stage], config, mesh) -> dict:
 
 
 def decompose_step(
-    job: job_lib.VarianceJob, found: list[Stage]
+    job: job_lib.VarianceJob,
+    found: list[Stage],
+    left_out: dict | None = None,
+    progress: bool = False,
 ) -> report.Decomposition:
     """Variance decomposition rows (Tucker et al. 2018) of every stage, with the
-    exact values on the enumerable MDP; see :mod:`rl_pg.variance.decomposition`."""
+    exact values on the enumerable MDP; see :mod:`rl_pg.variance.decomposition`.
+    ``left_out``: label -> estimators dropped from that stage (no critic);
+    ``progress``: a bar over the stages."""
     start = time.perf_counter()
     sizes = dataclasses.asdict(job.decompose)
-    suite = job.study.suite
     key = jax.random.fold_in(jax.random.PRNGKey(job.study.seed), 2**20)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(found), unit="policy", desc="variance decomposition")
     rows = []
-    for i, stage in enumerate(found):
-        k = jax.random.fold_in(key, i)
-        common = dict(gamma=suite.gamma, lam=suite.lam, **sizes)
-        if job.problem == "enumerable":
-            found_rows = decomposition.decompose_enumerable(k, stage.params, **common)
-            exact = {
-                (r["estimator"], r["component"]): r["variance"]
-                for r in decomposition.decompose_exact(
-                    stage.params, gamma=suite.gamma, lam=suite.lam
-                )
-            }
-        else:
-            found_rows = decomposition.decompose(
-                k,
-                stage.params,
-                stage.problem.apply_fn,  # the critic already in raw reward units
-                stage.env,
-                stage.env_params,
-                horizon=stage.horizon,
-                **common,
-            )
-            exact = {}
-        for r in found_rows:
-            exact_value = exact.get((r["estimator"], r["component"]), np.nan)
-            rows.append({**r, "checkpoint": stage.label, "exact_variance": exact_value})
+    try:
+        for i, stage in enumerate(found):
+            if bar is not None:
+                bar.set_postfix_str(stage.label)
+            dropped = (left_out or {}).get(stage.label, ())
+            for r in _decompose_stage(job, stage, jax.random.fold_in(key, i), sizes):
+                if r["estimator"] not in dropped:
+                    rows.append({**r, "checkpoint": stage.label})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return report.Decomposition(rows, sizes, time.perf_counter() - start)
+
+
+def _decompose_stage(job, stage: Stage, key, sizes: dict) -> list[dict]:
+    """One stage's decomposition rows, each with its ``exact_variance`` (nan
+    unless the enumerable MDP's)."""
+    suite = job.study.suite
+    common = dict(gamma=suite.gamma, lam=suite.lam, **sizes)
+    if job.problem == "enumerable":
+        found_rows = decomposition.decompose_enumerable(key, stage.params, **common)
+        exact = {
+            (r["estimator"], r["component"]): r["variance"]
+            for r in decomposition.decompose_exact(
+                stage.params, gamma=suite.gamma, lam=suite.lam
+            )
+        }
+    else:
+        found_rows = decomposition.decompose(
+            key,
+            stage.params,
+            stage.problem.apply_fn,  # the critic already in raw reward units
+            stage.env,
+            stage.env_params,
+            horizon=stage.horizon,
+            **common,
+        )
+        exact = {}
+    return [
+        {**r, "exact_variance": exact.get((r["estimator"], r["component"]), np.nan)}
+        for r in found_rows
+    ]
 
 
 def run_study(

@@ -130,6 +130,13 @@ def _suite_kwargs(
     return out
 
 
+def studied_hyperparameters(config: SuiteConfig, group_size: int) -> dict:
+    """Output name -> (spec, the hyperparameters the study passes it) with
+    groups of ``group_size`` (``b``: the stage's mean return, set per stage)."""
+    problem = Problem(None, None, group_size)
+    return _suite_kwargs(problem, config, constant_b=float("nan"))
+
+
 def estimator_suite(
     problem: Problem, config: SuiteConfig, constant_b: float | jax.Array = 0.0
 ) -> dict[str, Callable]:

@@ -1,11 +1,13 @@
 """The study's outputs, each written once from in-memory results.
 
 ``write(out, results)`` writes ``results.csv``, ``slopes.csv``,
-``per_trajectory.csv``, ``performance.json``, the plots
-(``rel_variance_vs_batch_size.png``, ``variance_vs_batch_size.png``,
-``cosine_vs_batch_size.png``, ``along_training.png`` for several checkpoints with
-env steps), ``decomposition.csv``/``.png`` when the job decomposed, and
-``report.md``. :func:`read_results` reads ``results.csv`` back.
+``per_trajectory.csv``, ``performance.json``, the figures of
+:mod:`rl_pg.figures` as PNG, PDF and SVG (``rel_variance_vs_batch_size``,
+``variance_vs_batch_size``, ``cosine_vs_batch_size``, ``along_training`` for
+several checkpoints with env steps), ``decomposition.csv``/``.png`` when the job
+decomposed, and ``report.md``: every setting a reader needs, the results, a
+WARNING for each of its own checks that failed, and the list of files written.
+:func:`read_results` reads ``results.csv`` back.
 """
 
 import csv
@@ -15,8 +17,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from rl_pg import io
-from rl_pg.variance import decomposition, exact, statistics
+from rl_pg import figures, io
+from rl_pg.variance import decomposition, exact, problems, statistics
 from rl_pg.variance.problems import suite_specs
 from rl_pg.variance.study import StageResult, StudyConfig
 
@@ -56,41 +58,147 @@ class JobResults(NamedTuple):
     exact_mode: bool = False
     env_steps: dict | None = None  # label -> env steps of its checkpoint
     decomposition: Decomposition | None = None
+    job: Any = None  # the VarianceJob (its settings go into the report)
+    devices: str = ""  # where it ran, in words
+    left_out: dict | None = None  # label -> estimators left out (no critic)
 
 
-def write(out: Path, results: JobResults) -> None:
-    """Write every output file of a study run into ``out``, each once."""
-    _write_tables(out, results.stages)
+def write(out: Path, results: JobResults) -> list[str]:
+    """Write every output file of a study run into ``out``, each once; returns
+    the names of the files in ``out`` (``config.json``, if the caller wrote it,
+    and every file written here, ``report.md`` last), which ``report.md`` lists."""
+    written = ["config.json"] if (out / "config.json").is_file() else []
+    written += _write_tables(out, results.stages)
+    written += _write_figures(out, results)
     perf = {
         name: {**res.perf, "matmul_flops_per_s": results.matmul}
         for name, res in results.stages.items()
     }
     performance = {"wall_clock_s": results.wall, "stages": perf}
-    rescaled = _rescaled(results.config)
-    plot(out, results.stages, rescaled)
+    job = results.job
     text = report(
         results.stages, results.config, results.wall, results.matmul,
-        results.exact_mode,
+        results.exact_mode, settings=settings_lines(results),
+        context={"horizon": job.horizon if job else None,
+                 "left_out": results.left_out or {}},
     )  # fmt: skip
     found = results.decomposition
     if found is not None:
-        _write_decomposition(out, found.rows)
+        written += _write_decomposition(out, found.rows)
         text += decomposition_report(
             found.rows, found.sizes, found.seconds, results.exact_mode
         )
         performance["decomposition_seconds"] = found.seconds
-    io.atomic_write_bytes(out / "report.md", text.encode())
     io.write_json(out / "performance.json", performance)
+    written += ["performance.json", "report.md"]
+    text += _files_lines(written)
+    io.atomic_write_bytes(out / "report.md", text.encode())
+    return written
+
+
+def settings_lines(results: JobResults) -> list[str]:
+    """report.md's Settings section: everything needed to read (and redo) the
+    study; the estimators with the hyperparameters they were studied with."""
+    job, config = results.job, results.config
+    if job is None:
+        return []
+    rows = [
+        ("problem, preset", f"{job.problem}, {job.preset or 'none (sizes given)'}"),
+        ("horizon H", f"{job.horizon} steps (episodes are cut at H)"),
+        ("discount gamma, GAE lambda",
+         f"{config.suite.gamma}, {config.suite.lam} (where an estimator uses them)"),
+        ("group size G", f"{job.group_size} episodes per level"),
+        ("batch sizes n", ", ".join(str(n) for n in config.batch_sizes)),
+        ("number of batches M",
+         f"{config.num_batches} top-level batches of {max(config.batch_sizes)} "
+         f"(up to {config.max_batches_per_size} sub-batches per size)"),
+        ("reference",
+         f"{config.reference_trajectories} trajectories in "
+         f"{config.reference_groups} groups of whole levels"),
+        ("policies", _policies_text(results)),
+        ("seed", str(job.seed)),
+        ("devices", results.devices or "not recorded"),
+    ]  # fmt: skip
+    if job.decompose is not None:
+        d = job.decompose
+        rows.append(
+            ("decomposition", f"{d.num_states} states x {d.num_actions} actions x "
+             f"{d.num_continuations} continuations")
+        )  # fmt: skip
+    lines = ["## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in rows]
+    return lines + [""] + _estimator_lines(config, job.group_size, results) + [""]
+
+
+def _policies_text(results: JobResults) -> str:
+    steps = results.env_steps or {}
+    return ", ".join(
+        name + (f" ({steps[name]:,} env steps)" if steps.get(name) is not None else "")
+        for name in results.stages
+    )
+
+
+def _estimator_lines(config, group_size: int, results: JobResults) -> list[str]:
+    """The studied estimators with their hyperparameters (value and entropy
+    terms off everywhere: vf_coef = ent_coef = 0)."""
+    studied = problems.studied_hyperparameters(config.suite, group_size)
+    left = sorted({e for names in (results.left_out or {}).values() for e in names})
+    lines = [
+        "Estimators as studied (value and entropy terms off: vf_coef = ent_coef = 0; "
+        "`b` = each policy's mean return over its reference sample"
+        + (
+            f"; left out where a policy has no critic: {', '.join(left)}"
+            if left
+            else ""
+        )
+        + "):",
+        "",
+        "| estimator | hyperparameters | reads a critic | on grad J's scale |",
+        "|---|---|---|---|",
+    ]
+    for name, (spec, kwargs) in studied.items():
+        shown = {
+            k: ("mean return" if k == "b" else "the whole batch" if v is None else v)
+            for k, v in kwargs.items()
+            if k not in ("vf_coef", "ent_coef")
+        }
+        text = ", ".join(f"{k} = {v}" for k, v in shown.items()) or "none"
+        lines.append(
+            f"| {name} | {text} | {'yes' if spec.needs_critic else 'no'} | "
+            f"{'no (*)' if spec.rescaled else 'yes'} |"
+        )
+    return lines
+
+
+def _write_figures(out: Path, results: JobResults) -> list[str]:
+    """The standard figures (:func:`rl_pg.figures.study_figures`) and, for several
+    checkpoints with env steps, ``along_training`` (PNG, PDF and SVG each)."""
+    rows = result_rows(results.stages)
+    paths = figures.study_figures(rows, out, _rescaled(results.config))
     steps = results.env_steps or {}
     if len(results.stages) > 1 and all(
         steps.get(k) is not None for k in results.stages
     ):
-        plot_along_training(
-            out / "along_training.png", results.stages, steps, results.config
-        )
+        fig = figures.along_training_figure(rows, {k: steps[k] for k in results.stages})
+        paths += figures.save(fig, out / "along_training.png", figures.FORMATS)
+        figures.pyplot().close(fig)
+    return [p.name for p in paths]
 
 
-def _write_tables(out: Path, results: dict) -> None:
+def written_files(out: str | Path) -> list[Path]:
+    """The files of a finished study directory (hidden ones aside), sorted."""
+    return sorted(p for p in Path(out).iterdir() if not p.name.startswith("."))
+
+
+def _files_lines(names: list[str]) -> str:
+    return "\n".join(
+        ["", "## Files", "", "Everything this run wrote into its directory:", ""]
+        + [f"- `{name}`" for name in names]
+        + [""]
+    )
+
+
+def _write_tables(out: Path, results: dict) -> list[str]:
     """results.csv, slopes.csv and per_trajectory.csv."""
     rows = [
         [name] + [row.get(c, "") for c in RESULT_COLUMNS[1:]]
@@ -118,9 +226,10 @@ def _write_tables(out: Path, results: dict) -> None:
         out / "per_trajectory.csv",
         _csv_bytes(["checkpoint", "estimator", "variance_per_trajectory"], per_traj),
     )
+    return ["results.csv", "slopes.csv", "per_trajectory.csv"]
 
 
-def _write_decomposition(out: Path, rows: list[dict]) -> None:
+def _write_decomposition(out: Path, rows: list[dict]) -> list[str]:
     """decomposition.csv and decomposition.png (the components, checks left out)."""
     table = [r for r in rows if r["component"] in decomposition.COMPONENTS]
     io.atomic_write_bytes(
@@ -130,7 +239,10 @@ def _write_decomposition(out: Path, rows: list[dict]) -> None:
             [[r.get(c, "") for c in DECOMPOSITION_COLUMNS] for r in table],
         ),
     )
-    decomposition.plot_decomposition(table, out / "decomposition.png")
+    paths = decomposition.plot_decomposition(
+        table, out / "decomposition.png", figures.FORMATS
+    )
+    return ["decomposition.csv"] + [p.name for p in paths]
 
 
 def _csv_bytes(header: list[str], rows: list[list]) -> bytes:
@@ -145,81 +257,6 @@ def _rescaled(config) -> frozenset:
     """Names of the studied estimators on another scale than grad J."""
     specs = suite_specs(config.suite)
     return frozenset(name for name, spec in specs.items() if spec.rescaled)
-
-
-def _log_y(ax) -> None:
-    """Log y scale with limits from the lines' finite positive values (linear if
-    there are none: e.g. every relative variance infinite)."""
-    values = np.concatenate(
-        [np.asarray(line.get_ydata(), float) for line in ax.get_lines()] or [[]]
-    )
-    values = values[np.isfinite(values) & (values > 0)]
-    if values.size:
-        ax.set_yscale("log")
-        ax.set_ylim(values.min() / 2, values.max() * 2)
-
-
-def plot(out: Path, results: dict, rescaled: frozenset = frozenset()) -> None:
-    """Relative variance (scale-free), variance (other scales marked) and cosine
-    against batch size, one panel per stage."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(results)
-    estimators = list(dict.fromkeys(r["estimator"] for r in results[names[0]].rows))
-    cmap = plt.get_cmap("tab20")
-    colors = {e: cmap(i % 20) for i, e in enumerate(estimators)}
-    for metric, ylabel, fname, log in (
-        (
-            "rel_variance",
-            "tr Cov(g_hat) / |E g_hat|^2",
-            "rel_variance_vs_batch_size.png",
-            True,
-        ),
-        ("variance", "tr Cov(g_hat)", "variance_vs_batch_size.png", True),
-        ("cos_true", "cos(g_hat, g)", "cosine_vs_batch_size.png", False),
-    ):
-        fig, axes = plt.subplots(
-            1, len(names), figsize=(5 * len(names) + 2, 4.5), squeeze=False
-        )
-        for ax, name in zip(axes[0], names, strict=True):
-            rows = results[name].rows
-            for e in estimators:
-                sel = [r for r in rows if r["estimator"] == e]
-                n = np.array([r["batch_size"] for r in sel])
-                y = np.array([r[metric] for r in sel], float)
-                lo = np.array([r[f"{metric}_lo"] for r in sel], float)
-                hi = np.array([r[f"{metric}_hi"] for r in sel], float)
-                other = metric == "variance" and e in rescaled
-                label = f"{e} (other scale)" if other else e
-                style = "o--" if other else "o-"
-                ax.plot(n, y, style, color=colors[e], label=label, ms=3)
-                ax.fill_between(n, lo, hi, color=colors[e], alpha=0.15)
-            if log:
-                first = [r for r in rows if r["estimator"] == "reinforce"]
-                if first and np.isfinite(first[0][metric]):
-                    n0, v0 = first[0]["batch_size"], first[0][metric]
-                    grid = np.array([r["batch_size"] for r in first])
-                    ax.plot(grid, v0 * n0 / grid, "k:", lw=1, label="1/n")
-                _log_y(ax)
-            else:
-                ax.set_ylim(-0.1, 1.0)
-                ax.axhline(0, color="gray", lw=0.5)
-            ax.set_xscale("log", base=2)
-            sizes = [r["batch_size"] for r in rows]
-            ax.set_xlim(min(sizes) / 1.3, max(sizes) * 1.3)  # also when y is all nan
-            ax.set_xlabel("batch size n (trajectories)")
-            ax.set_ylabel(ylabel)
-            ax.set_title(f"{name}: |g| = {results[name].reference_norm:.3g}")
-            ax.grid(alpha=0.3)
-        axes[0, -1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-        fig.tight_layout()
-        buffer = _io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        io.atomic_write_bytes(out / fname, buffer.getvalue())
 
 
 # ------------------------------------------------------------------------ report
@@ -266,32 +303,48 @@ OBJECTIVES = (
 )
 
 
-def _stage_lines(name: str, res, config, exact_mode: bool, rescaled) -> list[str]:
-    """The report's section on one stage."""
+def _stage_lines(
+    name: str, res, config, exact_mode: bool, rescaled, context: dict
+) -> list[str]:
+    """The report's section on one stage (``context``: ``horizon``, ``left_out``
+    label -> estimators, see :func:`report`)."""
     largest = max(config.batch_sizes)
     at_largest = [r for r in res.rows if r["batch_size"] == largest]
     return (
-        _stage_header(name, res)
+        _stage_header(name, res, context.get("horizon"), context.get("left_out", {}))
         + _stage_table(res.rows, config, exact_mode, rescaled)
         + [""]
         + _stage_summary(at_largest, largest)
+        + (exact_check_lines(res.rows) if exact_mode else [])
         + _slope_lines(res.slopes)
         + _per_trajectory_lines(res.per_trajectory)
     )
 
 
-def _stage_header(name: str, res) -> list[str]:
+def _stage_header(name: str, res, horizon, left_out: dict) -> list[str]:
     critic = res.critic
-    return [
+    cut = f"H = {horizon}" if horizon else "H"
+    lines = [
         f"## {name}",
         "",
-        f"Mean return {res.mean_return:.2f}; |g| = {_fmt(res.reference_norm)} "
-        f"(standard error {_fmt(res.reference_se)}, levels as clusters). Critic "
-        f"calibration (value in the study's reward units): mean V(s_t) "
-        f"{critic['mean_value']:.3g} vs mean discounted return-to-go "
-        f"{critic['mean_return_to_go']:.3g}, correlation {critic['correlation']:.2f}.",
-        "",
+        f"Mean return {res.mean_return:.2f} (undiscounted, over the study's "
+        f"horizon {cut} steps: every episode is cut at {cut}, so this is not the "
+        f"policy's full-episode score); |g| = {_fmt(res.reference_norm)} "
+        f"(standard error {_fmt(res.reference_se)}, levels as clusters). ",
     ]
+    if name in left_out:
+        lines[-1] += (
+            f"This policy has no critic: left out {', '.join(left_out[name])} "
+            "(they read V(s), which would be 0 here)."
+        )
+    else:
+        lines[-1] += (
+            "Critic calibration (value in the study's reward units): mean V(s_t) "
+            f"{critic['mean_value']:.3g} vs mean discounted return-to-go "
+            f"{critic['mean_return_to_go']:.3g}, correlation "
+            f"{critic['correlation']:.2f}."
+        )
+    return lines + [""]
 
 
 def _stage_table(rows, config, exact_mode: bool, rescaled) -> list[str]:
@@ -385,7 +438,19 @@ def _per_trajectory_lines(per_trajectory: dict) -> list[str]:
     return lines
 
 
-def report(results: dict, config, wall: float, matmul: float, exact_mode=False) -> str:
+def report(
+    results: dict,
+    config,
+    wall: float,
+    matmul: float,
+    exact_mode=False,
+    settings: list[str] = (),
+    context: dict | None = None,
+) -> str:
+    """report.md's text less the decomposition and the file list: header,
+    ``settings`` lines, methods, one section per stage (``context``: the
+    ``horizon`` and, label -> estimators, what was ``left_out``), performance."""
+    context = context or {}
     lines = [
         "# Policy-gradient estimator study",
         "",
@@ -394,22 +459,22 @@ def report(results: dict, config, wall: float, matmul: float, exact_mode=False) 
         f"into up to {config.max_batches_per_size} sub-batches per size), reference "
         f"gradient from {config.reference_trajectories} trajectories in "
         f"{config.reference_groups} groups of whole levels (REINFORCE with the "
-        f"mean-return baseline). Wall-clock {wall:.0f} s. Plots: "
-        "`rel_variance_vs_batch_size.png`, `variance_vs_batch_size.png`, "
-        "`cosine_vs_batch_size.png`."
+        f"mean-return baseline). Wall-clock {wall:.0f} s. Figures and every other "
+        "file: listed under Files at the end."
         + (
             " Exact mode: the enumerable MDP, exact values beside the estimates."
             if exact_mode
             else ""
         ),
         "",
+        *settings,
         METHODS,
         "",
         OBJECTIVES.format(gamma=config.suite.gamma, lam=config.suite.lam),
         "",
     ]
     for name, res in results.items():
-        lines += _stage_lines(name, res, config, exact_mode, _rescaled(config))
+        lines += _stage_lines(name, res, config, exact_mode, _rescaled(config), context)
     perf = next(iter(results.values())).perf
     lines += [
         "## Performance",
@@ -429,6 +494,53 @@ def report(results: dict, config, wall: float, matmul: float, exact_mode=False) 
         "",
     ]
     return "\n".join(lines)
+
+
+def _total_variance_check(sel: dict, names: list[str], sizes: dict) -> list[str]:
+    """A WARNING line if some estimator's ``sum - total`` interval excludes 0."""
+    failed = []
+    for e in names:
+        r = sel.get((e, "sum_minus_total"))
+        if r is not None and (r["variance_lo"] > 0 or r["variance_hi"] < 0):
+            failed.append(f"{e} ({_ci(r, 'variance')})")
+    if not failed:
+        return []
+    return [
+        "**WARNING: the law of total variance check failed** for "
+        + ", ".join(failed)
+        + ": the interval of `sum - total` excludes 0, so at these sizes "
+        f"({sizes['num_states']} states x {sizes['num_actions']} actions x "
+        f"{sizes['num_continuations']} continuations) the state, action and "
+        "trajectory parts do not add up to the separately measured total; read "
+        "them as rough. Rerun with more states, actions and continuations (e.g. "
+        "`--preset full --decompose`: 1024 x 8 x 8) before relying on them.",
+        "",
+    ]
+
+
+def exact_check_lines(rows: list[dict]) -> list[str]:
+    """Exact mode: how many 95% intervals of bias2 and variance miss the exact
+    value (about 5% may), with a WARNING above 20%."""
+    checked = missed = 0
+    for r in rows:
+        for m in ("bias2", "variance"):
+            value = r.get(f"exact_{m}", np.nan)
+            if np.isfinite(value) and np.isfinite(r[f"{m}_lo"]):
+                checked += 1
+                missed += not r[f"{m}_lo"] <= value <= r[f"{m}_hi"]
+    if not checked:
+        return []
+    share = missed / checked
+    line = (
+        f"Intervals against the exact values: {missed} of {checked} bias2 and "
+        f"variance intervals miss the exact value ({share:.0%}; about 5% may)."
+    )
+    if share > 0.2:
+        line = (
+            f"**WARNING: {line}** The intervals are too narrow at these sizes: "
+            "use more batches (--num-batches) and a larger reference."
+        )
+    return ["", line]
 
 
 def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
@@ -477,6 +589,7 @@ def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
         ideal = sel.get(("oracle_advantage", "total"))
         learned = sel.get(("value_baseline", "total"))
         lines.append("")
+        lines += _total_variance_check(sel, names, sizes)
         if shares:
             lines.append("Trajectory part of the total: " + ", ".join(shares) + ".")
         if base and ideal and learned and base["variance"] > 0:
@@ -487,60 +600,6 @@ def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
             )
         lines.append("")
     return "\n".join(lines)
-
-
-def plot_along_training(path: Path, results: dict, steps: dict, config) -> None:
-    """Cosine to the true gradient, SNR and relative variance of each estimator at
-    the largest batch size against env steps (Ilyas et al. 2020, figure 2)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = max(config.batch_sizes)
-    labels = sorted(results, key=lambda k: steps[k])
-    x = np.array([steps[k] for k in labels], float)
-    names = list(dict.fromkeys(r["estimator"] for r in results[labels[0]].rows))
-    cmap = plt.get_cmap("tab20")
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for ax, metric, ylabel in zip(
-        axes,
-        ("cos_true", "snr", "rel_variance"),
-        ("cos(g_hat, g)", "SNR", "tr Cov / |E g_hat|^2"),
-        strict=True,
-    ):
-        for i, e in enumerate(names):
-            rows = [
-                next(
-                    r
-                    for r in results[k].rows
-                    if r["estimator"] == e and r["batch_size"] == n
-                )
-                for k in labels
-            ]
-            y = np.array([r[metric] for r in rows], float)
-            lo = np.array([r[f"{metric}_lo"] for r in rows], float)
-            hi = np.array([r[f"{metric}_hi"] for r in rows], float)
-            ax.plot(x, y, "o-", color=cmap(i % 20), label=e, ms=3)
-            ax.fill_between(
-                x,
-                lo,
-                np.where(np.isfinite(hi), hi, np.nan),
-                color=cmap(i % 20),
-                alpha=0.12,
-            )
-        if metric == "rel_variance":
-            _log_y(ax)
-        ax.set_xlabel("env steps")
-        ax.set_ylabel(ylabel)
-        ax.set_title(f"{metric}, n = {n}")
-        ax.grid(alpha=0.3)
-    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    buffer = _io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    io.atomic_write_bytes(path, buffer.getvalue())
 
 
 def result_rows(results: dict) -> list[dict]:

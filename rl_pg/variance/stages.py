@@ -8,6 +8,7 @@ enumerable MDP (:func:`enumerable_stages`). :func:`job_stages` builds a
 :class:`~rl_pg.variance.job.VarianceJob`'s.
 """
 
+import dataclasses
 import functools
 import json
 import os
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_pg import checkpoint, enumerable, envs, policies
+from rl_pg import estimators as estimators_lib
 from rl_pg.variance import exact, problems
 
 STAGES = ("initial", "partial", "good")
@@ -36,6 +38,7 @@ class Stage(NamedTuple):
     description: dict
     env: Any = None  # the gymnax env and params (Flappy Bird stages)
     env_params: Any = None
+    has_critic: bool = True  # whether apply_fn returns a learned V (else zeros)
 
 
 def shipped_checkpoints() -> list[Path]:
@@ -77,7 +80,17 @@ def _checkpoint_stage(path: Path, label: str, horizon: int, group_size: int) -> 
     # stages that share policy, env and critic scale share compiled runners
     shared = ("policy", "env_id", "env_kwargs", "critic_reward_scale")
     key = json.dumps({k: description[k] for k in shared}, sort_keys=True)
-    return Stage(label, params, problem, horizon, key, description, env, env_params)
+    return Stage(
+        label,
+        params,
+        problem,
+        horizon,
+        key,
+        description,
+        env,
+        env_params,
+        has_critic=policy.has_value,
+    )
 
 
 def _initial_stage(horizon: int, group_size: int, env_id: str) -> Stage:
@@ -102,18 +115,22 @@ def flappy_stages(
     env_id: str | None = None,
 ) -> list[Stage]:
     """One stage per checkpoint (default: the shipped ones, or a freshly
-    initialised policy for another ``env_id``); every path, and every
-    checkpoint's env against ``env_id``, is checked before anything compiles."""
+    initialised policy for another ``env_id``); a training run directory means
+    its best policy (:func:`rl_pg.checkpoint.policy_dir`), labelled by the path
+    given. Every path, and every checkpoint's env against ``env_id``, is checked
+    before anything compiles."""
     if paths:
         paths = [Path(p) for p in paths]
         missing = [str(p) for p in paths if not Path(p).exists()]
         if missing:
             raise ValueError(f"checkpoint(s) not found: {', '.join(missing)}")
+        labels = stage_labels(paths)
+        paths = [checkpoint.policy_dir(p) for p in paths]
     else:
         paths = shipped_checkpoints()
         if env_id not in (None, "FlappyBird-v0") or not paths:
             return [_initial_stage(horizon, group_size, env_id or "FlappyBird-v0")]
-    labels = stage_labels(paths)
+        labels = stage_labels(paths)
     stages = [
         _checkpoint_stage(p, label, horizon, group_size)
         for p, label in zip(paths, labels, strict=True)
@@ -180,6 +197,7 @@ def _param_stages(policies_, policy, env_id, horizon, group_size) -> list[Stage]
             {"env_id": env_id},
             env,
             env_params,
+            has_critic=policy.has_value,
         )
         for label, params in policies_.items()
     ]
@@ -214,3 +232,31 @@ def _flappy_problem(apply_fn, env_id: str, horizon: int, group_size: int):
     G, so that a second study of other params reuses the compiled runners."""
     env, env_params = _env(env_id)
     return problems.flappy_problem(apply_fn, env, env_params, horizon, group_size)
+
+
+def without_critic(found: list[Stage], suite: problems.SuiteConfig) -> dict:
+    """label -> the studied estimators that read a critic (``needs_critic``) of
+    each stage whose policy has none (``value=None``: V = 0, so e.g.
+    ``value_baseline`` would silently equal ``reward_to_go``); they are left out
+    of that stage. ``ValueError`` (one line naming them) if the suite names them
+    explicitly, i.e. is not the default set."""
+    specs = problems.suite_specs(suite)
+    critic = tuple(name for name, spec in specs.items() if spec.needs_critic)
+    lacking = [s.label for s in found if not s.has_critic]
+    if not critic or not lacking:
+        return {}
+    if tuple(suite.names) != problems.SuiteConfig().names:
+        raise ValueError(
+            f"estimator(s) {', '.join(critic)} need a critic, which the policy(ies) "
+            f"{', '.join(lacking)} do not have (trained without a value head): drop "
+            "them from --estimators"
+        )
+    return {label: critic for label in lacking}
+
+
+def suite_without(suite: problems.SuiteConfig, names: tuple) -> problems.SuiteConfig:
+    """``suite`` less the estimators whose output names are ``names``."""
+    kept = tuple(
+        ref for ref in suite.names if estimators_lib.resolve(ref).name not in names
+    )
+    return dataclasses.replace(suite, names=kept)
