@@ -86,8 +86,12 @@ def _variance(args) -> None:
     fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed", "lag_kl")
     if args.config:
         given = [f for f in fixed if getattr(args, f) is not None]
-        if given or args.checkpoints or args.run or args.decompose or (
-            args.lag_checkpoints is not None
+        if (
+            given
+            or args.checkpoints
+            or args.run
+            or args.decompose
+            or (args.lag_checkpoints is not None)
         ):
             raise ValueError(
                 "--config reruns a saved run as it was; drop "
@@ -98,8 +102,15 @@ def _variance(args) -> None:
             )
         variance_job = job.load(args.config)
     else:
-        if args.lag_checkpoints is not None and not args.run:
-            raise ValueError("--lag-checkpoints needs --run RUN_DIR")
+        if args.lag_checkpoints is not None:
+            if args.lag_kl is not None:
+                raise ValueError("give --lag-kl or --lag-checkpoints, not both")
+            if args.lag_checkpoints < 1:
+                raise ValueError(
+                    f"--lag-checkpoints must be >= 1, got {args.lag_checkpoints}"
+                )
+            if not args.run:
+                raise ValueError("--lag-checkpoints needs --run RUN_DIR")
         if args.run and args.checkpoints:
             raise ValueError("give --run or --checkpoints, not both")
         checkpoints = stages.run_checkpoints(args.run) if args.run else args.checkpoints

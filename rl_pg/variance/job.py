@@ -242,7 +242,9 @@ def _lag_levels(levels: Any) -> tuple[float, ...] | None:
     if not found or bad:
         raise ValueError(f"lag_kl levels must be finite and >= 0, got {list(found)}")
     if any(b <= a for a, b in zip(found, found[1:], strict=False)):
-        raise ValueError(f"lag_kl levels must be strictly increasing, got {list(found)}")
+        raise ValueError(
+            f"lag_kl levels must be strictly increasing, got {list(found)}"
+        )
     return found
 
 

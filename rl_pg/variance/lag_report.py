@@ -106,7 +106,11 @@ def plot(path: Path, rows: list[dict], with_k: bool) -> None:
     plt = figures.pyplot()
     largest = max(r["batch_size"] for r in rows)
     rows = [r for r in rows if r["batch_size"] == largest]
-    panels = ["training lag"] if with_k else list(dict.fromkeys(r["checkpoint"] for r in rows))
+    panels = (
+        ["training lag"]
+        if with_k
+        else list(dict.fromkeys(r["checkpoint"] for r in rows))
+    )
     names = list(dict.fromkeys(r["estimator"] for r in rows))
     styles = figures.series_styles(names)
     fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.4),

@@ -84,8 +84,9 @@ def lag_points(job, found: list[stages.Stage]) -> list[LagPoint]:
     if job.lag_checkpoints is not None:
         k = job.lag_checkpoints
         return [
-            LagPoint(found[t], found[t + k].params, found[t + k].label, math.nan,
-                     None, k)  # fmt: skip
+            LagPoint(
+                found[t], found[t + k].params, found[t + k].label, math.nan, None, k
+            )  # fmt: skip
             for t in range(len(found) - k)
         ]
     suite = job.study.suite
@@ -199,7 +200,9 @@ def _sub_estimates(problem, declared, losses, pi, sub, log_pi, values):
         obs, actions, _ = lag._clean(sub)
 
         def log_pi_of(p):
-            return jnp.where(mask > 0, policies.log_prob(problem.apply_fn(p, obs)[0], actions), 0.0)  # noqa: E501
+            return jnp.where(
+                mask > 0, policies.log_prob(problem.apply_fn(p, obs)[0], actions), 0.0
+            )  # noqa: E501
 
         _, vjp = jax.vjp(log_pi_of, pi)
         stacked = jnp.stack(list(weights.values()))
@@ -264,7 +267,9 @@ def _cut(x: jax.Array, n: int, count: int) -> jax.Array:
 @functools.cache
 def _compiled_batch(problem: Problem, config: study.StudyConfig) -> Callable:
     """The jitted, key-vmapped :func:`lag_batch_fn` (one per problem and sizes)."""
-    return jax.jit(jax.vmap(lag_batch_fn(problem, config), in_axes=(None, None, 0, None)))
+    return jax.jit(
+        jax.vmap(lag_batch_fn(problem, config), in_axes=(None, None, 0, None))
+    )
 
 
 def lag_estimates(mu, pi, problem: Problem, config, key, per_call: int, b: float):
@@ -281,7 +286,9 @@ def lag_estimates(mu, pi, problem: Problem, config, key, per_call: int, b: float
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
         out, sums = jax.device_get(fn(mu, pi, keys, jnp.float32(b)))
         kl += np.asarray(sums, np.float64)[: len(idx)].sum(0)
-        parts.append({n: [np.asarray(a)[: len(idx)] for a in v] for n, v in out.items()})
+        parts.append(
+            {n: [np.asarray(a)[: len(idx)] for a in v] for n, v in out.items()}
+        )
     names = tuple(suite_specs(config.suite))
     estimates, clips, diags = {}, {}, {}
     for n in parts[0]:
@@ -313,8 +320,16 @@ def exact_lag_values(point: LagPoint, suite, batch_sizes, b: float) -> dict:
     problem = point.behaviour.problem
     g = lag.exact_gradient(point.target)
     out = {int(n): {} for n in batch_sizes}
-    for name, loss in _exact_suite(problem, suite, float(b)).items():
-        y, probs, s0 = lag.off_policy_columns(point.behaviour.params, point.target, loss)
+    takes_b = any(
+        "b" in estimators_lib.hyperparameters(s.loss)
+        for s in suite_specs(suite).values()
+    )  # only then do the losses depend on b (else: one compile for every target)
+    for name, loss in _exact_suite(
+        problem, suite, float(b) if takes_b else 0.0
+    ).items():
+        y, probs, s0 = lag.off_policy_columns(
+            point.behaviour.params, point.target, loss
+        )
         mean = probs @ y
         for n in out:
             var = exact.grouped_batch_variance(y, probs, s0, n, problem.group_size)
