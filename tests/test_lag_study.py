@@ -208,3 +208,36 @@ def test_lag_preset_end_to_end_tiny(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Staleness" in text and "Lowest relative MSE" in text
     assert "bias2 overtakes variance" in text
+
+
+@pytest.mark.slow
+def test_lag_study_on_a_cartpole_run(tmp_path):
+    """Any env: a tiny CartPole PPO run (kept checkpoints) under --lag-checkpoints 1
+    (real training lag) and its last policy under --lag-kl, through the CLI."""
+    run = tmp_path / "run"
+    cli.main(
+        ["train", "--algo", "ppo", "--env-id", "CartPole-v1", "--total-env-steps",
+         "2048", "--num-envs", "4", "--num-steps", "128", "--eval-every-steps",
+         "1024", "--keep-checkpoints", "all", "--out", str(run)]
+    )  # fmt: skip
+    sizes = ["--batch-sizes", "4,8", "--num-batches", "4"]
+    sizes += ["--reference-trajectories", "64", "--horizon", "64"]
+    real = tmp_path / "real"
+    cli.main(["variance", "--run", str(run), "--lag-checkpoints", "1", *sizes,
+              "--out", str(real)])  # fmt: skip
+    rows = _rows(real / "results.csv")
+    assert {r["lag_checkpoints"] for r in rows} == {"1"}
+    assert rows[0]["checkpoint"] == "env_steps_000000001024"
+    assert rows[0]["target"] == "env_steps_000000002048"
+    assert float(rows[0]["lag_kl"]) > 0
+    last = run / "checkpoints" / "evaluations" / "env_steps_000000002048"
+    levels = tmp_path / "levels"
+    cli.main(["variance", "--checkpoints", str(last), "--lag-kl", "0,0.01", *sizes,
+              "--out", str(levels)])  # fmt: skip
+    rows = _rows(levels / "results.csv")
+    assert {r["target"] for r in rows} == {"kl_0", "kl_0.01"}
+    assert "lag_checkpoints" not in rows[0]
+    meta = checkpoint.read_meta(
+        levels / "lag_targets" / rows[0]["checkpoint"] / "kl_0.01"
+    )
+    assert meta["env_id"] == "CartPole-v1"
