@@ -202,7 +202,7 @@ def _sub_estimates(problem, declared, losses, pi, sub, log_pi, values):
         def log_pi_of(p):
             return jnp.where(
                 mask > 0, policies.log_prob(problem.apply_fn(p, obs)[0], actions), 0.0
-            )  # noqa: E501
+            )
 
         _, vjp = jax.vjp(log_pi_of, pi)
         stacked = jnp.stack(list(weights.values()))
