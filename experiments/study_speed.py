@@ -19,6 +19,11 @@ policy), three measurements of compiled functions, compilation excluded:
   script first gives the CPU one device per core);
 * the new batch path's own FLOP/s (XLA's count of an unblocked trace of it).
 
+With the ``lag`` preset, also the lag study's batch phase
+(:func:`rl_pg.variance.lag_study.lag_estimates`: batches from the policy, every
+lag estimator at a target at KL 0.01, weights and one VJP per sub-batch), seconds
+per top-level batch (``lag_s_per_batch``).
+
 ``--gradient-only`` measures the gradient phase alone (the batch phase's columns
 are left empty).
 
@@ -36,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rl_pg import distributed, io, variance
-from rl_pg.variance import job, kernels, problems, stages
+from rl_pg.variance import job, kernels, lag, lag_study, problems, stages
 from rl_pg.variance import runners as runners_lib
 
 # the batch phase's columns (nan with --gradient-only)
@@ -46,6 +51,7 @@ ROW_KEYS = (
     "new_s_per_batch",
     "batch_phase_speedup",
     "new_batch_gradient_flops_per_s",
+    "lag_s_per_batch",
 )
 
 
@@ -69,6 +75,19 @@ def _gradient_phase(problem, config, params, key) -> dict:
         )
         row[f"gradient_flops_per_s{label}"] = perf["gradient_flops_per_s"]
     return row
+
+
+def _lag_batch_phase(problem, config, params, key, per_call: int) -> dict:
+    """The lag study's batch phase at a target at KL 0.01: s per top-level batch
+    (the preset's batches, compiled first)."""
+    target = lag.targets_at_kl(key, params, problem.apply_fn, problem.sample, (0.01,))[
+        0
+    ].params
+    args = (params, target, problem, config, key, per_call, 0.0)
+    lag_study.lag_estimates(*args)  # compiles
+    start = time.perf_counter()
+    lag_study.lag_estimates(*args)
+    return {"lag_s_per_batch": (time.perf_counter() - start) / config.num_batches}
 
 
 def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
@@ -100,6 +119,8 @@ def measure(preset: str, stage: str, batches: int, gradient_only: bool) -> dict:
         variance.batch_estimates(params, runners, key, calls * per_call, per_call, 0.0)
         row[f"{label}_s_per_batch"] = (time.perf_counter() - start) / (calls * per_call)
     row["batch_phase_speedup"] = row["old_s_per_batch"] / row["new_s_per_batch"]
+    if preset == "lag":
+        row |= _lag_batch_phase(problem, config, params, key, per_call)
 
     row |= _gradient_phase(problem, config, params, key)
 
@@ -164,8 +185,9 @@ def main() -> None:
         "",
         "| preset | horizon | top batch | sampling s/batch | old batch phase s/batch "
         "| new s/batch | speed-up | gradient phase, 1 device, GFLOP/s (% matmul) "
-        "| gradient phase, every CPU device | new batch gradients |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| gradient phase, every CPU device | new batch gradients "
+        "| lag batch phase s/batch |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         r = {k: r.get(k, np.nan) for k in ROW_KEYS} | r
@@ -178,7 +200,8 @@ def main() -> None:
             f"| {r['gradient_flops_per_s'] / 1e9:.1f} "
             f"({r['gradient_fraction_of_matmul']:.1%}) "
             f"| {r['new_batch_gradient_flops_per_s'] / 1e9:.1f} "
-            f"({r['new_batch_fraction_of_matmul']:.1%}) |"
+            f"({r['new_batch_fraction_of_matmul']:.1%}) "
+            f"| {r['lag_s_per_batch']:.2f} |"
         )
     lines += [
         "",

@@ -83,10 +83,16 @@ def _render(args) -> None:
 def _variance(args) -> None:
     from rl_pg.variance import job, pipeline, report, stages
 
-    fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed")
+    fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed", "lag_kl")
     if args.config:
         given = [f for f in fixed if getattr(args, f) is not None]
-        if given or args.checkpoints or args.run or args.decompose:
+        if (
+            given
+            or args.checkpoints
+            or args.run
+            or args.decompose
+            or (args.lag_checkpoints is not None)
+        ):
             raise ValueError(
                 "--config reruns a saved run as it was; drop "
                 + ", ".join(
@@ -96,6 +102,7 @@ def _variance(args) -> None:
             )
         variance_job = job.load(args.config)
     else:
+        _check_lag_args(args)
         if args.run and args.checkpoints:
             raise ValueError("give --run or --checkpoints, not both")
         checkpoints = stages.run_checkpoints(args.run) if args.run else args.checkpoints
@@ -107,12 +114,26 @@ def _variance(args) -> None:
             sizes={f: getattr(args, f) for f in VARIANCE_SIZES},
             seed=args.seed,
             checkpoints=checkpoints,
+            lag_kl=args.lag_kl,
+            lag_checkpoints=args.lag_checkpoints,
             **{f: getattr(args, f) for f in VARIANCE_FIELDS},
         )
     out = pipeline.run(variance_job, args.out)
     print((out / "report.md").read_text())
     names = [p.name for p in report.written_files(out)]
     print(f"wrote into {out}: {', '.join(names)}")
+
+
+def _check_lag_args(args) -> None:
+    """--lag-checkpoints K: K >= 1, with --run and without --lag-kl."""
+    if args.lag_checkpoints is None:
+        return
+    if args.lag_kl is not None:
+        raise ValueError("give --lag-kl or --lag-checkpoints, not both")
+    if args.lag_checkpoints < 1:
+        raise ValueError(f"--lag-checkpoints must be >= 1, got {args.lag_checkpoints}")
+    if not args.run:
+        raise ValueError("--lag-checkpoints needs --run RUN_DIR")
 
 
 # rl-pg variance's options that change a preset: study sizes, job fields, estimators
@@ -303,7 +324,9 @@ def _add_variance_inputs(group) -> None:
         "--preset",
         choices=VARIANCE_PRESETS,
         default=None,
-        help="quick (default): about a minute on a 2-core CPU; full: research-grade",
+        help="quick (default): about a minute on a 2-core CPU; full: research-grade; "
+        "lag: the policy-lag study of the shipped policies at KL 0,0.003,0.01,0.03,0.1 "
+        "(under 3 minutes)",
     )
     group.add_argument(
         "--checkpoints",
@@ -321,6 +344,19 @@ def _add_variance_inputs(group) -> None:
         "--config", help="a previous run's config.json: run it again as it was"
     )
     group.add_argument("--seed", type=int, default=None, help="default 0")
+    group.add_argument(
+        "--lag-kl",
+        help="policy-lag study: comma-separated KL(mu || pi) levels, e.g. "
+        "0,0.003,0.01,0.03,0.1; each stage is the behaviour mu, targets move along "
+        "PPO's first-epoch update direction until each KL is reached (saved under "
+        "lag_targets/); estimators on mu's data, truth at the target",
+    )
+    group.add_argument(
+        "--lag-checkpoints",
+        type=int,
+        help="policy-lag study on real training lag (with --run): behaviour "
+        "checkpoint t, target checkpoint t + K",
+    )
     group.add_argument(
         "--problem",
         choices=["flappy", "enumerable"],
@@ -355,7 +391,7 @@ def _add_variance_sizes(group) -> None:
     group.add_argument("--group-size", type=int, help="episodes per level (G)")
 
 
-VARIANCE_PRESETS = ("quick", "full")
+VARIANCE_PRESETS = ("quick", "full", "lag")
 _NONE = type(None)
 # What ``rl-pg variance --config`` reads from a run's config.json: key -> types.
 _VARIANCE_CONFIG_KEYS = {

@@ -7,21 +7,30 @@ and the package versions) and :func:`load` reads it back, also from runs written
 before this class existed. Every check runs when the job is built, before
 anything compiles.
 
-Presets (``preset(name)``): ``quick`` (about a minute on a 2-core CPU) and
-``full`` (research grade) on the shipped Flappy Bird policies; with
+Presets (``preset(name)``): ``quick`` (about a minute on a 2-core CPU),
+``full`` (research grade) on the shipped Flappy Bird policies and ``lag`` (the
+policy-lag study, :mod:`rl_pg.variance.lag_study`, at :data:`LAG_LEVELS`); with
 ``problem="enumerable"`` the exact mode's sizes (:data:`ENUMERABLE_STUDY`).
 """
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from rl_pg import enumerable
+from rl_pg import estimators as estimators_lib
 from rl_pg.variance.problems import SuiteConfig, suite_specs
 from rl_pg.variance.study import StudyConfig
 
 PROBLEMS = ("flappy", "enumerable")
+LAG_LEVELS = (0.0, 0.003, 0.01, 0.03, 0.1)  # the lag preset's KL(mu || pi) levels
+# the lag study's default estimators: the registry's ``in_lag_study`` entries and
+# reinforce (trajectory_is's on-policy counterpart; naive is reward_to_go's formula)
+LAG_ESTIMATORS = ("reinforce",) + tuple(
+    name for name, s in estimators_lib.REGISTRY.items() if s.in_lag_study
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +72,17 @@ FULL_STUDY = StudyConfig(
     chunk=2048,
     steps_per_call=2**14,
 )
+# the lag preset's sizes: 3 stages x 5 KL levels in < 3 minutes on 2 CPU cores
+LAG_STUDY = StudyConfig(
+    batch_sizes=(4, 16),
+    num_batches=16,
+    max_batches_per_size=64,
+    reference_trajectories=2048,
+    reference_groups=64,
+    chunk=1024,
+    steps_per_call=2**13,
+    suite=SuiteConfig(names=LAG_ESTIMATORS),
+)
 # the exact mode's sizes (the enumerable MDP's episodes have 4 steps)
 ENUMERABLE_STUDY = StudyConfig(
     batch_sizes=(4, 16, 64),
@@ -91,6 +111,11 @@ class VarianceJob:
       env_id: the checkpoints' env (checked), or the env of a fresh policy.
       devices: shard over this many local devices, or ``"all"`` (None: no mesh).
       decompose: also decompose the per-step variance at these sizes.
+      lag_kl: KL(mu || pi) levels of the policy-lag study (each stage is the
+        behaviour mu, targets along PPO's first-epoch direction), or None.
+      lag_checkpoints: K, the policy-lag study on real training lag: behaviour
+        checkpoint t, target checkpoint t + K of ``checkpoints`` (a run's kept
+        policies, in training order), or None.
     """
 
     preset: str | None = "quick"
@@ -103,6 +128,8 @@ class VarianceJob:
     env_id: str | None = None
     devices: int | str | None = None
     decompose: DecomposeSizes | None = None
+    lag_kl: tuple[float, ...] | None = None
+    lag_checkpoints: int | None = None
 
     def __post_init__(self):
         if self.preset is not None and self.preset not in PRESETS:
@@ -122,6 +149,8 @@ class VarianceJob:
             )
         if self.problem == "enumerable":
             _check_enumerable(self)
+        object.__setattr__(self, "lag_kl", _lag_levels(self.lag_kl))
+        _check_lag(self)
         decompose = self.decompose
         if isinstance(decompose, dict):
             decompose = DecomposeSizes(**decompose)
@@ -159,6 +188,8 @@ class VarianceJob:
             "decompose": (
                 dataclasses.asdict(self.decompose) if self.decompose else None
             ),
+            "lag_kl": list(self.lag_kl) if self.lag_kl is not None else None,
+            "lag_checkpoints": self.lag_checkpoints,
         }
 
     @classmethod
@@ -179,6 +210,8 @@ class VarianceJob:
             env_id=data.get("env_id"),
             devices=data.get("devices"),
             decompose=decompose or None,
+            lag_kl=data.get("lag_kl"),
+            lag_checkpoints=data.get("lag_checkpoints"),
         )
 
 
@@ -189,6 +222,47 @@ def _check_enumerable(job: VarianceJob) -> None:
         raise ValueError(
             f"horizon: the enumerable MDP's episodes have {ENUMERABLE_HORIZON} "
             f"steps, got {job.horizon}"
+        )
+
+
+def _lag_levels(levels: Any) -> tuple[float, ...] | None:
+    """None, or the KL levels as floats (text "0,0.01" accepted), each finite and
+    >= 0, strictly increasing."""
+    if levels is None:
+        return None
+    if isinstance(levels, str):
+        levels = [v for v in levels.split(",") if v.strip()]
+    try:
+        found = tuple(float(v) for v in levels)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"lag_kl must be comma-separated numbers, got {levels!r}"
+        ) from None
+    bad = [k for k in found if not (math.isfinite(k) and k >= 0)]
+    if not found or bad:
+        raise ValueError(f"lag_kl levels must be finite and >= 0, got {list(found)}")
+    if any(b <= a for a, b in zip(found, found[1:], strict=False)):
+        raise ValueError(
+            f"lag_kl levels must be strictly increasing, got {list(found)}"
+        )
+    return found
+
+
+def _check_lag(job: "VarianceJob") -> None:
+    """--lag-kl and --lag-checkpoints: not both, K an int >= 1 with K + 1 policies."""
+    k = job.lag_checkpoints
+    if k is None:
+        return
+    if job.lag_kl is not None:
+        raise ValueError("give --lag-kl or --lag-checkpoints, not both")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"lag_checkpoints must be an int >= 1, got {k!r}")
+    if job.problem != "flappy" or not job.checkpoints:
+        raise ValueError("--lag-checkpoints needs --run RUN_DIR (a run's checkpoints)")
+    if len(job.checkpoints) <= k:
+        raise ValueError(
+            f"--lag-checkpoints {k} needs at least {k + 1} kept policies, the run "
+            f"has {len(job.checkpoints)}"
         )
 
 
@@ -220,6 +294,12 @@ PRESETS: dict[str, dict[str, Any]] = {
         group_size=4,
         decompose=DecomposeSizes(num_states=1024, num_actions=8, num_continuations=8),
     ),
+    "lag": dict(
+        study=LAG_STUDY,
+        horizon=128,
+        group_size=4,
+        decompose=DecomposeSizes(num_states=256, num_actions=4, num_continuations=4),
+    ),
 }
 
 
@@ -243,6 +323,11 @@ def preset(
     setting = PRESETS[name]
     fields = {k: v for k, v in fields.items() if v is not None}
     enumerable_ = problem == "enumerable"
+    lag = fields.get("lag_kl") is not None or fields.get("lag_checkpoints")
+    if name == "lag" and not lag:
+        fields["lag_kl"] = LAG_LEVELS
+    if (lag or name == "lag") and not estimators:  # the lag study's estimators
+        estimators = ",".join(LAG_ESTIMATORS)
     base = {
         "study": ENUMERABLE_STUDY if enumerable_ else setting["study"],
         "horizon": ENUMERABLE_HORIZON if enumerable_ else setting["horizon"],

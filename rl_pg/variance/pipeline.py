@@ -28,6 +28,10 @@ def run(job: job_lib.VarianceJob, out_dir: str | Path, progress: bool = True) ->
     """Run ``job`` (the ``rl-pg variance`` job) into the new directory ``out_dir``."""
     check_out(out_dir)
     found = stages.job_stages(job)
+    if job.lag_kl is not None or job.lag_checkpoints is not None:
+        from rl_pg.variance import lag_study
+
+        return lag_study.run(job, found, out_dir, progress)
     mesh = runners.device_mesh(job.devices)
     return execute(job, found, out_dir, progress, mesh)[0]
 

@@ -1,0 +1,243 @@
+"""The policy-lag study (rl_pg.variance.lag_study): KL 0 equals on-policy bit for
+bit, the per-sub-batch gradient path equals each loss's own jax.grad, exact mode
+against an enumeration written here, CLI errors, the lag preset end to end."""
+
+import csv
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from rl_pg import checkpoint, cli, enumerable
+from rl_pg.variance import exact, lag, lag_study, stages, study
+from rl_pg.variance import job as job_lib
+from rl_pg.variance.problems import estimator_suite, flat_gradient, suite_specs
+
+MDP = enumerable.DEFAULT_MDP
+PROBLEM = exact.enumerable_problem(4)
+MU = exact.enumerable_policies()["skewed"]
+PI = {
+    **MU,
+    "logits": MU["logits"] + jnp.asarray([[0.4, -0.3], [-0.5, 0.2], [0.3, 0.6]]),
+}
+CONFIG = job_lib.preset(
+    "lag", "enumerable", sizes=dict(batch_sizes=(4, 8), num_batches=4)
+).study
+# importance-weighted rows and their on-policy counterparts at ratio 1
+COUNTERPARTS = {
+    "trajectory_is": "reinforce",
+    "per_decision_is": "naive",
+    "truncated_is": "naive",
+    "ppo_dual_clip": "ppo_clip",
+    "gspo": "grpo",
+}
+
+
+def _batch_outputs(mu, pi):
+    fn = jax.jit(lag_study.lag_batch_fn(PROBLEM, CONFIG))
+    return jax.device_get(fn(mu, pi, jax.random.PRNGKey(1), jnp.float32(0.5)))
+
+
+def test_kl_zero_rows_equal_their_on_policy_counterparts_bit_for_bit():
+    out, kl = _batch_outputs(MU, MU)
+    names = list(suite_specs(CONFIG.suite))
+    for n, (est, clip, diag) in out.items():
+        for row, twin in COUNTERPARTS.items():
+            a, b = est[:, names.index(row)], est[:, names.index(twin)]
+            np.testing.assert_array_equal(a, b, err_msg=f"{row} vs {twin}, n={n}")
+            assert np.abs(a).max() > 0
+        np.testing.assert_array_equal(diag[:, 0], n)  # every ratio exactly 1
+        np.testing.assert_array_equal(diag[:, 2], 0.0)
+        assert np.all(np.isnan(clip[:, names.index("trajectory_is")]))
+        np.testing.assert_array_equal(clip[:, names.index("ppo_clip")], 0.0)
+    assert kl[0] == 0.0
+    # and away from KL 0 they differ
+    out, kl = _batch_outputs(MU, PI)
+    est = out[8][0]
+    assert not np.array_equal(est[:, names.index("trajectory_is")],
+                              est[:, names.index("reinforce")])  # fmt: skip
+    assert kl[0] > 0
+
+
+def test_lag_gradients_equal_each_loss_own_grad():
+    """Per sub-batch: declared weights with ratios + one VJP == -grad loss on the
+    same sub-batch carrying mu's log-probs (clipped steps depend on the batch)."""
+    b = jnp.float32(0.5)
+    batch = PROBLEM.sample(jax.random.PRNGKey(2), MU, 8)
+    log_mu, log_pi, values, _ = lag_study._log_probs(PROBLEM.apply_fn, MU, PI, batch)
+    batch = batch._replace(log_probs=log_mu)
+    declared = lag_study._declarations(PROBLEM, CONFIG.suite, b)
+    losses = estimator_suite(PROBLEM, CONFIG.suite, constant_b=b)
+    est, clip = jax.jit(
+        lambda: lag_study._sub_estimates(
+            PROBLEM, declared, losses, PI, batch, log_pi, values
+        )
+    )()
+    for i, name in enumerate(suite_specs(CONFIG.suite)):
+        want = flat_gradient(losses[name], PI, batch)
+        np.testing.assert_allclose(est[i], want, rtol=2e-5, atol=2e-6, err_msg=name)
+        aux = losses[name](PI, batch)[1]
+        if not np.isnan(clip[i]):
+            np.testing.assert_allclose(clip[i], aux.clip_fraction, atol=1e-6)
+    assert np.nanmax(np.asarray(clip)) > 0  # some steps are clipped at this lag
+
+
+def _enumerated_truth(mu, pi):
+    """Every trajectory of the MDP: p_mu, p_pi, R, grad log p_pi (numpy, float64)."""
+    e = enumerable.enumerate_trajectories(MDP)
+
+    def log_policy(params, states, actions, mask):
+        log_pi = jax.nn.log_softmax(params["logits"], axis=-1)
+        return jnp.sum(mask * log_pi[states, actions])
+
+    def probs(params):
+        lp = jax.vmap(log_policy, in_axes=(None, 0, 0, 0))(
+            params, e.states, e.actions, e.mask
+        )
+        return np.exp(np.asarray(lp, np.float64) + e.log_prob_env)
+
+    score = jax.vmap(jax.grad(log_policy), in_axes=(None, 0, 0, 0))(
+        pi, e.states, e.actions, e.mask
+    )
+    score = np.asarray(jax.vmap(lambda t: ravel_pytree(t)[0])(score), np.float64)
+    return probs(mu), probs(pi), np.asarray(e.returns, np.float64), score
+
+
+def test_exact_mode_unbiased_is_zero_bias_clipped_positive():
+    p_mu, p_pi, R, score = _enumerated_truth(MU, PI)
+    g = (p_pi * R) @ score  # grad J at the target, by enumeration
+    y_is = ((p_pi / p_mu) * R)[:, None] * score  # trajectory IS, one column
+    np.testing.assert_allclose(p_mu @ y_is, g, atol=1e-9)
+    np.testing.assert_allclose(lag.exact_gradient(PI), g, rtol=1e-5, atol=1e-6)
+    stage = stages.Stage("skewed", MU, PROBLEM, MDP.horizon, "e", {})
+    point = lag_study.LagPoint(stage, PI, "kl_x", 0.05)
+    found = lag_study.exact_lag_values(point, CONFIG.suite, (4, 8), 0.5)
+    g2 = float(g @ g)
+    for name in ("trajectory_is", "per_decision_is"):
+        assert found[8][name]["bias2"] < 1e-9 * g2, name
+    for name in ("truncated_is", "naive", "reinforce"):
+        assert found[8][name]["bias2"] > 1e-3 * g2, name
+    # the trajectory-IS variance from this enumeration (levels of G = 4)
+    _, _, s0 = enumerable.enumerated_batch(MU, MDP)
+    want = exact.grouped_batch_variance(y_is, p_mu, np.asarray(s0), 8, 4)
+    np.testing.assert_allclose(found[8]["trajectory_is"]["variance"], want, rtol=1e-4)
+    assert np.isnan(found[8]["grpo"]["bias2"])  # not per-trajectory: unknown
+
+
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--lag-kl=-0.01,0.1"], "lag_kl levels must be finite and >= 0"),
+        (["--lag-kl", "0.1,0.01"], "strictly increasing"),
+        (["--lag-kl", "0,x"], "comma-separated numbers"),
+        (["--lag-kl", "0,0.1", "--lag-checkpoints", "1"], "not both"),
+        (["--lag-checkpoints", "0", "--run", "somewhere"], "must be >= 1"),
+        (["--lag-checkpoints", "2"], "needs --run"),
+    ],
+)
+def test_cli_lag_errors_are_one_line(capsys, tmp_path, flags, expected, monkeypatch):
+    def no_study(*args, **kwargs):
+        raise AssertionError("the study started")
+
+    monkeypatch.setattr(lag_study, "run", no_study)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["variance", "--out", str(tmp_path / "o"), *flags])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("rl-pg variance: error: "), err
+    assert expected in err[0], err[0]
+    assert not (tmp_path / "o").exists()
+
+
+def test_lag_flags_parse_into_the_job():
+    job = job_lib.preset("quick", lag_kl="0,0.01")
+    assert job.lag_kl == (0.0, 0.01)
+    assert job.study.suite.names == job_lib.LAG_ESTIMATORS
+    assert job_lib.VarianceJob.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+    quick = job_lib.preset("quick")
+    assert quick.lag_kl is None and "naive" not in quick.study.suite.names
+    with pytest.raises(ValueError, match="kept policies"):
+        job_lib.preset("quick", checkpoints=["a", "b"], lag_checkpoints=2)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_lag_preset_end_to_end_tiny(tmp_path):
+    """The lag preset at tiny sizes on the shipped good policy: files, targets
+    saved as loadable checkpoints with their KL, KL-0 rows equal their
+    counterparts through the study, diagnostics."""
+    good = stages.shipped_checkpoints()[-1]
+    job = job_lib.preset(
+        "lag",
+        sizes=dict(batch_sizes=(4, 8), num_batches=4, reference_trajectories=64),
+        horizon=64,
+        checkpoints=[str(good)],
+        lag_kl=(0.0, 0.02),
+    )
+    out = lag_study.run(job, stages.job_stages(job), tmp_path / "lag", progress=False)
+    for name in ("results.csv", "staleness.csv", "report.md", "vs_staleness.png",
+                 "vs_staleness.pdf", "vs_staleness.svg", "config.json"):  # fmt: skip
+        assert (out / name).is_file(), name
+    rows = _rows(out / "results.csv")
+    assert len(rows) == 2 * 2 * len(job.study.suite.names)
+    at = {(r["target"], r["estimator"], r["batch_size"]): r for r in rows}
+    for row, twin in COUNTERPARTS.items():
+        for n in ("4", "8"):
+            a, b = at[("kl_0", row, n)], at[("kl_0", twin, n)]
+            assert [a[m] for m in study.METRICS] == [b[m] for m in study.METRICS]
+    zero, lagged = (
+        at[("kl_0", "trajectory_is", "8")],
+        at[("kl_0.02", "trajectory_is", "8")],
+    )
+    assert float(zero["lag_kl"]) == 0 and float(zero["ess"]) == 8
+    assert float(zero["max_ratio"]) == 1
+    assert 0.01 < float(lagged["lag_kl"]) < 0.04 and float(lagged["ess"]) < 8
+    assert float(lagged["max_ratio"]) > 1
+    assert zero["clip_fraction"] == "nan"
+    assert 0 <= float(at[("kl_0.02", "ppo_clip", "8")]["clip_fraction"]) <= 1
+    target = out / "lag_targets" / "good" / "kl_0.02"
+    meta = checkpoint.read_meta(target)
+    assert abs(meta["lag_kl"] - 0.02) < 1e-4 and meta["lag_level"] == 0.02
+    checkpoint.load_policy(target)  # rl-pg variance --checkpoints takes it
+    text = (out / "report.md").read_text()
+    assert "## Staleness" in text and "Lowest relative MSE" in text
+    assert "bias2 overtakes variance" in text
+
+
+@pytest.mark.slow
+def test_lag_study_on_a_cartpole_run(tmp_path):
+    """Any env: a tiny CartPole PPO run (kept checkpoints) under --lag-checkpoints 1
+    (real training lag) and its last policy under --lag-kl, through the CLI."""
+    run = tmp_path / "run"
+    cli.main(
+        ["train", "--algo", "ppo", "--env-id", "CartPole-v1", "--total-env-steps",
+         "2048", "--num-envs", "4", "--num-steps", "128", "--eval-every-steps",
+         "1024", "--keep-checkpoints", "all", "--out", str(run)]
+    )  # fmt: skip
+    sizes = ["--batch-sizes", "4,8", "--num-batches", "4"]
+    sizes += ["--reference-trajectories", "64", "--horizon", "64"]
+    real = tmp_path / "real"
+    cli.main(["variance", "--run", str(run), "--lag-checkpoints", "1", *sizes,
+              "--out", str(real)])  # fmt: skip
+    rows = _rows(real / "results.csv")
+    assert {r["lag_checkpoints"] for r in rows} == {"1"}
+    assert rows[0]["checkpoint"] == "env_steps_000000001024"
+    assert rows[0]["target"] == "env_steps_000000002048"
+    assert float(rows[0]["lag_kl"]) > 0
+    last = run / "checkpoints" / "evaluations" / "env_steps_000000002048"
+    levels = tmp_path / "levels"
+    cli.main(["variance", "--checkpoints", str(last), "--lag-kl", "0,0.01", *sizes,
+              "--out", str(levels)])  # fmt: skip
+    rows = _rows(levels / "results.csv")
+    assert {r["target"] for r in rows} == {"kl_0", "kl_0.01"}
+    assert "lag_checkpoints" not in rows[0]
+    meta = checkpoint.read_meta(
+        levels / "lag_targets" / rows[0]["checkpoint"] / "kl_0.01"
+    )
+    assert meta["env_id"] == "CartPole-v1"
