@@ -83,23 +83,8 @@ def _render(args) -> None:
 def _variance(args) -> None:
     from rl_pg.variance import job, pipeline, report, stages
 
-    fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed", "lag_kl")
     if args.config:
-        given = [f for f in fixed if getattr(args, f) is not None]
-        if (
-            given
-            or args.checkpoints
-            or args.run
-            or args.decompose
-            or (args.lag_checkpoints is not None)
-        ):
-            raise ValueError(
-                "--config reruns a saved run as it was; drop "
-                + ", ".join(
-                    "--" + f.replace("_", "-")
-                    for f in given + ["checkpoints", "run", "decompose"]
-                )
-            )
+        _check_config_rerun(args)
         variance_job = job.load(args.config)
     else:
         _check_lag_args(args)
@@ -122,6 +107,19 @@ def _variance(args) -> None:
     print((out / "report.md").read_text())
     names = [p.name for p in report.written_files(out)]
     print(f"wrote into {out}: {', '.join(names)}")
+
+
+def _check_config_rerun(args) -> None:
+    """--config reruns a saved study as it was: no option may change it."""
+    fixed = VARIANCE_OVERRIDES + ("preset", "problem", "seed", "lag_kl")
+    given = [f for f in fixed if getattr(args, f) is not None]
+    flags = ["checkpoints", "run", "decompose", "lag_checkpoints"]
+    given += [f for f in flags if getattr(args, f) not in (None, False, [])]
+    if given:
+        raise ValueError(
+            "--config reruns a saved run as it was; drop "
+            + ", ".join("--" + f.replace("_", "-") for f in given)
+        )
 
 
 def _check_lag_args(args) -> None:
@@ -462,6 +460,7 @@ def check_variance_config(path: str | Path) -> dict:
 def _check_variance_args(args) -> None:
     """Checks of ``rl-pg variance`` before the command runs (a bad --config)."""
     if args.config:
+        _check_config_rerun(args)
         check_variance_config(args.config)
 
 

@@ -72,7 +72,9 @@ FAMILIES = (
 OTHER = Family("other", OKABE_ITO[5], ())
 # estimators whose mean is not on grad J's scale (rl_pg.estimators' ``rescaled``;
 # a test keeps the two equal): their variance is marked in the figures
-KNOWN_RESCALED = frozenset({"mean_baseline", "ppo_clip", "grpo", "dr_grpo"})
+KNOWN_RESCALED = frozenset(
+    {"mean_baseline", "ppo_clip", "ppo_dual_clip", "grpo", "dr_grpo", "gspo", "cispo"}
+)
 DISPLAY = {
     "reinforce": "REINFORCE",
     "reward_to_go": "reward-to-go",

@@ -297,7 +297,7 @@ def test_calibration_rows_differ_between_policies_and_sizes(monkeypatch):
         return type("R", (), {"rows": []})()
 
     monkeypatch.setattr(exact.study, "study_stage", fake_stage)
-    monkeypatch.setattr(exact.study, "make_runners", lambda problem, config: None)
+    monkeypatch.setattr(exact, "make_runners", lambda problem, config: None)
     config = variance.StudyConfig(
         batch_sizes=(4, 16),
         num_batches=4,

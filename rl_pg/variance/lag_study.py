@@ -414,19 +414,23 @@ def run(job, found: list[stages.Stage], out_dir, progress: bool = True) -> Path:
     start = time.perf_counter()
     points = lag_points(job, found)
     search_seconds = time.perf_counter() - start
-    out = io.new_out_dir(out_dir)
-    described = {s.label: s.description for s in found}
-    io.write_config(out, job.to_dict(described))
-    save_targets(out, points)
-    results = []
-    for i, point in enumerate(points):
-        if progress:
-            print(
-                f"lag study {i + 1}/{len(points)}: {point.behaviour.label} -> "
-                f"{point.target_label}",
-                flush=True,
-            )
-        results.append(study_point(point, built[point.behaviour.key], job))
-    wall = time.perf_counter() - start
-    lag_report.write(out, results, job, wall, search_seconds)
+    with io.owned_output(out_dir, "rl-pg variance") as out:  # removed if it dies
+        io.write_config(out, job.to_dict({s.label: s.description for s in found}))
+        save_targets(out, points)
+        results = [
+            _study_point_logged(i, point, built, job, len(points), progress)
+            for i, point in enumerate(points)
+        ]
+        wall = time.perf_counter() - start
+        lag_report.write(out, results, job, wall, search_seconds)
     return out
+
+
+def _study_point_logged(i, point, built, job, total: int, progress: bool):
+    if progress:
+        print(
+            f"lag study {i + 1}/{total}: {point.behaviour.label} -> "
+            f"{point.target_label}",
+            flush=True,
+        )
+    return study_point(point, built[point.behaviour.key], job)
