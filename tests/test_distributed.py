@@ -187,6 +187,44 @@ def _concurrent(mesh) -> dict:
     return out | {"concurrent_devices": np.array(len(runners.concurrent_devices))}
 
 
+def _zero_estimates(mesh) -> dict:
+    """dr_grpo on groups of G = 4 where every return of a group is often equal: its
+    batch estimate is then 0 up to float32 rounding (the group mean of four equal
+    returns need not be exactly the return), a rounding whose direction depends on
+    the reduction order, so on the device count; its metrics must not."""
+    base = enumerable.DEFAULT_MDP
+    transitions, rewards = base.transitions.copy(), base.rewards.copy()
+    transitions[2] = [0.0, 0.0, 1.0, 0.0]  # state 2: absorbing, 0.7 per step
+    rewards[2] = 0.7
+    mdp = base._replace(transitions=transitions, rewards=rewards)
+    policy = enumerable.mdp_policy()
+    params = policy.init(jax.random.PRNGKey(1), jnp.zeros(3))
+    problem = variance.Problem(
+        policy.apply,
+        lambda key, p, n: enumerable.sample_batch(key, p, n, mdp, group_size=4),
+        group_size=4,
+    )
+    config = variance.StudyConfig(
+        batch_sizes=(4,),
+        num_batches=16,
+        reference_trajectories=32,
+        reference_groups=4,
+        chunk=16,
+        block_steps=4,
+        suite=variance.SuiteConfig(names=("dr_grpo",)),
+    )
+    runners = variance.make_runners(problem, config, mesh=mesh)
+    rows = variance.study_stage(params, runners, config, 4).rows
+    (row,) = [r for r in rows if r["estimator"] == "dr_grpo"]
+    names = ("cos_true", "cos_pairwise", "snr", "rel_variance")
+    out = {f"zero_{m}": np.array(row[m]) for m in names}
+    estimates = variance.batch_estimates(
+        params, runners, jax.random.PRNGKey(2), 16, 4, 0.0
+    )
+    norms = np.linalg.norm(estimates[4]["dr_grpo"], axis=-1)
+    return out | {"zero_tiny_estimates": np.array(np.sum(norms < 1e-5))}
+
+
 PARTS = {
     "seeds": _seeds,
     "grouped": _grouped,
@@ -195,6 +233,7 @@ PARTS = {
     "batch_estimates": _batch_estimates,
     "moments": _moments,
     "concurrent": _concurrent,
+    "zero_estimates": _zero_estimates,
 }
 # The 2-process run repeats the parts that use every placement helper across
 # processes (shard, replicate, gather via process_allgather) and stays quick;
@@ -370,6 +409,15 @@ def test_variance_study_equal_single_device(runs):
     assert reference["batch_rloo"].shape[0] == 6
     # distinct batches: keys per batch index, not per device
     assert np.linalg.matrix_rank(reference["batch_reinforce"]) > 1
+
+
+def test_a_zero_estimate_has_the_same_metrics_on_any_device_count(runs):
+    reference, single, _ = runs
+    assert reference["zero_tiny_estimates"] > 0  # the case is exercised
+    for m in ("cos_true", "cos_pairwise", "snr", "rel_variance"):
+        np.testing.assert_allclose(
+            single[f"zero_{m}"], reference[f"zero_{m}"], rtol=1e-6, atol=1e-6, err_msg=m
+        )
 
 
 def test_two_processes_equal_single_device(runs):
