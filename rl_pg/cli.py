@@ -45,12 +45,28 @@ def _check_render_args(args) -> Path:
     return out
 
 
+def _scripted_act(env_params, obs, state, key):
+    """``rl-pg render --policy scripted``: the scripted rule (``rl_pg.scripted``)."""
+    from rl_pg.scripted import scripted_action
+
+    del obs, key
+    return scripted_action(state, env_params)
+
+
+def _random_act(flap_prob, obs, state, key):
+    """``rl-pg render --policy random``: flap with probability ``flap_prob``."""
+    import jax
+
+    del obs, state
+    return jax.random.bernoulli(key, flap_prob).astype(int)
+
+
 def _render(args) -> None:
     import jax
+    import jax.numpy as jnp
 
     from rl_pg.envs import make
     from rl_pg.envs.render import episode_frames, write_gif
-    from rl_pg.scripted import scripted_action
 
     out = _check_render_args(args)
     env, params = make("FlappyBird-v0")
@@ -64,15 +80,19 @@ def _render(args) -> None:
                 "rl-pg render draws Flappy Bird only"
             )
         env, params = agent.env, agent.env_params
-        act_fn = lambda obs, state, key: agent.act_fn(agent.params, obs, state, key)
+        act_fn, agent_params = agent.act_fn, agent.params
     elif args.policy == "scripted":
-        act_fn = lambda obs, state, key: scripted_action(state, params)
+        act_fn, agent_params = _scripted_act, params
     else:
-        act_fn = lambda obs, state, key: jax.random.bernoulli(
-            key, args.flap_prob
-        ).astype(int)
+        act_fn, agent_params = _random_act, jnp.float32(args.flap_prob)
+    # Module-level act_fns, agent params traced: one compilation per kind.
     frames = episode_frames(
-        env, params, jax.random.PRNGKey(args.seed), act_fn, args.steps
+        env,
+        params,
+        jax.random.PRNGKey(args.seed),
+        act_fn,
+        args.steps,
+        agent_params=agent_params,
     )
     frames = frames[:: args.frame_skip]
     out.parent.mkdir(parents=True, exist_ok=True)

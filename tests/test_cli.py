@@ -21,9 +21,9 @@ from rl_pg.runs import overrides
 SPEC = {"kind": "mlp", "num_actions": 2, "hidden": [4], "activation": "tanh"}
 
 
-def _policy_run(directory):
+def _policy_run(directory, seed: int = 0):
     """A training run directory holding only ``checkpoints/best`` (tiny MLP)."""
-    params = mlp_policy(2, hidden=(4,)).init(jax.random.PRNGKey(0), jnp.zeros(12))
+    params = mlp_policy(2, hidden=(4,)).init(jax.random.PRNGKey(seed), jnp.zeros(12))
     checkpoint.save_policy(
         directory / "checkpoints" / "best",
         params,
@@ -415,3 +415,35 @@ def test_variance_config_check_accepts_a_saved_config(tmp_path):
     assert cli.check_variance_config(config) == SAVED_VARIANCE
     with pytest.raises(ValueError, match="no such file"):
         cli.check_variance_config(tmp_path / "missing.json")
+
+
+def _compiles(fn, caplog) -> list[str]:
+    """Messages of the XLA compilations that ``fn()`` triggers."""
+    import logging
+
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_eval_and_render_compile_once_per_policy(capsys, caplog, tmp_path):
+    """Two checkpoints of one policy, evaluated and drawn in one process, share
+    the compilations (render used to jit a new closure per call); so do two
+    scripted renders with other seeds."""
+
+    def eval_and_render(i):
+        run = _policy_run(tmp_path / f"run{i}", seed=i)
+        small = ["--episodes", "2", "--max-score", "2", "--gif"]
+        cli.main(["eval", "--checkpoint", str(run), "--out", str(run / "e"), *small])
+        for policy in ("--checkpoint", str(run)), ("--policy", "scripted"):
+            argv = ["render", "--out", str(run / f"{policy[0][2:]}.gif"), *policy]
+            cli.main([*argv, "--steps", "4", "--seed", str(i)])
+
+    assert _compiles(lambda: eval_and_render(0), caplog)
+    assert _compiles(lambda: eval_and_render(1), caplog) == []
+    capsys.readouterr()

@@ -254,3 +254,44 @@ def test_other_gymnax_envs_are_scored_by_episode_return():
     ]:
         with pytest.raises(ValueError, match=why):
             ppo.PPOConfig(env_id=bad)
+
+
+def _compiles(fn, caplog) -> list[str]:
+    """Messages of the XLA compilations that ``fn()`` triggers."""
+    import logging
+
+    caplog.clear()
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jax"):
+            fn()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+
+
+def test_evaluations_of_one_policy_compile_once(caplog, tmp_path):
+    """The held-out evaluation and the GIF of other params under another config
+    of the same policy (seed, learning rate) reuse the compilations: the
+    algorithm's act_fn and env come from cached factories (static jit args)."""
+    from rl_pg.algos import base, registry
+
+    algorithm = registry.get("ppo")
+    configs = [
+        algorithm.config_cls(seed=seed, lr=lr, final_eval_episodes=N, eval_max_score=2)
+        for seed, lr in ((0, 3e-4), (1, 1e-3))
+    ]
+    params = [
+        algorithm.params(algorithm.init(c, jax.random.PRNGKey(i)))
+        for i, c in enumerate(configs)
+    ]
+
+    def evaluate_and_draw(i):
+        env, env_params = algorithm.make_env(configs[i])
+        jax.block_until_ready(base.held_out(algorithm, configs[i], params[i]))
+        act_fn = algorithm.act_fn(configs[i])
+        path = tmp_path / f"{i}.gif"
+        ev.agent_gif(act_fn, params[i], env, env_params, path, jax.random.PRNGKey(i))
+
+    assert _compiles(lambda: evaluate_and_draw(0), caplog)  # the log shows them
+    assert _compiles(lambda: evaluate_and_draw(1), caplog) == []

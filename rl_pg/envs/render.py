@@ -19,6 +19,8 @@ The row and column quantities end in reductions or square roots, which XLA
 computes once into small arrays rather than again for every pixel.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -304,35 +306,61 @@ def write_gif(frames, path, fps: int = 30, *, exclusive: bool = False) -> None:
         iio.imwrite(tmp, frames, duration=1000 / fps, loop=0)
 
 
-def episode_frames(env, params, key, act_fn, num_steps: int, shape=(512, 288)):
+@functools.cache
+def _ignoring_agent_params(act_fn):
+    """``(agent_params, obs, state, key) -> act_fn(obs, state, key)``; one object
+    per ``act_fn`` (a static jit argument)."""
+
+    def act(agent_params, obs, state, key):
+        del agent_params
+        return act_fn(obs, state, key)
+
+    return act
+
+
+@functools.partial(jax.jit, static_argnames=("env", "act_fn", "num_steps", "shape"))
+def _episode(env, params, key, act_fn, agent_params, num_steps: int, shape):
+    """The reset frame, one frame per step and the alive flags of one episode."""
+    key_reset, key_run = jax.random.split(key)
+    obs, state = env.reset_env(key_reset, params)
+
+    def body(carry, key):
+        obs, state, alive = carry
+        key_act, key_step = jax.random.split(key)
+        action = act_fn(agent_params, obs, state, key_act)
+        obs, state, _, terminated, _ = env.step_env(key_step, state, action, params)
+        frame = render_rgb(state, params, shape)
+        return (obs, state, alive & ~terminated), (frame, alive)
+
+    first = render_rgb(state, params, shape)
+    keys = jax.random.split(key_run, num_steps)
+    _, (frames, alive) = jax.lax.scan(body, (obs, state, jnp.bool_(True)), keys)
+    return first, frames, alive
+
+
+def episode_frames(
+    env, params, key, act_fn, num_steps: int, shape=(512, 288), *, agent_params=None
+):
     """RGB frames of one episode (the first ``num_steps`` steps at most).
 
+    Jitted with ``env``, ``act_fn``, ``num_steps`` and ``shape`` static: calls
+    with the same ``act_fn`` object and other ``params``, ``key`` or
+    ``agent_params`` (same shapes) reuse one compilation.
+
     Args:
-        act_fn: ``(obs, state, key) -> action`` for one unbatched env.
+        act_fn: ``(obs, state, key) -> action`` for one unbatched env; with
+            ``agent_params`` given, ``(agent_params, obs, state, key) -> action``
+            (an :func:`rl_pg.evaluate.evaluate` act_fn).
+        agent_params: what ``act_fn`` reads (network params, a Q-table), traced.
 
     Returns:
         uint8 numpy array ``[N, H, W, 3]``: the reset frame, then one frame per
         step up to and including the crash.
     """
-
-    @jax.jit
-    def run(key):
-        key_reset, key_run = jax.random.split(key)
-        obs, state = env.reset_env(key_reset, params)
-
-        def body(carry, key):
-            obs, state, alive = carry
-            key_act, key_step = jax.random.split(key)
-            action = act_fn(obs, state, key_act)
-            obs, state, _, terminated, _ = env.step_env(key_step, state, action, params)
-            frame = render_rgb(state, params, shape)
-            return (obs, state, alive & ~terminated), (frame, alive)
-
-        first = render_rgb(state, params, shape)
-        keys = jax.random.split(key_run, num_steps)
-        _, (frames, alive) = jax.lax.scan(body, (obs, state, jnp.bool_(True)), keys)
-        return first, frames, alive
-
-    first, frames, alive = run(key)
+    if agent_params is None:
+        act_fn = _ignoring_agent_params(act_fn)
+    first, frames, alive = _episode(
+        env, params, key, act_fn, agent_params, num_steps, tuple(shape)
+    )
     count = int(np.sum(np.asarray(alive)))
     return np.concatenate([np.asarray(first)[None], np.asarray(frames)[:count]])
