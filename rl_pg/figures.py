@@ -200,6 +200,9 @@ def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list
         target = path.with_suffix(f".{fmt}")
         io.save_figure(fig, target, dpi=150 if fmt == "png" else None)
         written.append(target)
+        # the layout of the first save holds for the others (constrained layout
+        # costs as much as drawing: keep its positions, do not solve it again)
+        fig.set_layout_engine("none")
     return written
 
 
