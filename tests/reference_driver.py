@@ -79,32 +79,51 @@ def reference_episode(key, params, use_lidar, policy, max_steps, rng):
     return out
 
 
+_RUNNERS: dict = {}  # (id(env), id(params)) -> (env, params, jitted scan)
+
+
+def _runner(env, params):
+    """One jitted scan per (env, params), kept for the session: a replay compiles
+    once per length bucket, not once per episode."""
+    ident = (id(env), id(params))
+    if ident not in _RUNNERS:
+
+        @jax.jit
+        def run(key, actions):
+            obs0, state = env.reset(key, params)
+
+            def step(state, action):
+                obs, state, reward, terminated, info = env.step_env(
+                    key, state, action, params
+                )
+                out = dict(
+                    obs=obs,
+                    reward=reward,
+                    terminated=terminated,
+                    score=info["score"],
+                    bird_y=state.bird_y,
+                    bird_vel=state.bird_vel,
+                    pipe_x=state.pipe_x,
+                )
+                return state, out
+
+            _, out = jax.lax.scan(step, state, actions)
+            return obs0, out
+
+        _RUNNERS[ident] = (env, params, run)  # env, params: keep the ids alive
+    return _RUNNERS[ident][2]
+
+
 def replay(env, params, key, actions):
-    """rl_pg's env on a fixed action sequence (no auto-reset): per-step records."""
+    """rl_pg's env on a fixed action sequence (no auto-reset): per-step records.
 
-    @jax.jit
-    def run(key, actions):
-        obs0, state = env.reset(key, params)
-
-        def step(state, action):
-            obs, state, reward, terminated, info = env.step_env(
-                key, state, action, params
-            )
-            out = dict(
-                obs=obs,
-                reward=reward,
-                terminated=terminated,
-                score=info["score"],
-                bird_y=state.bird_y,
-                bird_vel=state.bird_vel,
-                pipe_x=state.pipe_x,
-            )
-            return state, out
-
-        _, out = jax.lax.scan(step, state, actions)
-        return obs0, out
-
-    obs0, out = run(key, jnp.asarray(actions, jnp.int32))
-    out = jax.tree.map(np.asarray, out)
+    The actions are padded with no-flaps to a power of two (at least 64) and the
+    records cut back to ``len(actions)``: the scan is causal, so the first steps
+    are the same, and episodes of similar length share one compilation."""
+    n = len(actions)
+    padded = np.zeros(max(64, 1 << (n - 1).bit_length()), np.int32)
+    padded[:n] = actions
+    obs0, out = _runner(env, params)(key, jnp.asarray(padded))
+    out = jax.tree.map(lambda x: np.asarray(x)[:n], out)
     out["obs0"] = np.asarray(obs0)
     return out
