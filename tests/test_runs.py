@@ -42,6 +42,20 @@ def _rows(path):
     return rows
 
 
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    """``rl-pg sweep`` over two learning rates x two seeds on TINY, shared by the
+    tests that read it (one compilation of the four-run program): cell 0 is the
+    default config (lr 1e-3, ent-coef 0.01), cell 1 has lr 3e-3."""
+    out = tmp_path_factory.mktemp("sweep") / "sweep"
+    cli.main(
+        ["sweep", "--algo", "ppo", "--out", str(out), "--num-seeds", "2", "--no-gif"]
+        + [x for k, v in TINY.items() for x in (f"--{k}", v)]
+        + ["--lr", "1e-3,3e-3", "--ent-coef", "0.01"]
+    )
+    return out
+
+
 # ------------------------------------------------------------------ hyperparameters
 
 
@@ -143,13 +157,17 @@ def _assert_run_is(run_dir, runs, outs, i):
 
 
 @pytest.mark.slow
-def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(tmp_path):
-    """``rl-pg sweep --num-seeds 2`` (seeds 0 and 1 in one program) reports
-    exactly what ``jit(vmap(train))`` over seeds 0, 1, 2 returns for them, and
-    ``rl-pg train --seed 0`` exactly what it returns over seed 0 alone. (XLA
-    compiles a batch of one as another program than a batch of two or more:
-    those agree only up to float rounding, hence the two cases.)"""
+def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(swept, tmp_path):
+    """``rl-pg sweep --num-seeds 2`` (seeds 0 and 1 of each of two learning
+    rates, four runs in one program) reports for its default cell exactly what
+    ``jit(vmap(train))`` over seeds 0, 1, 2 returns for them, and ``rl-pg train
+    --seed 0`` exactly what it returns over seed 0 alone. (XLA compiles a batch of
+    one as another program than a batch of two or more: those agree only up to
+    float rounding, hence the two cases.)"""
     config = train.make_config("ppo", TINY)
+    saved = json.loads((swept / "cell_000_seed_0" / "config.json").read_text())
+    assert saved["config"]["lr"] == config.lr  # cell 0 is the default config
+    assert saved["config"]["ent_coef"] == config.ent_coef
     vmapped = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0, None)))
 
     def user(seeds):
@@ -158,13 +176,8 @@ def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(tmp_path):
 
     runs, outs = user([0, 1, 2])
     assert outs.val_median.shape == (3, 2)  # chunks of 4 and 2 updates
-    out = tmp_path / "seeds"
-    cli.main(
-        ["sweep", "--algo", "ppo", "--out", str(out), "--num-seeds", "2", "--no-gif"]
-        + [x for k, v in TINY.items() for x in (f"--{k}", v)]
-    )
     for i in (0, 1):
-        _assert_run_is(out / f"cell_000_seed_{i}", runs, outs, i)
+        _assert_run_is(swept / f"cell_000_seed_{i}", runs, outs, i)
     runs, outs = user([0])
     single = tmp_path / "seed_0"
     train.train_main("ppo", single, {**TINY, "seed": "0"}, False, False)
@@ -306,13 +319,8 @@ def test_bad_sweep_input_is_a_one_line_error_before_any_work(
 
 
 @pytest.mark.slow
-def test_a_sweep_cell_equals_the_single_run(tmp_path):
-    out = tmp_path / "sweep"
-    cli.main(
-        ["sweep", "--algo", "ppo", "--out", str(out), "--num-seeds", "2", "--no-gif"]
-        + [x for k, v in TINY.items() for x in (f"--{k}", v)]
-        + ["--lr", "1e-3,3e-3", "--ent-coef", "0.01"]
-    )
+def test_a_sweep_cell_equals_the_single_run(swept, tmp_path):
+    out = swept
     with open(out / "summary.csv") as f:
         summary = list(csv.DictReader(f))
     assert [(r["cell"], r["seed"], r["lr"]) for r in summary] == [
