@@ -37,6 +37,12 @@ def _command_in(stderr: str) -> list[str]:
     return argv[1:]
 
 
+def _ctrl_c_as_in_a_terminal():
+    """pytest-xdist workers ignore SIGINT and a child inherits that (Python then
+    installs no KeyboardInterrupt handler): give the command a terminal's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_exit_130_and_a_resumable_run(tmp_path):
     out = tmp_path / "run"
@@ -48,6 +54,7 @@ def test_ctrl_c_ends_with_one_line_exit_130_and_a_resumable_run(tmp_path):
         text=True,
         env=env,
         cwd=tmp_path,
+        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.monotonic() + 120
     while not (out / "config.json").is_file() and proc.poll() is None:
