@@ -12,6 +12,7 @@ import imageio.v3 as iio
 import jax
 import jax.numpy as jnp
 import pytest
+from compiles import compiles
 
 from rl_pg import checkpoint, cli
 from rl_pg.algos import registry
@@ -417,20 +418,6 @@ def test_variance_config_check_accepts_a_saved_config(tmp_path):
         cli.check_variance_config(tmp_path / "missing.json")
 
 
-def _compiles(fn, caplog) -> list[str]:
-    """Messages of the XLA compilations that ``fn()`` triggers."""
-    import logging
-
-    caplog.clear()
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="jax"):
-            fn()
-    finally:
-        jax.config.update("jax_log_compiles", False)
-    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-
-
 def test_eval_and_render_compile_once_per_policy(capsys, caplog, tmp_path):
     """Two checkpoints of one policy, evaluated and drawn in one process, share
     the compilations (render used to jit a new closure per call); so do two
@@ -444,6 +431,6 @@ def test_eval_and_render_compile_once_per_policy(capsys, caplog, tmp_path):
             argv = ["render", "--out", str(run / f"{policy[0][2:]}.gif"), *policy]
             cli.main([*argv, "--steps", "4", "--seed", str(i)])
 
-    assert _compiles(lambda: eval_and_render(0), caplog)
-    assert _compiles(lambda: eval_and_render(1), caplog) == []
+    assert compiles(lambda: eval_and_render(0), caplog)
+    assert compiles(lambda: eval_and_render(1), caplog) == []
     capsys.readouterr()

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import compiles
 
 import rl_pg
 from rl_pg import enumerable
@@ -247,20 +248,6 @@ def test_bad_sizes_raise(tabular_params, sizes):
         dec.decompose_enumerable(jax.random.PRNGKey(0), tabular_params, **kwargs)
 
 
-def _compiles(fn, caplog) -> list[str]:
-    """Messages of the XLA compilations that ``fn()`` triggers."""
-    import logging
-
-    caplog.clear()
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="jax"):
-            fn()
-    finally:
-        jax.config.update("jax_log_compiles", False)
-    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-
-
 def test_decompose_enumerable_compiles_once(caplog):
     """A second call with other params and key reuses the compiled sampler (it
     used to build a new apply_fn and env, static jit arguments: ~5 s a call)."""
@@ -268,14 +255,14 @@ def test_decompose_enumerable_compiles_once(caplog):
 
     policies = exact_lib.enumerable_policies()
     sizes = dict(num_states=8, num_actions=2, num_continuations=2)
-    first = _compiles(
+    first = compiles(
         lambda: dec.decompose_enumerable(
             jax.random.PRNGKey(0), policies["uniform"], **sizes, gamma=0.9
         ),
         caplog,
     )
     assert first  # the log does show compilations
-    again = _compiles(
+    again = compiles(
         lambda: dec.decompose_enumerable(
             jax.random.PRNGKey(1), policies["skewed"], **sizes, gamma=0.9
         ),

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import compiles
 
 import rl_pg
 from rl_pg import evaluate as ev
@@ -256,20 +257,6 @@ def test_other_gymnax_envs_are_scored_by_episode_return():
             ppo.PPOConfig(env_id=bad)
 
 
-def _compiles(fn, caplog) -> list[str]:
-    """Messages of the XLA compilations that ``fn()`` triggers."""
-    import logging
-
-    caplog.clear()
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="jax"):
-            fn()
-    finally:
-        jax.config.update("jax_log_compiles", False)
-    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-
-
 def test_evaluations_of_one_policy_compile_once(caplog, tmp_path):
     """The held-out evaluation and the GIF of other params under another config
     of the same policy (seed, learning rate) reuse the compilations: the
@@ -293,5 +280,5 @@ def test_evaluations_of_one_policy_compile_once(caplog, tmp_path):
         path = tmp_path / f"{i}.gif"
         ev.agent_gif(act_fn, params[i], env, env_params, path, jax.random.PRNGKey(i))
 
-    assert _compiles(lambda: evaluate_and_draw(0), caplog)  # the log shows them
-    assert _compiles(lambda: evaluate_and_draw(1), caplog) == []
+    assert compiles(lambda: evaluate_and_draw(0), caplog)  # the log shows them
+    assert compiles(lambda: evaluate_and_draw(1), caplog) == []

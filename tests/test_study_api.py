@@ -11,6 +11,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from compiles import compiles
 
 from rl_pg import cli, distributed, estimators
 from rl_pg.variance import job, pipeline, report, run_study, stages
@@ -295,22 +296,6 @@ def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
-def _compiles(fn, caplog) -> list[str]:
-    """Messages of the XLA compilations that ``fn()`` triggers."""
-    import logging
-
-    import jax
-
-    caplog.clear()
-    jax.config.update("jax_log_compiles", True)
-    try:
-        with caplog.at_level(logging.WARNING, logger="jax"):
-            fn()
-    finally:
-        jax.config.update("jax_log_compiles", False)
-    return [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
-
-
 def test_run_study_in_a_loop_compiles_once(caplog):
     """A second study with the same sizes (another seed, other params) reuses the
     compiled runners: a calibration or a sweep of studies compiles once."""
@@ -320,11 +305,9 @@ def test_run_study_in_a_loop_compiles_once(caplog):
     small = SMALL | {"batch_sizes": (4, 8), "reference_trajectories": 1024}
     small |= {"chunk": 512, "reference_groups": 8}
     kw = dict(problem="enumerable", estimators=["reinforce", "rloo"], **small)
-    first = _compiles(lambda: run_study({"u": policies["uniform"]}, **kw), caplog)
+    first = compiles(lambda: run_study({"u": policies["uniform"]}, **kw), caplog)
     assert first  # the log does show compilations
-    again = _compiles(
-        lambda: run_study({"s": policies["skewed"]}, seed=1, **kw), caplog
-    )
+    again = compiles(lambda: run_study({"s": policies["skewed"]}, seed=1, **kw), caplog)
     assert again == []
 
 
