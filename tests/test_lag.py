@@ -69,6 +69,24 @@ def test_staleness_matches_numpy():
     assert 0 < float(got.ess_trajectory) < 32
 
 
+def test_staleness_ignores_what_padding_holds():
+    """With a logit bias, even a zeroed padding observation has KL > 0: only the
+    live steps may count (the mean over them, computed by hand)."""
+
+    def biased(params, obs):  # logits obs @ L + L[0]
+        logits, values = APPLY(params, obs)
+        return logits + params["logits"][0], values
+
+    batch = sample(jax.random.PRNGKey(0), MU, 32)
+    assert (batch.mask == 0).any()  # crashes leave padded steps
+    got = lag.staleness(MU, PI, biased, batch)
+    obs, live = np.asarray(batch.observations), np.asarray(batch.mask) > 0
+    lmu = _log_softmax(obs @ np.asarray(MU["logits"]) + np.asarray(MU["logits"][0]))
+    lpi = _log_softmax(obs @ np.asarray(PI["logits"]) + np.asarray(PI["logits"][0]))
+    per_step = np.sum(np.exp(lmu) * (lmu - lpi), axis=-1)
+    assert float(got.kl) == pytest.approx(per_step[live].mean(), rel=1e-5)
+
+
 def test_staleness_at_mu_is_exactly_on_policy():
     batch = sample(jax.random.PRNGKey(1), MU, 16)
     got = lag.staleness(MU, MU, APPLY, batch)
