@@ -280,5 +280,6 @@ def test_evaluations_of_one_policy_compile_once(caplog, tmp_path):
         path = tmp_path / f"{i}.gif"
         ev.agent_gif(act_fn, params[i], env, env_params, path, jax.random.PRNGKey(i))
 
+    jax.clear_caches()  # another test in this worker may have compiled them
     assert compiles(lambda: evaluate_and_draw(0), caplog)  # the log shows them
     assert compiles(lambda: evaluate_and_draw(1), caplog) == []

@@ -6,11 +6,11 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from terminal import rl_pg_argv
 
 from rl_pg import cli, io
 from rl_pg.runs import commands, driver
@@ -37,24 +37,17 @@ def _command_in(stderr: str) -> list[str]:
     return argv[1:]
 
 
-def _ctrl_c_as_in_a_terminal():
-    """pytest-xdist workers ignore SIGINT and a child inherits that (Python then
-    installs no KeyboardInterrupt handler): give the command a terminal's SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_exit_130_and_a_resumable_run(tmp_path):
     out = tmp_path / "run"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "rl_pg.cli", *_train_argv(out)],
+        rl_pg_argv(*_train_argv(out)),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
         cwd=tmp_path,
-        preexec_fn=_ctrl_c_as_in_a_terminal,
     )
     deadline = time.monotonic() + 120
     while not (out / "config.json").is_file() and proc.poll() is None:

@@ -7,13 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from terminal import rl_pg_argv
 
 from rl_pg import checkpoint, cli, figures, io, policies
 from rl_pg.runs import files
@@ -224,23 +224,15 @@ def test_a_study_of_a_policy_without_critic_says_what_it_left_out(tmp_path, caps
     assert last.startswith(f"wrote into {out}: ") and all(n in last for n in on_disk)
 
 
-def _ctrl_c_as_in_a_terminal():
-    """pytest-xdist workers ignore SIGINT and a child inherits that (Python then
-    installs no KeyboardInterrupt handler): give the command a terminal's SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.slow
 def test_ctrl_c_ends_in_one_line_and_the_same_command_runs_again(tmp_path):
     out = tmp_path / "study"
-    argv = [sys.executable, "-m", "rl_pg.cli", "variance", "--preset", "quick"]
+    argv = rl_pg_argv("variance", "--preset", "quick")
     argv += [*SMALL, "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:
-        proc = subprocess.Popen(
-            argv, stderr=stderr, env=env, preexec_fn=_ctrl_c_as_in_a_terminal
-        )
+        proc = subprocess.Popen(argv, stderr=stderr, env=env)
         deadline = time.monotonic() + 120
         while ", initial]" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)  # until the study of the first policy has begun
