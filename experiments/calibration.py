@@ -109,6 +109,17 @@ def main() -> None:
     results = [
         r for m in METRICS for e in NAMES if (r := measure(rows, m, e)) is not None
     ]
+    title = (
+        f"95% intervals, {args.seeds} seeds x 3 policies x batch sizes "
+        f"{CONFIG.batch_sizes} (M = {CONFIG.num_batches}), independent keys, exact "
+        f"mode; {time.perf_counter() - start:.0f} s."
+    )
+    print(write_tables(out, results, title))
+
+
+def write_tables(out, results: list[dict], title: str) -> str:
+    """Write ``coverage.csv`` and ``coverage.md`` (``title``, then the table);
+    return the markdown."""
     keys = list(results[0])
     lines = [",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in results]
     io.atomic_write_bytes(out / "coverage.csv", ("\n".join(lines) + "\n").encode())
@@ -125,13 +136,9 @@ def main() -> None:
             f"{r['upper_width_median']:.2f}, {r['upper_width_max']:.2f} | "
             f"{r['cos_outside'] if r['metric'].startswith('cos') else ''} |"
         )
-    text = (
-        f"95% intervals, {args.seeds} seeds x 3 policies x batch sizes "
-        f"{CONFIG.batch_sizes} (M = {CONFIG.num_batches}), independent keys, exact "
-        f"mode; {time.perf_counter() - start:.0f} s.\n\n" + "\n".join(table) + "\n"
-    )
+    text = title + "\n\n" + "\n".join(table) + "\n"
     io.atomic_write_bytes(out / "coverage.md", text.encode())
-    print(text)
+    return text
 
 
 if __name__ == "__main__":
