@@ -7,7 +7,9 @@ so the K = seeds x policies x sizes rows of an estimator are independent repeats
 Per metric and estimator it reports the coverage p with its standard error
 sqrt(p (1 - p) / K) (a calibrated interval: 0.95 +- 2 s.e.), the misses below /
 above, and each side's median half-width over the point estimate's standard
-deviation across seeds (per policy and size; the median and the worst cell).
+deviation across seeds (per policy and size, over the seeds whose point and
+interval are finite: an ``inf`` rel_variance has no width; the median and the
+worst cell).
 Truths: exact values (bias2, variance, mse, snr, rel_variance, cos_mean); for
 cos_true and cos_pairwise, the mean of the other seeds' points (unbiased for
 cos_pairwise; for cos_true up to the reference's O(se_ref^2) bias). Writes
@@ -61,9 +63,11 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
         hi = np.array([r[f"{metric}_hi"] for r in cell])
         cov.append((lo <= truth) & (truth <= hi))
         below, above = below + np.sum(truth < lo), above + np.sum(truth > hi)
-        sd = np.std(point, ddof=1)
-        lw.append(np.median(point - lo) / sd)
-        uw.append(np.median(hi - point) / sd)
+        finite = np.isfinite(point) & np.isfinite(lo) & np.isfinite(hi)
+        if finite.sum() >= 3:  # widths over the seeds with a finite interval
+            sd = np.std(point[finite], ddof=1)
+            lw.append(np.median(point[finite] - lo[finite]) / sd)
+            uw.append(np.median(hi[finite] - point[finite]) / sd)
     if not cov:
         return None
     hits = np.concatenate(cov)
@@ -83,10 +87,10 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
         "se": float(np.sqrt(p * (1 - p) / k)),
         "below": int(below),
         "above": int(above),
-        "lower_width_median": float(np.median(lw)),
-        "lower_width_max": float(np.max(lw)),
-        "upper_width_median": float(np.median(uw)),
-        "upper_width_max": float(np.max(uw)),
+        "lower_width_median": float(np.median(lw)) if lw else np.nan,
+        "lower_width_max": float(np.max(lw)) if lw else np.nan,
+        "upper_width_median": float(np.median(uw)) if uw else np.nan,
+        "upper_width_max": float(np.max(uw)) if uw else np.nan,
         "cos_outside": cos_out,
     }
 

@@ -222,6 +222,7 @@ def test_lag_study_on_a_cartpole_run(tmp_path):
     )  # fmt: skip
     sizes = ["--batch-sizes", "4,8", "--num-batches", "4"]
     sizes += ["--reference-trajectories", "64", "--horizon", "64"]
+    sizes += ["--estimators", "reinforce,truncated_is,ppo_clip"]  # one of each kind
     real = tmp_path / "real"
     cli.main(["variance", "--run", str(run), "--lag-checkpoints", "1", *sizes,
               "--out", str(real)])  # fmt: skip

@@ -228,7 +228,7 @@ def test_a_study_of_a_policy_without_critic_says_what_it_left_out(tmp_path, caps
 def test_ctrl_c_ends_in_one_line_and_the_same_command_runs_again(tmp_path):
     out = tmp_path / "study"
     argv = rl_pg_argv("variance", "--preset", "quick")
-    argv += [*SMALL, "--out", str(out)]
+    argv += [*SMALL, "--estimators", "reinforce,rloo", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     log = tmp_path / "stderr.txt"
     with open(log, "w") as stderr:

@@ -25,9 +25,10 @@ Intervals: the delete-one jackknife over both independent samples (Efron & Stein
   Var_J(theta) = (M-1)/M sum_m (theta_(-m) - theta_(.m))^2   (each batch deleted)
                + (K-1)/K sum_k (theta_(-k) - theta_(.k))^2   (each reference group),
 
-and a normal interval theta +- z sqrt(Var_J), on the log scale for the positive,
-right-skewed variance and mse, with a Student quantile at the jackknife's
-Satterthwaite degrees of freedom (few when rare long episodes dominate). For bias2 the jackknife counts the degenerate
+and a normal interval theta +- z sqrt(Var_J); for the positive, right-skewed variance
+and mse, theta exp(-+ t se_log) with se_log the jackknife s.e. of log theta and t a
+Student quantile at its Satterthwaite degrees of freedom (few when rare long
+episodes or large importance weights dominate). For bias2 the jackknife counts the degenerate
 (second-order) part of the U-statistic's variance twice, which dominates at an
 unbiased estimator; it is subtracted with an unbiased estimate of it
 (:func:`trace_sigma_squared`), flooring the variance at that degenerate part, and
@@ -39,7 +40,10 @@ cos_mean is a ratio whose first-order term vanishes when mu is parallel to g, so
 O(1/M + 1/K) bias is as large as its spread there: the point is shifted by
 the two-sample jackknife bias estimate (Quenouille 1956). Its interval is bias2's
 for the unit-scaled estimates projected off the mean direction, halved and mirrored
-(2 (1 - cos) is their bias2; :func:`_cos_mean_half_widths`): long above the point. Every cosine's point
+(2 (1 - cos) is their bias2; :func:`_cos_mean_half_widths`): long above the point;
+its lower half starts from the point clamped to 1 (a point above 1 is noise; from
+the unclamped point the interval [lo, 1] missed true cosines just below 1). Every
+cosine's point
 and interval are then clamped to [-1, 1]: clamping an interval does not change
 whether it holds a truth in [-1, 1], so coverage at the truth cos = 1 (an
 unbiased estimator) stays measurable (hi = 1 holds it).
@@ -288,6 +292,11 @@ def _summarize(
         se = _jackknife_se(values, M)
         if name == "bias2":
             lo, hi = _bias2_interval(reps, Kxx, Kxy, Kyy, level)
+        elif name in LOG_SCALE and point > 0 and np.all(values > 0):
+            logs = np.log(values)
+            t = student_t.ppf(0.5 + level / 2, _jackknife_df(logs, M))
+            se_log = _jackknife_se(logs, M)
+            lo, hi = point * np.exp(-t * se_log), point * np.exp(t * se_log)
         elif name in LOG_SCALE and point > 0:
             t = student_t.ppf(0.5 + level / 2, _jackknife_df(values, M))
             lo, hi = point * np.exp(-t * se / point), point * np.exp(t * se / point)
@@ -295,7 +304,9 @@ def _summarize(
             lo, hi = point - z * se, point + z * se
         if name == "cos_mean":
             point -= _jackknife_bias(values, M)
-            lo, hi = point + np.array(_cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level))
+            down, up = _cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level)
+            # the lower end from the point clamped to 1: above 1 is noise
+            lo, hi = min(point, 1.0) + down, point + up
         if name.startswith("cos"):  # cosines: point and interval in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
