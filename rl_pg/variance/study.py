@@ -196,12 +196,24 @@ def batch_estimates(
     With ``runners.mesh`` each call's batches are split across the devices;
     ``batches_per_call`` is rounded up to a multiple of their number.
     """
+    return timed_batch_estimates(
+        params, runners, key, num_batches, batches_per_call, constant_b, progress
+    )[0]
+
+
+def timed_batch_estimates(
+    params, runners, key, num_batches, batches_per_call, constant_b, progress=None
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, float]]:
+    """:func:`batch_estimates` and the timing of its batch calls (compiled first;
+    host transfers excluded): ``batch_call_seconds`` and ``batch_flops_per_s``,
+    XLA's FLOP count of the estimates (sampling excluded, per device on a mesh)
+    x batches / seconds."""
     b = jnp.float32(constant_b)
     mesh = runners.mesh
     if mesh is not None:
         batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
         params, b = distributed.replicate((params, b), mesh)
-    out = []
+    out, compiled, seconds, calls = [], None, 0.0, 0
     for start in range(0, num_batches, batches_per_call):
         idx = jnp.arange(start, min(start + batches_per_call, num_batches))
         keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
@@ -210,16 +222,27 @@ def batch_estimates(
             keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
         if mesh is not None:
             keys = distributed.shard(keys, mesh)
-        result = distributed.gather(runners.batch(params, keys, b))
+        if compiled is None:
+            compiled = runners.batch.lower(params, keys, b).compile()
+        begin = time.perf_counter()
+        result = jax.block_until_ready(compiled(params, keys, b))
+        seconds += time.perf_counter() - begin
+        calls += 1
+        result = distributed.gather(result)
         out.append({n: np.asarray(v)[: len(idx)] for n, v in result.items()})
         if progress is not None:
             progress(len(idx))
+    flops = runners.batch_flops(params, b) / (mesh.size if mesh else 1)
+    perf = {
+        "batch_call_seconds": seconds,
+        "batch_flops_per_s": flops * calls * batches_per_call / seconds,
+    }
     estimates = {}
     for n in runners.sub_batches:
         stacked = np.concatenate([o[n] for o in out])  # [M, S, E, P]
         flat = stacked.reshape(-1, *stacked.shape[2:])  # [M * S, E, P]
         estimates[n] = {name: flat[:, i] for i, name in enumerate(runners.names)}
-    return estimates
+    return estimates, perf
 
 
 # ---------------------------------------------------------------- the study
@@ -298,11 +321,13 @@ class StageResult(NamedTuple):
     perf: dict[str, float]
 
 
-def _rows_for_size(n, estimates, groups, exact, units):
-    """Result rows of one batch size, and each estimator's variance replicates."""
+def _rows_for_size(n, estimates, groups, exact, units, keep=None):
+    """Result rows of one batch size, and each estimator's variance replicates
+    (``keep``: the columns of the estimates and ``groups`` that are not all zero,
+    the only ones any dot product, so any statistic, depends on)."""
     rows, replicates = [], {}
     for name, E in estimates.items():
-        X = np.asarray(E, np.float64)
+        X = np.asarray(E if keep is None else E[:, keep], np.float64)
         gram = X @ X.T
         stats = statistics.summarize(X, groups, gram=gram)
         replicates[name] = _variance_by_unit(gram, units)
@@ -316,6 +341,17 @@ def _rows_for_size(n, estimates, groups, exact, units):
             }
         )
     return rows, replicates
+
+
+def _nonzero_columns(estimates: dict, groups: np.ndarray) -> np.ndarray:
+    """Indices of the parameter columns that are nonzero in some estimate or
+    reference group (a critic's are zero in all: dropping them halves the Gram
+    products of a separate-critic policy and changes no dot product)."""
+    nonzero = np.any(groups != 0, axis=0)
+    for by_name in estimates.values():
+        for E in by_name.values():
+            nonzero |= np.any(E != 0, axis=0)
+    return np.flatnonzero(nonzero)
 
 
 def _variance_by_unit(gram: np.ndarray, units: np.ndarray) -> np.ndarray:
@@ -354,7 +390,7 @@ def study_stage(
         config.num_batches, max(1, config.steps_per_call // (largest * horizon))
     )
     start = time.perf_counter()
-    estimates = batch_estimates(
+    estimates, batch_perf = timed_batch_estimates(
         params,
         runners,
         key_batches,
@@ -366,6 +402,7 @@ def study_stage(
     exact = _exact_values(params, runners, config, mean_return)
     rows, slopes = _rows_and_slopes(config, runners, estimates, groups, exact)
     perf["batch_phase_seconds"] = time.perf_counter() - start
+    perf |= batch_perf
     per_traj = moments.baseline_variances()
     per_traj["reward_to_go"] = moments.trace_variance("reward_to_go")
     se = float(rows[0]["se_ref"]) if rows else float("nan")
@@ -399,10 +436,11 @@ def _rows_and_slopes(config: StudyConfig, runners: Runners, estimates, groups, e
     """Result rows of every (estimator, batch size) and each estimator's slope of
     log variance against log n (with at least two sizes)."""
     rows, replicates = [], {}
+    keep = _nonzero_columns(estimates, groups)
     for n in config.batch_sizes:
         units = np.repeat(np.arange(config.num_batches), runners.sub_batches[n])
         size_rows, size_reps = _rows_for_size(
-            n, estimates[n], groups, exact.get(n, {}), units
+            n, estimates[n], groups[:, keep], exact.get(n, {}), units, keep
         )
         rows += size_rows
         for name, reps in size_reps.items():
