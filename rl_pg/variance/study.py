@@ -207,35 +207,45 @@ def timed_batch_estimates(
     """:func:`batch_estimates` and the timing of its batch calls (compiled first;
     host transfers excluded): ``batch_call_seconds`` and ``batch_flops_per_s``,
     XLA's FLOP count of the estimates (sampling excluded, per device on a mesh)
-    x batches / seconds."""
-    b = jnp.float32(constant_b)
+    x batches / seconds.
+
+    Without a mesh, calls go to ``runners.concurrent_devices`` in turn (call j to
+    slot j mod D), a round of D dispatched before any is awaited, as the
+    gradient phase's chunks: the same keys per batch index, so the same numbers.
+    """
     mesh = runners.mesh
     if mesh is not None:
         batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
-        params, b = distributed.replicate((params, b), mesh)
-    out, compiled, seconds, calls = [], None, 0.0, 0
-    for start in range(0, num_batches, batches_per_call):
-        idx = jnp.arange(start, min(start + batches_per_call, num_batches))
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-        if len(idx) < batches_per_call:  # keep one compiled shape
-            pad = batches_per_call - len(idx)
-            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-        if mesh is not None:
-            keys = distributed.shard(keys, mesh)
-        if compiled is None:
-            compiled = runners.batch.lower(params, keys, b).compile()
+    put = placements(runners)
+    on = [p((params, jnp.float32(constant_b))) for p in put]
+    keys = folded_keys(key, num_batches)
+    starts = range(0, num_batches, batches_per_call)
+    out, compiled, seconds = [], [None] * len(put), 0.0
+    for first in range(0, len(starts), len(put)):
+        wave = starts[first : first + len(put)]  # call first + d in slot d
+        args = [
+            (on[d][0], _call_keys(keys, s, batches_per_call, put[d], mesh), on[d][1])
+            for d, s in enumerate(wave)
+        ]
+        for d in range(len(wave)):
+            if compiled[d] is None:
+                compiled[d] = runners.batch.lower(*args[d]).compile()
         begin = time.perf_counter()
-        result = jax.block_until_ready(compiled(params, keys, b))
+        results = jax.block_until_ready(
+            [compiled[d](*args[d]) for d in range(len(wave))]
+        )
         seconds += time.perf_counter() - begin
-        calls += 1
-        result = distributed.gather(result)
-        out.append({n: np.asarray(v)[: len(idx)] for n, v in result.items()})
-        if progress is not None:
-            progress(len(idx))
-    flops = runners.batch_flops(params, b) / (mesh.size if mesh else 1)
+        for s, result in zip(wave, results, strict=True):
+            count = min(batches_per_call, num_batches - s)
+            result = distributed.gather(result)
+            out.append({n: np.asarray(v)[:count] for n, v in result.items()})
+            if progress is not None:
+                progress(count)
+    flops = runners.batch_flops(*on[0]) / (mesh.size if mesh else 1)
     perf = {
         "batch_call_seconds": seconds,
-        "batch_flops_per_s": flops * calls * batches_per_call / seconds,
+        "batch_flops_per_s": flops * len(starts) * batches_per_call / seconds,
+        "batch_devices": mesh.size if mesh is not None else min(len(put), len(starts)),
     }
     estimates = {}
     for n in runners.sub_batches:
@@ -243,6 +253,16 @@ def timed_batch_estimates(
         flat = stacked.reshape(-1, *stacked.shape[2:])  # [M * S, E, P]
         estimates[n] = {name: flat[:, i] for i, name in enumerate(runners.names)}
     return estimates, perf
+
+
+def _call_keys(keys, start: int, per_call: int, put: Callable, mesh):
+    """Keys of the batches ``start, ...`` of one call, the last repeated to
+    ``per_call`` (one compiled shape), where the call runs."""
+    call = keys[start : start + per_call]
+    if len(call) < per_call:
+        xp = np if isinstance(call, np.ndarray) else jnp  # raw or typed keys
+        call = xp.concatenate([call, xp.repeat(call[-1:], per_call - len(call), 0)])
+    return distributed.shard(jnp.asarray(call), mesh) if mesh is not None else put(call)
 
 
 # ---------------------------------------------------------------- the study
