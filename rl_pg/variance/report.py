@@ -507,7 +507,7 @@ def _batch_rate(perf: dict, matmul: float) -> str:
         f", {perf['batch_call_seconds']:.1f} s of it in the batch calls (sampling "
         f"included): {rate / 1e9:.2f} GFLOP/s of estimates"
         f"{' per device' if perf['gradient_flops_per_device'] else ''} = "
-        f"{rate / matmul:.1%} of the matmul"
+        f"{rate / matmul:.1%} of the matmul, {perf['batch_devices']} device(s) at once"
     )
 
 
