@@ -201,6 +201,13 @@ def batch_estimates(
     )[0]
 
 
+# Calls per device below which the batch phase stays on one device: each device
+# compiles the batch function again (4-5 s at the quick preset's sizes, which has
+# 16 calls per stage and ran slower end to end when dealt; 12-14 s at the full
+# preset's, 128 calls per stage).
+MIN_DEALT_CALLS = 32
+
+
 def timed_batch_estimates(
     params, runners, key, num_batches, batches_per_call, constant_b, progress=None
 ) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, float]]:
@@ -212,14 +219,16 @@ def timed_batch_estimates(
     Without a mesh, calls go to ``runners.concurrent_devices`` in turn (call j to
     slot j mod D), a round of D dispatched before any is awaited, as the
     gradient phase's chunks: the same keys per batch index, so the same numbers.
+    With fewer than ``MIN_DEALT_CALLS`` calls per device they stay on the first.
     """
     mesh = runners.mesh
     if mesh is not None:
         batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
+    starts = range(0, num_batches, batches_per_call)
     put = placements(runners)
+    put = put if len(starts) >= MIN_DEALT_CALLS * len(put) else put[:1]
     on = [p((params, jnp.float32(constant_b))) for p in put]
     keys = folded_keys(key, num_batches)
-    starts = range(0, num_batches, batches_per_call)
     out, compiled, seconds = [], [None] * len(put), 0.0
     for first in range(0, len(starts), len(put)):
         wave = starts[first : first + len(put)]  # call first + d in slot d
