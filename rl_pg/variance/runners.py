@@ -4,8 +4,9 @@
 the M batches of a batch-size setting and the trajectories of a gradient chunk
 are split over the mesh, parameters are replicated, and every result is gathered
 to the host. Keys stay per batch / per chunk index, so the numbers are those of a
-single-device run. Without a mesh, the reference sample's chunks go to the local
-CPU devices in turn and run concurrently (``concurrent_devices``): XLA runs a
+single-device run. Without a mesh, the reference sample's chunks (and a long
+batch phase's calls) go to the local CPU devices in turn and run concurrently
+(``concurrent_devices``): XLA runs a
 device's gradient loop on about one core, so that is what uses the other cores,
 and the numbers are exactly those of one device.
 """
@@ -64,8 +65,8 @@ class Runners(NamedTuple):
     sub_batches: dict[int, int]  # n -> sub-batches of size n cut from each batch
     problem: Problem
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
-    # without a mesh: devices that take the reference chunks in turn, concurrently
-    # (see :func:`make_runners`); empty: jit's default placement
+    # without a mesh: devices that take the reference chunks (and batch calls) in
+    # turn, concurrently (see :func:`make_runners`); empty: jit's default placement
     concurrent_devices: tuple = ()
 
 
@@ -115,10 +116,10 @@ def make_runners(
     the ``rl-pg`` command starts one CPU device per core, see
     :func:`rl_pg.distributed.use_cpu_cores`), else jit's default placement. Each
     device compiles the chunk functions and holds its own chunk and [chunk, P]
-    outputs (about 170 MB per device at the full preset). The batch phase stays
-    on the default device: its larger products already use
-    several cores, and a second device would compile it again (measured: the
-    quick preset ran slower).
+    outputs (about 170 MB per device at the full preset). The batch phase's
+    calls are dealt to the same devices when there are enough of them to pay for
+    compiling the batch function once more per device
+    (:data:`rl_pg.variance.study.MIN_DEALT_CALLS`).
     """
     _check_sizes(problem, config, mesh)
     estimator_suite(problem, config.suite)  # validate the names before compiling
