@@ -18,6 +18,7 @@ from jax.flatten_util import ravel_pytree
 from rl_pg import checkpoint, distributed, enumerable, estimators, variance
 from rl_pg.variance import exact, job, moments, pipeline, report, statistics
 from rl_pg.variance import stages as stages_lib
+from rl_pg.variance import study as study_lib
 
 G = 4
 IID = ("reinforce", "reward_to_go", "constant_baseline", "value_baseline")
@@ -583,6 +584,31 @@ def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
     mesh = distributed.batch_mesh([device])
     with pytest.raises(ValueError, match="combined with a mesh"):
         variance.make_runners(problem, CONFIG, mesh, concurrent_devices=[device])
+
+
+def test_dealt_batch_calls_give_the_one_device_estimates_bit_for_bit(
+    setup, monkeypatch
+):
+    """Batch calls dealt to the devices in turn (one device listed twice), with
+    an odd number of calls so that the last round is partial, give the estimates
+    of one device exactly; below ``MIN_DEALT_CALLS`` calls per device they stay on
+    one device."""
+    params, problem, runners, *_ = setup
+    device = jax.local_devices()[0]
+    one = variance.make_runners(problem, CONFIG, concurrent_devices=(device,))
+    twice = variance.make_runners(problem, CONFIG, concurrent_devices=(device,) * 2)
+    key = jax.random.PRNGKey(4)
+    monkeypatch.setattr(study_lib, "MIN_DEALT_CALLS", 1)
+    ref, perf_one = study_lib.timed_batch_estimates(params, one, key, 5, 1, 0.5)
+    dealt, perf_two = study_lib.timed_batch_estimates(params, twice, key, 5, 1, 0.5)
+    assert (perf_one["batch_devices"], perf_two["batch_devices"]) == (1, 2)
+    assert perf_two["batch_flops_per_s"] > 0
+    for n in ref:
+        for name in ref[n]:
+            np.testing.assert_array_equal(dealt[n][name], ref[n][name], err_msg=name)
+    monkeypatch.setattr(study_lib, "MIN_DEALT_CALLS", 4)
+    _, perf = study_lib.timed_batch_estimates(params, twice, key, 5, 1, 0.5)
+    assert perf["batch_devices"] == 1
 
 
 def test_chunk_sums_keep_small_return_differences():

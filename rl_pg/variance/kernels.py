@@ -173,6 +173,7 @@ def score_weight_estimates(
     sub_batches: dict[int, int],
     block_steps: int | None = None,
     multiple: int = 1,
+    dense_block_steps: int | None = None,
 ) -> Callable:
     """``(params, batch [T, N]) -> {n: [count, E, P]}``: the batch estimates of
     every estimator in ``weight_fns`` (name -> ``weights(batch, inputs)``, see
@@ -182,15 +183,13 @@ def score_weight_estimates(
     At the on-policy point each estimate is sum_f sum_i c_f[i] g_f[i] with
     g_f[i] = sum_t f[t, i] grad log pi(a_t|s_t) the gradient of feature f on
     column i. Features depend on their column alone, so one forward pass for the
-    values, one VJP per column with every distinct feature stacked as a cotangent
-    (:func:`weighted_column_grads`), then, per sub-batch, the coefficients
-    (elementwise work) and one [E, n F] x [n F, P] product give all of them.
-    Estimators given as :class:`FromScores` get the sub-batch's per-trajectory
-    scores (the feature m_t's gradients) instead. Returned estimators are in the
-    order of ``weight_fns``.
+    values, the per-column gradients of every distinct feature from one backward
+    pass (:func:`feature_grads`), then, per sub-batch, the coefficients
+    (elementwise work) and per feature one [E, n] x [n, P] product give all of
+    them. Estimators given as :class:`FromScores` get the sub-batch's
+    per-trajectory scores (the feature m_t's gradients) instead. Returned
+    estimators are in the order of ``weight_fns``.
     """
-    score = estimators_lib.SCORE
-
     weighted = {e: fn for e, fn in weight_fns.items() if not isinstance(fn, FromScores)}
     names = tuple(weight_fns)
 
@@ -202,22 +201,16 @@ def score_weight_estimates(
         # only the policy's leaves: the critic's gradients are 0 (P' <= P)
         used = _policy_leaves(problem.apply_fn, params, observations[:, :1])
         kept, merge, expand = _split_params(params, used)
-        columns_grads = weighted_column_grads(
-            lambda p, obs: problem.apply_fn(merge(p), obs), block_steps, multiple
-        )
-        basis = columns_grads(kept, (observations, actions, weights))  # [N, F, P']
-        scores = basis[:, keys.index(score)]  # [N, P]
+        basis = feature_grads(
+            lambda p, obs: problem.apply_fn(merge(p), obs),
+            kept,
+            (observations, actions, weights),
+            (block_steps, dense_block_steps),
+            multiple,
+        )  # F x [N, P']
+        scores = basis[keys.index(estimators_lib.SCORE)]  # [N, P']
         sq_norms = jnp.sum(jnp.square(scores), -1)  # [N]
-
-        def coefficients(sub, sub_values, sub_norms):  # one sub-batch -> [E, n, F]
-            sub_inputs = estimators_lib.WeightInputs(sub_values, sub_norms)
-            rows = []
-            for fn in weighted.values():
-                c = fn(sub, sub_inputs).coefficients
-                zero = jnp.zeros(sub_norms.shape)
-                rows.append(jnp.stack([c.get(k, zero) for k in keys], -1))
-            return jnp.stack(rows)
-
+        coefficients = _coefficients_fn(weighted, keys)
         out = {}
         for n, count in sub_batches.items():
             sub = cut_sub_batches(batch, n, count)  # leaves [count, T, n]
@@ -226,9 +219,14 @@ def score_weight_estimates(
                 sub_values = cut_sub_batches(values, n, count)
                 sub_norms = sq_norms[: count * n].reshape(count, n)
                 coefs = jax.vmap(coefficients)(sub, sub_values, sub_norms)
-                sub_basis = basis[: count * n].reshape(count, n * len(keys), -1)
-                coefs = coefs.reshape(count, len(weighted), n * len(keys))
-                est = jnp.einsum("cek,ckp->cep", coefs, sub_basis)
+                est = sum(
+                    jnp.einsum(
+                        "cei,cip->cep",
+                        coefs[..., f],
+                        g[: count * n].reshape(count, n, -1),
+                    )
+                    for f, g in enumerate(basis)
+                )  # [count, E_w, P']
                 found = {e: est[:, i] for i, e in enumerate(weighted)}
             sub_scores = scores[: count * n].reshape(count, n, -1)
             for e, fn in weight_fns.items():
@@ -238,6 +236,44 @@ def score_weight_estimates(
         return out
 
     return estimates
+
+
+def feature_grads(apply_fn, params, columns, block_steps=(None, None), multiple=1):
+    """F arrays [C, P]: per column c and feature f, sum_t weights[t, c, f] grad
+    log pi(a_t|s_t) for ``columns`` = (observations, actions, weights [T, C, F]).
+
+    A chain of dense layers takes :func:`rl_pg.variance.dense.dense_column_grads`
+    (one backward pass for every feature), in blocks of ``block_steps[1]`` steps
+    (``block_steps[0]`` if None); any other policy :func:`weighted_column_grads`
+    in blocks of ``block_steps[0]`` (None: unblocked).
+    """
+    steps, dense_steps = block_steps
+    dense_steps = steps if dense_steps is None else dense_steps
+    horizon, num = columns[1].shape
+    size = None
+    if dense_steps is not None:
+        size = block_size(num, horizon, dense_steps, multiple)
+    found = dense.dense_column_grads(apply_fn, params, columns, size, multiple)
+    if found is not None:
+        return list(found)
+    g = weighted_column_grads(apply_fn, steps, multiple)(params, columns)
+    return [g[:, f] for f in range(g.shape[1])]
+
+
+def _coefficients_fn(weighted: dict, keys: tuple) -> Callable:
+    """``(sub, values, sq_norms) -> [E, n, F]``: one sub-batch's coefficients of
+    each feature of ``keys`` for every estimator of ``weighted`` (0 where absent)."""
+
+    def coefficients(sub, sub_values, sub_norms):
+        sub_inputs = estimators_lib.WeightInputs(sub_values, sub_norms)
+        rows = []
+        for fn in weighted.values():
+            c = fn(sub, sub_inputs).coefficients
+            zero = jnp.zeros(sub_norms.shape)
+            rows.append(jnp.stack([c.get(k, zero) for k in keys], -1))
+        return jnp.stack(rows)
+
+    return coefficients
 
 
 def _features(batch, weighted: dict, live: jax.Array, values: jax.Array):

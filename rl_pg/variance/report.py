@@ -489,11 +489,26 @@ def report(
             if perf["gradient_flops_per_device"]
             else f"{perf['gradient_devices']} device(s) at once"
         )
-        + f". Batch phase "
-        f"{perf['batch_phase_seconds']:.1f} s per stage.",
+        + f". Batch phase {perf['batch_phase_seconds']:.1f} s per stage"
+        + _batch_rate(perf, matmul)
+        + ".",
         "",
     ]
     return "\n".join(lines)
+
+
+def _batch_rate(perf: dict, matmul: float) -> str:
+    """The batch calls' seconds and FLOP/s (XLA's count of the estimates, sampling
+    excluded) against the matmul, if measured."""
+    if "batch_flops_per_s" not in perf:
+        return ""
+    rate = perf["batch_flops_per_s"]
+    return (
+        f", {perf['batch_call_seconds']:.1f} s of it in the batch calls (sampling "
+        f"included): {rate / 1e9:.2f} GFLOP/s of estimates"
+        f"{' per device' if perf['gradient_flops_per_device'] else ''} = "
+        f"{rate / matmul:.1%} of the matmul, {perf['batch_devices']} device(s) at once"
+    )
 
 
 def _total_variance_check(sel: dict, names: list[str], sizes: dict) -> list[str]:

@@ -4,8 +4,9 @@
 the M batches of a batch-size setting and the trajectories of a gradient chunk
 are split over the mesh, parameters are replicated, and every result is gathered
 to the host. Keys stay per batch / per chunk index, so the numbers are those of a
-single-device run. Without a mesh, the reference sample's chunks go to the local
-CPU devices in turn and run concurrently (``concurrent_devices``): XLA runs a
+single-device run. Without a mesh, the reference sample's chunks (and a long
+batch phase's calls) go to the local CPU devices in turn and run concurrently
+(``concurrent_devices``): XLA runs a
 device's gradient loop on about one core, so that is what uses the other cores,
 and the numbers are exactly those of one device.
 """
@@ -53,6 +54,8 @@ class Runners(NamedTuple):
     # (score, rtg, R, group_len) -> ChunkSums, group_len static
     trajectory_sums: Callable
     batch: Callable  # (params, keys [k], b) -> {n: [k, sub-batches, E, P]}
+    # (params, b) -> FLOPs of one top-level batch's estimates (sampling excluded)
+    batch_flops: Callable
     # (params, batch [T, B], b) -> [B, E', P]: one-column estimates of the
     # per-trajectory estimators among ``names`` (``column_names``)
     column_grads: Callable
@@ -62,8 +65,8 @@ class Runners(NamedTuple):
     sub_batches: dict[int, int]  # n -> sub-batches of size n cut from each batch
     problem: Problem
     mesh: Mesh | None = None  # batches and chunk trajectories split across it
-    # without a mesh: devices that take the reference chunks in turn, concurrently
-    # (see :func:`make_runners`); empty: jit's default placement
+    # without a mesh: devices that take the reference chunks (and batch calls) in
+    # turn, concurrently (see :func:`make_runners`); empty: jit's default placement
     concurrent_devices: tuple = ()
 
 
@@ -113,10 +116,10 @@ def make_runners(
     the ``rl-pg`` command starts one CPU device per core, see
     :func:`rl_pg.distributed.use_cpu_cores`), else jit's default placement. Each
     device compiles the chunk functions and holds its own chunk and [chunk, P]
-    outputs (about 170 MB per device at the full preset). The batch phase stays
-    on the default device: its larger products already use
-    several cores, and a second device would compile it again (measured: the
-    quick preset ran slower).
+    outputs (about 170 MB per device at the full preset). The batch phase's
+    calls are dealt to the same devices when there are enough of them to pay for
+    compiling the batch function once more per device
+    (:data:`rl_pg.variance.study.MIN_DEALT_CALLS`).
     """
     _check_sizes(problem, config, mesh)
     estimator_suite(problem, config.suite)  # validate the names before compiling
@@ -129,7 +132,9 @@ def make_runners(
     grads = kernels.score_and_rtg(
         problem, block_steps, multiple, gamma, dense_block_steps
     )
-    batch = _batch_fn(problem, config, specs, fast, block_steps, multiple)
+    batch, batch_flops = _batch_runners(
+        problem, config, specs, fast, (block_steps, dense_block_steps), multiple
+    )
     column_names = tuple(e for e in specs if specs[e].per_trajectory)
     return Runners(
         sample=jax.jit(problem.sample, static_argnums=2, **shardings["sample"]),
@@ -139,6 +144,7 @@ def make_runners(
         ),
         trajectory_sums=jax.jit(chunk_sums, static_argnums=3, **shardings["sums"]),
         batch=jax.jit(jax.vmap(batch, in_axes=(None, 0, None)), **shardings["batch"]),
+        batch_flops=batch_flops,
         column_grads=jax.jit(_column_grads_fn(problem, config, column_names)),
         column_names=column_names,
         names=tuple(specs),
@@ -196,13 +202,33 @@ def _shardings(mesh: Mesh | None) -> dict[str, dict]:
     }
 
 
+def _batch_runners(problem, config, specs, fast, block_steps, multiple):
+    """``(params, key, b) -> {n: [sub-batches, E, P]}`` (one top-level batch,
+    sampled from ``key``), and ``(params, b) -> FLOPs`` of its estimates from XLA's
+    count of an unblocked trace (the rollout's loop would be counted once, so it
+    is left out)."""
+    largest = max(config.batch_sizes)
+    from_batch = _batch_fn(problem, config, specs, fast, block_steps, multiple)
+    unblocked = jax.jit(_batch_fn(problem, config, specs, fast, (None, None), 1))
+
+    def one(params, key, b):
+        return from_batch(params, problem.sample(key, params, largest), b)
+
+    def flops(params, b):
+        key = jax.random.PRNGKey(0)
+        batch = jax.eval_shape(lambda k, p: problem.sample(k, p, largest), key, params)
+        return xla_flops(unblocked, params, batch, b)
+
+    return one, flops
+
+
 def _batch_fn(problem, config, specs, fast, block_steps, multiple) -> Callable:
-    """``(params, key, b) -> {n: [sub-batches, E, P]}``: one sampled batch's
-    estimates, the weighted estimators' from one VJP (with ``fast``), the others'
-    from their loss on every sub-batch."""
+    """``(params, batch [T, n_max], b) -> {n: [sub-batches, E, P]}``: a sampled
+    batch's estimates, the weighted estimators' from one backward pass (with ``fast``;
+    ``block_steps``: generic and dense-policy block steps), the others' from
+    their loss on every sub-batch."""
     names = tuple(specs)
     counts = sub_batch_counts(config)
-    largest = max(config.batch_sizes)
     declares = [
         specs[e].weights is not None or specs[e].from_scores is not None for e in names
     ]
@@ -211,8 +237,7 @@ def _batch_fn(problem, config, specs, fast, block_steps, multiple) -> Callable:
     )
     by_loss = tuple(e for e in names if e not in weighted)
 
-    def one(params, key, b):
-        batch = problem.sample(key, params, largest)
+    def from_batch(params, batch, b):
         out = {n: {} for n in counts}
         if weighted:
             weight_fns = weight_suite(problem, config.suite, constant_b=b)
@@ -220,8 +245,9 @@ def _batch_fn(problem, config, specs, fast, block_steps, multiple) -> Callable:
                 problem,
                 {e: weight_fns[e] for e in weighted},
                 counts,
-                block_steps,
+                block_steps[0],
                 multiple,
+                block_steps[1],
             )(params, batch)
             for n, est in fast_estimates.items():
                 out[n] |= {e: est[:, i] for i, e in enumerate(weighted)}
@@ -238,7 +264,7 @@ def _batch_fn(problem, config, specs, fast, block_steps, multiple) -> Callable:
                 out[n] |= {e: est[:, i] for i, e in enumerate(by_loss)}
         return {n: jnp.stack([out[n][e] for e in names], 1) for n in counts}
 
-    return one
+    return from_batch
 
 
 def _column_grads_fn(problem, config, column_names) -> Callable:

@@ -196,30 +196,82 @@ def batch_estimates(
     With ``runners.mesh`` each call's batches are split across the devices;
     ``batches_per_call`` is rounded up to a multiple of their number.
     """
-    b = jnp.float32(constant_b)
+    return timed_batch_estimates(
+        params, runners, key, num_batches, batches_per_call, constant_b, progress
+    )[0]
+
+
+# Calls per device below which the batch phase stays on one device: each device
+# compiles the batch function again (4-5 s at the quick preset's sizes, which has
+# 16 calls per stage and ran slower end to end when dealt; 12-14 s at the full
+# preset's, 128 calls per stage).
+MIN_DEALT_CALLS = 32
+
+
+def timed_batch_estimates(
+    params, runners, key, num_batches, batches_per_call, constant_b, progress=None
+) -> tuple[dict[int, dict[str, np.ndarray]], dict[str, float]]:
+    """:func:`batch_estimates` and the timing of its batch calls (compiled first;
+    host transfers excluded): ``batch_call_seconds`` and ``batch_flops_per_s``,
+    XLA's FLOP count of the estimates (sampling excluded, per device on a mesh)
+    x batches / seconds.
+
+    Without a mesh, calls go to ``runners.concurrent_devices`` in turn (call j to
+    slot j mod D), a round of D dispatched before any is awaited, as the
+    gradient phase's chunks: the same keys per batch index, so the same numbers.
+    With fewer than ``MIN_DEALT_CALLS`` calls per device they stay on the first.
+    """
     mesh = runners.mesh
     if mesh is not None:
         batches_per_call = -(-batches_per_call // mesh.size) * mesh.size
-        params, b = distributed.replicate((params, b), mesh)
-    out = []
-    for start in range(0, num_batches, batches_per_call):
-        idx = jnp.arange(start, min(start + batches_per_call, num_batches))
-        keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(idx)
-        if len(idx) < batches_per_call:  # keep one compiled shape
-            pad = batches_per_call - len(idx)
-            keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-        if mesh is not None:
-            keys = distributed.shard(keys, mesh)
-        result = distributed.gather(runners.batch(params, keys, b))
-        out.append({n: np.asarray(v)[: len(idx)] for n, v in result.items()})
-        if progress is not None:
-            progress(len(idx))
+    starts = range(0, num_batches, batches_per_call)
+    put = placements(runners)
+    put = put if len(starts) >= MIN_DEALT_CALLS * len(put) else put[:1]
+    on = [p((params, jnp.float32(constant_b))) for p in put]
+    keys = folded_keys(key, num_batches)
+    out, compiled, seconds = [], [None] * len(put), 0.0
+    for first in range(0, len(starts), len(put)):
+        wave = starts[first : first + len(put)]  # call first + d in slot d
+        args = [
+            (on[d][0], _call_keys(keys, s, batches_per_call, put[d], mesh), on[d][1])
+            for d, s in enumerate(wave)
+        ]
+        for d in range(len(wave)):
+            if compiled[d] is None:
+                compiled[d] = runners.batch.lower(*args[d]).compile()
+        begin = time.perf_counter()
+        results = jax.block_until_ready(
+            [compiled[d](*args[d]) for d in range(len(wave))]
+        )
+        seconds += time.perf_counter() - begin
+        for s, result in zip(wave, results, strict=True):
+            count = min(batches_per_call, num_batches - s)
+            result = distributed.gather(result)
+            out.append({n: np.asarray(v)[:count] for n, v in result.items()})
+            if progress is not None:
+                progress(count)
+    flops = runners.batch_flops(*on[0]) / (mesh.size if mesh else 1)
+    perf = {
+        "batch_call_seconds": seconds,
+        "batch_flops_per_s": flops * len(starts) * batches_per_call / seconds,
+        "batch_devices": mesh.size if mesh is not None else min(len(put), len(starts)),
+    }
     estimates = {}
     for n in runners.sub_batches:
         stacked = np.concatenate([o[n] for o in out])  # [M, S, E, P]
         flat = stacked.reshape(-1, *stacked.shape[2:])  # [M * S, E, P]
         estimates[n] = {name: flat[:, i] for i, name in enumerate(runners.names)}
-    return estimates
+    return estimates, perf
+
+
+def _call_keys(keys, start: int, per_call: int, put: Callable, mesh):
+    """Keys of the batches ``start, ...`` of one call, the last repeated to
+    ``per_call`` (one compiled shape), where the call runs."""
+    call = keys[start : start + per_call]
+    if len(call) < per_call:
+        xp = np if isinstance(call, np.ndarray) else jnp  # raw or typed keys
+        call = xp.concatenate([call, xp.repeat(call[-1:], per_call - len(call), 0)])
+    return distributed.shard(jnp.asarray(call), mesh) if mesh is not None else put(call)
 
 
 # ---------------------------------------------------------------- the study
@@ -298,11 +350,13 @@ class StageResult(NamedTuple):
     perf: dict[str, float]
 
 
-def _rows_for_size(n, estimates, groups, exact, units):
-    """Result rows of one batch size, and each estimator's variance replicates."""
+def _rows_for_size(n, estimates, groups, exact, units, keep=None):
+    """Result rows of one batch size, and each estimator's variance replicates
+    (``keep``: the columns of the estimates and ``groups`` that are not all zero,
+    the only ones any dot product, so any statistic, depends on)."""
     rows, replicates = [], {}
     for name, E in estimates.items():
-        X = np.asarray(E, np.float64)
+        X = np.asarray(E if keep is None else E[:, keep], np.float64)
         gram = X @ X.T
         stats = statistics.summarize(X, groups, gram=gram)
         replicates[name] = _variance_by_unit(gram, units)
@@ -316,6 +370,17 @@ def _rows_for_size(n, estimates, groups, exact, units):
             }
         )
     return rows, replicates
+
+
+def _nonzero_columns(estimates: dict, groups: np.ndarray) -> np.ndarray:
+    """Indices of the parameter columns that are nonzero in some estimate or
+    reference group (a critic's are zero in all: dropping them halves the Gram
+    products of a separate-critic policy and changes no dot product)."""
+    nonzero = np.any(groups != 0, axis=0)
+    for by_name in estimates.values():
+        for E in by_name.values():
+            nonzero |= np.any(E != 0, axis=0)
+    return np.flatnonzero(nonzero)
 
 
 def _variance_by_unit(gram: np.ndarray, units: np.ndarray) -> np.ndarray:
@@ -354,7 +419,7 @@ def study_stage(
         config.num_batches, max(1, config.steps_per_call // (largest * horizon))
     )
     start = time.perf_counter()
-    estimates = batch_estimates(
+    estimates, batch_perf = timed_batch_estimates(
         params,
         runners,
         key_batches,
@@ -366,6 +431,7 @@ def study_stage(
     exact = _exact_values(params, runners, config, mean_return)
     rows, slopes = _rows_and_slopes(config, runners, estimates, groups, exact)
     perf["batch_phase_seconds"] = time.perf_counter() - start
+    perf |= batch_perf
     per_traj = moments.baseline_variances()
     per_traj["reward_to_go"] = moments.trace_variance("reward_to_go")
     se = float(rows[0]["se_ref"]) if rows else float("nan")
@@ -399,10 +465,11 @@ def _rows_and_slopes(config: StudyConfig, runners: Runners, estimates, groups, e
     """Result rows of every (estimator, batch size) and each estimator's slope of
     log variance against log n (with at least two sizes)."""
     rows, replicates = [], {}
+    keep = _nonzero_columns(estimates, groups)
     for n in config.batch_sizes:
         units = np.repeat(np.arange(config.num_batches), runners.sub_batches[n])
         size_rows, size_reps = _rows_for_size(
-            n, estimates[n], groups, exact.get(n, {}), units
+            n, estimates[n], groups[:, keep], exact.get(n, {}), units, keep
         )
         rows += size_rows
         for name, reps in size_reps.items():
