@@ -202,7 +202,8 @@ def _sum_last(v: jax.Array) -> jax.Array:
     """[..., G] -> [..., 1] sums, as a product with ones: on XLA:CPU a sum over the
     last axis of [P, B] fused with its broadcast back (as here) ran 3-10x slower
     than the product (the per-parameter optimal baseline at the study's sizes)."""
-    return jnp.matmul(v, jnp.ones((v.shape[-1], 1), v.dtype))
+    ones = jnp.ones((v.shape[-1], 1), v.dtype)
+    return jnp.matmul(v, ones, precision=jax.lax.Precision.HIGHEST)  # no TF32/bf16
 
 
 def _group_sum(x: jax.Array, group_size: int | None) -> jax.Array:

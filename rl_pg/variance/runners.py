@@ -132,8 +132,8 @@ def make_runners(
     grads = kernels.score_and_rtg(
         problem, block_steps, multiple, gamma, dense_block_steps
     )
-    batch, batch_flops = _batch_runners(
-        problem, config, specs, fast, (block_steps, dense_block_steps), multiple
+    batch, batch_flops = _batch_runners(  # a mesh splits the batches, not columns
+        problem, config, specs, fast, (block_steps, dense_block_steps), 1
     )
     column_names = tuple(e for e in specs if specs[e].per_trajectory)
     return Runners(

@@ -420,8 +420,9 @@ def study_stage(
     per_call = min(
         config.num_batches, max(1, config.steps_per_call // (largest * horizon))
     )
-    with ThreadPoolExecutor(1) as pool:  # the batch function compiles meanwhile
-        warm = pool.submit(_compile_batch, params, runners, key_batches, per_call)
+    pool = ThreadPoolExecutor(1)  # the batch function compiles meanwhile
+    warm = pool.submit(_compile_batch, params, runners, key_batches, per_call)
+    try:
         moments, perf = trajectory_moments(
             params,
             runners,
@@ -432,6 +433,8 @@ def study_stage(
             progress,
         )
         warm.result()
+    finally:  # Ctrl-C does not wait for the compilation
+        pool.shutdown(wait=False, cancel_futures=True)
     groups, g = reference_gradient(moments)
     mean_return = float(moments.sums["R"] / moments.count)
     start = time.perf_counter()
