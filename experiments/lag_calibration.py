@@ -4,7 +4,9 @@ The lag study in exact mode (`rl-pg variance --problem enumerable --lag-kl ...`:
 the enumerable MDP, G = 4, three behaviour policies mu, each moved to targets
 pi_theta at the given KL levels once, from ``--target-seed``). Every (seed, mu,
 target) is then its own study with its own key (``exact.calibration_seed``), so
-the rows of a cell (mu, target, n) are ``--seeds`` independent repeats. Truths:
+the rows of a cell (mu, target, n) are ``--seeds`` independent repeats (the
+n = 4 and n = 16 rows of one study share its sample, so the s.e. of a coverage
+pooled over both sizes, which counts every row, is optimistic by up to sqrt(2)). Truths:
 the exact mean of each per-trajectory estimator on mu's data and its exact batch
 variance (``lag_study.exact_lag_values``) against the exact gradient at the
 target; for cos_true and cos_pairwise the mean of the other seeds' points.
