@@ -110,15 +110,18 @@ def main() -> None:
         CONFIG,
         progress=lambda s: print(f"seed {s} done, {time.perf_counter() - start:.0f} s"),
     )
-    results = [
-        r for m in METRICS for e in NAMES if (r := measure(rows, m, e)) is not None
-    ]
+    results = measure_all(rows, NAMES)
     title = (
         f"95% intervals, {args.seeds} seeds x 3 policies x batch sizes "
         f"{CONFIG.batch_sizes} (M = {CONFIG.num_batches}), independent keys, exact "
         f"mode; {time.perf_counter() - start:.0f} s."
     )
     print(write_tables(out, results, title))
+
+
+def measure_all(rows: list[dict], names) -> list[dict]:
+    """:func:`measure` of every metric and estimator that has truths."""
+    return [r for m in METRICS for e in names if (r := measure(rows, m, e)) is not None]
 
 
 def write_tables(out, results: list[dict], title: str) -> str:

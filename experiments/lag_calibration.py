@@ -19,7 +19,7 @@ this uses). Writes ``coverage.csv`` and ``coverage.md``.
 import argparse
 import time
 
-from calibration import METRICS, measure, write_tables
+from calibration import measure_all, write_tables
 
 from rl_pg import io
 from rl_pg.variance import exact, job, lag_study, runners, stages
@@ -76,10 +76,7 @@ def main() -> None:
         range(args.seeds),
         progress=lambda s: print(f"seed {s} done, {time.perf_counter() - start:.0f} s"),
     )
-    names = the_job.study.suite.names
-    results = [
-        r for m in METRICS for e in names if (r := measure(rows, m, e)) is not None
-    ]
+    results = measure_all(rows, the_job.study.suite.names)
     title = (
         f"Policy lag: 95% intervals, {args.seeds} seeds x 3 behaviour policies x KL "
         f"{levels} x batch sizes {the_job.study.batch_sizes} "

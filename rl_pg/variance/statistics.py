@@ -292,14 +292,11 @@ def _summarize(
         se = _jackknife_se(values, M)
         if name == "bias2":
             lo, hi = _bias2_interval(reps, Kxx, Kxy, Kyy, level)
-        elif name in LOG_SCALE and point > 0 and np.all(values > 0):
-            logs = np.log(values)
+        elif name in LOG_SCALE and point > 0:  # jackknife of log theta (or delta)
+            logs = np.log(values) if np.all(values > 0) else values / point
             t = student_t.ppf(0.5 + level / 2, _jackknife_df(logs, M))
             se_log = _jackknife_se(logs, M)
             lo, hi = point * np.exp(-t * se_log), point * np.exp(t * se_log)
-        elif name in LOG_SCALE and point > 0:
-            t = student_t.ppf(0.5 + level / 2, _jackknife_df(values, M))
-            lo, hi = point * np.exp(-t * se / point), point * np.exp(t * se / point)
         else:
             lo, hi = point - z * se, point + z * se
         if name == "cos_mean":
