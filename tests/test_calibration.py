@@ -397,3 +397,17 @@ def test_cos_mean_interval_at_an_unbiased_estimator_is_not_too_wide():
         hits += s["cos_mean_lo"] <= 1.0 <= s["cos_mean_hi"]
     assert 0.9 <= hits / 300 <= 0.99, hits / 300
     assert np.median(lows) < 3 * np.std(points)
+
+
+def test_a_cos_mean_interval_wholly_outside_is_reported_as_uninformative(monkeypatch):
+    """A bias-corrected cos_mean far below -1 with a short interval (a mean
+    estimate near 0, as `optimal_baseline` on the quick preset's partial policy)
+    gives [-1, 1], not the false certainty of [-1, -1]; a usual one is unchanged."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.normal(size=(16, 5)) + 1.0, rng.normal(size=(16, 5)) + 1.0
+    usual = statistics.summarize(X, Y)
+    assert -1 < usual["cos_mean_lo"] < usual["cos_mean_hi"] <= 1
+    monkeypatch.setattr(statistics, "_jackknife_bias", lambda values, m: 5.0)
+    monkeypatch.setattr(statistics, "_cos_mean_half_widths", lambda *a: (-0.1, 0.1))
+    out = statistics.summarize(X, Y)
+    assert (out["cos_mean"], out["cos_mean_lo"], out["cos_mean_hi"]) == (-1, -1, 1)

@@ -304,6 +304,8 @@ def _summarize(
             down, up = _cos_mean_half_widths(reps, Kxx, Kxy, Kyy, level)
             # the lower end from the point clamped to 1: above 1 is noise
             lo, hi = min(point, 1.0) + down, point + up
+        if name == "cos_mean" and (hi < -1 or lo > 1):  # wholly outside: the
+            lo, hi = -1.0, 1.0  # data do not fix it (not the certainty of [-1, -1])
         if name.startswith("cos"):  # cosines: point and interval in [-1, 1]
             point, lo, hi = (float(np.clip(v, -1, 1)) for v in (point, lo, hi))
         out |= {name: point, f"{name}_lo": float(lo), f"{name}_hi": float(hi)}
