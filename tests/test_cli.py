@@ -344,6 +344,7 @@ def test_help_imports_no_jax():
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage: rl-pg render" in done.stdout

@@ -156,6 +156,7 @@ def test_plot_command_redraws_chosen_series_without_jax(tmp_path):
         [sys.executable, "-c", code, str(tmp_path / "study"), str(out)],
         capture_output=True,
         text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr
     assert _svg_series(out) == {

@@ -58,6 +58,7 @@ def test_import_rl_pg_is_light_and_still_registers_with_gymnax():
         capture_output=True,
         text=True,
         cwd=Path(__file__).parents[1],
+        timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
 

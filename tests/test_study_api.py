@@ -236,6 +236,7 @@ def test_devices_give_the_single_device_results(tmp_path):
             env={**env, **extra_env},
             check=True,
             capture_output=True,
+            timeout=300,
         )
     counts = {"one": 1, "cores": cores, "concurrent": 2}
     for name, devices in ((n, counts[n]) for n in runs if n != "mesh"):

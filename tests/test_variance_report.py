@@ -250,7 +250,7 @@ def test_ctrl_c_ends_in_one_line_and_the_same_command_runs_again(tmp_path):
     assert "Traceback" not in err and len(lines) == 1, err
     assert "interrupted" in lines[0] and "same command" in lines[0]
     assert not out.exists()
-    again = subprocess.run(argv, capture_output=True, text=True, env=env)
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stderr
     assert (out / "report.md").is_file()
 

@@ -433,8 +433,8 @@ def study_stage(
             progress,
         )
         warm.result()
-    finally:  # Ctrl-C does not wait for the compilation
-        pool.shutdown(wait=False, cancel_futures=True)
+    finally:  # no compilation outlives the stage (the interpreter would wait
+        pool.shutdown(cancel_futures=True)  # for it at exit anyway)
     groups, g = reference_gradient(moments)
     mean_return = float(moments.sums["R"] / moments.count)
     start = time.perf_counter()
