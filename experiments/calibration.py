@@ -8,8 +8,9 @@ Per metric and estimator it reports the coverage p with its standard error
 sqrt(p (1 - p) / K) (a calibrated interval: 0.95 +- 2 s.e.), the misses below /
 above, and each side's median half-width over the point estimate's standard
 deviation across seeds (per policy and size, over the seeds whose point and
-interval are finite: an ``inf`` rel_variance has no width; the median and the
-worst cell).
+interval are finite: an ``inf`` rel_variance has no width; the median over cells,
+with its bootstrap s.e. over seeds, and the worst cell), the intervals not
+reported (n/a) and, for cosines, the reported intervals outside [-1, 1].
 Truths: exact values (bias2, variance, mse, snr, rel_variance, cos_mean); for
 cos_true and cos_pairwise, the mean of the other seeds' points (unbiased for
 cos_pairwise; for cos_true up to the reference's O(se_ref^2) bias). Writes
@@ -53,7 +54,7 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
     for r in rows:
         if r["estimator"] == estimator:
             cells.setdefault((r["checkpoint"], r["batch_size"]), []).append(r)
-    cov, below, above, lw, uw = [], 0, 0, [], []
+    cov, below, above, widths = [], 0, 0, []
     for cell in cells.values():
         truth = _truths(cell, metric)
         if not np.all(np.isfinite(truth)):
@@ -61,24 +62,19 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
         point = np.array([r[metric] for r in cell])
         lo = np.array([r[f"{metric}_lo"] for r in cell])
         hi = np.array([r[f"{metric}_hi"] for r in cell])
-        cov.append((lo <= truth) & (truth <= hi))
+        cov.append((lo <= truth) & (truth <= hi))  # an n/a interval is a miss
         below, above = below + np.sum(truth < lo), above + np.sum(truth > hi)
         finite = np.isfinite(point) & np.isfinite(lo) & np.isfinite(hi)
         if finite.sum() >= 3:  # widths over the seeds with a finite interval
-            sd = np.std(point[finite], ddof=1)
-            lw.append(np.median(point[finite] - lo[finite]) / sd)
-            uw.append(np.median(hi[finite] - point[finite]) / sd)
+            widths.append((point[finite], lo[finite], hi[finite]))
     if not cov:
         return None
     hits = np.concatenate(cov)
     p, k = float(hits.mean()), len(hits)
-    cos_out = 0
-    if metric.startswith("cos"):
-        cos_out = sum(
-            not (r[f"{metric}_lo"] >= -1 and r[f"{metric}_hi"] <= 1)
-            for r in rows
-            if r["estimator"] == estimator
-        )
+    lower, upper = _width_ratios(widths)
+    own = [r for r in rows if r["estimator"] == estimator]
+    lo, hi = (np.array([r[f"{metric}_{s}"] for r in own]) for s in ("lo", "hi"))
+    finite = np.isfinite(lo) & np.isfinite(hi)
     return {
         "metric": metric,
         "estimator": estimator,
@@ -87,12 +83,47 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
         "se": float(np.sqrt(p * (1 - p) / k)),
         "below": int(below),
         "above": int(above),
-        "lower_width_median": float(np.median(lw)) if lw else np.nan,
-        "lower_width_max": float(np.max(lw)) if lw else np.nan,
-        "upper_width_median": float(np.median(uw)) if uw else np.nan,
-        "upper_width_max": float(np.max(uw)) if uw else np.nan,
-        "cos_outside": cos_out,
+        **{f"lower_width_{s}": v for s, v in lower.items()},
+        **{f"upper_width_{s}": v for s, v in upper.items()},
+        # intervals not reported (n/a: e.g. a cosine of a mean estimate that is
+        # indistinguishable from 0), and reported cosine intervals outside [-1, 1]
+        "not_reported": int(np.sum(~finite)),
+        "cos_outside": int(np.sum(finite & ((lo < -1) | (hi > 1))))
+        if metric.startswith("cos")
+        else 0,
     }
+
+
+def _width_ratios(widths: list, draws: int = 400) -> tuple[dict, dict]:
+    """Each side's median half-width over the points' s.d., per cell: the median
+    over cells with its bootstrap s.e. (seeds resampled within each cell), and
+    the worst cell."""
+    if not widths:
+        nan = {"median": np.nan, "median_se": np.nan, "max": np.nan}
+        return nan, dict(nan)
+
+    def ratios(point, lo, hi):
+        sd = np.std(point, ddof=1, axis=-1)
+        return (
+            np.median(point - lo, axis=-1) / sd,
+            np.median(hi - point, axis=-1) / sd,
+        )
+
+    rng = np.random.default_rng(0)
+    full = np.array([ratios(*w) for w in widths])  # [cells, side]
+    boot = []
+    for w in widths:
+        idx = rng.integers(0, len(w[0]), (draws, len(w[0])))
+        boot.append(ratios(*(x[idx] for x in w)))  # [side, draws]
+    boot_median = np.median(np.array(boot), axis=0)  # [side, draws]
+    return tuple(
+        {
+            "median": float(np.median(full[:, side])),
+            "median_se": float(np.std(boot_median[side], ddof=1)),
+            "max": float(np.max(full[:, side])),
+        }
+        for side in (0, 1)
+    )
 
 
 def main() -> None:
@@ -132,15 +163,20 @@ def write_tables(out, results: list[dict], title: str) -> str:
     io.atomic_write_bytes(out / "coverage.csv", ("\n".join(lines) + "\n").encode())
     table = [
         "| metric | estimator | K | coverage +- s.e. | below/above | "
-        "lower hw / sd (med, max) | upper hw / sd (med, max) | cos outside |",
-        "|---|---|---|---|---|---|---|---|",
+        "lower hw / sd (med +- s.e., max) | upper hw / sd (med +- s.e., max) | "
+        "n/a | cos outside |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
+        sides = [
+            f"{r[f'{s}_width_median']:.2f} +- {r[f'{s}_width_median_se']:.2f}, "
+            f"{r[f'{s}_width_max']:.2f}"
+            for s in ("lower", "upper")
+        ]
         table.append(
             f"| {r['metric']} | {r['estimator']} | {r['intervals']} | "
             f"{r['coverage']:.3f} +- {r['se']:.3f} | {r['below']}/{r['above']} | "
-            f"{r['lower_width_median']:.2f}, {r['lower_width_max']:.2f} | "
-            f"{r['upper_width_median']:.2f}, {r['upper_width_max']:.2f} | "
+            f"{sides[0]} | {sides[1]} | {r['not_reported'] or ''} | "
             f"{r['cos_outside'] if r['metric'].startswith('cos') else ''} |"
         )
     text = title + "\n\n" + "\n".join(table) + "\n"

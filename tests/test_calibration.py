@@ -411,3 +411,52 @@ def test_a_cos_mean_interval_wholly_outside_is_reported_as_uninformative(monkeyp
     monkeypatch.setattr(statistics, "_cos_mean_half_widths", lambda *a: (-0.1, 0.1))
     out = statistics.summarize(X, Y)
     assert (out["cos_mean"], out["cos_mean_lo"], out["cos_mean_hi"]) == (-1, -1, 1)
+
+
+def _calibration_script():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "experiments/calibration.py"
+    spec = importlib.util.spec_from_file_location("calibration_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_calibration_table_counts_coverage_widths_and_unreported_intervals():
+    """``experiments/calibration.py``'s ``measure`` on rows whose answer is known:
+    points N(1, 1) around a truth of 1 with intervals point -+ 2, so coverage is
+    P(|z| <= 2) and each half-width is 2 s.d.; an n/a interval is a miss and is
+    counted apart from a reported cosine interval outside [-1, 1]."""
+    calibration = _calibration_script()
+    rng = np.random.default_rng(1)
+    points = 1.0 + rng.normal(size=(2, 400))
+    rows = [
+        {"estimator": "reinforce", "checkpoint": c, "batch_size": 4,
+         "bias2": p, "bias2_lo": p - 2, "bias2_hi": p + 2, "exact_bias2": 1.0}
+        for c, cell in zip(("a", "b"), points, strict=True) for p in cell
+    ]  # fmt: skip
+    found = calibration.measure(rows, "bias2", "reinforce")
+    covered = np.mean(np.abs(points - 1) <= 2)
+    assert found["intervals"] == 800 and found["coverage"] == covered
+    assert found["below"] + found["above"] == 800 - np.sum(np.abs(points - 1) <= 2)
+    sd = np.std(points, ddof=1, axis=1)
+    assert found["upper_width_median"] == pytest.approx(np.median(2 / sd))
+    assert found["lower_width_max"] == pytest.approx(np.max(2 / sd))
+    assert 0 < found["upper_width_median_se"] < 0.1  # 2/sd's spread, ~0.05
+    assert found["not_reported"] == 0
+    cos = [
+        {
+            **r,
+            "cos_mean": 0.5,
+            "cos_mean_lo": lo,
+            "cos_mean_hi": hi,
+            "exact_cos_mean": 0.5,
+        }
+        for r, (lo, hi) in zip(
+            rows, [(np.nan, np.nan), (-1.2, 0.9), (0.2, 0.9)] * 300, strict=False
+        )
+    ]
+    found = calibration.measure(cos, "cos_mean", "reinforce")
+    assert found["not_reported"] == 267 and found["cos_outside"] == 267
