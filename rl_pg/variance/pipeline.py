@@ -44,15 +44,8 @@ def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -
 def check_out(out_dir: str | Path) -> None:
     """Refuse ``out_dir`` now (before anything compiles) if it is taken; one
     left by a study that was killed (a claim, no ``report.md``) is named as such,
-    with the command that frees it."""
-    path = Path(out_dir)
-    if (path / io.CLAIM_FILE).is_file() and not (path / "report.md").is_file():
-        raise FileExistsError(
-            f"{path} holds a variance study that did not finish (killed before "
-            f"its report, or still running): if it is not running, remove it with `rm -r {path}` and run the same command "
-            "again, or choose a new --out"
-        )
-    io.check_out_dir(path)
+    with the command that frees it (:func:`rl_pg.io.check_owned_out`)."""
+    io.check_owned_out(out_dir, "a variance study", "report.md")
 
 
 def execute(
