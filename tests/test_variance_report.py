@@ -3,6 +3,8 @@ critic estimators on policies without a critic, run directories as checkpoints,
 Ctrl-C, a killed study's directory, the report's settings, checks and file list,
 and the paper figures of the study and of training."""
 
+import csv
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +19,7 @@ from terminal import rl_pg_argv
 
 from rl_pg import checkpoint, cli, figures, io, policies
 from rl_pg.runs import files
+from rl_pg.variance import job as job_lib
 from rl_pg.variance import pipeline, report
 from rl_pg.variance import stages as stages_lib
 from rl_pg.variance.problems import SuiteConfig
@@ -185,6 +188,34 @@ def test_the_learning_curve_is_written_as_png_pdf_and_svg(tmp_path):
     svg = (tmp_path / "learning_curve.svg").read_text()
     for column in ("val_median", "best_median", "train_score_mean"):
         assert f"series:score:{column}" in svg
+
+
+@pytest.mark.slow
+def test_named_estimators_on_a_policy_without_critic_report_no_critic(tmp_path):
+    """`--estimators reinforce,rloo --decompose` on a critic-less policy (nothing
+    left out): no critic calibration (it read "correlation nan"), no decomposition
+    rows of the learned critic (value_baseline and gae equalled reward_to_go) nor
+    its "the learned critic leaves" line; the report says so once."""
+    run = _reinforce_run(tmp_path / "runA")
+    variance_job = job_lib.preset(
+        "quick",
+        estimators="reinforce,rloo",
+        sizes=dict(batch_sizes=(4, 8), num_batches=4, reference_trajectories=64),
+        checkpoints=[str(run)],
+        horizon=16,
+    )
+    sizes = job_lib.DecomposeSizes(num_states=3, num_actions=2, num_continuations=2)
+    variance_job = dataclasses.replace(variance_job, decompose=sizes)
+    out = pipeline.run(variance_job, tmp_path / "study", progress=False)
+    text = (out / "report.md").read_text()
+    assert "Critic calibration" not in text and "correlation nan" not in text
+    assert "learned critic" not in text
+    assert text.count("This policy has no critic") == 1
+    assert text.count("runA has no critic") == 1  # in the decomposition section
+    with open(out / "decomposition.csv") as f:
+        found = {r["estimator"] for r in csv.DictReader(f)}
+    assert {"reinforce", "reward_to_go", "oracle_advantage"} <= found
+    assert not found & {"value_baseline", "gae"}
 
 
 @pytest.mark.slow
