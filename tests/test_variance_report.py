@@ -85,6 +85,53 @@ def test_the_cli_refuses_a_named_critic_estimator_in_one_line(tmp_path, capsys):
     assert not out.exists()  # refused before the directory (and any compile)
 
 
+def _value_based_run(root, algo):
+    """A Q-learning or DQN training run as the driver writes it (config.json,
+    checkpoints/best[.npz] with its metadata), untrained."""
+    from rl_pg.algos import dqn, qlearning, registry
+
+    algorithm = registry.get(algo)
+    config = algorithm.config_cls()
+    root.mkdir()
+    io.write_config(root, files.run_config(algorithm, config))
+    best = root / "checkpoints" / "best"
+    if algo == "qlearning":
+        table = np.zeros((config.binning.num_states, 2), np.float32)
+        qlearning.save_checkpoint(best.with_suffix(".npz"), table, config, algo=algo)
+        return root, best.with_suffix(".npz")
+    network = dqn.make_network(config)
+    params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 12)))
+    dqn.save_network(best, config, params, algo=algo)
+    return root, best
+
+
+@pytest.mark.parametrize("algo", ["qlearning", "dqn"])
+def test_checkpoints_of_a_value_based_run_are_refused_in_one_line(
+    algo, tmp_path, capsys, monkeypatch
+):
+    """`--checkpoints` refuses a Q-learning run (was: "best.npz is not a
+    directory") and a DQN run (was: its Q-values studied as policy logits), as
+    the run directory, its checkpoints/ or its best checkpoint, with `--run`'s
+    message, before anything compiles."""
+    run, best = _value_based_run(tmp_path / "run", algo)
+    out = tmp_path / "out"
+
+    def loaded(*args):
+        raise AssertionError("a value-based checkpoint was loaded as a policy")
+
+    monkeypatch.setattr(stages_lib, "_checkpoint_stage", loaded)
+    given_as = [(run, "run"), (run / "checkpoints", "checkpoint"), (best, "checkpoint")]
+    for given, what in given_as:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["variance", "--checkpoints", str(given), "--out", str(out)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{given} is a {algo} {what}, whose policies are not" in err
+        assert f"needs a {what} of reinforce, a2c, ppo, grpo" in err
+        assert not out.exists()
+
+
 def test_a_killed_study_s_directory_is_named_with_the_command(tmp_path, capsys):
     """A study killed (SIGKILL: no cleanup) left its claim and config.json: the
     next command says what it is and how to free it."""
