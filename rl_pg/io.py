@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import sys
 import tempfile
@@ -104,6 +105,22 @@ def check_out_dir(path: str | os.PathLike) -> Path:
     if path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise _refusal(path)
     return path
+
+
+def check_owned_out(path: str | os.PathLike, what: str, finished: str) -> Path:
+    """:func:`check_out_dir` for a command that owns its output
+    (:func:`owned_output`); a directory it left when killed (a claim but no
+    ``finished`` file, the one it writes last) is named as such, with the
+    command that frees it. ``what``: the result, e.g. ``"a sweep"``."""
+    path = Path(path)
+    if (path / CLAIM_FILE).is_file() and not (path / finished).exists():
+        raise FileExistsError(
+            f"{path} holds {what} that did not finish (killed before its "
+            f"{finished}, or still running): if it is not running, remove it with "
+            f"`rm -r {shlex.quote(str(path))}` and run the same command again, or "
+            "choose a new --out"
+        )
+    return check_out_dir(path)
 
 
 @contextlib.contextmanager

@@ -136,3 +136,56 @@ def test_recovery_hint_cases(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")  # not a run: never named
     assert commands.recovery_hint(other, argv) == ""
+
+
+# ------------------------------------------------------------------ rl-pg sweep
+
+
+def _sweep_argv(out):
+    return ["sweep", "--algo", "qlearning", "--out", str(out), "--no-gif", *QTINY]
+
+
+def test_a_sweep_interrupted_removes_what_it_wrote_and_runs_again(
+    tmp_path, monkeypatch, capsys
+):
+    """Ctrl-C during a sweep (its cells already written): one line saying the
+    same command starts again, and nothing left that would refuse it."""
+    from rl_pg.runs import sweep
+
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(driver, "compiled_init", lambda *a: lambda *b: None)
+
+    def interrupted(*args, **kwargs):
+        assert (out / "config.json").is_file() and (out / io.CLAIM_FILE).is_file()
+        assert any(out.glob("cell_000_seed_0/config.json"))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sweep, "train_batch", interrupted)
+    for _ in range(2):  # the same command is not refused the second time
+        with pytest.raises(SystemExit) as stop:
+            cli.main(_sweep_argv(out))
+        assert stop.value.code == 130
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "Traceback" not in err
+        assert err.startswith("rl-pg sweep: interrupted") and "same command" in err
+        assert not out.exists()
+
+
+def test_a_killed_sweep_s_directory_is_named_with_the_command(tmp_path, capsys):
+    """A sweep killed (SIGKILL: no cleanup) left its claim, config.json and cell
+    directories: the same command names it and how to free it."""
+    out = tmp_path / "killed"
+    (out / "cell_000_seed_0").mkdir(parents=True)
+    (out / io.CLAIM_FILE).touch()
+    (out / "config.json").write_text('{"command": "sweep"}')
+    with pytest.raises(SystemExit) as stop:
+        cli.main(_sweep_argv(out))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "sweep that did not finish" in err, err
+    assert f"rm -r {out}" in err and "the same command" in err
+    (out / "summary.csv").write_text("cell\n")  # a finished sweep: never touched
+    with pytest.raises(SystemExit):
+        cli.main(_sweep_argv(out))
+    err = capsys.readouterr().err
+    assert "already exists" in err and "did not finish" not in err

@@ -348,8 +348,9 @@ def test_stage_labels_are_unique():
         stages_lib.stage_labels(["a/best", "a/best"])
 
 
-def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
-    """`rl-pg variance --problem enumerable --decompose`: estimates beside exact."""
+def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path, capsys):
+    """`rl-pg variance --problem enumerable --decompose`: estimates beside exact,
+    and a progress bar over the policies while it decomposes."""
     config = dataclasses.replace(
         CONFIG,
         batch_sizes=(4,),
@@ -360,8 +361,11 @@ def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path):
     out = pipeline.run(
         job.preset("quick", "enumerable", study=config, decompose=True),
         tmp_path / "d",
-        progress=False,
+        progress=True,
     )
+    bar = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    done = [line for line in bar if line.startswith("variance decomposition")]
+    assert done and "3/3" in done[-1], bar  # one step per policy
     import csv
 
     with open(out / "decomposition.csv") as f:

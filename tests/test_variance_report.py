@@ -3,6 +3,8 @@ critic estimators on policies without a critic, run directories as checkpoints,
 Ctrl-C, a killed study's directory, the report's settings, checks and file list,
 and the paper figures of the study and of training."""
 
+import csv
+import dataclasses
 import json
 import os
 import signal
@@ -17,6 +19,7 @@ from terminal import rl_pg_argv
 
 from rl_pg import checkpoint, cli, figures, io, policies
 from rl_pg.runs import files
+from rl_pg.variance import job as job_lib
 from rl_pg.variance import pipeline, report
 from rl_pg.variance import stages as stages_lib
 from rl_pg.variance.problems import SuiteConfig
@@ -80,6 +83,53 @@ def test_the_cli_refuses_a_named_critic_estimator_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "gae" in err and "critic" in err
     assert not out.exists()  # refused before the directory (and any compile)
+
+
+def _value_based_run(root, algo):
+    """A Q-learning or DQN training run as the driver writes it (config.json,
+    checkpoints/best[.npz] with its metadata), untrained."""
+    from rl_pg.algos import dqn, qlearning, registry
+
+    algorithm = registry.get(algo)
+    config = algorithm.config_cls()
+    root.mkdir()
+    io.write_config(root, files.run_config(algorithm, config))
+    best = root / "checkpoints" / "best"
+    if algo == "qlearning":
+        table = np.zeros((config.binning.num_states, 2), np.float32)
+        qlearning.save_checkpoint(best.with_suffix(".npz"), table, config, algo=algo)
+        return root, best.with_suffix(".npz")
+    network = dqn.make_network(config)
+    params = network.init(jax.random.PRNGKey(0), jnp.zeros((1, 12)))
+    dqn.save_network(best, config, params, algo=algo)
+    return root, best
+
+
+@pytest.mark.parametrize("algo", ["qlearning", "dqn"])
+def test_checkpoints_of_a_value_based_run_are_refused_in_one_line(
+    algo, tmp_path, capsys, monkeypatch
+):
+    """`--checkpoints` refuses a Q-learning run (was: "best.npz is not a
+    directory") and a DQN run (was: its Q-values studied as policy logits), as
+    the run directory, its checkpoints/ or its best checkpoint, with `--run`'s
+    message, before anything compiles."""
+    run, best = _value_based_run(tmp_path / "run", algo)
+    out = tmp_path / "out"
+
+    def loaded(*args):
+        raise AssertionError("a value-based checkpoint was loaded as a policy")
+
+    monkeypatch.setattr(stages_lib, "_checkpoint_stage", loaded)
+    given_as = [(run, "run"), (run / "checkpoints", "checkpoint"), (best, "checkpoint")]
+    for given, what in given_as:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(["variance", "--checkpoints", str(given), "--out", str(out)])
+        assert exit_.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{given} is a {algo} {what}, whose policies are not" in err
+        assert f"needs a {what} of reinforce, a2c, ppo, grpo" in err
+        assert not out.exists()
 
 
 def test_a_killed_study_s_directory_is_named_with_the_command(tmp_path, capsys):
@@ -185,6 +235,34 @@ def test_the_learning_curve_is_written_as_png_pdf_and_svg(tmp_path):
     svg = (tmp_path / "learning_curve.svg").read_text()
     for column in ("val_median", "best_median", "train_score_mean"):
         assert f"series:score:{column}" in svg
+
+
+@pytest.mark.slow
+def test_named_estimators_on_a_policy_without_critic_report_no_critic(tmp_path):
+    """`--estimators reinforce,rloo --decompose` on a critic-less policy (nothing
+    left out): no critic calibration (it read "correlation nan"), no decomposition
+    rows of the learned critic (value_baseline and gae equalled reward_to_go) nor
+    its "the learned critic leaves" line; the report says so once."""
+    run = _reinforce_run(tmp_path / "runA")
+    variance_job = job_lib.preset(
+        "quick",
+        estimators="reinforce,rloo",
+        sizes=dict(batch_sizes=(4, 8), num_batches=4, reference_trajectories=64),
+        checkpoints=[str(run)],
+        horizon=16,
+    )
+    sizes = job_lib.DecomposeSizes(num_states=3, num_actions=2, num_continuations=2)
+    variance_job = dataclasses.replace(variance_job, decompose=sizes)
+    out = pipeline.run(variance_job, tmp_path / "study", progress=False)
+    text = (out / "report.md").read_text()
+    assert "Critic calibration" not in text and "correlation nan" not in text
+    assert "learned critic" not in text
+    assert text.count("This policy has no critic") == 1
+    assert text.count("runA has no critic") == 1  # in the decomposition section
+    with open(out / "decomposition.csv") as f:
+        found = {r["estimator"] for r in csv.DictReader(f)}
+    assert {"reinforce", "reward_to_go", "oracle_advantage"} <= found
+    assert not found & {"value_baseline", "gae"}
 
 
 @pytest.mark.slow

@@ -355,7 +355,11 @@ def _train_chunks(batch, runs, sizes, bar, max_evals, callback):
         _check_finite(out, active)
         last = done + 1 == len(sizes)
         runs = _record(batch, runs, out, active, callback, last)
-        bar.update(max(0, int(np.max(out.env_steps)) - bar.n))
+        steps = int(np.max(out.env_steps))
+        # an episodic run's last batch overshoots its budget: the bar then ends at
+        # steps/steps (tqdm would drop a total that n exceeds)
+        bar.total = max(bar.total, steps)
+        bar.update(max(0, steps - bar.n))
         bar.set_postfix(
             val=float(np.max(out.val_median)),
             best=float(np.max(out.best_median)),

@@ -38,6 +38,7 @@ SUMMARY_COLUMNS = (
     "wall_clock_s",
     "run_dir",
 )
+SUMMARY_FILE = "summary.csv"  # written last: a sweep without it did not finish
 
 
 def parse_grid(
@@ -121,52 +122,65 @@ def sweep_main(
     log: str | None = None,
 ) -> list[dict[str, Any]]:
     """``rl-pg sweep``: train the grid x seeds side by side; write one run
-    directory per run, ``summary.csv`` and ``sweep.png``. Returns the summary
-    rows. ``log="tensorboard"``: TensorBoard logs in every run directory. Every
-    input is checked before anything is compiled or written."""
+    directory per run, ``sweep.png`` and ``summary.csv`` (last). Returns the
+    summary rows. ``log="tensorboard"``: TensorBoard logs in every run directory.
+    Every input is checked before anything is compiled or written.
+
+    The directory is owned (:func:`rl_pg.io.owned_output`): a sweep that dies or
+    is interrupted removes everything it wrote, so the same command starts again
+    (its runs train side by side in one program: there is no single run to
+    resume); one killed outright is named by the next command
+    (:func:`rl_pg.io.check_owned_out`)."""
     tensorboard.check_log(log)
     grid_cells, runs = plan(algo, options, num_seeds)
-    io.check_out_dir(out_dir)
+    io.check_owned_out(out_dir, "a sweep", SUMMARY_FILE)
     algorithm = registry.get(algo)
-    out = io.new_out_dir(out_dir)
-    io.write_config(
-        out,
-        dict(
-            command="sweep",
-            algo=algo,
-            options=dict(options),
-            num_seeds=num_seeds,
-            cells=grid_cells,
-        ),
-    )
-    members = [
-        _member(algorithm, config, out, cell, seed, log) for cell, seed, config in runs
-    ]
-    start = time.perf_counter()
-    for member in members:
-        member.clock = start
-    batch = Batch.of(members)
-    states, _ = train_batch(batch, batch.init(), progress=progress)
-    summary = []
-    for i, (member, (cell, seed, _)) in enumerate(zip(members, runs, strict=True)):
-        data = member.finish(pick(states, i), gif)
-        summary.append(
+    with io.owned_output(out_dir, "rl-pg sweep") as out:
+        io.write_config(
+            out,
             dict(
-                cell=cell,
-                seed=seed,
-                **grid_cells[cell],
-                median_score=data["median_score"],
-                mean_score=data["mean_score"],
-                env_steps=data["env_steps"],
-                trained_env_steps=data["trained_env_steps"],
-                wall_clock_s=data["wall_clock_s"],
-                run_dir=member.out_dir.name,
-            )
+                command="sweep",
+                algo=algo,
+                options=dict(options),
+                num_seeds=num_seeds,
+                cells=grid_cells,
+            ),
         )
-    _write_summary(out / "summary.csv", summary, list(grid_cells[0]))
-    _plot(out / "sweep.png", summary, grid_cells, algo)
-    seed_statistics(out, summary, grid_cells)
+        members = [
+            _member(algorithm, config, out, cell, seed, log)
+            for cell, seed, config in runs
+        ]
+        start = time.perf_counter()
+        for member in members:
+            member.clock = start
+        batch = Batch.of(members)
+        states, _ = train_batch(batch, batch.init(), progress=progress)
+        summary = []
+        for i, (member, (cell, seed, _)) in enumerate(zip(members, runs, strict=True)):
+            data = member.finish(pick(states, i), gif)
+            summary.append(_summary_row(member, data, cell, seed, grid_cells[cell]))
+        _plot(out / "sweep.png", summary, grid_cells, algo)
+        seed_statistics(out, summary, grid_cells)
+        _write_summary(out / SUMMARY_FILE, summary, list(grid_cells[0]))
     return summary
+
+
+def _summary_row(
+    member: Member, data: dict, cell: int, seed: int, values: dict
+) -> dict:
+    """A run's row of ``summary.csv``: its cell, seed, the cell's ``values`` and
+    from its eval ``data``."""
+    return dict(
+        cell=cell,
+        seed=seed,
+        **values,
+        median_score=data["median_score"],
+        mean_score=data["mean_score"],
+        env_steps=data["env_steps"],
+        trained_env_steps=data["trained_env_steps"],
+        wall_clock_s=data["wall_clock_s"],
+        run_dir=member.out_dir.name,
+    )
 
 
 def _member(algorithm, config, out: Path, cell: int, seed: int, log) -> Member:
@@ -228,7 +242,7 @@ def seed_statistics(
 
 def _write_summary(path: Path, rows: list[dict], names: list[str]) -> None:
     columns = ["cell", "seed", *names, *SUMMARY_COLUMNS[2:]]
-    with open(path, "w", newline="") as f:
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)

@@ -124,6 +124,12 @@ def decomposed_estimators() -> tuple[str, ...]:
 
 
 ESTIMATORS = decomposed_estimators()
+# rows that read the policy's learned critic: left out for a policy without one
+LEARNED_CRITIC = tuple(
+    n
+    for n in ESTIMATORS
+    if n in estimators_lib.REGISTRY and estimators_lib.REGISTRY[n].needs_critic
+)
 COMPONENTS = ("state", "action", "trajectory", "total")
 CHECKS = ("sum", "sum_minus_total", "total_pooled")
 _Z95 = 1.959963984540054

@@ -44,15 +44,8 @@ def rerun(config_file: str | Path, out_dir: str | Path, progress: bool = True) -
 def check_out(out_dir: str | Path) -> None:
     """Refuse ``out_dir`` now (before anything compiles) if it is taken; one
     left by a study that was killed (a claim, no ``report.md``) is named as such,
-    with the command that frees it."""
-    path = Path(out_dir)
-    if (path / io.CLAIM_FILE).is_file() and not (path / "report.md").is_file():
-        raise FileExistsError(
-            f"{path} holds a variance study that did not finish (killed before "
-            f"its report, or still running): if it is not running, remove it with `rm -r {path}` and run the same command "
-            "again, or choose a new --out"
-        )
-    io.check_out_dir(path)
+    with the command that frees it (:func:`rl_pg.io.check_owned_out`)."""
+    io.check_owned_out(out_dir, "a variance study", "report.md")
 
 
 def execute(
@@ -90,7 +83,7 @@ def execute(
         wall = time.perf_counter() - start
         found_rows = None
         if job.decompose is not None:
-            found_rows = decompose_step(job, found, left_out, progress)
+            found_rows = decompose_step(job, found, progress)
         written = report.JobResults(
             stages=results,
             config=config,
@@ -102,6 +95,7 @@ def execute(
             job=job,
             devices=_devices_text(mesh),
             left_out=left_out,
+            no_critic=tuple(s.label for s in found if not s.has_critic),
         )
         report.write(out, written)
     return out, results
@@ -175,15 +169,13 @@ def _build_runners(found: list[Stage], configs: dict, mesh) -> dict:
 
 
 def decompose_step(
-    job: job_lib.VarianceJob,
-    found: list[Stage],
-    left_out: dict | None = None,
-    progress: bool = False,
+    job: job_lib.VarianceJob, found: list[Stage], progress: bool = False
 ) -> report.Decomposition:
     """Variance decomposition rows (Tucker et al. 2018) of every stage, with the
     exact values on the enumerable MDP; see :mod:`rl_pg.variance.decomposition`.
-    ``left_out``: label -> estimators dropped from that stage (no critic);
-    ``progress``: a bar over the stages."""
+    A stage whose policy has no critic gets no rows of the estimators that read
+    one (:data:`~rl_pg.variance.decomposition.LEARNED_CRITIC`: with V = 0 they
+    would repeat ``reward_to_go``'s). ``progress``: a bar over the stages."""
     start = time.perf_counter()
     sizes = dataclasses.asdict(job.decompose)
     key = jax.random.fold_in(jax.random.PRNGKey(job.study.seed), 2**20)
@@ -197,7 +189,7 @@ def decompose_step(
         for i, stage in enumerate(found):
             if bar is not None:
                 bar.set_postfix_str(stage.label)
-            dropped = (left_out or {}).get(stage.label, ())
+            dropped = () if stage.has_critic else decomposition.LEARNED_CRITIC
             for r in _decompose_stage(job, stage, jax.random.fold_in(key, i), sizes):
                 if r["estimator"] not in dropped:
                     rows.append({**r, "checkpoint": stage.label})
@@ -206,7 +198,8 @@ def decompose_step(
     finally:
         if bar is not None:
             bar.close()
-    return report.Decomposition(rows, sizes, time.perf_counter() - start)
+    no_critic = tuple(s.label for s in found if not s.has_critic)
+    return report.Decomposition(rows, sizes, time.perf_counter() - start, no_critic)
 
 
 def _decompose_stage(job, stage: Stage, key, sizes: dict) -> list[dict]:

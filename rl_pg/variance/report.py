@@ -46,6 +46,7 @@ class Decomposition(NamedTuple):
     rows: list[dict]
     sizes: dict
     seconds: float
+    no_critic: tuple = ()  # labels of the stages without critic (rows left out)
 
 
 class JobResults(NamedTuple):
@@ -61,6 +62,7 @@ class JobResults(NamedTuple):
     job: Any = None  # the VarianceJob (its settings go into the report)
     devices: str = ""  # where it ran, in words
     left_out: dict | None = None  # label -> estimators left out (no critic)
+    no_critic: tuple = ()  # labels of the stages whose policy has no critic
 
 
 def write(out: Path, results: JobResults) -> list[str]:
@@ -80,13 +82,14 @@ def write(out: Path, results: JobResults) -> list[str]:
         results.stages, results.config, results.wall, results.matmul,
         results.exact_mode, settings=settings_lines(results),
         context={"horizon": job.horizon if job else None,
-                 "left_out": results.left_out or {}},
+                 "left_out": results.left_out or {},
+                 "no_critic": results.no_critic},
     )  # fmt: skip
     found = results.decomposition
     if found is not None:
         written += _write_decomposition(out, found.rows)
         text += decomposition_report(
-            found.rows, found.sizes, found.seconds, results.exact_mode
+            found.rows, found.sizes, found.seconds, results.exact_mode, found.no_critic
         )
         performance["decomposition_seconds"] = found.seconds
     io.write_json(out / "performance.json", performance)
@@ -308,11 +311,11 @@ def _stage_lines(
     name: str, res, config, exact_mode: bool, rescaled, context: dict
 ) -> list[str]:
     """The report's section on one stage (``context``: ``horizon``, ``left_out``
-    label -> estimators, see :func:`report`)."""
+    label -> estimators, ``no_critic`` labels, see :func:`report`)."""
     largest = max(config.batch_sizes)
     at_largest = [r for r in res.rows if r["batch_size"] == largest]
     return (
-        _stage_header(name, res, context.get("horizon"), context.get("left_out", {}))
+        _stage_header(name, res, context)
         + _stage_table(res.rows, config, exact_mode, rescaled)
         + [""]
         + _stage_summary(at_largest, largest)
@@ -322,8 +325,11 @@ def _stage_lines(
     )
 
 
-def _stage_header(name: str, res, horizon, left_out: dict) -> list[str]:
-    critic = res.critic
+def _stage_header(name: str, res, context: dict) -> list[str]:
+    """The stage's mean return, |g| and its critic: calibrated, or (a policy
+    without critic, said once) what was left out."""
+    critic, horizon = res.critic, context.get("horizon")
+    left_out = context.get("left_out", {})
     cut = f"H = {horizon}" if horizon else "H"
     lines = [
         f"## {name}",
@@ -336,8 +342,10 @@ def _stage_header(name: str, res, horizon, left_out: dict) -> list[str]:
     if name in left_out:
         lines[-1] += (
             f"This policy has no critic: left out {', '.join(left_out[name])} "
-            "(they read V(s), which would be 0 here)."
+            "(they read V(s), which would be 0 here); no critic calibration."
         )
+    elif name in context.get("no_critic", ()):
+        lines[-1] += "This policy has no critic: no critic calibration."
     else:
         lines[-1] += (
             "Critic calibration (value in the study's reward units): mean V(s_t) "
@@ -559,8 +567,9 @@ def exact_check_lines(rows: list[dict]) -> list[str]:
     return ["", line]
 
 
-def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
-    """The report's paragraph on the decomposition."""
+def decomposition_report(rows, sizes, seconds, exact_mode, no_critic=()) -> str:
+    """The report's paragraph on the decomposition (``no_critic``: the labels of
+    stages without critic, whose learned-critic rows were left out)."""
     lines = [
         "## Variance decomposed (Tucker et al. 2018)",
         "",
@@ -582,20 +591,7 @@ def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
             if r["checkpoint"] == stage
         }
         names = list(dict.fromkeys(e for e, _ in sel))
-        head = "| estimator | state | action | trajectory | total | sum - total |"
-        lines += [f"### {stage}", "", head, "|---|---:|---:|---:|---:|---:|"]
-        for e in names:
-            cells = []
-            for c in ("state", "action", "trajectory", "total", "sum_minus_total"):
-                r = sel.get((e, c))
-                if r is None:
-                    cells.append("")
-                    continue
-                cell = _ci(r, "variance")
-                if exact_mode and np.isfinite(r.get("exact_variance", np.nan)):
-                    cell += f" (exact {_fmt(r['exact_variance'])})"
-                cells.append(cell)
-            lines.append(f"| {e} | " + " | ".join(cells) + " |")
+        lines += [f"### {stage}", ""] + _decomposition_table(sel, names, exact_mode)
         shares = []
         for e in ("reward_to_go", "value_baseline"):
             t, tot = sel.get((e, "trajectory")), sel.get((e, "total"))
@@ -605,6 +601,13 @@ def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
         ideal = sel.get(("oracle_advantage", "total"))
         learned = sel.get(("value_baseline", "total"))
         lines.append("")
+        if stage in no_critic:
+            lines += [
+                f"{stage} has no critic: no rows of "
+                f"{', '.join(decomposition.LEARNED_CRITIC)} (they read V(s), which "
+                "would be 0 here); the oracle rows are a perfect critic's.",
+                "",
+            ]
         lines += _total_variance_check(sel, names, sizes)
         if shares:
             lines.append("Trajectory part of the total: " + ", ".join(shares) + ".")
@@ -616,6 +619,25 @@ def decomposition_report(rows, sizes, seconds, exact_mode) -> str:
             )
         lines.append("")
     return "\n".join(lines)
+
+
+def _decomposition_table(sel: dict, names: list[str], exact_mode) -> list[str]:
+    """One stage's decomposition table (``sel``: (estimator, component) -> row)."""
+    head = "| estimator | state | action | trajectory | total | sum - total |"
+    lines = [head, "|---|---:|---:|---:|---:|---:|"]
+    for e in names:
+        cells = []
+        for c in ("state", "action", "trajectory", "total", "sum_minus_total"):
+            r = sel.get((e, c))
+            if r is None:
+                cells.append("")
+                continue
+            cell = _ci(r, "variance")
+            if exact_mode and np.isfinite(r.get("exact_variance", np.nan)):
+                cell += f" (exact {_fmt(r['exact_variance'])})"
+            cells.append(cell)
+        lines.append(f"| {e} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def result_rows(results: dict) -> list[dict]:

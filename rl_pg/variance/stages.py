@@ -125,6 +125,8 @@ def flappy_stages(
         if missing:
             raise ValueError(f"checkpoint(s) not found: {', '.join(missing)}")
         labels = stage_labels(paths)
+        for p in paths:
+            check_policy_gradient(p, *_written_by(p))
         paths = [checkpoint.policy_dir(p) for p in paths]
     else:
         paths = shipped_checkpoints()
@@ -149,17 +151,10 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints" / "evaluations"
     if not Path(run_dir).is_dir():
         raise ValueError(f"--run {run_dir}: no such directory")
-    try:
-        algo = json.loads((Path(run_dir) / "config.json").read_text())["algo"]
-    except (OSError, ValueError, KeyError, TypeError):
-        algo = None  # not a training run: the message below
-    qualify = ("reinforce", "a2c", "ppo", "grpo")  # runs of policy gradients
-    if algo is not None and algo not in qualify:
-        raise ValueError(
-            f"{run_dir} is a {algo} run, whose policies are not policy-gradient "
-            f"policies: the variance study needs a run of {', '.join(qualify)} "
-            "(trained with --keep-checkpoints all)"
-        )
+    algo, _ = _written_by(Path(run_dir))  # None: not a training run (below)
+    check_policy_gradient(
+        run_dir, algo, "run", " (trained with --keep-checkpoints all)"
+    )
     found = (
         sorted(p for p in root.glob("env_steps_*") if p.is_dir())
         if root.is_dir()
@@ -171,6 +166,53 @@ def run_checkpoints(run_dir: str | Path) -> list[Path]:
             "--keep-checkpoints all)"
         )
     return found
+
+
+POLICY_GRADIENT_ALGOS = ("reinforce", "a2c", "ppo", "grpo")
+
+
+def check_policy_gradient(
+    path: str | Path, algo: str | None, what: str, hint: str = ""
+) -> None:
+    """Refuse a ``what`` (``"run"`` or ``"checkpoint"``) that ``algo`` wrote
+    unless a policy gradient did (None: unrecorded, let through): value-based
+    policies (Q-learning, DQN) have no policy gradient to study."""
+    if algo is not None and algo not in POLICY_GRADIENT_ALGOS:
+        raise ValueError(
+            f"{path} is a {algo} {what}, whose policies are not policy-gradient "
+            f"policies: the variance study needs a {what} of "
+            f"{', '.join(POLICY_GRADIENT_ALGOS)}{hint}"
+        )
+
+
+def _written_by(path: Path) -> tuple[str | None, str]:
+    """``(algo, what)``: the algorithm that wrote ``path`` (None if unrecorded),
+    read from a training run's ``config.json`` (``what = "run"``), else from the
+    ``meta.json`` of the checkpoint ``path`` names or, a single file (a Q-table),
+    its metadata."""
+    if (path / "config.json").is_file():
+        return _recorded_algo(lambda: (path / "config.json").read_text()), "run"
+    try:
+        found = checkpoint.policy_dir(path)
+    except checkpoint.CheckpointError:
+        return None, "checkpoint"  # not one: the loader says so
+
+    def read() -> str:
+        if not found.is_file():
+            return (found / checkpoint.META_FILE).read_text()
+        with np.load(found) as data:
+            return str(data["metadata"])
+
+    return _recorded_algo(read), "checkpoint"
+
+
+def _recorded_algo(read) -> str | None:
+    """The ``algo`` of the JSON object that ``read()`` returns, or None."""
+    try:
+        algo = json.loads(read()).get("algo")
+    except Exception:  # noqa: BLE001 (unreadable: the loader reports it)
+        return None
+    return algo if isinstance(algo, str) else None
 
 
 def enumerable_stages(group_size: int, policies_: dict | None = None) -> list[Stage]:
