@@ -9,9 +9,10 @@ seeds one after another and side by side without evaluation, for the speedup of
 ``vmap`` over sequential seeds.
 
 Writes ``DIR/curves.csv``, ``DIR/results.csv``, ``DIR/table.md``,
-``DIR/learning_curves.png`` and ``DIR/summary.json``; with ``rl_pg[viz]`` also
-the IQM and median over seeds with stratified-bootstrap 95% intervals (rliable)
-in the table and ``summary.json``, and ``DIR/performance_profile.png/.pdf/.svg``.
+``DIR/learning_curves.png/.pdf/.svg`` and ``DIR/summary.json``; with
+``rl_pg[viz]`` also the IQM and median over seeds with stratified-bootstrap 95%
+intervals (rliable) in the table and ``summary.json``, and
+``DIR/performance_profile.png/.pdf/.svg``.
 """
 
 import argparse
@@ -42,35 +43,63 @@ ALGORITHMS = {
 
 
 def plot(path, curves):
-    import matplotlib
+    """Median over seeds of the validation median (band: min to max) against
+    env steps and against wall-clock, in the paper style of ``rl_pg.figures``,
+    as PNG, PDF and SVG; returns the files written."""
+    plt = figures.pyplot()
+    from matplotlib import ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for name, per_seed in curves.items():
-        steps = np.array([r["env_steps"] for r in per_seed[0]]) / 1e6
-        times = np.array([r["train_time_s"] for r in per_seed[0]])
-        scores = np.array([[r["val_median"] for r in seed] for seed in per_seed])
-        mid = np.median(scores, axis=0)
-        for ax, x in zip(axes, (steps, times), strict=True):
-            (line,) = ax.plot(x, mid, "o-", ms=3, label=name)
-            ax.fill_between(
-                x, scores.min(0), scores.max(0), color=line.get_color(), alpha=0.15
+    with plt.rc_context(figures.STYLE):
+        fig, axes = plt.subplots(
+            1, 2, figsize=(7.0, 2.8), sharey=True, layout="constrained"
+        )
+        for i, (name, per_seed) in enumerate(curves.items()):
+            steps = np.array([r["env_steps"] for r in per_seed[0]], float)
+            times = np.array([r["train_time_s"] for r in per_seed[0]], float)
+            scores = np.array([[r["val_median"] for r in seed] for seed in per_seed])
+            palette = figures.OKABE_ITO
+            style = dict(
+                color=palette[i % len(palette)],
+                linestyle=figures.LINESTYLES[i // len(palette)],
+                marker=figures.MARKERS[i % len(figures.MARKERS)],
+                markersize=2.5,
             )
-    axes[0].set_xlabel("env steps per seed (millions)")
-    axes[1].set_xlabel("training wall-clock of the vmapped seeds (s, compile incl.)")
-    axes[0].set_ylabel("greedy validation median (pipes)")
-    axes[1].set_xscale("log")
-    for ax in axes:
-        ax.set_yscale("symlog", linthresh=10)
-        ax.set_ylim(bottom=0)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("Median over seeds (band: min to max)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+            for ax, x in zip(axes, (steps, times), strict=True):
+                ax.plot(
+                    x, np.median(scores, 0), label=name, gid=f"series:{name}", **style
+                )
+                ax.fill_between(
+                    x,
+                    scores.min(0),
+                    scores.max(0),
+                    color=style["color"],
+                    alpha=0.12,
+                    lw=0,
+                )
+        figures.score_axis(axes[0])
+        figures.steps_axis(axes[0])
+        axes[0].set_xlabel("env steps per seed")
+        axes[1].set_xlabel(
+            "training wall-clock of the vmapped seeds (s, compile incl.)"
+        )
+        axes[0].set_ylabel("greedy validation median (pipes)")
+        axes[1].set_xscale("log")
+        axes[1].xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        axes[1].xaxis.set_minor_formatter(  # 20, 50, 200, ...: not every minor tick
+            ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "25" else "")
+        )
+        for ax in axes:
+            ax.grid(alpha=0.25, lw=0.5)
+        axes[1].legend(frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+        fig.supxlabel(
+            "lines: median over seeds; bands: min to max",
+            fontsize=6,
+            x=0.99,
+            ha="right",
+        )
+    written = figures.save(fig, path, figures.FORMATS)
     plt.close(fig)
+    return written
 
 
 def seed_statistics(out, table):

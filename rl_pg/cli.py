@@ -236,8 +236,8 @@ def _eval(args) -> None:
 
 LOG_HELP = (
     "tensorboard: also log every metrics.csv column and the hyperparameters to "
-    "RUN/tensorboard/ (view: tensorboard --logdir OUT; needs pip install "
-    "'rl_pg[viz]')"
+    "RUN/tensorboard/ (needs pip install 'rl_pg[viz]'; view: pip install "
+    "tensorboard, then tensorboard --logdir OUT)"
 )
 
 
@@ -245,20 +245,24 @@ def _plot(args) -> None:
     from rl_pg import figures
 
     estimators = args.estimators.split(",") if args.estimators else None
-    path = figures.plot(args.directory, args.metric, estimators, args.format, args.out)
+    path = figures.plot(
+        args.directory, args.metric, estimators, args.format, args.out, args.figure
+    )
     print(f"wrote {path}")
 
 
 def _add_plot_parser(sub) -> None:
     """``rl-pg plot``: redraw a figure from a finished run's CSV files (no JAX)."""
+    from rl_pg import figures
+
     plot = sub.add_parser(
         "plot",
         formatter_class=_Formatter,
         help="redraw a figure of a finished study, training run or sweep",
         description="Redraw a figure from the CSV files of a finished variance "
-        "study (results.csv: one panel per policy and estimator family), training "
-        "run (metrics.csv) or sweep (summary.csv and its runs), without JAX. "
-        "Writes a new PNG, PDF or SVG file.",
+        "study, training run or sweep, without JAX: "
+        + "; ".join(f"{k}: {v}" for k, v in figures.REDRAWN.items())
+        + ". Writes a new PNG, PDF or SVG file.",
     )
     plot.add_argument(
         "directory",
@@ -266,11 +270,21 @@ def _add_plot_parser(sub) -> None:
         help="a study's, training run's or sweep's output directory",
     )
     plot.add_argument(
-        "--metric",
-        help="a study: rel_variance (default), variance, mse, bias2, snr, cos_true, "
-        "cos_pairwise, cos_mean; a run: score (default) or a metrics.csv column",
+        "--figure",
+        choices=list(figures.REDRAWN),
+        help="which figure (default: batch_size for a study, learning_curve for "
+        "a run or sweep)",
     )
-    plot.add_argument("--estimators", help="comma-separated estimators (a study)")
+    plot.add_argument(
+        "--metric",
+        help="batch_size: rel_variance (default), variance, mse, bias2, snr, "
+        "cos_true, cos_pairwise, cos_mean; along_training: one of those (default "
+        "cos_true, snr and rel_variance); learning_curve: score (default) or a "
+        "metrics.csv column",
+    )
+    plot.add_argument(
+        "--estimators", help="comma-separated estimators (a study's figures)"
+    )
     plot.add_argument(
         "--format", choices=["png", "pdf", "svg"], default="pdf", help="file format"
     )

@@ -1,17 +1,23 @@
 """Figures for papers, redrawn from a finished run's CSV files (matplotlib only).
 
-The variance study's ``results.csv`` (:func:`plot_study`, :func:`study_figures`)
-and a training run's ``metrics.csv`` or a sweep's runs (:func:`plot_run`) become
-PNG, PDF or SVG figures. Colours follow the colour-blind-safe Okabe-Ito palette
-(Okabe & Ito 2008; Wong 2011, Nature Methods 8:441), one hue per estimator
-family (:data:`FAMILIES`), line styles and markers within a family; many
-estimators are drawn as small multiples, one panel per family with shared axes.
+The variance study's ``results.csv`` (:func:`plot_study`, :func:`study_figures`,
+:func:`along_training_figure`) and ``decomposition.csv``, a training run's
+``metrics.csv`` or a sweep's runs (:func:`plot_run`) and a sweep's seed
+statistics (:func:`sweep_figure`, :func:`profile_figure`) become PNG, PDF or SVG
+figures; :func:`plot` (``rl-pg plot``) redraws each of them (:data:`REDRAWN`).
+Colours follow the colour-blind-safe Okabe-Ito palette (Okabe & Ito 2008; Wong
+2011, Nature Methods 8:441), one hue per estimator family (:data:`FAMILIES`),
+line styles and markers within a family; many estimators are drawn as small
+multiples, one panel per family with shared axes.
 Nothing here imports JAX: ``rl-pg plot`` works on a machine without it.
 """
 
 import csv
+import json
 import math
 import os
+import re
+import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -173,6 +179,35 @@ def series_styles(names: Iterable[str]) -> dict[str, dict[str, Any]]:
     return styles
 
 
+_ENV_STEPS = re.compile(r"env_steps_(\d+)")  # a kept checkpoint's directory name
+
+
+def steps_text(steps: float) -> str:
+    """A step count as a reader says it: 512, 1.6k, 2.5M, 1.2B."""
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(steps) >= size:
+            return f"{steps / size:.3g}{suffix}"
+    return f"{steps:.3g}"
+
+
+def stage_label(label: Any, width: int = 18) -> str:
+    """How a stage (a panel row, a panel) is named in a figure: a kept
+    checkpoint ``env_steps_000000001600`` as "1.6k steps", other long labels
+    wrapped to lines of ``width`` characters."""
+    label = str(label)
+    match = _ENV_STEPS.fullmatch(label)
+    if match:
+        return f"{steps_text(int(match.group(1)))} steps"
+    return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+
+
+def steps_axis(ax) -> None:
+    """Env-step x ticks as 500, 1.5k, 2M (the data stay raw steps)."""
+    from matplotlib import ticker
+
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda x, _: steps_text(x)))
+
+
 def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     """A CSV file as dicts; numbers parsed (empty cells -> nan), text kept."""
 
@@ -193,16 +228,20 @@ def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list
     beside it in each of ``formats`` (same stem); returns the files written."""
     path = Path(path)
     suffixes = dict.fromkeys([path.suffix.lstrip(".").lower(), *formats])
-    written = []
     for fmt in suffixes:
         if fmt not in FORMATS:
             raise ValueError(f"figure format must be one of {FORMATS}, got {fmt!r}")
-        target = path.with_suffix(f".{fmt}")
-        io.save_figure(fig, target, dpi=150 if fmt == "png" else None)
-        written.append(target)
-        # the layout of the first save holds for the others (constrained layout
-        # costs as much as drawing: keep its positions, do not solve it again)
-        fig.set_layout_engine("none")
+    written = []
+    # the writers read the fonttype and font settings when saving, not when the
+    # figure is built: without them the PDF gets Type 3 fonts, the SVG paths
+    with pyplot().rc_context(STYLE):
+        for fmt in suffixes:
+            target = path.with_suffix(f".{fmt}")
+            io.save_figure(fig, target, dpi=150 if fmt == "png" else None)
+            written.append(target)
+            # the layout of the first save holds for the others (constrained
+            # layout costs as much as drawing: keep its positions)
+            fig.set_layout_engine("none")
     return written
 
 
@@ -347,18 +386,24 @@ def facet_figure(
                     yscale=yscale,
                     limits=limits,
                     rescaled=rescaled,
-                    label_reference=j == 0,
                 )
                 _decorate(ax, yscale, limits, scale, xlog, xticks)
-                _label_panel(ax, mine, family, row, xlabel, i == len(rows) - 1, j, i)
+                _label_panel(
+                    ax, mine, family, stage_label(row), xlabel,
+                    i == len(rows) - 1, j, i,
+                )  # fmt: skip
         fig.supylabel(ylabel, fontsize=STYLE["axes.labelsize"])
-        _footnote(fig, unbounded, bool(rescaled & set(names)))
+        _footnote(
+            fig, unbounded, bool(rescaled & set(names)), guide=reference is not None
+        )
     return fig
 
 
-def _footnote(fig, unbounded: bool, rescaled: bool) -> None:
-    """What the bands, arrows and stars of a faceted figure mean."""
+def _footnote(fig, unbounded: bool, rescaled: bool, guide: bool = False) -> None:
+    """What the bands, arrows, guides and stars of a faceted figure mean."""
     notes = ["bands: 95% intervals"]
+    if guide:
+        notes.append(r"grey dotted: $\propto 1/n$ (an i.i.d. mean's rate)")
     if unbounded:
         notes.append("dotted arrows: unbounded above")
     if rescaled:
@@ -376,11 +421,10 @@ def _panel(
     yscale: str,
     limits,
     rescaled: frozenset,
-    label_reference: bool,
 ) -> bool:
     """One panel's guide, lines and bands; whether a band is unbounded above."""
     if reference is not None:
-        _reference(ax, reference, mine, label_reference)
+        _reference(ax, reference, mine)
     unbounded = False
     for name, series in mine.items():
         label = display_name(name) + ("*" if name in rescaled else "")
@@ -428,7 +472,7 @@ def _label_panel(
         )
 
 
-def _reference(ax, reference, panel: dict[str, Series], label: bool) -> None:
+def _reference(ax, reference, panel: dict[str, Series]) -> None:
     for series in panel.values():
         if series.y.size and np.isfinite(series.y[0]) and series.y[0] > 0:
             ax.plot(
@@ -437,7 +481,6 @@ def _reference(ax, reference, panel: dict[str, Series], label: bool) -> None:
                 ":",
                 color=REFERENCE_COLOR,
                 lw=1,
-                label=r"$\propto 1/n$" if label else None,
                 zorder=1,
             )
             return
@@ -654,8 +697,8 @@ def along_training_figure(
     95% bands. ``rows``: ``results.csv``'s rows as dicts."""
     plt = pyplot()
     n = batch_size or max(float(r["batch_size"]) for r in rows)
-    millions = {k: float(v) / 1e6 for k, v in steps.items()}
-    tables = {m: along_training_table(rows, millions, m, n) for m in metrics}
+    steps = {k: float(v) for k, v in steps.items()}
+    tables = {m: along_training_table(rows, steps, m, n) for m in metrics}
     names = list(dict.fromkeys(r["estimator"] for r in rows))
     styles = series_styles(names)
     families = _families(names, styles)
@@ -683,7 +726,7 @@ def along_training_figure(
                 }
                 unbounded |= _panel(
                     ax, mine, styles, None, row=metric, yscale=yscale,
-                    limits=limits, rescaled=frozenset(), label_reference=False,
+                    limits=limits, rescaled=frozenset(),
                 )  # fmt: skip
                 _decorate(ax, yscale, limits, scale, False, None)
                 _label_panel(
@@ -691,14 +734,39 @@ def along_training_figure(
                     mine,
                     family,
                     label,
-                    "env steps (millions)",
+                    "env steps",
                     i == len(metrics) - 1,
                     j,
                     i,
                 )
+                steps_axis(ax)
         fig.suptitle(f"along training, batch size $n = {n:g}$", fontsize=8)
         _footnote(fig, unbounded, False)
     return fig
+
+
+def score_axis(ax, which: str = "y") -> None:
+    """A score axis (pipes, >= 0): symlog (linear below 10 pipes) where the
+    data reach past 10, else linear; from just below 0 (so zero scores stay off
+    the spine) to at least 1; ticks as plain numbers."""
+    from matplotlib import ticker
+
+    axis = ax.yaxis if which == "y" else ax.xaxis
+    set_limits = ax.set_ylim if which == "y" else ax.set_xlim
+    top = max((ax.get_ylim() if which == "y" else ax.get_xlim())[1], 1.0)
+    if top > 10:  # the linear limits' margin is thin on a log scale: widen it
+        (ax.set_yscale if which == "y" else ax.set_xscale)("symlog", linthresh=10)
+        top *= 1.3
+    set_limits(-0.03 * min(top, 10.0), top)
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+
+
+def _score_axes(ax) -> None:
+    """Env steps against score in pipes (:func:`score_axis`)."""
+    steps_axis(ax)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel("score (pipes)")
+    score_axis(ax)
 
 
 def learning_curve_figure(rows: list[dict[str, Any]], title: str = ""):
@@ -706,7 +774,7 @@ def learning_curve_figure(rows: list[dict[str, Any]], title: str = ""):
     (exploring) against env steps (``metrics.csv`` rows as dicts), symlog
     score axis (linear below 10 pipes)."""
     plt = pyplot()
-    x = np.array([float(r["env_steps"]) for r in rows], float) / 1e6
+    x = np.array([float(r["env_steps"]) for r in rows], float)
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
         for i, (column, name, style) in enumerate(SCORE_LINES):
@@ -715,15 +783,13 @@ def learning_curve_figure(rows: list[dict[str, Any]], title: str = ""):
                     x,
                     [float(r[column]) for r in rows],
                     linestyle=style,
-                    marker=MARKERS[i] if i == 0 else None,
+                    # one evaluation is a point: a line alone would not show it
+                    marker=MARKERS[i] if i == 0 or len(x) == 1 else None,
                     color=OKABE_ITO[i],
                     label=name,
                     gid=f"series:score:{column}",
                 )
-        ax.set_xlabel("env steps (millions)")
-        ax.set_ylabel("score (pipes)")
-        ax.set_yscale("symlog", linthresh=10)
-        ax.set_ylim(bottom=0)
+        _score_axes(ax)
         if title:
             ax.set_title(title)
         ax.grid(alpha=0.25, lw=0.5)
@@ -775,7 +841,7 @@ def decomposition_figure(rows: Sequence[dict]):
                 color="black", ms=3, capsize=2, lw=0.8, label="total (measured apart)",
             )  # fmt: skip
             ax.set_xticks(x, [display_name(n) for n in names], rotation=35, ha="right")
-            ax.set_title(str(ckpt) or "policy")
+            ax.set_title(stage_label(ckpt) or "policy")
             ax.grid(axis="y", alpha=0.25, lw=0.5)
         axes[0, 0].set_ylabel(
             r"$\mathrm{tr}\,\mathrm{Var}(y)$, $y = \hat A\,\nabla\log\pi(a|s)$"
@@ -793,6 +859,20 @@ SCORE_LINES = (  # metric "score": column, label, line style
 )
 
 
+def _cell_label(row: dict) -> str:
+    """A sweep cell's name from its ``summary.csv`` row: its swept fields, as
+    :mod:`rl_pg.runs.sweep` names it ("lr=0.001, ent_coef=0.01", or "defaults")."""
+    fields = [k for k in row if k not in ("cell", "seed", "run_dir")]
+    fields = fields[: fields.index("median_score")] if "median_score" in fields else []
+    return (
+        ", ".join(
+            f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+            for k in fields
+        )
+        or "defaults"
+    )
+
+
 def _runs(run_dir: Path) -> dict[str, list[Path]]:
     """Label -> run directories: the run itself, or a sweep's runs by cell."""
     if (run_dir / "metrics.csv").is_file():
@@ -805,19 +885,33 @@ def _runs(run_dir: Path) -> dict[str, list[Path]]:
         )
     runs: dict[str, list[Path]] = {}
     for row in read_csv(summary):
-        fields = [k for k in row if k not in ("cell", "seed", "run_dir")]
-        fields = (
-            fields[: fields.index("median_score")] if "median_score" in fields else []
-        )
-        label = (
-            ", ".join(
-                f"{k}={row[k]:g}" if isinstance(row[k], float) else f"{k}={row[k]}"
-                for k in fields
-            )
-            or "defaults"
-        )
-        runs.setdefault(label, []).append(run_dir / str(row["run_dir"]))
+        runs.setdefault(_cell_label(row), []).append(run_dir / str(row["run_dir"]))
     return runs
+
+
+def _run_lines(ax, rows: list[dict], metric: str, label: str, run: Path, **style):
+    """One run's lines of ``metric`` (``score``: :data:`SCORE_LINES`; a sweep's
+    run, ``label`` its cell: the first only, in the legend if ``first``); a
+    marker where one point is all."""
+    first = style.pop("first")
+    lines = SCORE_LINES if metric == "score" else ((metric, metric, "-"),)
+    if not rows:
+        return
+    if metric != "score" and metric not in rows[0]:
+        raise ValueError(f"unknown metric {metric!r}; metrics.csv has {list(rows[0])}")
+    x = np.array([r["env_steps"] for r in rows], float)
+    for column, name, linestyle in lines:
+        if column not in rows[0] or (label and column != lines[0][0]):
+            continue
+        ax.plot(
+            x,
+            [r[column] for r in rows],
+            linestyle,
+            marker="o" if x.size == 1 else None,
+            label=(label or name) if first else None,
+            gid=f"series:{label or column}:{run.name}",
+            **style,
+        )
 
 
 def run_figure(run_dir: str | os.PathLike, metric: str = "score"):
@@ -829,34 +923,18 @@ def run_figure(run_dir: str | os.PathLike, metric: str = "score"):
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(4.5, 2.8), layout="constrained")
         for c, (label, dirs) in enumerate(runs.items()):
-            color = OKABE_ITO[c % len(OKABE_ITO)]
             for k, d in enumerate(dirs):
-                rows = read_csv(d / "metrics.csv")
-                lines = SCORE_LINES if metric == "score" else ((metric, metric, "-"),)
-                if metric != "score" and rows and metric not in rows[0]:
-                    raise ValueError(
-                        f"unknown metric {metric!r}; metrics.csv has {list(rows[0])}"
-                    )
-                for column, name, style in lines:
-                    if column not in rows[0] or (label and column != lines[0][0]):
-                        continue
-                    x = np.array([r["env_steps"] for r in rows], float) / 1e6
-                    text = (label if label else name) if k == 0 else None
-                    ax.plot(
-                        x,
-                        [r[column] for r in rows],
-                        style,
-                        color=color,
-                        lw=1.0 if len(dirs) > 1 else 1.3,
-                        label=text,
-                        gid=f"series:{label or column}:{d.name}",
-                    )
-        ax.set_xlabel("env steps (millions)")
-        ax.set_ylabel(
-            "score (pipes)" if metric == "score" else metric.replace("_", " ")
-        )
+                _run_lines(
+                    ax, read_csv(d / "metrics.csv"), metric, label, d, first=k == 0,
+                    color=OKABE_ITO[c % len(OKABE_ITO)],
+                    lw=1.0 if len(dirs) > 1 else 1.3,
+                )  # fmt: skip
         if metric == "score":
-            ax.set_yscale("symlog", linthresh=10)
+            _score_axes(ax)
+        else:
+            steps_axis(ax)
+            ax.set_xlabel("env steps")
+            ax.set_ylabel(metric.replace("_", " "))
         ax.grid(alpha=0.25, lw=0.5)
         ax.legend(frameon=False)
     return fig
@@ -877,23 +955,194 @@ def plot_run(
     return out
 
 
+# ---------------------------------------------------------------- sweeps
+
+
+def sweep_figure(
+    scores: dict[str, Sequence[float]],
+    stats: dict[str, dict] | None = None,
+    title: str = "",
+):
+    """Held-out score per sweep cell, one row per cell (the first on top): each
+    seed's score as a hollow point and, given ``stats`` (label -> ``iqm``,
+    ``iqm_lo``, ``iqm_hi``: :func:`rl_pg.runs.aggregate.interval_estimates`, or
+    ``aggregate.csv``'s rows), the interquartile mean over seeds with its 95%
+    stratified-bootstrap interval (Agarwal et al. 2021), also written out."""
+    plt = pyplot()
+    labels = list(scores)
+    rows = np.arange(len(labels))[::-1]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(
+            figsize=(5.0, 1.2 + 0.32 * len(labels)), layout="constrained"
+        )
+        for k, (label, y) in enumerate(zip(labels, rows, strict=True)):
+            values = np.asarray(scores[label], float)
+            spread = np.linspace(-0.15, 0.15, values.size) if values.size > 1 else 0
+            ax.plot(
+                values, y + spread, "o", mfc="none", mew=0.8, ms=3.5,
+                color=REFERENCE_COLOR, label="seeds" if k == 0 else None,
+                gid=f"series:seeds:{label}",
+            )  # fmt: skip
+            if stats is not None:
+                _iqm_interval(ax, y, stats[label], label, first=k == 0)
+        ax.set_yticks(rows, labels)
+        ax.set_ylim(-0.6, len(labels) - 0.4)
+        score_axis(ax, "x")
+        ax.set_xlabel("held-out median score (pipes)")
+        ax.grid(axis="x", alpha=0.25, lw=0.5)
+        ax.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, frameon=False)
+        if title:
+            fig.suptitle(title, fontsize=8)
+        fig.supxlabel(
+            "IQM: interquartile mean over seeds, 95% stratified-bootstrap "
+            "interval (rliable)"
+            if stats is not None
+            else "IQM over seeds and its interval: pip install 'rl_pg[viz]'",
+            fontsize=6,
+            x=0.99,
+            ha="right",
+        )
+    return fig
+
+
+def _iqm_interval(ax, y: float, stat: dict, label: str, first: bool) -> None:
+    """The IQM with its interval at row ``y``, and its value right of the axes."""
+    iqm, lo, hi = (float(stat[k]) for k in ("iqm", "iqm_lo", "iqm_hi"))
+    bars = ax.errorbar(
+        iqm, y, xerr=[[max(iqm - lo, 0.0)], [max(hi - iqm, 0.0)]], fmt="D",
+        color=OKABE_ITO[0], ms=4, capsize=2.5, lw=1.2,
+        label="IQM, 95% interval" if first else None,
+    )  # fmt: skip
+    bars.lines[0].set_gid(f"series:iqm:{label}")
+    ax.annotate(
+        f"{iqm:.3g} [{lo:.3g}, {hi:.3g}]",
+        xy=(1, y),
+        xycoords=("axes fraction", "data"),
+        xytext=(6, 0),
+        textcoords="offset points",
+        va="center",
+        fontsize=6,
+        color=OKABE_ITO[0],
+    )
+
+
+def sweep_scores(
+    sweep_dir: str | os.PathLike,
+) -> tuple[dict[str, list[float]], dict[str, dict] | None]:
+    """A sweep's held-out scores by cell label (``summary.csv``) and, where the
+    sweep wrote them, its seed statistics by cell label (``aggregate.csv``)."""
+    sweep_dir = Path(sweep_dir)
+    if not (sweep_dir / "summary.csv").is_file():
+        raise ValueError(f"{sweep_dir} has no summary.csv (not a sweep)")
+    path = sweep_dir / "aggregate.csv"
+    table = read_csv(path) if path.is_file() else []
+    names = {int(r["cell"]): str(r["label"]) for r in table}
+    scores: dict[str, list[float]] = {}
+    for row in read_csv(sweep_dir / "summary.csv"):
+        label = names.get(int(row["cell"])) or _cell_label(row)
+        scores.setdefault(label, []).append(float(row["median_score"]))
+    return scores, ({str(r["label"]): r for r in table} or None)
+
+
+# -------------------------------------------------------------- rl-pg plot
+
+REDRAWN = {  # rl-pg plot --figure: what it draws, from which files
+    "batch_size": "a study's --metric against batch size (results.csv)",
+    "along_training": "a study's cos_true, SNR and relative variance (or --metric) "
+    "against env steps (results.csv, config.json: stages with env steps)",
+    "decomposition": "a study's variance decomposition (decomposition.csv)",
+    "learning_curve": "a run's or sweep's score (or --metric) against env steps "
+    "(metrics.csv)",
+    "sweep": "a sweep's IQM and seeds per cell (summary.csv, aggregate.csv)",
+    "performance_profile": "a sweep's performance profiles (summary.csv; rliable)",
+}
+STUDY_REDRAWN = ("batch_size", "along_training", "decomposition")
+
+
 def plot(
     directory: str | os.PathLike,
     metric: str | None = None,
     estimators: Sequence[str] | None = None,
     fmt: str = "pdf",
     out: str | os.PathLike | None = None,
+    figure: str | None = None,
 ) -> Path:
-    """``rl-pg plot``: a study (results.csv; default metric rel_variance) or a
-    training run or sweep (metrics.csv / summary.csv; default score)."""
+    """``rl-pg plot``: redraw ``figure`` (:data:`REDRAWN`) from a finished
+    directory's files into ``out`` (default ``DIRECTORY/<figure>.<fmt>``);
+    by default a study's (results.csv) ``metric`` against batch size (default
+    rel_variance), a training run's or sweep's learning curves (default score)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: no such directory")
-    if (directory / "results.csv").is_file():
+    study = (directory / "results.csv").is_file()
+    figure = figure or ("batch_size" if study else "learning_curve")
+    if figure not in REDRAWN:
+        raise ValueError(f"--figure must be one of {list(REDRAWN)}, got {figure!r}")
+    if estimators and figure not in STUDY_REDRAWN:
+        raise ValueError("--estimators applies to a variance study's figures only")
+    if metric and figure in ("decomposition", "sweep", "performance_profile"):
+        raise ValueError(f"--metric does not apply to --figure {figure}")
+    if figure == "batch_size":
         return plot_study(directory, metric or "rel_variance", estimators, fmt, out)
-    if estimators:
-        raise ValueError("--estimators applies to a variance study's results only")
-    return plot_run(directory, metric or "score", fmt, out)
+    if figure == "learning_curve":
+        return plot_run(directory, metric or "score", fmt, out)
+    path = _out_path(out, directory / figure, fmt)
+    fig = _REDRAW[figure](directory, metric, estimators)
+    save(fig, path)
+    pyplot().close(fig)
+    return path
+
+
+def _study_rows(directory: Path, name: str = "results.csv") -> list[dict]:
+    if not (directory / name).is_file():
+        raise ValueError(f"{directory} has no {name} (not a variance study)")
+    return read_csv(directory / name)
+
+
+def _redraw_along_training(directory: Path, metric, estimators):
+    rows = _pick(_study_rows(directory), estimators)
+    metrics = (metric,) if metric else ALONG_TRAINING
+    for m in metrics:
+        _check_metric(rows, m)
+    config = json.loads((directory / "config.json").read_text())
+    steps = {k: v.get("env_steps") for k, v in config.get("stages", {}).items()}
+    labels = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    if len(labels) < 2 or any(steps.get(k) is None for k in labels):
+        raise ValueError(
+            f"{directory}: along_training needs two or more stages with env steps "
+            "in config.json (rl-pg variance --run RUN_DIR)"
+        )
+    return along_training_figure(rows, {k: steps[k] for k in labels}, metrics)
+
+
+def _redraw_decomposition(directory: Path, metric, estimators):
+    name = "decomposition.csv"
+    if not (directory / name).is_file():
+        raise ValueError(f"{directory} has no {name} (run the study with --decompose)")
+    return decomposition_figure(_pick(_study_rows(directory, name), estimators))
+
+
+def _redraw_sweep(directory: Path, metric, estimators):
+    scores, stats = sweep_scores(directory)
+    config = directory / "config.json"
+    algo = json.loads(config.read_text()).get("algo") if config.is_file() else None
+    return sweep_figure(scores, stats, f"{algo} sweep" if algo else "")
+
+
+def _redraw_profile(directory: Path, metric, estimators):
+    from rl_pg.runs import aggregate
+
+    scores, _ = sweep_scores(directory)
+    feature = "rl-pg plot --figure performance_profile"
+    return profile_figure(aggregate.performance_profiles(scores, feature=feature))
+
+
+_REDRAW = {
+    "along_training": _redraw_along_training,
+    "decomposition": _redraw_decomposition,
+    "sweep": _redraw_sweep,
+    "performance_profile": _redraw_profile,
+}
 
 
 # ------------------------------------------------------- performance profiles

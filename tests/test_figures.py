@@ -1,6 +1,7 @@
 """Paper figures from CSV files (rl_pg.figures) and ``rl-pg plot``."""
 
 import csv
+import json
 import re
 import subprocess
 import sys
@@ -117,7 +118,9 @@ def test_study_figures_write_every_format_with_every_series(tmp_path):
     assert _svg_series(svg) == expected
     text = svg.read_text()
     assert "Cov" in text and "tab20" not in text
-    assert (tmp_path / "figs/cosine_vs_batch_size.pdf").read_bytes()[:4] == b"%PDF"
+    pdf = (tmp_path / "figs/cosine_vs_batch_size.pdf").read_bytes()
+    assert pdf[:4] == b"%PDF" and b"/Type3" not in pdf  # TrueType: editable text
+    assert "<text" in text  # text stays text in the SVG (svg.fonttype none)
 
 
 def test_cosine_figure_shows_the_lowest_band_edge(tmp_path):
@@ -218,3 +221,152 @@ def test_plot_run_draws_a_run_and_a_sweep(tmp_path):
     }
     with pytest.raises(ValueError, match="unknown metric 'nope'"):
         figures.run_figure(tmp_path / "run", "nope")
+
+
+# ------------------------------------------------------- labels and markers
+
+
+def test_kept_checkpoints_are_labelled_in_steps_and_long_labels_wrap(tmp_path):
+    assert figures.stage_label("env_steps_000000001600") == "1.6k steps"
+    assert figures.stage_label("env_steps_000002500000") == "2.5M steps"
+    assert figures.stage_label("env_steps_000000000512") == "512 steps"
+    assert figures.stage_label("good") == "good"
+    long = figures.stage_label("a_policy_checkpoint_with_a_long_name")
+    assert all(len(line) <= 18 for line in long.splitlines()) and "\n" in long
+    stages = ("env_steps_000000001600", "env_steps_000000003200")
+    fig = figures.study_figure(_results(tmp_path, stages), "variance")
+    rows = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert rows == ["1.6k steps", "3.2k steps"]
+    figures.save(fig, tmp_path / "fig.svg")
+    text = (tmp_path / "fig.svg").read_text()
+    shown = re.findall(r"<text[^>]*>([^<]*)</text>", text)  # ids keep the label
+    assert "1.6k steps" in shown and not any("env_steps" in t for t in shown)
+    decomposition = [
+        dict(checkpoint=stage, estimator="reinforce", component=c, variance=1.0,
+             variance_lo=0.5, variance_hi=2.0)
+        for stage in stages
+        for c in ("state", "action", "trajectory", "total")
+    ]  # fmt: skip
+    fig = figures.decomposition_figure(decomposition)
+    assert [ax.get_title() for ax in fig.axes] == ["1.6k steps", "3.2k steps"]
+
+
+def test_a_single_evaluation_is_drawn_as_a_marker(tmp_path):
+    rows = [dict(env_steps=1000, val_median=3, best_median=3, train_score_mean=1)]
+    fig = figures.learning_curve_figure(rows)
+    assert all(line.get_marker() not in (None, "None") for line in fig.axes[0].lines)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text(
+        "env_steps,val_median,best_median,train_score_mean\n1000,3,3,1\n"
+    )
+    fig = figures.run_figure(run)
+    assert all(line.get_marker() not in (None, "None") for line in fig.axes[0].lines)
+    _metrics(tmp_path / "long", 1)  # three evaluations: lines without markers
+    fig = figures.run_figure(tmp_path / "long")
+    assert all(line.get_marker() in (None, "None") for line in fig.axes[0].lines)
+
+
+# ------------------------------------------------------ rl-pg plot --figure
+
+
+def _study_dir(path):
+    """A finished study of two kept checkpoints: results.csv, config.json (their
+    env steps) and decomposition.csv."""
+    stages = ("env_steps_000000001600", "env_steps_000000003200")
+    _results(path, stages)
+    config = {"stages": {s: {"env_steps": int(s[-12:])} for s in stages}}
+    (path / "config.json").write_text(json.dumps(config))
+    lines = ["checkpoint,estimator,component,variance,variance_lo,variance_hi"]
+    lines += [
+        f"{s},{e},{c},{1 + k},{0.5 + k},{2 + k}"
+        for s in stages
+        for k, e in enumerate(("reinforce", "gae", "value_baseline"))
+        for c in ("state", "action", "trajectory", "total")
+    ]
+    (path / "decomposition.csv").write_text("\n".join(lines) + "\n")
+
+
+def _sweep_dir(path):
+    """A finished sweep: summary.csv and aggregate.csv of two cells x 4 seeds."""
+    path.mkdir(parents=True)
+    summary = ["cell,seed,lr,median_score,run_dir"]
+    summary += [
+        f"{c},{k},{lr},{score},c{c}s{k}"
+        for c, (lr, scores) in enumerate(
+            ((0.001, (0, 2, 4, 6)), (0.003, (1, 9, 9, 30)))
+        )
+        for k, score in enumerate(scores)
+    ]
+    (path / "summary.csv").write_text("\n".join(summary) + "\n")
+    aggregate = ["cell,lr,label,num_runs,iqm,iqm_lo,iqm_hi,median,median_lo,median_hi"]
+    aggregate += [
+        "0,0.001,lr=0.001,4,3,1,5,3,1,5",
+        "1,0.003,lr=0.003,4,9,5,19.5,9,5,19.5",
+    ]
+    (path / "aggregate.csv").write_text("\n".join(aggregate) + "\n")
+    (path / "config.json").write_text(json.dumps({"algo": "ppo"}))
+
+
+def test_plot_redraws_along_training_decomposition_sweep_and_profiles(tmp_path):
+    _study_dir(tmp_path / "study")
+    _sweep_dir(tmp_path / "sweep")
+    drawn = {}
+    for directory, figure, extra in (
+        ("study", "along_training", ["--estimators", "gae,rloo"]),
+        ("study", "decomposition", ["--estimators", "gae,reinforce"]),
+        ("sweep", "sweep", []),
+        ("sweep", "performance_profile", []),
+    ):
+        out = tmp_path / f"{figure}.svg"
+        cli.main(["plot", str(tmp_path / directory), "--figure", figure,
+                  "--out", str(out), *extra])  # fmt: skip
+        drawn[figure] = out.read_text()
+    assert _svg_series(tmp_path / "along_training.svg") == {
+        f"{m}:{e}" for m in figures.ALONG_TRAINING for e in ("gae", "rloo")
+    }
+    text = drawn["decomposition"]
+    assert "GAE" in text and "REINFORCE" in text and "value baseline" not in text
+    assert "1.6k steps" in text
+    assert _svg_series(tmp_path / "sweep.svg") == {
+        f"{kind}:lr=0.00{k}" for kind in ("iqm", "seeds") for k in (1, 3)
+    }
+    assert "3 [1, 5]" in drawn["sweep"] and "9 [5, 19.5]" in drawn["sweep"]
+    assert _svg_series(tmp_path / "performance_profile.svg") == {
+        "profile:lr=0.001",
+        "profile:lr=0.003",
+    }
+
+
+def test_plot_figure_errors_in_one_line(tmp_path, capsys):
+    _results(tmp_path / "study")  # stages without env steps, no decomposition
+    (tmp_path / "study/config.json").write_text("{}")
+    _sweep_dir(tmp_path / "sweep")
+    for directory, argv, message in (
+        ("study", ["--figure", "along_training"], "two or more stages with env steps"),
+        ("study", ["--figure", "decomposition"], "has no decomposition.csv"),
+        ("study", ["--figure", "sweep"], "has no summary.csv (not a sweep)"),
+        ("sweep", ["--figure", "sweep", "--metric", "loss"], "--metric does not apply"),
+        ("sweep", ["--estimators", "gae"], "--estimators applies to a variance study"),
+    ):
+        with pytest.raises(SystemExit):
+            cli.main(["plot", str(tmp_path / directory), *argv, "--format", "svg"])
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_sweep_figure_draws_each_cell_s_iqm_interval_and_seeds():
+    scores = {"lr=0.001": [0.0, 2.0, 4.0, 6.0], "lr=0.003": [1.0, 9.0, 9.0, 30.0]}
+    stats = {
+        "lr=0.001": dict(iqm=3.0, iqm_lo=1.0, iqm_hi=5.0),
+        "lr=0.003": dict(iqm=9.0, iqm_lo=5.0, iqm_hi=19.5),
+    }
+    ax = figures.sweep_figure(scores, stats).axes[0]
+    lines = {line.get_gid(): line for line in ax.lines if line.get_gid()}
+    assert list(lines["series:iqm:lr=0.001"].get_xdata()) == [3.0]
+    assert list(lines["series:iqm:lr=0.003"].get_xdata()) == [9.0]
+    assert list(lines["series:seeds:lr=0.003"].get_xdata()) == scores["lr=0.003"]
+    # the first cell on top
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["lr=0.001", "lr=0.003"]
+    assert ax.get_yticks()[0] > ax.get_yticks()[1]
+    assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] < 0

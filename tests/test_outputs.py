@@ -205,3 +205,60 @@ def test_compare_algorithms_reports_seed_statistics(tmp_path):
     assert stats["a2c"]["median"] == 1.0
     svg = (tmp_path / "performance_profile.svg").read_text()
     assert 'id="series:profile:ppo"' in svg and 'id="series:profile:a2c"' in svg
+
+
+def test_sweep_figure_shows_each_cell_s_rliable_iqm_in_every_format(tmp_path):
+    """sweep.png/.pdf/.svg: per cell the IQM over seeds with rliable's
+    stratified-bootstrap interval (aggregate.interval_estimates, reused), and
+    the seeds as points."""
+    from rl_pg import figures
+
+    scores = {"lr=0.001": [0.0, 2.0, 4.0, 6.0], "lr=0.003": [1.0, 9.0, 9.0, 30.0]}
+    cells = [{"lr": 1e-3}, {"lr": 3e-3}]
+    rows = [
+        dict(cell=c, median_score=s) for c, v in enumerate(scores.values()) for s in v
+    ]
+    stats = sweep.seed_statistics(tmp_path, rows, cells)
+    written = sweep.plot_sweep(tmp_path / "sweep.png", rows, cells, "ppo sweep", stats)
+    assert sorted(p.name for p in written) == ["sweep.pdf", "sweep.png", "sweep.svg"]
+    assert all(p.stat().st_size > 0 for p in written)
+    svg = (tmp_path / "sweep.svg").read_text()
+    for label, s in stats.items():
+        assert f'id="series:iqm:{label}"' in svg and f'id="series:seeds:{label}"' in svg
+        assert f"{s['iqm']:.3g} [{s['iqm_lo']:.3g}, {s['iqm_hi']:.3g}]" in svg
+    assert stats["lr=0.001"]["iqm"] == pytest.approx(3.0)  # mean of 2 and 4
+    fig = figures.sweep_figure(scores, stats)
+    drawn = {line.get_gid(): line for line in fig.axes[0].lines}
+    for label, s in stats.items():
+        assert list(drawn[f"series:iqm:{label}"].get_xdata()) == [s["iqm"]]
+        caps = fig.axes[0].collections  # the interval: rliable's ends
+        assert any(
+            np.allclose(seg[:, 0], [s["iqm_lo"], s["iqm_hi"]])
+            for c in caps
+            for seg in c.get_segments()
+        )
+
+
+def test_compare_algorithms_draws_learning_curves_in_every_format(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "experiments/compare_algorithms.py"
+    spec = importlib.util.spec_from_file_location("compare_algorithms", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    curves = {
+        name: [
+            [
+                dict(env_steps=s * 1e6, train_time_s=10.0 * s, val_median=k * s + seed)
+                for s in (1, 2, 3)
+            ]
+            for seed in (0, 1)
+        ]
+        for k, name in enumerate(("ppo", "a2c"))
+    }
+    written = module.plot(tmp_path / "learning_curves.png", curves)
+    assert sorted(p.suffix for p in written) == [".pdf", ".png", ".svg"]
+    svg = (tmp_path / "learning_curves.svg").read_text()
+    assert 'id="series:ppo"' in svg and 'id="series:a2c"' in svg
+    assert "STIXGeneral" in svg  # the paper style's serif

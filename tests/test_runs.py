@@ -47,12 +47,13 @@ def _rows(path):
 def swept(tmp_path_factory):
     """``rl-pg sweep`` over two learning rates x two seeds on TINY, shared by the
     tests that read it (one compilation of the four-run program): cell 0 is the
-    default config (lr 1e-3, ent-coef 0.01), cell 1 has lr 3e-3."""
+    default config (lr 1e-3, ent-coef 0.01), cell 1 has lr 3e-3; TensorBoard logs
+    in every run directory."""
     out = tmp_path_factory.mktemp("sweep") / "sweep"
     cli.main(
         ["sweep", "--algo", "ppo", "--out", str(out), "--num-seeds", "2", "--no-gif"]
         + [x for k, v in TINY.items() for x in (f"--{k}", v)]
-        + ["--lr", "1e-3,3e-3", "--ent-coef", "0.01"]
+        + ["--lr", "1e-3,3e-3", "--ent-coef", "0.01", "--log", "tensorboard"]
     )
     return out
 
@@ -330,7 +331,8 @@ def test_a_sweep_cell_equals_the_single_run(swept, tmp_path):
         ("1", "0", "0.003"),
         ("1", "1", "0.003"),
     ]
-    assert (out / "sweep.png").stat().st_size > 0
+    for fmt in ("png", "pdf", "svg"):
+        assert (out / f"sweep.{fmt}").stat().st_size > 0
     cell = out / "cell_001_seed_1"
     for name in ("config.json", "metrics.csv", "eval.json", "learning_curve.png"):
         assert (cell / name).is_file(), name
@@ -357,6 +359,26 @@ def test_a_sweep_cell_equals_the_single_run(swept, tmp_path):
     _, a, *_ = checkpoint.load_policy(cell / "checkpoints/best")
     _, b, *_ = checkpoint.load_policy(single / "checkpoints/best")
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, atol=1e-5), a, b)
+
+
+@pytest.mark.slow
+def test_a_sweep_logs_each_run_s_metrics_csv_to_tensorboard(swept):
+    """``rl-pg sweep --log tensorboard``: every run's event files hold its
+    metrics.csv (each column at its env steps) and its own hyperparameters."""
+    from test_outputs import read_events
+
+    for run in sorted(swept.glob("cell_*_seed_*")):
+        with open(run / "metrics.csv") as f:
+            rows = list(csv.DictReader(f))
+        scalars, hparams = read_events(run / "tensorboard")
+        assert rows and set(scalars) == set(rows[0]) - {"env_steps"}
+        for column, points in scalars.items():
+            assert [s for s, _ in points] == [int(r["env_steps"]) for r in rows]
+            expected = np.array([float(r[column]) for r in rows], np.float32)
+            np.testing.assert_array_equal(np.float32([v for _, v in points]), expected)
+        config = json.loads((run / "config.json").read_text())["config"]
+        assert hparams["config/lr"] == pytest.approx(config["lr"])
+        assert hparams["config/seed"] == config["seed"]
 
 
 # ------------------------------------------------------------------ episodic budgets

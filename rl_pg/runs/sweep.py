@@ -7,9 +7,11 @@ chunks (:mod:`rl_pg.runs.driver`): the swept fields are the config's
 Each run gets its own directory, with the same files as ``rl-pg train``, bit for
 bit what ``jit(vmap(train))`` returns for it on the CPU (a single ``rl-pg train``
 run, a batch of one, agrees up to float rounding); ``summary.csv`` and
-``sweep.png`` (held-out median per cell, seeds as points) sum it up; with
-rliable (``rl_pg[viz]``) also ``aggregate.csv``/``.md`` (IQM and median over
-seeds with stratified-bootstrap 95% intervals) and ``performance_profile.png``.
+``sweep.png``/``.pdf``/``.svg`` (held-out median per cell, seeds as points)
+sum it up; with rliable (``rl_pg[viz]``) the figure adds each cell's IQM over
+seeds with its stratified-bootstrap 95% interval, and the sweep writes
+``aggregate.csv``/``.md`` (IQM and median with their intervals) and
+``performance_profile.png``/``.pdf``/``.svg``.
 """
 
 import csv
@@ -20,8 +22,6 @@ import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from rl_pg import io
 from rl_pg.algos import registry
@@ -122,7 +122,7 @@ def sweep_main(
     log: str | None = None,
 ) -> list[dict[str, Any]]:
     """``rl-pg sweep``: train the grid x seeds side by side; write one run
-    directory per run, ``sweep.png`` and ``summary.csv`` (last). Returns the
+    directory per run, ``sweep.png/.pdf/.svg`` and ``summary.csv`` (last). Returns the
     summary rows. ``log="tensorboard"``: TensorBoard logs in every run directory.
     Every input is checked before anything is compiled or written.
 
@@ -159,8 +159,8 @@ def sweep_main(
         for i, (member, (cell, seed, _)) in enumerate(zip(members, runs, strict=True)):
             data = member.finish(pick(states, i), gif)
             summary.append(_summary_row(member, data, cell, seed, grid_cells[cell]))
-        _plot(out / "sweep.png", summary, grid_cells, algo)
-        seed_statistics(out, summary, grid_cells)
+        stats = seed_statistics(out, summary, grid_cells)
+        plot_sweep(out / "sweep.png", summary, grid_cells, f"{algo} sweep", stats)
         _write_summary(out / SUMMARY_FILE, summary, list(grid_cells[0]))
     return summary
 
@@ -200,6 +200,14 @@ def _label(cell: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v:g}" for k, v in cell.items()) or "defaults"
 
 
+def _scores(rows: list[dict], grid_cells: list[dict]) -> dict[str, list[float]]:
+    """Cell label -> its runs' held-out median scores."""
+    return {
+        _label(cell): [r["median_score"] for r in rows if r["cell"] == c]
+        for c, cell in enumerate(grid_cells)
+    }
+
+
 def seed_statistics(
     out: Path, rows: list[dict], grid_cells: list[dict]
 ) -> dict[str, dict] | None:
@@ -211,10 +219,7 @@ def seed_statistics(
     from rl_pg import extras, figures
     from rl_pg.runs import aggregate
 
-    scores = {
-        _label(cell): [r["median_score"] for r in rows if r["cell"] == c]
-        for c, cell in enumerate(grid_cells)
-    }
+    scores = _scores(rows, grid_cells)
     feature = "rl-pg sweep's seed statistics"
     try:
         stats = aggregate.interval_estimates(scores, feature=feature)
@@ -248,23 +253,20 @@ def _write_summary(path: Path, rows: list[dict], names: list[str]) -> None:
         writer.writerows(rows)
 
 
-def _plot(path: Path, rows: list[dict], grid_cells: list[dict], algo: str) -> None:
-    """Held-out median per cell (bar: the mean over seeds; points: the seeds)."""
-    import matplotlib
+def plot_sweep(
+    path: Path,
+    rows: list[dict],
+    grid_cells: list[dict],
+    title: str,
+    stats: dict[str, dict] | None,
+) -> list[Path]:
+    """``sweep.png`` and its PDF and SVG (:func:`rl_pg.figures.sweep_figure`):
+    per cell, the seeds' held-out median scores as points and, with ``stats``
+    (:func:`seed_statistics`), their IQM with its 95% stratified-bootstrap
+    interval. Returns the files written."""
+    from rl_pg import figures
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [_label(cell) for cell in grid_cells]
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(labels)), 4))
-    for c in range(len(grid_cells)):
-        medians = [r["median_score"] for r in rows if r["cell"] == c]
-        ax.bar(c, np.mean(medians), color="C0", alpha=0.4)
-        ax.plot([c] * len(medians), medians, "o", color="C0")
-    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
-    ax.set_ylabel("held-out median score (pipes)")
-    ax.set_title(f"{algo} sweep: seeds as points, bars their mean")
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    io.save_figure(fig, path, dpi=100)
-    plt.close(fig)
+    fig = figures.sweep_figure(_scores(rows, grid_cells), stats, title)
+    written = figures.save(fig, path, figures.FORMATS)
+    figures.pyplot().close(fig)
+    return written
