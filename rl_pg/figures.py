@@ -67,11 +67,17 @@ FAMILIES = (
         ("optimal", "oracle"),
     ),
     Family("actor-critic", OKABE_ITO[2], ("actor_critic", "a2c", "gae")),
-    Family("PPO / GRPO", OKABE_ITO[3], ("ppo_clip", "ppo", "grpo", "dr_grpo")),
+    # clipped or group surrogates (rescaled: not on grad J's scale)
+    Family(
+        "PPO / GRPO",
+        OKABE_ITO[3],
+        ("ppo_clip", "ppo", "ppo_dual_clip", "grpo", "dr_grpo", "gspo", "cispo"),
+    ),
+    # importance-weighted corrections of behaviour data (on grad J's scale)
     Family(
         "off-policy",
         OKABE_ITO[4],
-        ("naive", "truncated_is", "vtrace", "dual_clip", "gspo", "cispo"),
+        ("naive", "trajectory_is", "per_decision_is", "truncated_is", "vtrace"),
         ("is_", "truncated", "vtrace", "v_trace", "dual_clip", "off_policy"),
     ),
 )
@@ -89,6 +95,10 @@ DISPLAY = {
     "gae": "GAE",
     "a2c": "A2C",
     "ppo_clip": "PPO-clip",
+    "ppo_dual_clip": "dual-clip PPO",
+    "trajectory_is": "trajectory IS",
+    "per_decision_is": "per-decision IS",
+    "truncated_is": "truncated IS",
     "ppo": "PPO",
     "grpo": "GRPO",
     "dr_grpo": "Dr. GRPO",
