@@ -67,11 +67,17 @@ FAMILIES = (
         ("optimal", "oracle"),
     ),
     Family("actor-critic", OKABE_ITO[2], ("actor_critic", "a2c", "gae")),
-    Family("PPO / GRPO", OKABE_ITO[3], ("ppo_clip", "ppo", "grpo", "dr_grpo")),
+    # clipped or group surrogates (rescaled: not on grad J's scale)
+    Family(
+        "PPO / GRPO",
+        OKABE_ITO[3],
+        ("ppo_clip", "ppo", "ppo_dual_clip", "grpo", "dr_grpo", "gspo", "cispo"),
+    ),
+    # importance-weighted corrections of behaviour data (on grad J's scale)
     Family(
         "off-policy",
         OKABE_ITO[4],
-        ("naive", "truncated_is", "vtrace", "dual_clip", "gspo", "cispo"),
+        ("naive", "trajectory_is", "per_decision_is", "truncated_is", "vtrace"),
         ("is_", "truncated", "vtrace", "v_trace", "dual_clip", "off_policy"),
     ),
 )
@@ -89,6 +95,10 @@ DISPLAY = {
     "gae": "GAE",
     "a2c": "A2C",
     "ppo_clip": "PPO-clip",
+    "ppo_dual_clip": "dual-clip PPO",
+    "trajectory_is": "trajectory IS",
+    "per_decision_is": "per-decision IS",
+    "truncated_is": "truncated IS",
     "ppo": "PPO",
     "grpo": "GRPO",
     "dr_grpo": "Dr. GRPO",
@@ -399,15 +409,135 @@ def facet_figure(
     return fig
 
 
-def _footnote(fig, unbounded: bool, rescaled: bool, guide: bool = False) -> None:
-    """What the bands, arrows, guides and stars of a faceted figure mean."""
-    notes = ["bands: 95% intervals"]
+class GridRow(NamedTuple):
+    """One row of panels of :func:`grid_figure`: its id (SVG ids
+    ``series:<key>:<estimator>``), y label, scale (as in :data:`METRICS`) and
+    series (estimator -> Series)."""
+
+    key: str
+    label: str
+    scale: str
+    table: dict[str, Series]
+
+
+def grid_figure(
+    rows: Sequence[GridRow],
+    xlabel: str,
+    *,
+    xticks: Sequence[float],
+    xticklabels: Sequence[str],
+    rescaled: frozenset = frozenset(),
+    empty: str = "",
+    title: str = "",
+    notes: Sequence[str] = (),
+):
+    """Small multiples of rows that each have their own metric (e.g. stage x
+    metric): one column per estimator family present, x shared (log, the
+    given ticks), y shared within a row and fit to its points and bands.
+    Each family's legend above its column names every estimator of the
+    column (``rescaled`` ones starred); ``empty``: the note in a panel with
+    no estimator of its family (e.g. a metric the family cannot have)."""
+    plt = pyplot()
+    names = list(dict.fromkeys(n for row in rows for n in row.table))
+    styles = series_styles(names)
+    families = _families(names, styles)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(
+            len(rows),
+            len(families),
+            sharex=True,
+            sharey="row",
+            squeeze=False,
+            figsize=(0.9 + 1.9 * len(families), 0.9 + 1.45 * len(rows)),
+            layout="constrained",
+        )
+        unbounded = False
+        for i, row in enumerate(rows):
+            yscale, limits = axis_limits(
+                row.scale, *(_all({0: row.table}, f) for f in ("y", "lo", "hi"))
+            )
+            for j, family in enumerate(families):
+                ax = axes[i, j]
+                mine = {
+                    n: v
+                    for n, v in row.table.items()
+                    if styles[n]["family"] == family.name
+                }
+                unbounded |= _panel(
+                    ax, mine, styles, None, row=row.key, yscale=yscale,
+                    limits=limits, rescaled=rescaled,
+                )  # fmt: skip
+                _decorate(ax, yscale, limits, row.scale, False, None)
+                _grid_axes(ax, row, xlabel, xticks, xticklabels, i == len(rows) - 1)
+                if not mine and empty:
+                    _note(ax, empty)
+        for j, family in enumerate(families):
+            _column_legend(axes[:, j], family)
+        if title:
+            fig.suptitle(title, fontsize=STYLE["axes.titlesize"])
+        _footnote(fig, unbounded, False, notes=notes)
+    return fig
+
+
+def _grid_axes(ax, row: GridRow, xlabel, xticks, xticklabels, bottom: bool) -> None:
+    from matplotlib import ticker
+
+    ax.set_xscale("log")
+    ax.set_xticks(list(xticks), list(xticklabels))
+    ax.xaxis.set_minor_locator(ticker.NullLocator())  # only the given ticks
+    if bottom:
+        ax.set_xlabel(xlabel)
+    if ax.get_subplotspec().is_first_col():
+        ax.set_ylabel(row.label)
+
+
+def _note(ax, text: str) -> None:
+    ax.text(
+        0.5,
+        0.5,
+        text,
+        transform=ax.transAxes,
+        ha="center",
+        va="center",
+        fontsize=6,
+        color=REFERENCE_COLOR,
+    )
+
+
+def _column_legend(axes, family: Family) -> None:
+    """The family's legend above a column: every estimator drawn in it."""
+    handles = {}
+    for ax in axes:
+        for line in ax.get_lines():
+            label = line.get_label()
+            if not label.startswith("_"):
+                handles.setdefault(label, line)
+    axes[0].legend(
+        list(handles.values()),
+        list(handles),
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.02),
+        frameon=False,
+        title=family.name,
+        borderaxespad=0,
+        alignment="left",
+        handlelength=2.6,
+    )
+
+
+def _footnote(
+    fig, unbounded: bool, rescaled: bool, guide: bool = False, notes=()
+) -> None:
+    """What the bands, arrows, guides and stars of a faceted figure mean
+    (``notes``: more, last)."""
+    extra, notes = list(notes), ["bands: 95% intervals"]
     if guide:
         notes.append(r"grey dotted: $\propto 1/n$ (an i.i.d. mean's rate)")
     if unbounded:
         notes.append("dotted arrows: unbounded above")
     if rescaled:
         notes.append(r"* on another scale than $\nabla J$ (compare scale-free metrics)")
+    notes += extra
     fig.supxlabel("; ".join(notes), fontsize=6, x=0.99, ha="right")
 
 

@@ -75,7 +75,16 @@ def test_every_estimator_has_a_family_and_one_hue_per_family():
     assert fam("reinforce") == fam("reward_to_go") == "REINFORCE"
     assert fam("rloo") == fam("optimal_baseline_per_parameter") == "baselines"
     assert fam("gae") == "actor-critic" and fam("dr_grpo") == "PPO / GRPO"
-    assert fam("is_per_decision") == fam("vtrace") == fam("cispo") == "off-policy"
+    assert (
+        fam("is_per_decision")
+        == fam("vtrace")
+        == fam("trajectory_is")
+        == ("off-policy")
+    )
+    assert fam("ppo_dual_clip") == fam("gspo") == fam("cispo") == "PPO / GRPO"
+    from rl_pg import estimators
+
+    assert all(fam(n) != "other" for n in estimators.REGISTRY)  # no black rows
     assert fam("my_module:my_loss") == "other"
     styles = figures.series_styles(ESTIMATORS)
     hues = {s["family"]: s["color"] for s in styles.values()}

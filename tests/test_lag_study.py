@@ -4,6 +4,7 @@ against an enumeration written here, CLI errors, the lag preset end to end."""
 
 import csv
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -242,3 +243,71 @@ def test_lag_study_on_a_cartpole_run(tmp_path):
         levels / "lag_targets" / rows[0]["checkpoint"] / "kl_0.01"
     )
     assert meta["env_id"] == "CartPole-v1"
+
+
+LAG_SUITE = ("reinforce", "ppo_clip", "grpo", "naive", "trajectory_is",
+             "per_decision_is", "truncated_is", "ppo_dual_clip", "gspo", "cispo",
+             "vtrace")  # fmt: skip
+
+
+def _lag_figure_rows(stages=("initial", "good"), levels=(0.0, 0.01, 0.1)):
+    """results.csv rows of a lag study (two batch sizes) with cosine bands
+    down to -0.9."""
+    rows = []
+    for stage in stages:
+        for i, e in enumerate(LAG_SUITE):
+            for n in (4, 8):
+                for k, level in enumerate(levels):
+                    row = dict(checkpoint=stage, estimator=e, batch_size=n,
+                               lag_level=level, lag_kl=level * 1.1 + 0.001 * k,
+                               reference_norm2=2.0)  # fmt: skip
+                    row["mse"], row["mse_lo"], row["mse_hi"] = 1.0 + i, 0.0, 4.0 + i
+                    row["cos_true"] = 0.5 - 0.1 * k
+                    row["cos_true_lo"], row["cos_true_hi"] = -0.9, 0.8
+                    rows.append(row)
+    return rows
+
+
+def test_vs_staleness_is_in_paper_style(tmp_path):
+    """STIX text kept as text, mathtext labels, a row per stage and metric, a
+    column per family holding exactly its estimators, the whole cosine band."""
+    from rl_pg import figures
+    from rl_pg.variance import lag_report
+
+    rows = _lag_figure_rows()
+    lag_report.plot(tmp_path / "vs_staleness.png", rows, False)
+    for fmt in figures.FORMATS:
+        assert (tmp_path / f"vs_staleness.{fmt}").stat().st_size > 0
+    svg = (tmp_path / "vs_staleness.svg").read_text()
+    assert "<text" in svg and "STIX" in svg and "DejaVu Sans" not in svg
+    ids = set(re.findall(r'id="series:([^"]+)"', svg))
+    rescaled = {e for e in LAG_SUITE if e in figures.KNOWN_RESCALED}
+    assert ids == {
+        f"{s}:cos_true:{e}" for s in ("initial", "good") for e in LAG_SUITE
+    } | {f"{s}:mse:{e}" for s in ("initial", "good") for e in set(LAG_SUITE) - rescaled}
+    fig = lag_report.figure(rows, False)
+    axes = np.array(fig.axes).reshape(4, -1)  # (stage x metric) x family
+    families = [ax.get_legend().get_title().get_text() for ax in axes[0]]
+    assert families == ["REINFORCE", "PPO / GRPO", "off-policy"]
+    for ax in axes.ravel():  # each panel: only its family's estimators, one hue
+        drawn = {line.get_gid().rsplit(":", 1)[1] for line in ax.get_lines()
+                 if line.get_gid()}  # fmt: skip
+        family = families[list(axes.ravel()).index(ax) % 3]
+        assert {figures.family_of(e).name for e in drawn} <= {family}
+    cosine = axes[1, 2]
+    assert {line.get_gid() for line in cosine.get_lines() if line.get_gid()} == {
+        f"series:initial:cos_true:{e}"
+        for e in LAG_SUITE
+        if figures.family_of(e).name == "off-policy"
+    }
+    labels = [ax.get_ylabel() for ax in axes[:, 0]] + [axes[-1, 0].get_xlabel()]
+    assert all("$" in label for label in labels), labels  # mathtext
+    assert axes[1, 0].get_ylim()[0] <= -0.9  # the whole cosine band
+    assert axes[-1, 0].get_xticklabels()[0].get_text() == "0"  # KL 0: left edge
+    figures.pyplot().close(fig)
+    with_k = lag_report.figure(_lag_figure_rows(("pair",), (0.0, 0.002, 0.01)), True)
+    assert [ax.get_ylabel().split("\n")[0] for ax in with_k.axes[::3]] == [
+        "training lag",
+        "training lag",
+    ]
+    figures.pyplot().close(with_k)

@@ -99,66 +99,92 @@ def _x(rows: list[dict], with_k: bool) -> tuple[np.ndarray, float]:
     return np.where(kl > 0, kl, edge), edge
 
 
-def plot(path: Path, rows: list[dict], with_k: bool) -> None:
-    """vs_staleness.png (.pdf, .svg): relative MSE (non-rescaled estimators) and
-    cosine to the true gradient against KL, one column of panels per stage, at
-    the largest batch size, 95% intervals as error bars."""
-    plt = figures.pyplot()
+# the figure's metrics: (column, y label, scale as in figures.METRICS)
+RELATIVE_MSE = r"$\mathbb{E}\|\hat g - g\|^2 / \|g\|^2$"
+KL_LABEL = r"$\mathrm{KL}(\mu\,\|\,\pi)$ per step"
+LAG_METRICS = (
+    ("mse", RELATIVE_MSE, "log"),
+    ("cos_true", figures.METRICS["cos_true"][0], "cosine"),
+)
+
+
+def _xticks(x: np.ndarray, edge: float) -> tuple[list[float], list[str]]:
+    """Every x when few (KL levels), else the edge and the decades between."""
+    ticks = sorted(set(x.tolist()))
+    if len(ticks) > 7:
+        inner = [t for t in ticks if t > edge]
+        low, high = (
+            math.ceil(math.log10(min(inner))),
+            math.floor(math.log10(max(inner))),
+        )
+        ticks = [edge] + [10.0**k for k in range(low, high + 1)]
+    return ticks, ["0" if t == edge else f"{t:g}" for t in ticks]
+
+
+def _lag_series(rows: list[dict], x: np.ndarray, metric: str) -> figures.Series:
+    """One estimator's ``metric`` against KL (mse relative to |g|^2)."""
+    order = np.argsort(x, kind="stable")
+    rows = [rows[i] for i in order]
+    scale = np.array([r["reference_norm2"] if metric == "mse" else 1.0 for r in rows])
+    scale = np.where(scale > 0, scale, np.nan)  # a zero truth: no relative MSE
+    col = lambda k: np.array([r[k] for r in rows], float) / scale  # noqa: E731
+    return figures.Series(
+        x[order], col(metric), col(f"{metric}_lo"), col(f"{metric}_hi")
+    )
+
+
+def lag_rows(rows: list[dict], with_k: bool):
+    """The figure's rows of panels (stage x metric, at the largest batch size),
+    the x ticks and their labels, and the batch size."""
     largest = max(r["batch_size"] for r in rows)
     rows = [r for r in rows if r["batch_size"] == largest]
-    panels = (
+    x_all, edge = _x(rows, with_k)
+    stages = (
         ["training lag"]
         if with_k
         else list(dict.fromkeys(r["checkpoint"] for r in rows))
     )
     names = list(dict.fromkeys(r["estimator"] for r in rows))
-    styles = figures.series_styles(names)
-    fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 6.4),
-                             squeeze=False, sharex="col")  # fmt: skip
-    for j, panel in enumerate(panels):
-        mine = rows if with_k else [r for r in rows if r["checkpoint"] == panel]
-        x_all, edge = _x(mine, with_k)
-        for name in names:
-            sel = [i for i, r in enumerate(mine) if r["estimator"] == name]
-            order = sorted(sel, key=lambda i: x_all[i])
-            x = x_all[order]
-            sub = [mine[i] for i in order]
-            st = {k: styles[name][k] for k in ("color", "linestyle", "marker")}
-            label = figures.display_name(name)
-            if not _rescaled(name):
-                _errorbar(axes[0, j], x, sub, "mse", True, st, label)
-            _errorbar(axes[1, j], x, sub, "cos_true", False, st, label)
-        for ax in axes[:, j]:
-            ax.set_xscale("log")
-            ticks = sorted(set(x_all))
-            ax.set_xticks(ticks)
-            ax.set_xticklabels(["0" if t == edge else f"{t:g}" for t in ticks])
-            ax.grid(alpha=0.3)
-        if any(line.get_ydata().size for line in axes[0, j].get_lines()):
-            axes[0, j].set_yscale("log", nonpositive="mask")
-        axes[0, j].set_title(f"{panel} (n = {largest})")
-        axes[1, j].set_xlabel("KL(mu || pi) per step")
-    axes[0, 0].set_ylabel("relative MSE  mse / |g|^2")
-    axes[1, 0].set_ylabel("cosine to the true gradient")
-    axes[1, 0].set_ylim(-1.05, 1.05)
-    handles, labels = axes[1, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0, 0.84, 1))
-    figures.save(fig, path, ("pdf", "svg"))
-    plt.close(fig)
+    grid = []
+    for stage in stages:
+        mine = [i for i, r in enumerate(rows) if with_k or r["checkpoint"] == stage]
+        for metric, label, scale in LAG_METRICS:
+            table = {}
+            for name in names:
+                if metric == "mse" and _rescaled(name):
+                    continue  # not on grad J's scale: cosine only
+                sel = [i for i in mine if rows[i]["estimator"] == name]
+                table[name] = _lag_series([rows[i] for i in sel], x_all[sel], metric)
+            text = figures.stage_label(stage)
+            grid.append(
+                figures.GridRow(f"{stage}:{metric}", f"{text}\n{label}", scale, table)
+            )
+    return grid, _xticks(x_all, edge), largest
 
 
-def _errorbar(ax, x, rows, metric: str, relative: bool, style: dict, label: str):
-    scale = np.array([r["reference_norm2"] if relative else 1.0 for r in rows])
-    scale = np.where(scale > 0, scale, np.nan)  # a zero truth: no relative MSE
-    y = np.array([r[metric] for r in rows], float) / scale
-    lo = np.array([r[f"{metric}_lo"] for r in rows], float) / scale
-    hi = np.array([r[f"{metric}_hi"] for r in rows], float) / scale
-    if relative:
-        lo = np.where(lo > 0, lo, np.nan)
-    err = np.vstack([np.clip(y - lo, 0, None), np.clip(hi - y, 0, None)])
-    err = np.nan_to_num(err, nan=0.0)
-    ax.errorbar(x, y, yerr=err, label=label, capsize=2, markersize=4, lw=1, **style)
+def figure(rows: list[dict], with_k: bool):
+    """The vs_staleness figure: relative MSE (non-rescaled estimators) and
+    cosine to the true gradient against KL, a row of panels per stage and
+    metric (one stage "training lag" with --lag-checkpoints), a column per
+    estimator family, at the largest batch size, with 95% bands."""
+    grid, (ticks, labels), largest = lag_rows(rows, with_k)
+    return figures.grid_figure(
+        grid,
+        KL_LABEL,
+        xticks=ticks,
+        xticklabels=labels,
+        rescaled=figures.KNOWN_RESCALED,
+        empty="rescaled: cosine only",
+        title=f"batch size $n = {largest:g}$",
+        notes=[r"* not on $\nabla J$'s scale: no relative MSE"],
+    )
+
+
+def plot(path: Path, rows: list[dict], with_k: bool) -> None:
+    """vs_staleness.png (.pdf, .svg): :func:`figure`."""
+    fig = figure(rows, with_k)
+    figures.save(fig, path, figures.FORMATS)
+    figures.pyplot().close(fig)
 
 
 # ------------------------------------------------------------------ report
