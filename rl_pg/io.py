@@ -107,13 +107,21 @@ def check_out_dir(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_owned_out(path: str | os.PathLike, what: str, finished: str) -> Path:
+def check_owned_out(
+    path: str | os.PathLike, what: str, finished: str, commands: tuple[str, ...]
+) -> Path:
     """:func:`check_out_dir` for a command that owns its output
-    (:func:`owned_output`); a directory it left when killed (a claim but no
-    ``finished`` file, the one it writes last) is named as such, with the
-    command that frees it. ``what``: the result, e.g. ``"a sweep"``."""
+    (:func:`owned_output`); a directory it left when killed (a claim, no
+    ``finished`` file, the one it writes last, and a ``config.json`` of one of
+    ``commands``, or none yet) is named as such, with the command that frees it.
+    Another command's output gets the plain refusal. ``what``: the result, e.g.
+    ``"a sweep"``."""
     path = Path(path)
-    if (path / CLAIM_FILE).is_file() and not (path / finished).exists():
+    if (
+        (path / CLAIM_FILE).is_file()
+        and not (path / finished).exists()
+        and _written_by(path) in (None, *commands)
+    ):
         raise FileExistsError(
             f"{path} holds {what} that did not finish (killed before its "
             f"{finished}, or still running): if it is not running, remove it with "
@@ -121,6 +129,18 @@ def check_owned_out(path: str | os.PathLike, what: str, finished: str) -> Path:
             "choose a new --out"
         )
     return check_out_dir(path)
+
+
+def _written_by(path: Path) -> str | None:
+    """The ``command`` in ``path/config.json`` (None: no such file; "" when it
+    names none or cannot be read)."""
+    try:
+        data = json.loads((path / "config.json").read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return ""
+    return str(data.get("command", "")) if isinstance(data, dict) else ""
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from terminal import rl_pg_argv
 
@@ -189,3 +190,64 @@ def test_a_killed_sweep_s_directory_is_named_with_the_command(tmp_path, capsys):
         cli.main(_sweep_argv(out))
     err = capsys.readouterr().err
     assert "already exists" in err and "did not finish" not in err
+
+
+@pytest.mark.parametrize(
+    "config", ['{"command": "variance", "preset": "quick"}', '{"algo": "ppo"}']
+)
+def test_another_command_s_output_is_refused_without_rm(tmp_path, capsys, config):
+    """A mistyped --out naming a finished study or training run (a claim, no
+    summary.csv, another command's config.json) is not called a killed sweep:
+    the plain refusal, never `rm -r`."""
+    out = tmp_path / "other"
+    out.mkdir()
+    (out / io.CLAIM_FILE).touch()
+    (out / "config.json").write_text(config)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(_sweep_argv(out))
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and "rm -r" not in err, err
+
+
+def test_a_diverging_sweep_run_is_named_by_cell_and_seed(tmp_path, monkeypatch, capsys):
+    """A run whose loss turns non-finite stops the sweep: one line naming its
+    cell and seed (not 'the run keeps its last checkpoint': the sweep removed
+    what it wrote)."""
+    import types
+
+    from rl_pg.runs import sweep
+
+    out = tmp_path / "sweep"
+    monkeypatch.setattr(driver, "compiled_init", lambda *a: lambda *b: None)
+    diverged = types.SimpleNamespace(metrics={"first_nonfinite_update": [-1, 3]})
+    monkeypatch.setattr(
+        sweep,
+        "train_batch",
+        lambda *a, **k: driver._check_finite(diverged, np.array([True, True])),
+    )
+    with pytest.raises(SystemExit) as stop:
+        cli.main([*_sweep_argv(out), "--num-seeds", "2"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert "cell 0 (defaults), seed 1: non-finite loss at update 3" in err, err
+    assert "removed" in err and "keeps its last checkpoint" not in err
+    assert not out.exists()
+
+
+def test_a_failing_sweep_figure_keeps_the_trained_runs(tmp_path, monkeypatch, capsys):
+    """After training nothing is removed: a figure that fails is skipped with
+    one line naming the redraw command, and summary.csv is still written."""
+    from rl_pg.runs import sweep
+
+    def no_fonts(*args, **kwargs):
+        raise RuntimeError("no fonts here")
+
+    monkeypatch.setattr(sweep, "plot_sweep", no_fonts)
+    out = tmp_path / "sweep"
+    cli.main(_sweep_argv(out))
+    printed = capsys.readouterr().out
+    assert "skipped the sweep's statistics or figures: no fonts here" in printed
+    assert f"rl-pg plot {out} --figure sweep" in printed
+    assert (out / "summary.csv").is_file() and any(out.glob("cell_*/eval.json"))

@@ -295,13 +295,17 @@ class Batch(NamedTuple):
 
 def _check_finite(out: base.ChunkOut, active: np.ndarray) -> None:
     first = np.asarray(out.metrics.get("first_nonfinite_update", -1))
-    bad = np.broadcast_to(first, active.shape)[active]
-    if (bad >= 0).any():
-        raise NonFiniteLossError(
-            f"non-finite loss at update {int(bad[bad >= 0][0])} (loss or gradient "
+    first = np.broadcast_to(first, active.shape)
+    bad = np.flatnonzero(active & (first >= 0))
+    if bad.size:
+        update = int(first[bad[0]])
+        error = NonFiniteLossError(
+            f"non-finite loss at update {update} (loss or gradient "
             "norm inf or nan): training stopped; the run keeps its last "
             "checkpoint. Lower --reward-scale or --lr"
         )
+        error.run, error.update = int(bad[0]), update  # which run of the batch
+        raise error
 
 
 def train_batch(

@@ -26,7 +26,7 @@ from typing import Any
 from rl_pg import io
 from rl_pg.algos import registry
 from rl_pg.runs import files, overrides, tensorboard
-from rl_pg.runs.driver import Batch, Member, pick, train_batch
+from rl_pg.runs.driver import Batch, Member, NonFiniteLossError, pick, train_batch
 
 SUMMARY_COLUMNS = (
     "cell",
@@ -126,16 +126,18 @@ def sweep_main(
     summary rows. ``log="tensorboard"``: TensorBoard logs in every run directory.
     Every input is checked before anything is compiled or written.
 
-    The directory is owned (:func:`rl_pg.io.owned_output`): a sweep that dies or
-    is interrupted removes everything it wrote, so the same command starts again
-    (its runs train side by side in one program: there is no single run to
-    resume); one killed outright is named by the next command
-    (:func:`rl_pg.io.check_owned_out`)."""
+    The directory is owned (:func:`rl_pg.io.owned_output`) until the runs are
+    trained: a sweep that dies or is interrupted while training removes
+    everything it wrote, so the same command starts again (its runs train side
+    by side in one program: there is no single run to resume); one killed
+    outright is named by the next command (:func:`rl_pg.io.check_owned_out`).
+    After training nothing is removed: a failing figure or statistic is skipped
+    with one line."""
     tensorboard.check_log(log)
     grid_cells, runs = plan(algo, options, num_seeds)
-    io.check_owned_out(out_dir, "a sweep", SUMMARY_FILE)
+    io.check_owned_out(out_dir, "a sweep", SUMMARY_FILE, ("sweep",))
     algorithm = registry.get(algo)
-    with io.owned_output(out_dir, "rl-pg sweep") as out:
+    with io.owned_output(out_dir, "rl-pg sweep") as out:  # until trained
         io.write_config(
             out,
             dict(
@@ -154,15 +156,38 @@ def sweep_main(
         for member in members:
             member.clock = start
         batch = Batch.of(members)
-        states, _ = train_batch(batch, batch.init(), progress=progress)
-        summary = []
-        for i, (member, (cell, seed, _)) in enumerate(zip(members, runs, strict=True)):
-            data = member.finish(pick(states, i), gif)
-            summary.append(_summary_row(member, data, cell, seed, grid_cells[cell]))
+        states = _train(batch, runs, grid_cells, progress)
+    summary = []  # trained: from here on nothing is removed
+    for i, (member, (cell, seed, _)) in enumerate(zip(members, runs, strict=True)):
+        data = member.finish(pick(states, i), gif)
+        summary.append(_summary_row(member, data, cell, seed, grid_cells[cell]))
+    try:  # a figure or statistic that fails costs no trained run
         stats = seed_statistics(out, summary, grid_cells)
         plot_sweep(out / "sweep.png", summary, grid_cells, f"{algo} sweep", stats)
-        _write_summary(out / SUMMARY_FILE, summary, list(grid_cells[0]))
+    except Exception as error:
+        print(
+            f"skipped the sweep's statistics or figures: {error} (redraw them with "
+            f"rl-pg plot {out} --figure sweep)"
+        )
+    _write_summary(out / SUMMARY_FILE, summary, list(grid_cells[0]))
     return summary
+
+
+def _train(batch: Batch, runs: list, grid_cells: list[dict], progress: bool):
+    """The batch trained side by side; a run whose loss turns non-finite is
+    named by its cell and seed (the whole sweep stops: its runs are one
+    program)."""
+    try:
+        states, _ = train_batch(batch, batch.init(), progress=progress)
+    except NonFiniteLossError as error:
+        cell, seed, _ = runs[error.run]
+        raise NonFiniteLossError(
+            f"cell {cell} ({_label(grid_cells[cell])}), seed {seed}: non-finite "
+            f"loss at update {error.update} (loss or gradient norm inf or nan); "
+            "the sweep stopped and removed what it wrote: drop that value, or "
+            "lower --reward-scale or --lr"
+        ) from None
+    return states
 
 
 def _summary_row(

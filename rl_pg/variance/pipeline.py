@@ -45,7 +45,9 @@ def check_out(out_dir: str | Path) -> None:
     """Refuse ``out_dir`` now (before anything compiles) if it is taken; one
     left by a study that was killed (a claim, no ``report.md``) is named as such,
     with the command that frees it (:func:`rl_pg.io.check_owned_out`)."""
-    io.check_owned_out(out_dir, "a variance study", "report.md")
+    io.check_owned_out(
+        out_dir, "a variance study", "report.md", ("variance", "run_study")
+    )
 
 
 def execute(
