@@ -289,7 +289,10 @@ def _add_plot_parser(sub) -> None:
         "--format", choices=["png", "pdf", "svg"], default="pdf", help="file format"
     )
     plot.add_argument(
-        "--out", help="file to create (default RESULTS_DIR/<figure>.<format>)"
+        "--out",
+        help="file to create (default: in RESULTS_DIR, named after the figure, "
+        "with _redrawn added where the run already holds that file; never "
+        "overwritten)",
     )
     plot.set_defaults(func=_plot)
 

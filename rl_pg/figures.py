@@ -778,10 +778,20 @@ def plot_study(
 
 
 def _out_path(out, default: Path, fmt: str) -> Path:
-    """The figure file to create (FileExistsError if it exists)."""
+    """The figure file to create: ``out`` (FileExistsError if it exists), or by
+    default ``default`` with the format's suffix, or if the run already holds
+    that file ``<stem>_redrawn``, ``<stem>_redrawn_2``, ... (never overwritten)."""
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
-    path = Path(out) if out is not None else default.with_suffix(f".{fmt}")
+    if out is None:
+        path, k = default.with_suffix(f".{fmt}"), 1
+        while path.exists():
+            path = default.with_name(
+                f"{default.name}_redrawn{'' if k == 1 else f'_{k}'}.{fmt}"
+            )
+            k += 1
+        return path
+    path = Path(out)
     if not path.suffix:
         path = path.with_suffix(f".{fmt}")
     if path.suffix.lstrip(".").lower() not in FORMATS:
@@ -1198,7 +1208,8 @@ def plot(
     figure: str | None = None,
 ) -> Path:
     """``rl-pg plot``: redraw ``figure`` (:data:`REDRAWN`) from a finished
-    directory's files into ``out`` (default ``DIRECTORY/<figure>.<fmt>``);
+    directory's files into ``out`` (default: named after the figure in
+    ``directory``, ``_redrawn`` added if taken: never overwritten);
     by default a study's (results.csv) ``metric`` against batch size (default
     rel_variance), a training run's or sweep's learning curves (default score)."""
     directory = Path(directory)

@@ -187,9 +187,11 @@ def test_plot_command_errors_in_one_line(tmp_path, capsys):
             cli.main(["plot", str(tmp_path / "study"), *argv])
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
-    figures.plot_study(tmp_path / "study", fmt="png")
+    first = figures.plot_study(tmp_path / "study", fmt="png")
+    again = figures.plot_study(tmp_path / "study", fmt="png")  # a new name
+    assert again.name == first.stem + "_redrawn.png"
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
-        figures.plot_study(tmp_path / "study", fmt="png")
+        figures.plot_study(tmp_path / "study", fmt="png", out=first)
 
 
 def _metrics(run_dir, scale):
@@ -379,3 +381,15 @@ def test_sweep_figure_draws_each_cell_s_iqm_interval_and_seeds():
     assert [t.get_text() for t in ax.get_yticklabels()] == ["lr=0.001", "lr=0.003"]
     assert ax.get_yticks()[0] > ax.get_yticks()[1]
     assert ax.get_xscale() == "symlog" and ax.get_xlim()[0] < 0
+
+
+def test_plot_without_out_never_overwrites_the_run_s_own_figure(tmp_path, capsys):
+    """Without --out the redraw goes beside the figure the run wrote, under a
+    new name (the command that made the run wrote sweep.pdf)."""
+    _sweep_dir(tmp_path / "sweep")
+    own = tmp_path / "sweep" / "sweep.pdf"
+    own.write_bytes(b"the sweep's own figure")
+    for name in ("sweep_redrawn.pdf", "sweep_redrawn_2.pdf"):
+        cli.main(["plot", str(tmp_path / "sweep"), "--figure", "sweep"])
+        assert (tmp_path / "sweep" / name).read_bytes().startswith(b"%PDF"), name
+    assert own.read_bytes() == b"the sweep's own figure"
