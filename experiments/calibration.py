@@ -54,7 +54,7 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
     for r in rows:
         if r["estimator"] == estimator:
             cells.setdefault((r["checkpoint"], r["batch_size"]), []).append(r)
-    cov, below, above, widths = [], 0, 0, []
+    cov, below, above, widths, ends = [], 0, 0, [], []
     for cell in cells.values():
         truth = _truths(cell, metric)
         if not np.all(np.isfinite(truth)):
@@ -63,6 +63,7 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
         lo = np.array([r[f"{metric}_lo"] for r in cell])
         hi = np.array([r[f"{metric}_hi"] for r in cell])
         cov.append((lo <= truth) & (truth <= hi))  # an n/a interval is a miss
+        ends.append((lo, hi))
         below, above = below + np.sum(truth < lo), above + np.sum(truth > hi)
         finite = np.isfinite(point) & np.isfinite(lo) & np.isfinite(hi)
         if finite.sum() >= 3:  # widths over the seeds with a finite interval
@@ -72,8 +73,7 @@ def measure(rows: list[dict], metric: str, estimator: str) -> dict | None:
     hits = np.concatenate(cov)
     p, k = float(hits.mean()), len(hits)
     lower, upper = _width_ratios(widths)
-    own = [r for r in rows if r["estimator"] == estimator]
-    lo, hi = (np.array([r[f"{metric}_{s}"] for r in own]) for s in ("lo", "hi"))
+    lo, hi = (np.concatenate(side) for side in zip(*ends, strict=True))
     finite = np.isfinite(lo) & np.isfinite(hi)
     return {
         "metric": metric,

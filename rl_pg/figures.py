@@ -888,11 +888,15 @@ def along_training_figure(
 def score_axis(ax, which: str = "y") -> None:
     """A score axis (pipes, >= 0): symlog (linear below 10 pipes) where the
     data reach past 10, else linear; from just below 0 (so zero scores stay off
-    the spine) to at least 1; ticks as plain numbers."""
+    the spine) to at least 1; ticks as plain numbers. Data below 0 (another
+    env's returns) keep matplotlib's own limits and scale."""
     from matplotlib import ticker
 
     axis = ax.yaxis if which == "y" else ax.xaxis
     set_limits = ax.set_ylim if which == "y" else ax.set_xlim
+    low, high = ax.dataLim.intervaly if which == "y" else ax.dataLim.intervalx
+    if np.isfinite(low) and low < 0:
+        return
     top = max((ax.get_ylim() if which == "y" else ax.get_xlim())[1], 1.0)
     if top > 10:  # the linear limits' margin is thin on a log scale: widen it
         (ax.set_yscale if which == "y" else ax.set_xscale)("symlog", linthresh=10)

@@ -393,3 +393,18 @@ def test_plot_without_out_never_overwrites_the_run_s_own_figure(tmp_path, capsys
         cli.main(["plot", str(tmp_path / "sweep"), "--figure", "sweep"])
         assert (tmp_path / "sweep" / name).read_bytes().startswith(b"%PDF"), name
     assert own.read_bytes() == b"the sweep's own figure"
+
+
+def test_negative_scores_stay_on_the_axes():
+    """Another env's returns (Acrobot: -500 to -60) are drawn within the axes,
+    not cut to the pipes' [-0.03, 1]."""
+    rows = [
+        {"env_steps": s, "val_median": v, "best_median": v, "train_score_mean": v}
+        for s, v in ((1000, -500.0), (2000, -200.0), (3000, -60.0))
+    ]
+    ax = figures.learning_curve_figure(rows).axes[0]
+    low, high = ax.get_ylim()
+    assert low <= -500 and high >= -60
+    ax = figures.sweep_figure({"lr=0.001": [-480.0, -300.0, -90.0]}).axes[0]
+    low, high = ax.get_xlim()
+    assert low <= -480 and high >= -90
