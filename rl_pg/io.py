@@ -120,7 +120,7 @@ def check_owned_out(
     if (
         (path / CLAIM_FILE).is_file()
         and not (path / finished).exists()
-        and _written_by(path) in (None, *commands)
+        and written_by(path) in (None, *commands)
     ):
         raise FileExistsError(
             f"{path} holds {what} that did not finish (killed before its "
@@ -131,9 +131,10 @@ def check_owned_out(
     return check_out_dir(path)
 
 
-def _written_by(path: Path) -> str | None:
-    """The ``command`` in ``path/config.json`` (None: no such file; "" when it
-    names none or cannot be read)."""
+def written_by(path: Path) -> str | None:
+    """The ``command`` in ``path/config.json`` (``"sweep"``, ``"variance"``, ...;
+    None: no such file; "" when it names none, as a training run's, or cannot be
+    read)."""
     try:
         data = json.loads((path / "config.json").read_text())
     except FileNotFoundError:

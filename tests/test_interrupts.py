@@ -137,6 +137,11 @@ def test_recovery_hint_cases(tmp_path):
     other.mkdir()
     (other / "notes.txt").write_text("mine")  # not a run: never named
     assert commands.recovery_hint(other, argv) == ""
+    sweep = tmp_path / "sweep"  # a sweep's (or study's) directory: not a run
+    sweep.mkdir()
+    (sweep / io.CLAIM_FILE).touch()
+    (sweep / "config.json").write_text('{"command": "sweep", "algo": "ppo"}')
+    assert commands.recovery_hint(sweep, argv) == ""
 
 
 # ------------------------------------------------------------------ rl-pg sweep

@@ -183,6 +183,8 @@ def recovery_hint(
     names = {p.name for p in out.iterdir()}
     if "config.json" not in names and names != {io.CLAIM_FILE}:
         return ""  # not a run this command wrote
+    if io.written_by(out):
+        return ""  # another command's output (a sweep, a study): not a run
     if isinstance(error, driver.NonFiniteLossError):
         return (
             f"; the stopped run in {out} would stop there again if resumed: delete "
