@@ -138,7 +138,7 @@ def test_a_killed_study_s_directory_is_named_with_the_command(tmp_path, capsys):
     out = tmp_path / "killed"
     out.mkdir()
     (out / io.CLAIM_FILE).touch()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text('{"command": "variance", "preset": "quick"}')
     with pytest.raises(FileExistsError, match=f"rm -r {out}"):
         pipeline.check_out(out)
     with pytest.raises(SystemExit):
