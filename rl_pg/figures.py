@@ -453,21 +453,11 @@ def grid_figure(
         )
         unbounded = False
         for i, row in enumerate(rows):
-            yscale, limits = axis_limits(
-                row.scale, *(_all({0: row.table}, f) for f in ("y", "lo", "hi"))
+            drawn, mines = _row_of_panels(
+                axes[i], row.table, families, styles, row.key, row.scale, rescaled
             )
-            for j, family in enumerate(families):
-                ax = axes[i, j]
-                mine = {
-                    n: v
-                    for n, v in row.table.items()
-                    if styles[n]["family"] == family.name
-                }
-                unbounded |= _panel(
-                    ax, mine, styles, None, row=row.key, yscale=yscale,
-                    limits=limits, rescaled=rescaled,
-                )  # fmt: skip
-                _decorate(ax, yscale, limits, row.scale, False, None)
+            unbounded |= drawn
+            for ax, mine in zip(axes[i], mines, strict=True):
                 _grid_axes(ax, row, xlabel, xticks, xticklabels, i == len(rows) - 1)
                 if not mine and empty:
                     _note(ax, empty)
@@ -477,6 +467,27 @@ def grid_figure(
             fig.suptitle(title, fontsize=STYLE["axes.titlesize"])
         _footnote(fig, unbounded, False, notes=notes)
     return fig
+
+
+def _row_of_panels(
+    axes, table, families, styles, key: str, scale: str, rescaled=frozenset()
+) -> tuple[bool, list[dict]]:
+    """One row of small multiples: each family's series of ``table`` in its
+    column, y fit to the row's points and bands. Returns whether a band is
+    unbounded above, and each column's series."""
+    yscale, limits = axis_limits(
+        scale, *(_all({key: table}, f) for f in ("y", "lo", "hi"))
+    )
+    unbounded, mines = False, []
+    for ax, family in zip(axes, families, strict=True):
+        mine = {n: v for n, v in table.items() if styles[n]["family"] == family.name}
+        unbounded |= _panel(
+            ax, mine, styles, None, row=key, yscale=yscale, limits=limits,
+            rescaled=rescaled,
+        )  # fmt: skip
+        _decorate(ax, yscale, limits, scale, False, None)
+        mines.append(mine)
+    return unbounded, mines
 
 
 def _grid_axes(ax, row: GridRow, xlabel, xticks, xticklabels, bottom: bool) -> None:
@@ -854,21 +865,14 @@ def along_training_figure(
         )
         unbounded = False
         for i, metric in enumerate(metrics):
-            table = tables[metric]
             label, scale = METRICS.get(metric, (metric.replace("_", " "), "log"))
-            yscale, limits = axis_limits(
-                scale, *(_all({metric: table}, f) for f in ("y", "lo", "hi"))
+            drawn, mines = _row_of_panels(
+                axes[i], tables[metric], families, styles, metric, scale
             )
-            for j, family in enumerate(families):
-                ax = axes[i, j]
-                mine = {
-                    e: v for e, v in table.items() if styles[e]["family"] == family.name
-                }
-                unbounded |= _panel(
-                    ax, mine, styles, None, row=metric, yscale=yscale,
-                    limits=limits, rescaled=frozenset(),
-                )  # fmt: skip
-                _decorate(ax, yscale, limits, scale, False, None)
+            unbounded |= drawn
+            for j, (ax, family, mine) in enumerate(
+                zip(axes[i], families, mines, strict=True)
+            ):
                 _label_panel(
                     ax,
                     mine,
