@@ -131,11 +131,13 @@ class _MLPTorso(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x.astype(jnp.float32)
+        batch_shape = x.shape[:-1]
+        # one batch axis: XLA:CPU then gives the weight gradients plain matmuls
+        x = x.astype(jnp.float32).reshape((-1, x.shape[-1]))
         for width in self.hidden:
             x = nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x)
             x = self.activation(x)
-        return x
+        return x.reshape((*batch_shape, x.shape[-1]))
 
 
 class _CNNTorso(nn.Module):
@@ -185,16 +187,22 @@ class _ActorCritic(nn.Module):
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         features = self.torso(obs)
-        logits = nn.Dense(
-            self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)
-        )(features)
+        batch_shape = features.shape[:-1]
+
+        def head(dense, x):  # on one batch axis, as the torso's layers
+            return dense(x.reshape((-1, x.shape[-1]))).reshape((*batch_shape, -1))
+
+        logits = head(
+            nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)),
+            features,
+        )
         value_head = nn.Dense(1, kernel_init=nn.initializers.orthogonal(1.0))
         if self.value is None:
             value = jnp.zeros(logits.shape[:-1], logits.dtype)
         elif self.value == "shared":
-            value = value_head(features)[..., 0]
+            value = head(value_head, features)[..., 0]
         else:
-            value = value_head(self.critic_torso(obs))[..., 0]
+            value = head(value_head, self.critic_torso(obs))[..., 0]
         return logits, value
 
 
