@@ -15,6 +15,11 @@ here on first use (``python -m venv`` + ``pip install rejax==0.1.3 'gymnax<1.0'`
   0.0.x's ``step`` returns ``done`` = terminated or truncated, where gymnax 1.0
   returns both; rejax then bootstraps no truncated episode, rl_pg does).
 
+"Equal settings" are the numbers above; each side keeps its own algorithm's choices:
+rejax clips the value loss, clips gradients per element (``optax.clip``) and keeps
+separate actor and critic optimizers; rl_pg does not clip the value loss and clips
+the global norm (a few elementwise operations per step either way).
+
 Both are jitted whole, without evaluation during training (rejax evaluates 128
 episodes once, at the end). Each side runs twice in its process and the second
 (compiled) call is timed: env steps / s = env steps / seconds. ``--rounds`` R

@@ -19,6 +19,7 @@ RL?").
 ``jax.nn.log_softmax``.
 """
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -171,7 +172,7 @@ class _CNNTorso(nn.Module):
                 kernel_init=nn.initializers.orthogonal(np.sqrt(2)),
             )(x)
             x = self.activation(x)
-        x = x.reshape((*batch_shape, -1))
+        x = x.reshape((*batch_shape, math.prod(x.shape[1:])))  # -1 fails on 0 rows
         return _MLPTorso(self.hidden, self.activation)(x)
 
 
@@ -190,7 +191,8 @@ class _ActorCritic(nn.Module):
         batch_shape = features.shape[:-1]
 
         def head(dense, x):  # on one batch axis, as the torso's layers
-            return dense(x.reshape((-1, x.shape[-1]))).reshape((*batch_shape, -1))
+            out = dense(x.reshape((-1, x.shape[-1])))
+            return out.reshape((*batch_shape, out.shape[-1]))
 
         logits = head(
             nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)),

@@ -34,6 +34,20 @@ def test_mlp_shapes_on_any_leading_dims(value):
         assert np.any(np.asarray(v) != 0.0)
 
 
+@pytest.mark.parametrize("value", ["separate", "shared", None])
+def test_mlp_and_cnn_take_empty_batches(value):
+    """Zero rows keep their shape through the layers' one-batch-axis reshapes."""
+    mlp = policies.mlp_policy(3, hidden=(8,), value=value)
+    params = mlp.init(jax.random.PRNGKey(0), jnp.zeros(5))
+    for shape in [(0, 5), (2, 0, 5), (0, 4, 5)]:
+        logits, v = mlp.apply(params, jnp.zeros(shape))
+        assert logits.shape == (*shape[:-1], 3) and v.shape == shape[:-1]
+    cnn = policies.cnn_policy(2, value=value)
+    params = cnn.init(jax.random.PRNGKey(0), jnp.zeros((16, 16, 3), jnp.uint8))
+    logits, v = cnn.apply(params, jnp.zeros((0, 2, 16, 16, 3), jnp.uint8))
+    assert logits.shape == (0, 2, 2) and v.shape == (0, 2)
+
+
 def test_mlp_value_modes_differ_in_parameters():
     sizes = {}
     for value in ["separate", "shared", None]:
