@@ -439,18 +439,8 @@ def grid_figure(
     no estimator of its family (e.g. a metric the family cannot have)."""
     plt = pyplot()
     names = list(dict.fromkeys(n for row in rows for n in row.table))
-    styles = series_styles(names)
-    families = _families(names, styles)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(
-            len(rows),
-            len(families),
-            sharex=True,
-            sharey="row",
-            squeeze=False,
-            figsize=(0.9 + 1.9 * len(families), 0.9 + 1.45 * len(rows)),
-            layout="constrained",
-        )
+        fig, axes, styles, families = _family_grid(names, len(rows), 0.9, 1.45)
         unbounded = False
         for i, row in enumerate(rows):
             drawn, mines = _row_of_panels(
@@ -467,6 +457,24 @@ def grid_figure(
             fig.suptitle(title, fontsize=STYLE["axes.titlesize"])
         _footnote(fig, unbounded, False, notes=notes)
     return fig
+
+
+def _family_grid(names, num_rows: int, margin: float, row_height: float):
+    """(fig, axes [num_rows, families], styles, families): one column per
+    estimator family of ``names``, x shared, y shared within a row (call it
+    inside ``STYLE``)."""
+    styles = series_styles(names)
+    families = _families(names, styles)
+    fig, axes = pyplot().subplots(
+        num_rows,
+        len(families),
+        sharex=True,
+        sharey="row",
+        squeeze=False,
+        figsize=(margin + 1.9 * len(families), 0.9 + row_height * num_rows),
+        layout="constrained",
+    )
+    return fig, axes, styles, families
 
 
 def _row_of_panels(
@@ -851,18 +859,8 @@ def along_training_figure(
     steps = {k: float(v) for k, v in steps.items()}
     tables = {m: along_training_table(rows, steps, m, n) for m in metrics}
     names = list(dict.fromkeys(r["estimator"] for r in rows))
-    styles = series_styles(names)
-    families = _families(names, styles)
     with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(
-            len(metrics),
-            len(families),
-            sharex=True,
-            sharey="row",
-            squeeze=False,
-            figsize=(0.4 + 1.9 * len(families), 0.9 + 1.55 * len(metrics)),
-            layout="constrained",
-        )
+        fig, axes, styles, families = _family_grid(names, len(metrics), 0.4, 1.55)
         unbounded = False
         for i, metric in enumerate(metrics):
             label, scale = METRICS.get(metric, (metric.replace("_", " "), "log"))
