@@ -124,6 +124,16 @@ def _check_sizes(name: str, sizes: Sequence[int]) -> tuple[int, ...]:
     return sizes
 
 
+def _on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
+    """``fn`` on ``x`` as rows ``[-1, D]``, reshaped back to ``x``'s leading dims.
+
+    Dense layers on one batch axis: on a ``[1, N, D]`` input XLA:CPU computes
+    each weight gradient behind a transpose copy (PPO's update 1.14-1.30x
+    slower; docs/performance.md)."""
+    out = fn(x.reshape((-1, x.shape[-1])))
+    return out.reshape((*x.shape[:-1], out.shape[-1]))
+
+
 class _MLPTorso(nn.Module):
     """Dense layers with orthogonal(sqrt(2)) kernels: [..., D] -> [..., hidden[-1]]."""
 
@@ -132,13 +142,15 @@ class _MLPTorso(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        batch_shape = x.shape[:-1]
-        # one batch axis: XLA:CPU then gives the weight gradients plain matmuls
-        x = x.astype(jnp.float32).reshape((-1, x.shape[-1]))
-        for width in self.hidden:
-            x = nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2)))(x)
-            x = self.activation(x)
-        return x.reshape((*batch_shape, x.shape[-1]))
+        def layers(x):
+            for width in self.hidden:
+                dense = nn.Dense(
+                    width, kernel_init=nn.initializers.orthogonal(np.sqrt(2))
+                )
+                x = self.activation(dense(x))
+            return x
+
+        return _on_rows(layers, x.astype(jnp.float32))
 
 
 class _CNNTorso(nn.Module):
@@ -188,13 +200,7 @@ class _ActorCritic(nn.Module):
     @nn.compact
     def __call__(self, obs: jax.Array) -> tuple[jax.Array, jax.Array]:
         features = self.torso(obs)
-        batch_shape = features.shape[:-1]
-
-        def head(dense, x):  # on one batch axis, as the torso's layers
-            out = dense(x.reshape((-1, x.shape[-1])))
-            return out.reshape((*batch_shape, out.shape[-1]))
-
-        logits = head(
+        logits = _on_rows(
             nn.Dense(self.num_actions, kernel_init=nn.initializers.orthogonal(0.01)),
             features,
         )
@@ -202,9 +208,9 @@ class _ActorCritic(nn.Module):
         if self.value is None:
             value = jnp.zeros(logits.shape[:-1], logits.dtype)
         elif self.value == "shared":
-            value = head(value_head, features)[..., 0]
+            value = _on_rows(value_head, features)[..., 0]
         else:
-            value = head(value_head, self.critic_torso(obs))[..., 0]
+            value = _on_rows(value_head, self.critic_torso(obs))[..., 0]
         return logits, value
 
 
