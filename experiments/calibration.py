@@ -130,6 +130,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="new output directory")
     parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. + seeds - 1"
+    )
     args = parser.parse_args()
     if args.seeds < 3:
         raise SystemExit(f"--seeds must be >= 3, got {args.seeds}")
@@ -137,13 +140,13 @@ def main() -> None:
     io.write_config(out, {"script": "calibration", **vars(args)})
     start = time.perf_counter()
     rows = exact.calibration_rows(
-        range(args.seeds),
+        range(args.first_seed, args.first_seed + args.seeds),
         CONFIG,
         progress=lambda s: print(f"seed {s} done, {time.perf_counter() - start:.0f} s"),
     )
     results = measure_all(rows, NAMES)
     title = (
-        f"95% intervals, {args.seeds} seeds x 3 policies x batch sizes "
+        f"95% intervals, {args.seeds} seeds (from {args.first_seed}) x 3 policies x batch sizes "
         f"{CONFIG.batch_sizes} (M = {CONFIG.num_batches}), independent keys, exact "
         f"mode; {time.perf_counter() - start:.0f} s."
     )

@@ -61,6 +61,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="new output directory")
     parser.add_argument("--seeds", type=int, default=40)
+    parser.add_argument(
+        "--first-seed", type=int, default=0, help="seeds first-seed .. + seeds - 1"
+    )
     parser.add_argument("--lag-kl", default=",".join(map(str, LEVELS)))
     parser.add_argument("--target-seed", type=int, default=0)
     args = parser.parse_args()
@@ -73,12 +76,12 @@ def main() -> None:
     start = time.perf_counter()
     rows = calibration_rows(
         the_job,
-        range(args.seeds),
+        range(args.first_seed, args.first_seed + args.seeds),
         progress=lambda s: print(f"seed {s} done, {time.perf_counter() - start:.0f} s"),
     )
     results = measure_all(rows, the_job.study.suite.names)
     title = (
-        f"Policy lag: 95% intervals, {args.seeds} seeds x 3 behaviour policies x KL "
+        f"Policy lag: 95% intervals, {args.seeds} seeds (from {args.first_seed}) x 3 behaviour policies x KL "
         f"{levels} x batch sizes {the_job.study.batch_sizes} "
         f"(M = {the_job.study.num_batches}), independent keys, exact mode; "
         f"{time.perf_counter() - start:.0f} s."
