@@ -250,8 +250,9 @@ def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list
             io.save_figure(fig, target, dpi=150 if fmt == "png" else None)
             written.append(target)
             # the layout of the first save holds for the others (constrained
-            # layout costs as much as drawing: keep its positions)
-            fig.set_layout_engine("none")
+            # layout costs as much as drawing: keep its positions); None, not
+            # "none": a placeholder engine still makes savefig draw twice
+            fig.set_layout_engine(None)
     return written
 
 
