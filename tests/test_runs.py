@@ -27,7 +27,7 @@ TINY = {
     "num-steps": "32",
     "num-minibatches": "2",
     "total-env-steps": str(8 * 32 * 6),  # 6 updates
-    "eval-every-steps": str(8 * 32 * 4),  # chunks of 4 and 2 updates
+    "eval-every-steps": str(8 * 32 * 3),  # two chunks of 3 updates: one program
     "eval-episodes": "4",
     "final-eval-episodes": "4",
     "eval-max-score": "20",
@@ -137,7 +137,7 @@ def _assert_run_is(run_dir, runs, outs, i):
     every metrics.csv column the train returns, the best checkpoint bit for bit
     and the held-out scores of those parameters."""
     rows = _rows(run_dir / "metrics.csv")
-    assert [int(r["update"]) for r in rows] == [4, 6]
+    assert [int(r["update"]) for r in rows] == [3, 6]
     columns = {
         "env_steps": outs.env_steps,
         "val_median": outs.val_median,
@@ -165,7 +165,7 @@ def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(swept, tmp_
     ``jit(vmap(train))`` over seeds 0, 1, 2 returns for them, and ``rl-pg train
     --seed 0`` exactly what it returns over seed 0 alone. (XLA compiles a batch of
     one as another program than a batch of two or more: those agree only up to
-    float rounding, hence the two cases.)"""
+    float rounding, as checked for each of the three seeds, hence the two cases.)"""
     config = train.make_config("ppo", TINY)
     saved = json.loads((swept / "cell_000_seed_0" / "config.json").read_text())
     assert saved["config"]["lr"] == config.lr  # cell 0 is the default config
@@ -176,10 +176,15 @@ def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(swept, tmp_
         keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
         return vmapped(config, keys, hyperparameters(config))
 
-    runs, outs = user([0, 1, 2])
-    assert outs.val_median.shape == (3, 2)  # chunks of 4 and 2 updates
+    three = user([0, 1, 2])
+    assert three[1].val_median.shape == (3, 2)  # two chunks of 3 updates
     for i in (0, 1):
-        _assert_run_is(swept / f"cell_000_seed_{i}", runs, outs, i)
+        _assert_run_is(swept / f"cell_000_seed_{i}", *three, i)
+    # vmap over seeds equals each seed trained alone (up to float rounding)
+    for i in (0, 1, 2):
+        alone = jax.tree.leaves(user([i]))
+        for a, b in zip(jax.tree.leaves(three), alone, strict=True):
+            np.testing.assert_allclose(a[i], b[0], rtol=2e-4, atol=2e-6)
     runs, outs = user([0])
     single = tmp_path / "seed_0"
     train.train_main("ppo", single, {**TINY, "seed": "0"}, False, False)
@@ -226,6 +231,29 @@ def test_a_seed_trains_bit_for_bit_the_same_beside_any_other_seeds(config):
     for a, b in zip(jax.tree.leaves(two), jax.tree.leaves(three), strict=True):
         np.testing.assert_array_equal(a, b[:2])
     assert len(jax.tree.leaves(two[1].metrics)) >= 4
+
+
+def test_chunk_sizes_end_with_the_remainder_and_train_runs_each_group():
+    """A budget that is not a multiple of the evaluation interval ends with a
+    shorter chunk (TINY above has none, so that its runs compile one chunk
+    program); ``train`` scans each group of equal chunks and concatenates their
+    outputs in order (checked on Q-learning, cheap to compile, with three chunk
+    sizes forced)."""
+    six = train.make_config("ppo", {**TINY, "eval-every-steps": str(8 * 32 * 4)})
+    assert ppo.ALGORITHM.chunk_sizes(six) == (4, 2)
+    assert ppo.ALGORITHM.chunk_sizes(train.make_config("ppo", TINY)) == (3, 3)
+    assert base._runs_of((8, 8, 8, 3)) == [(8, 3), (3, 1)]
+    assert base._runs_of((4, 2, 2, 4)) == [(4, 1), (2, 2), (4, 1)]
+    config = qlearning.QLearningConfig(
+        total_env_steps=4096, eval_every_steps=2048, num_envs=8, eval_episodes=4,
+        final_eval_episodes=4, eval_max_score=20,
+    )  # fmt: skip
+    algorithm = qlearning.ALGORITHM._replace(chunk_sizes=lambda c: (64, 64, 32, 16))
+    run, out = jax.jit(base.train, static_argnums=(0, 1))(
+        algorithm, config, jax.random.PRNGKey(0)
+    )
+    assert out.env_steps.tolist() == [8 * 64, 8 * 128, 8 * 160, 8 * 176]
+    assert int(run.evals) == 4 and int(algorithm.env_steps(run.train)) == 8 * 176
 
 
 def test_a_stopped_run_stops_changing_inside_jit():

@@ -207,9 +207,13 @@ def test_devices_give_the_single_device_results(tmp_path):
     chunks dealt to the devices in turn give the 1-device results bit for bit (here
     2 devices, and however many cores this machine has), and `--devices 2` (a mesh)
     equals them up to float32 rounding (docs/distributed.md: estimates are rounded
-    by the per-device shapes)."""
+    by the per-device shapes). The 1-device run is this test process's own (one
+    CPU device: ``cli.main`` leaves the backend as it is); the others are
+    ``rl-pg`` processes."""
     import os
     import subprocess
+
+    import jax
 
     args = [
         "variance", "--problem", "enumerable", "--batch-sizes", "4,16",
@@ -222,8 +226,9 @@ def test_devices_give_the_single_device_results(tmp_path):
         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")
     } | {"JAX_PLATFORMS": "cpu"}
     cores = min(distributed.usable_cores(), 4, 2)  # at most one per chunk at work
+    assert jax.local_device_count() == 1
+    cli.main([*args, "--out", str(tmp_path / "one")])
     runs = {
-        "one": ({"JAX_NUM_CPU_DEVICES": "1"}, []),
         "cores": ({}, []),  # rl_pg.distributed.use_cpu_cores
         "mesh": ({"JAX_NUM_CPU_DEVICES": "2"}, ["--devices", "2"]),
     }
@@ -239,7 +244,7 @@ def test_devices_give_the_single_device_results(tmp_path):
             timeout=300,
         )
     counts = {"one": 1, "cores": cores, "concurrent": 2}
-    for name, devices in ((n, counts[n]) for n in runs if n != "mesh"):
+    for name, devices in ((n, counts[n]) for n in ["one", *runs] if n != "mesh"):
         perf = json.loads((tmp_path / name / "performance.json").read_text())
         assert {s["gradient_devices"] for s in perf["stages"].values()} == {devices}
         assert (tmp_path / name / "results.csv").read_bytes() == (

@@ -319,26 +319,6 @@ def test_train_main_resume_reads_the_saved_config(config, tmp_path):
 
 
 @pytest.mark.slow
-def test_vmap_over_seeds_equals_separate_runs():
-    seeds = [0, 1, 2]
-    keys = jax.numpy.stack([jax.random.PRNGKey(s) for s in seeds])
-    small = train.make_config("ppo", {**SMALL, "total-env-steps": str(16 * 64 * 3)})
-    # The whole run as one pure function, vmapped over keys in one compilation ...
-    states, outs = jax.jit(jax.vmap(ppo.train, in_axes=(None, 0)))(small, keys)
-    assert outs.metrics["loss"].shape == (3, 1)  # one chunk of 3 updates
-    # ... equals each seed trained alone.
-    train_one = jax.jit(ppo.train)
-    for i, key in enumerate(keys):
-        state, alone = train_one(small, key)
-        for a, b in zip(jax.tree.leaves(states), jax.tree.leaves(state), strict=True):
-            np.testing.assert_allclose(a[i], b, rtol=2e-4, atol=2e-6)
-        np.testing.assert_allclose(
-            outs.metrics["loss"][i], alone.metrics["loss"], rtol=2e-4, atol=2e-6
-        )
-    np.testing.assert_array_equal(states.train.env_steps, 3 * small.steps_per_update)
-
-
-@pytest.mark.slow
 def test_value_based_seeds_side_by_side_equal_one_by_one():
     from rl_pg.algos import qlearning
 
