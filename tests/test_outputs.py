@@ -79,33 +79,6 @@ def test_tensorboard_log_holds_every_column_and_the_hparams(tmp_path):
     assert hparams["config/lr"] == pytest.approx(3e-4)
 
 
-def test_train_log_tensorboard_matches_metrics_csv(tmp_path):
-    out = tmp_path / "run"
-    cli.main(
-        [
-            "train",
-            "--algo",
-            "ppo",
-            "--out",
-            str(out),
-            "--log",
-            "tensorboard",
-            "--lr",
-            "2e-3",
-            *TINY,
-        ]
-    )
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    scalars, hparams = read_events(out / "tensorboard")
-    assert len(rows) == 2 and set(scalars) == set(rows[0]) - {"env_steps"}
-    for column, points in scalars.items():
-        assert [s for s, _ in points] == [int(r["env_steps"]) for r in rows]
-        expected = np.array([float(r[column]) for r in rows], np.float32)
-        np.testing.assert_array_equal(np.float32([v for _, v in points]), expected)
-    assert hparams["config/lr"] == pytest.approx(2e-3) and hparams["algo"] == "ppo"
-
-
 def test_missing_extra_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboardX", None)
     for command in ("train", "sweep"):

@@ -409,6 +409,27 @@ def test_a_sweep_logs_each_run_s_metrics_csv_to_tensorboard(swept):
         assert hparams["config/seed"] == config["seed"]
 
 
+def test_train_log_tensorboard_matches_metrics_csv(tmp_path):
+    """``rl-pg train --log tensorboard``: the events hold metrics.csv (TINY, whose
+    one-run chunk program the tests above compiled: lr is traced)."""
+    from test_outputs import read_events
+
+    out = tmp_path / "run"
+    argv = ["train", "--algo", "ppo", "--out", str(out), "--log", "tensorboard"]
+    cli.main(
+        argv + ["--lr", "2e-3"] + [x for k, v in TINY.items() for x in (f"--{k}", v)]
+    )
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    scalars, hparams = read_events(out / "tensorboard")
+    assert len(rows) == 2 and set(scalars) == set(rows[0]) - {"env_steps"}
+    for column, points in scalars.items():
+        assert [s for s, _ in points] == [int(r["env_steps"]) for r in rows]
+        expected = np.array([float(r[column]) for r in rows], np.float32)
+        np.testing.assert_array_equal(np.float32([v for _, v in points]), expected)
+    assert hparams["config/lr"] == pytest.approx(2e-3) and hparams["algo"] == "ppo"
+
+
 # ------------------------------------------------------------------ episodic budgets
 
 
