@@ -166,25 +166,17 @@ def test_run_study_needs_the_policy_of_its_params():
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("runs")  # test_runs' TINY: its compiled chunk is reused
 def test_variance_along_training_studies_every_kept_checkpoint(tmp_path):
     """`rl-pg train --keep-checkpoints all` then `rl-pg variance --run`."""
+    from test_runs import TINY
+
     from rl_pg import train
 
-    overrides = {
-        "num-envs": "8",
-        "num-steps": "32",
-        "num-minibatches": "2",
-        "total-env-steps": str(8 * 32 * 6),
-        "eval-every-steps": str(8 * 32 * 2),  # 3 evaluations
-        "eval-episodes": "4",
-        "final-eval-episodes": "4",
-        "eval-max-score": "5",
-        "stop-at-score": "none",
-    }
-    run_dir = tmp_path / "run"
-    train.train_main("ppo", run_dir, overrides, progress=False, keep_checkpoints="all")
+    run_dir = tmp_path / "run"  # two chunks of 3 updates
+    train.train_main("ppo", run_dir, TINY, progress=False, keep_checkpoints="all")
     kept = stages.run_checkpoints(run_dir)
-    assert [p.name for p in kept] == [f"env_steps_{8 * 32 * k:012d}" for k in (2, 4, 6)]
+    assert [p.name for p in kept] == [f"env_steps_{8 * 32 * k:012d}" for k in (3, 6)]
     config = job.study_config_from_dict(
         {**dataclasses.asdict(job.PRESETS["quick"]["study"]), **SMALL}
         | {"suite": {"names": ["reinforce", "rloo"]}}
