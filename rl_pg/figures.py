@@ -233,6 +233,9 @@ def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
         return [{k: parse(v) for k, v in r.items()} for r in csv.DictReader(f)]
 
 
+_NO_RC_LAYOUT = {"figure.autolayout": False, "figure.constrained_layout.use": False}
+
+
 def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list[Path]:
     """Save ``fig`` atomically to ``path`` (its suffix picks the format) and
     beside it in each of ``formats`` (same stem); returns the files written."""
@@ -244,7 +247,8 @@ def save(fig: Any, path: str | os.PathLike, formats: Sequence[str] = ()) -> list
     written = []
     # the writers read the fonttype and font settings when saving, not when the
     # figure is built: without them the PDF gets Type 3 fonts, the SVG paths
-    with pyplot().rc_context(STYLE):
+    # (and no layout from the user's rc when the engine is removed below)
+    with pyplot().rc_context(STYLE | _NO_RC_LAYOUT):
         for fmt in suffixes:
             target = path.with_suffix(f".{fmt}")
             io.save_figure(fig, target, dpi=150 if fmt == "png" else None)

@@ -181,11 +181,11 @@ def test_the_cli_reports_bit_for_bit_what_the_vmapped_train_computes(swept, tmp_
     for i in (0, 1):
         _assert_run_is(swept / f"cell_000_seed_{i}", *three, i)
     # vmap over seeds equals each seed trained alone (up to float rounding)
-    for i in (0, 1, 2):
-        alone = jax.tree.leaves(user([i]))
-        for a, b in zip(jax.tree.leaves(three), alone, strict=True):
+    alone = [user([i]) for i in (0, 1, 2)]
+    for i, one in enumerate(alone):
+        for a, b in zip(jax.tree.leaves(three), jax.tree.leaves(one), strict=True):
             np.testing.assert_allclose(a[i], b[0], rtol=2e-4, atol=2e-6)
-    runs, outs = user([0])
+    runs, outs = alone[0]
     single = tmp_path / "seed_0"
     train.train_main("ppo", single, {**TINY, "seed": "0"}, False, False)
     _assert_run_is(single, runs, outs, 0)
@@ -233,12 +233,12 @@ def test_a_seed_trains_bit_for_bit_the_same_beside_any_other_seeds(config):
     assert len(jax.tree.leaves(two[1].metrics)) >= 4
 
 
-def test_chunk_sizes_end_with_the_remainder_and_train_runs_each_group():
+def test_chunk_sizes_end_with_the_remainder_and_train_runs_each_group(tmp_path):
     """A budget that is not a multiple of the evaluation interval ends with a
     shorter chunk (TINY above has none, so that its runs compile one chunk
     program); ``train`` scans each group of equal chunks and concatenates their
-    outputs in order (checked on Q-learning, cheap to compile, with three chunk
-    sizes forced)."""
+    outputs in order, and the driver runs each chunk at its own size (checked
+    on Q-learning, cheap to compile, with three chunk sizes forced)."""
     six = train.make_config("ppo", {**TINY, "eval-every-steps": str(8 * 32 * 4)})
     assert ppo.ALGORITHM.chunk_sizes(six) == (4, 2)
     assert ppo.ALGORITHM.chunk_sizes(train.make_config("ppo", TINY)) == (3, 3)
@@ -254,6 +254,14 @@ def test_chunk_sizes_end_with_the_remainder_and_train_runs_each_group():
     )
     assert out.env_steps.tolist() == [8 * 64, 8 * 128, 8 * 160, 8 * 176]
     assert int(run.evals) == 4 and int(algorithm.env_steps(run.train)) == 8 * 176
+    member = driver.Member(algorithm, config, tmp_path)
+    member.ckpt_dir.mkdir()
+    batch = driver.Batch.of([member])
+    runs, completed = driver.train_batch(batch, batch.init())
+    assert completed and [r["env_steps"] for r in member.rows] == out.env_steps.tolist()
+    np.testing.assert_allclose(
+        driver.pick(runs, 0).best_params, run.best_params, rtol=1e-5, atol=1e-6
+    )
 
 
 def test_a_stopped_run_stops_changing_inside_jit():

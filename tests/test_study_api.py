@@ -218,7 +218,7 @@ def test_devices_give_the_single_device_results(tmp_path):
         if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")
     } | {"JAX_PLATFORMS": "cpu"}
     cores = min(distributed.usable_cores(), 4, 2)  # at most one per chunk at work
-    assert jax.local_device_count() == 1
+    assert jax.default_backend() == "cpu" and jax.local_device_count() == 1
     cli.main([*args, "--out", str(tmp_path / "one")])
     runs = {
         "cores": ({}, []),  # rl_pg.distributed.use_cpu_cores
