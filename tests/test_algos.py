@@ -142,6 +142,7 @@ def _toy_batch(num_steps=3, num_columns=4):
     )
 
 
+@pytest.mark.slow
 def test_one_epoch_one_minibatch_is_one_optimizer_step():
     # With M = 1 the shuffle only permutes columns, which a mean over columns
     # ignores: the result is one plain optax step on the whole batch.
@@ -170,6 +171,7 @@ def test_one_epoch_one_minibatch_is_one_optimizer_step():
     np.testing.assert_allclose(stats.grad_norm, optax.tree.norm(grads), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_make_loss_scales_sum_estimators_to_a_per_step_mean():
     apply_fn = lambda p, obs: (obs @ p, jnp.zeros(obs.shape[:-1]))  # noqa: E731
     params = jnp.array([[0.1, -0.1], [0.2, 0.0]])
@@ -220,6 +222,7 @@ _TINY = dict(hidden=(8,), eval_every_steps=1)
     ],
     ids=["reinforce", "grpo"],
 )
+@pytest.mark.slow
 def test_episodic_train_runs_and_counts_steps(module, config):
     config = dataclasses.replace(config, eval_every_steps=320)
 
@@ -285,6 +288,7 @@ def _random_batch(key, num_steps=6, num_columns=4):
     )
 
 
+@pytest.mark.slow
 def test_gae_transitions_flatten_one_gae_over_the_batch():
     batch = _random_batch(jax.random.PRNGKey(0))
     flat = loop.gae_transitions(batch, gamma=0.9, lam=0.8)
@@ -309,6 +313,7 @@ def test_gae_transitions_flatten_one_gae_over_the_batch():
     assert len(set((columns[0] % 4).tolist())) > 1
 
 
+@pytest.mark.slow
 def test_ppo_clip_with_precomputed_advantages_and_value_clipping():
     def apply_fn(p, obs):
         return obs @ p["pi"], obs @ p["v"]

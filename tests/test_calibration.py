@@ -44,6 +44,7 @@ def _gaussian(rng, mean, reps=120, tails=None):
 
 
 @pytest.mark.parametrize("shift", [0.0, 0.3])
+@pytest.mark.slow
 def test_high_dimensional_intervals_cover(shift):
     rng = np.random.default_rng(int(shift * 10))
     mean = shift * rng.normal(size=P)
@@ -168,6 +169,7 @@ def test_bias2_interval_is_ordered_even_when_very_noisy():
         assert s["bias2_lo"] <= s["bias2"] <= s["bias2_hi"]
 
 
+@pytest.mark.slow
 def test_bias2_interval_covers_in_low_effective_dimension():
     """One direction holds ~all the noise (as the initial Flappy policy's scores:
     95% of the variance in one direction). A plug-in that is small by chance makes

@@ -34,6 +34,7 @@ def test_round_trip(saved):
     assert logits.shape == (2,)
 
 
+@pytest.mark.slow
 def test_replacing_leaves_the_new_checkpoint_and_no_temporary(saved):
     checkpoint.save_policy(
         saved, _params(seed=1), policy=SPEC, env_id="FlappyBird-v0", step=8
@@ -134,6 +135,7 @@ def test_find_policy_checkpoint(saved, tmp_path):
     assert checkpoint.find_policy_checkpoint(tmp_path) is None
 
 
+@pytest.mark.slow
 def test_a_checkpoint_of_another_gymnax_env_loads_and_evaluates(tmp_path, capsys):
     """A CartPole policy (trained through ``--env-id``) loads with its own env."""
     from rl_pg import cli, train

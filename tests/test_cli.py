@@ -205,6 +205,7 @@ def test_train_bad_input(capsys, tmp_path):
 # ------------------------------------------------------------------- success
 
 
+@pytest.mark.slow
 def test_render_scripted_gif(capsys, tmp_path):
     out = tmp_path / "sub" / "scripted.gif"
     cli.main(["render", "--out", str(out), "--steps", "20", "--frame-skip", "3"])
@@ -215,6 +216,7 @@ def test_render_scripted_gif(capsys, tmp_path):
     assert [p.name for p in out.parent.iterdir()] == ["scripted.gif"]
 
 
+@pytest.mark.slow
 def test_render_checkpoint_run_directory(capsys, tmp_path):
     run = _policy_run(tmp_path / "run")
     out = tmp_path / "policy.gif"
@@ -236,6 +238,7 @@ def _qlearning_run(directory):
     return directory
 
 
+@pytest.mark.slow
 def test_render_and_eval_take_a_qlearning_run(capsys, tmp_path):
     """Both commands read any algorithm's run through the registry's ``load``."""
     run = _qlearning_run(tmp_path / "q")
@@ -255,6 +258,7 @@ def test_render_and_eval_take_a_qlearning_run(capsys, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_bench_tiny(capsys, tmp_path):
     out = tmp_path / "bench"
     argv = ["bench", "--out", str(out), "--num-envs", "2", "--modes", "features"]
@@ -419,6 +423,7 @@ def test_variance_config_check_accepts_a_saved_config(tmp_path):
         cli.check_variance_config(tmp_path / "missing.json")
 
 
+@pytest.mark.slow
 def test_eval_and_render_compile_once_per_policy(capsys, caplog, tmp_path):
     """Two checkpoints of one policy, evaluated and drawn in one process, share
     the compilations (render used to jit a new closure per call); so do two

@@ -54,6 +54,7 @@ def estimated(tabular_params):
     return _table(rows)
 
 
+@pytest.mark.slow
 def test_exact_parts_sum_to_the_exact_total_and_obey_the_baseline_identities(exact):
     for name in dec.ESTIMATORS:
         parts = [exact[(name, c)]["variance"] for c in PARTS]
@@ -90,6 +91,7 @@ def test_exact_parts_sum_to_the_exact_total_and_obey_the_baseline_identities(exa
     )
 
 
+@pytest.mark.slow
 def test_exact_total_by_hand_at_horizon_one():
     # H = 1: the state is s_0 ~ p0, every episode has one step (weight p(tau)), and
     # y = r(s, a, o) grad log pi(a|s), so tr Var(y) = E||y||^2 - ||E y||^2 directly.
@@ -113,6 +115,7 @@ def test_exact_total_by_hand_at_horizon_one():
     np.testing.assert_allclose(rows[("reward_to_go", "total")]["variance"], total)
 
 
+@pytest.mark.slow
 def test_states_are_uniform_over_the_live_steps_of_an_episode(tabular_params):
     mdp = enumerable.DEFAULT_MDP
     policy = enumerable.mdp_policy(mdp)
@@ -130,6 +133,7 @@ def test_states_are_uniform_over_the_live_steps_of_an_episode(tabular_params):
     assert np.all(np.abs(freq - expected) < 4 * se), (freq, expected)
 
 
+@pytest.mark.slow
 def test_nested_estimates_match_the_exact_parts(estimated, exact):
     for name in dec.ESTIMATORS:
         for comp in (*PARTS, "total"):
@@ -179,6 +183,7 @@ def flappy():
     return policy, params, env, env_params
 
 
+@pytest.mark.slow
 def test_tiny_flappy_decomposition_returns_finite_rows(flappy):
     policy, params, env, env_params = flappy
     rows = dec.decompose(
@@ -208,6 +213,7 @@ def test_tiny_flappy_decomposition_returns_finite_rows(flappy):
         assert table[(name, "trajectory")]["variance"] >= 0.0
 
 
+@pytest.mark.slow
 def test_parts_sum_to_the_separate_total_on_flappy_bird(flappy):
     policy, params, env, env_params = flappy
     rows = _table(
@@ -248,6 +254,7 @@ def test_bad_sizes_raise(tabular_params, sizes):
         dec.decompose_enumerable(jax.random.PRNGKey(0), tabular_params, **kwargs)
 
 
+@pytest.mark.slow
 def test_decompose_enumerable_compiles_once(caplog):
     """A second call with other params and key reuses the compiled sampler (it
     used to build a new apply_fn and env, static jit arguments: ~5 s a call)."""

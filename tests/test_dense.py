@@ -62,6 +62,7 @@ def _perturbed(params, key):  # nonzero biases and a non-uniform policy
     [("tanh", "separate"), ("relu", "shared"), ("gelu", None), ("silu", "separate")],
 )
 @pytest.mark.parametrize("block_columns", [None, 2])
+@pytest.mark.slow
 def test_mlp_gradients_equal_jax_grad_per_trajectory(activation, value, block_columns):
     policy = policies.mlp_policy(3, (16, 8), activation, value)
     key = jax.random.PRNGKey(0)
@@ -75,6 +76,7 @@ def test_mlp_gradients_equal_jax_grad_per_trajectory(activation, value, block_co
         np.testing.assert_allclose(found[f], expected[f], rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_tabular_policy_and_sharded_block_layout():
     policy = enumerable.mdp_policy()
     num_states = enumerable.DEFAULT_MDP.num_states
@@ -87,6 +89,7 @@ def test_tabular_policy_and_sharded_block_layout():
         np.testing.assert_allclose(found[f], expected[f], rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.slow
 def test_a_wrong_weighting_or_step_is_caught():
     """The comparison would fail on shifted weights or swapped weightings."""
     policy = policies.mlp_policy(3, (16, 8))
@@ -100,6 +103,7 @@ def test_a_wrong_weighting_or_step_is_caught():
     assert not np.allclose(found[0], found[1], rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_score_and_rtg_equals_the_vmap_of_vjp_path(monkeypatch):
     policy = policies.mlp_policy(2, (16, 16))
     params = _perturbed(
@@ -184,6 +188,7 @@ def test_other_policies_are_not_taken_for_dense_chains(apply_fn):
     assert dense.dense_chain(apply_fn, params, 10, D, jnp.float32) is None
 
 
+@pytest.mark.slow
 def test_cnn_policy_is_not_a_dense_chain():
     policy = policies.cnn_policy(2, channels=(4,), kernel_sizes=(3,), strides=(1,))
     params = policy.init(jax.random.PRNGKey(0), jnp.zeros((8, 8, 1)))
@@ -193,6 +198,7 @@ def test_cnn_policy_is_not_a_dense_chain():
 
 
 @pytest.mark.parametrize("use_dense", [True, False])
+@pytest.mark.slow
 def test_given_outputs_are_written_over(use_dense, monkeypatch):
     """Outputs passed back for reuse (as the study donates them) do not leak into
     the results; the critic's entries, zero in any earlier output, stay zero."""

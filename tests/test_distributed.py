@@ -381,6 +381,7 @@ def _compare(reference, sharded, prefix):
             np.testing.assert_array_equal(sharded[k], reference[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_vmapped_seeds_equal_single_device(runs):
     reference, single, _ = runs
     assert single["num_devices"] == NUM_DEVICES
@@ -439,6 +440,7 @@ def test_concurrent_devices_give_the_one_device_bits(runs):
         np.testing.assert_array_equal(single[k], reference[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_use_cpu_cores_restarts_the_backend_with_one_device_per_core():
     """Unset device count: the backend restarts with min(cores, max_devices) CPU
     devices, module-level arrays move over, and later calls leave it be."""

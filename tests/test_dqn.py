@@ -208,6 +208,7 @@ def test_dueling_q_hand_computed():
         dqn.dueling_q(jnp.zeros((3, 2)), jnp.zeros(4))
 
 
+@pytest.mark.slow
 def test_dueling_network_q_values_and_greedy_checkpoint_action():
     config = dqn.DQNConfig(dueling=True)
     spec = config.network_spec(2)
@@ -235,6 +236,7 @@ def test_dueling_network_q_values_and_greedy_checkpoint_action():
 # --------------------------------------------------------------------- target net
 
 
+@pytest.mark.slow
 def test_target_updates_every_k_steps_by_polyak_averaging():
     # Every 2nd gradient step, target <- 0.25 * online + 0.75 * target (tau = 1
     # would be a hard copy); in between the target stays.
@@ -270,6 +272,7 @@ def test_target_updates_every_k_steps_by_polyak_averaging():
 # ------------------------------------------------------- transitions at episode ends
 
 
+@pytest.mark.slow
 def test_stored_two_step_transitions_across_time_limits():
     # 2-step transitions, episodes cut after 3 steps, random play, no learning.
     # init takes step 0 (the window); 8 more vector steps of 4 envs store the

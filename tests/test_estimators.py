@@ -371,6 +371,7 @@ def _episode_returns(batch):
     return np.sum(np.asarray(batch.rewards) * np.asarray(batch.mask), axis=0)
 
 
+@pytest.mark.slow
 def test_sampling_and_estimates_are_deterministic_per_key(small_results_fn):
     a = _sample_small(jax.random.PRNGKey(5), PARAMS)
     # The same key through another compilation (n and the group size static
@@ -572,6 +573,7 @@ def edge_results(small_batch):
 
 
 @pytest.mark.parametrize("name", list(estimators.ESTIMATORS))
+@pytest.mark.slow
 def test_padding_edge_cases_and_transformations(edge_results, name):
     mapped, out_one_step = edge_results[name]
 
@@ -635,6 +637,7 @@ def test_get_estimator_rejects_bad_input(small_batch):
     assert loss.keywords == {"apply_fn": POLICY.apply}
 
 
+@pytest.mark.slow
 def test_estimators_with_an_mlp_policy():
     policy = policies.mlp_policy(2, hidden=(8,), value="shared")
     rng = np.random.default_rng(0)
@@ -741,6 +744,7 @@ def _entropy_weight(name, batch, **kwargs):
     return float(jax.grad(loss)(0.0))
 
 
+@pytest.mark.slow
 def test_group_relative_entropy_is_aggregated_like_the_policy_term():
     T, lengths = 16, [16, 16, 8, 4]
     batch = _uniform_batch(T, 4, lengths)
@@ -858,6 +862,7 @@ def _assert_close(fast, by_loss):
 
 @pytest.mark.parametrize("name, extra", WEIGHT_CASES)
 @pytest.mark.parametrize("num_columns", [4, 12])
+@pytest.mark.slow
 def test_weights_give_the_loss_gradient_at_the_on_policy_point(
     name, extra, num_columns
 ):
@@ -867,6 +872,7 @@ def test_weights_give_the_loss_gradient_at_the_on_policy_point(
 
 
 @pytest.mark.parametrize("name, extra", WEIGHT_CASES)
+@pytest.mark.slow
 def test_weights_on_the_enumerable_mdp(name, extra, small_batch):
     kwargs = _weight_kwargs(name, extra)
     _assert_close(
@@ -923,6 +929,7 @@ BROKEN_WEIGHTS = {
 
 
 @pytest.mark.parametrize("case", BROKEN_WEIGHTS)
+@pytest.mark.slow
 def test_a_wrong_weight_is_caught(case):
     name, weights = BROKEN_WEIGHTS[case]
     params, batch = _on_policy_mlp_batch(8, seed=8)
@@ -988,6 +995,7 @@ def test_group_sum_others_does_not_cancel():
         assert float(estimators._group_sum_others(x, group)[0]) == 190.0
 
 
+@pytest.mark.slow
 def test_optimal_baselines_are_exactly_zero_when_every_return_is_equal():
     """Returns all 25.7 (not a power of two): b_{-i} = R exactly, so both optimal
     baselines' estimates are exactly 0 (their value), not rounding noise; returns

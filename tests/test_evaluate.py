@@ -218,6 +218,7 @@ def test_physics_constants_reach_score_window_step_caps_and_binning(pipe_speed):
     )
 
 
+@pytest.mark.slow
 def test_other_gymnax_envs_are_scored_by_episode_return():
     from rl_pg.algos import ppo
     from rl_pg.envs import scored
@@ -257,6 +258,7 @@ def test_other_gymnax_envs_are_scored_by_episode_return():
             ppo.PPOConfig(env_id=bad)
 
 
+@pytest.mark.slow
 def test_evaluations_of_one_policy_compile_once(caplog, tmp_path):
     """The held-out evaluation and the GIF of other params under another config
     of the same policy (seed, learning rate) reuse the compilations: the

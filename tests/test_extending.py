@@ -44,6 +44,7 @@ def toy():
     estimators.ESTIMATORS.pop(NAME)
 
 
+@pytest.mark.slow
 def test_a_registered_toy_estimator_reaches_the_study_through_the_registry(toy):
     assert toy.weights is not None  # derived from the declaration, not written twice
     rows = run_study(
@@ -68,6 +69,7 @@ def test_a_registered_toy_estimator_reaches_the_study_through_the_registry(toy):
         assert np.isfinite(r["exact_bias2"]) and r["exact_bias2"] > 0
 
 
+@pytest.mark.slow
 def test_the_toy_loss_gradient_is_its_declared_weighting(toy):
     from rl_pg import enumerable
 

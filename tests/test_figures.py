@@ -115,6 +115,7 @@ def test_cosine_limits_show_the_whole_band_within_minus_one_and_one():
     assert figures.axis_limits("log", [-1, 10], [-2, 5], [0, 20]) == ("linear", None)
 
 
+@pytest.mark.slow
 def test_study_figures_write_every_format_with_every_series(tmp_path):
     rows = _results(tmp_path / "study")
     written = figures.study_figures(rows, tmp_path / "figs")
@@ -176,6 +177,7 @@ def test_plot_command_redraws_chosen_series_without_jax(tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_plot_command_errors_in_one_line(tmp_path, capsys):
     _results(tmp_path / "study")
     for argv, message in (
@@ -237,6 +239,7 @@ def test_plot_run_draws_a_run_and_a_sweep(tmp_path):
 # ------------------------------------------------------- labels and markers
 
 
+@pytest.mark.slow
 def test_kept_checkpoints_are_labelled_in_steps_and_long_labels_wrap(tmp_path):
     assert figures.stage_label("env_steps_000000001600") == "1.6k steps"
     assert figures.stage_label("env_steps_000002500000") == "2.5M steps"
@@ -319,6 +322,7 @@ def _sweep_dir(path):
     (path / "config.json").write_text(json.dumps({"algo": "ppo"}))
 
 
+@pytest.mark.slow
 def test_plot_redraws_along_training_decomposition_sweep_and_profiles(tmp_path):
     _study_dir(tmp_path / "study")
     _sweep_dir(tmp_path / "sweep")

@@ -88,6 +88,7 @@ def test_ground_clamps_position_and_crashes(features_env):
     assert float(new.bird_vel) == 0.0  # the reference zeroes it on a crash
 
 
+@pytest.mark.slow
 def test_score_window_counts_each_pipe_once(features_env):
     _, params = features_env
     # Bird centre 74 passes a pipe when pipe_x + 26 <= 74 < pipe_x + 30,
@@ -137,6 +138,7 @@ def test_pipe_collision_uses_truncated_boxes(features_env):
 
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
+@pytest.mark.slow
 def test_jit_vmap_shapes_dtypes_and_spaces(env_id):
     env, params = rl_pg.make(env_id)
     keys = jax.random.split(KEY, 8)
@@ -188,6 +190,7 @@ def _stacked_features(state, params):
     )
 
 
+@pytest.mark.slow
 def test_features_hand_computed_and_bit_equal_to_the_stacked_form():
     _, params = rl_pg.make("FlappyBird-v0")
     state = _state(params, bird_y=256.0, bird_vel=-5.0, bird_rot=-45.0).replace(
@@ -305,6 +308,7 @@ def test_bad_ids_and_params_raise_before_compiling():
         gymnax.make("FlappyBird-v9")
 
 
+@pytest.mark.slow
 def test_gymnax_make_and_wrappers():
     env, params = gymnax.make("FlappyBird-pixels-v0")
     assert env.name == "FlappyBird-pixels-v0"
@@ -316,6 +320,7 @@ def test_gymnax_make_and_wrappers():
     assert "returned_episode_returns" in out[-1]
 
 
+@pytest.mark.slow
 def test_gymnasium_adapter_passes_env_checker():
     from gymnasium.utils.env_checker import check_env
 
@@ -328,6 +333,7 @@ def test_gymnasium_adapter_passes_env_checker():
             check_env(GymnasiumFlappyBird(env, params, render_mode="rgb_array"))
 
 
+@pytest.mark.slow
 def test_renderer_shapes_and_pixel_observation(tmp_path):
     env, params = rl_pg.make("FlappyBird-pixels-v0")
     keys = jax.random.split(KEY, 4)
@@ -380,6 +386,7 @@ def _rollout_both_steps(env, params, params_axis, num_envs=32, num_steps=80):
 
 @pytest.mark.parametrize("env_id", ENV_IDS)
 @pytest.mark.parametrize("first_pipe_x", [288.0, 100.0])
+@pytest.mark.slow
 def test_step_matches_gymnax_generic_step(env_id, first_pipe_x):
     # FlappyBird.step computes the reset observation once per batch when fresh
     # pipes are out of sight (default), per env otherwise (first_pipe_x=100);
@@ -395,6 +402,7 @@ def test_step_matches_gymnax_generic_step(env_id, first_pipe_x):
     assert resets > 10
 
 
+@pytest.mark.slow
 def test_step_matches_gymnax_generic_step_with_per_env_params():
     # vmapped params turn the shared-reset conds into selects: still equal.
     env, params = rl_pg.make("FlappyBird-pixels-v0", max_steps_in_episode=30)
@@ -415,6 +423,7 @@ def _assert_trees_equal(a, b):
 
 
 @pytest.mark.parametrize("layout", ["flat", "nested", "per_env_params"])
+@pytest.mark.slow
 def test_auto_reset_of_few_many_or_no_ended_envs_equals_generic_step(layout):
     # Under vmap, step hashes fresh levels for the ended envs only (gathered
     # into a smaller batch when at most 1/8 ended): every step with none, few
@@ -462,6 +471,7 @@ def test_auto_reset_of_few_many_or_no_ended_envs_equals_generic_step(layout):
     assert ((ended > 0) & (ended <= num_envs // 8)).sum() > 20
 
 
+@pytest.mark.slow
 def test_vmapped_step_is_differentiable_in_params():
     # the auto-reset's batch rule (custom_vmap) sits outside autodiff
     env, params = rl_pg.make("FlappyBird-v0")
@@ -478,6 +488,7 @@ def test_vmapped_step_is_differentiable_in_params():
     assert np.isfinite(jax.grad(total_reward)(-9.0))
 
 
+@pytest.mark.slow
 def test_lidar_ray_directions():
     from rl_pg.envs.lidar import ray_cos_sin
 
@@ -561,6 +572,7 @@ def _differs(a, b):
     )
 
 
+@pytest.mark.slow
 def test_every_env_param_changes_the_game():
     # No constant is dead (rot_vel was) or shadowed by a copied default: each
     # EnvParams field, changed, changes some output of a rollout in some mode.

@@ -102,6 +102,7 @@ def test_an_interrupt_names_the_directory_and_the_resume_command(
     assert "already exists" in err and err.strip().endswith(f"--out {out} --resume")
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_names_the_directory_to_delete(tmp_path, capsys):
     out = tmp_path / "inf"
     argv = [
@@ -241,6 +242,7 @@ def test_a_diverging_sweep_run_is_named_by_cell_and_seed(tmp_path, monkeypatch, 
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_failing_sweep_figure_keeps_the_trained_runs(tmp_path, monkeypatch, capsys):
     """After training nothing is removed: a figure that fails is skipped with
     one line naming the redraw command, and summary.csv is still written."""

@@ -57,6 +57,7 @@ def _numpy_staleness(mu, pi, batch):
     return np.mean(kls), ratios.max(), ess(traj), ess(ratios)
 
 
+@pytest.mark.slow
 def test_staleness_matches_numpy():
     batch = sample(jax.random.PRNGKey(0), MU, 32)
     got = lag.staleness(MU, PI, APPLY, batch)
@@ -87,6 +88,7 @@ def test_staleness_ignores_what_padding_holds():
     assert float(got.kl) == pytest.approx(per_step[live].mean(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_staleness_at_mu_is_exactly_on_policy():
     batch = sample(jax.random.PRNGKey(1), MU, 16)
     got = lag.staleness(MU, MU, APPLY, batch)
@@ -112,6 +114,7 @@ def test_kish_ess_by_hand():
     )
 
 
+@pytest.mark.slow
 def test_direction_is_reproducible_unit_and_policy_only():
     d1 = lag.lag_direction(jax.random.PRNGKey(5), MU, APPLY, sample, CONFIG)
     d2 = lag.lag_direction(jax.random.PRNGKey(5), MU, APPLY, sample, CONFIG)
@@ -122,6 +125,7 @@ def test_direction_is_reproducible_unit_and_policy_only():
     assert np.all(np.asarray(d1["value"]) == 0)  # the critic does not move
 
 
+@pytest.mark.slow
 def test_direction_is_ppo_ascent():
     """d is -grad of ppo_clip (value/entropy off) at r = 1, normalised."""
     key = jax.random.PRNGKey(5)
@@ -147,6 +151,7 @@ def test_zero_direction_is_an_error():
         lag.lag_direction(jax.random.PRNGKey(0), MU, APPLY, constant, CONFIG)
 
 
+@pytest.mark.slow
 def test_kl_zero_is_mu_bit_for_bit(targets):
     first = targets[0]
     assert first.level == 0.0 and first.step == 0.0 and first.kl == 0.0
@@ -167,6 +172,7 @@ def test_levels_reached_in_order(targets):
         assert np.asarray(t.params["value"]).tobytes() == np.asarray(VALUE).tobytes()
 
 
+@pytest.mark.slow
 def test_targets_kl_is_staleness_on_a_fresh_batch(targets):
     """The KL measured on the evaluation batch matches the KL on new data from mu."""
     batch = sample(jax.random.PRNGKey(99), MU, 4096)
@@ -198,6 +204,7 @@ def test_bad_levels(levels, match):
         lag.targets_at_kl(jax.random.PRNGKey(0), MU, APPLY, sample, levels, CONFIG)
 
 
+@pytest.mark.slow
 def test_unreachable_level():
     config = lag.LagConfig(
         direction_batch=16, eval_batch=16, initial_step=0.01, max_step=0.02
@@ -322,6 +329,7 @@ def _numpy_is_columns(mu, pi):
     return y, probs
 
 
+@pytest.mark.slow
 def test_exact_trajectory_is_is_unbiased_at_a_lagged_target(targets):
     pi = targets[3].params  # KL 0.03
     loss = functools.partial(trajectory_is, apply_fn=APPLY)
@@ -362,6 +370,7 @@ def test_exact_naive_is_biased_and_exact_at_mu(targets):
     np.testing.assert_allclose(at_mu, lag.exact_gradient(MU, MDP), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_off_policy_columns_at_kl_zero_equal_on_policy(targets):
     """At KL 0 the IS estimate equals REINFORCE's column by column, bit for bit."""
     is_loss = functools.partial(trajectory_is, apply_fn=APPLY)

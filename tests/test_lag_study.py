@@ -42,6 +42,7 @@ def _batch_outputs(mu, pi):
     return jax.device_get(fn(mu, pi, jax.random.PRNGKey(1), jnp.float32(0.5)))
 
 
+@pytest.mark.slow
 def test_kl_zero_rows_equal_their_on_policy_counterparts_bit_for_bit():
     out, kl = _batch_outputs(MU, MU)
     names = list(suite_specs(CONFIG.suite))
@@ -63,6 +64,7 @@ def test_kl_zero_rows_equal_their_on_policy_counterparts_bit_for_bit():
     assert kl[0] > 0
 
 
+@pytest.mark.slow
 def test_lag_gradients_equal_each_loss_own_grad():
     """Per sub-batch: declared weights with ratios + one VJP == -grad loss on the
     same sub-batch carrying mu's log-probs (clipped steps depend on the batch)."""
@@ -107,6 +109,7 @@ def _enumerated_truth(mu, pi):
     return probs(mu), probs(pi), np.asarray(e.returns, np.float64), score
 
 
+@pytest.mark.slow
 def test_exact_mode_unbiased_is_zero_bias_clipped_positive():
     p_mu, p_pi, R, score = _enumerated_truth(MU, PI)
     g = (p_pi * R) @ score  # grad J at the target, by enumeration
@@ -169,6 +172,7 @@ def _rows(path):
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_lag_preset_end_to_end_tiny(tmp_path):
     """The lag preset at tiny sizes on the shipped good policy: files, targets
     saved as loadable checkpoints with their KL, KL-0 rows equal their

@@ -24,6 +24,7 @@ def _saved(name, directory, **meta):
 
 
 @pytest.mark.parametrize("name", registry.NAMES)
+@pytest.mark.slow
 def test_every_algorithm_loads_what_it_saves(tmp_path, name):
     algorithm, config, params, path = _saved(name, tmp_path, env_steps=7)
     assert algorithm.is_checkpoint(path)

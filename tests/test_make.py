@@ -36,6 +36,7 @@ def test_good_values_pass_and_integral_floats_become_ints():
     assert params.gravity.shape == (2,)
 
 
+@pytest.mark.slow
 def test_import_rl_pg_is_light_and_still_registers_with_gymnax():
     """``import rl_pg`` loads no JAX; its names load on first use, and the ids
     are registered with gymnax as soon as gymnax is imported."""

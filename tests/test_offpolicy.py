@@ -111,6 +111,7 @@ def test_the_enumeration_is_a_distribution():
 
 
 @pytest.mark.parametrize("name", ["trajectory_is", "per_decision_is"])
+@pytest.mark.slow
 def test_importance_sampling_is_unbiased_under_lag(name):
     exact = _exact_gradient(THETA)
     np.testing.assert_allclose(_expected_estimate(name, THETA), exact, atol=1e-5)
@@ -185,6 +186,7 @@ def _hand_objectives():
 
 
 @pytest.mark.parametrize("name", list(_hand_objectives()))
+@pytest.mark.slow
 def test_ratio_aware_weights_are_the_gradient_of_the_objective(name):
     kwargs, objective = _hand_objectives()[name]
     params = THETA
@@ -215,6 +217,7 @@ COUNTERPARTS = {
 
 
 @pytest.mark.parametrize("name", list(COUNTERPARTS))
+@pytest.mark.slow
 def test_at_ratio_one_every_row_is_its_on_policy_counterpart_bit_for_bit(name):
     other, kwargs = COUNTERPARTS[name]
     own = {k: v for k, v in kwargs.items() if k in estimators.hyperparameters(name)}
@@ -262,6 +265,7 @@ def _score_weighted_grad(params, batch, per_step_weights):
     return np.asarray(jax.grad(surrogate)(params)["logits"])
 
 
+@pytest.mark.slow
 def test_vtrace_matches_rlax():
     batch = _full_length_batch(MU)
     gamma, lam = 0.9, 0.8
@@ -339,6 +343,7 @@ def test_ppo_clip_matches_rlax_away_from_the_behaviour():
 # ------------------------------------------------------- identities and padding
 
 
+@pytest.mark.slow
 def test_gae_with_lambda_one_is_reward_to_go_minus_value():
     batch = ENUMERATED  # on-policy at MU: batch.values = V under MU
     kwargs = {"vf_coef": 0.0}

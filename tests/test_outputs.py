@@ -135,6 +135,7 @@ def test_iqm_and_median_intervals_are_rliable_s():
         assert got["iqm_lo"] < got["iqm_hi"]
 
 
+@pytest.mark.slow
 def test_performance_profile_is_the_fraction_above_tau(tmp_path):
     scores = {"a": [0.0, 2.0, 4.0, 6.0], "b": [1.0, 1.0, 1.0, 9.0]}
     profile = aggregate.performance_profiles(scores, taus=[0.5, 3.0, 5.0], reps=200)
@@ -157,6 +158,7 @@ def test_performance_profile_is_the_fraction_above_tau(tmp_path):
     assert (tmp_path / "performance_profile.pdf").is_file()
 
 
+@pytest.mark.slow
 def test_compare_algorithms_reports_seed_statistics(tmp_path):
     import importlib.util
     import json
@@ -180,6 +182,7 @@ def test_compare_algorithms_reports_seed_statistics(tmp_path):
     assert 'id="series:profile:ppo"' in svg and 'id="series:profile:a2c"' in svg
 
 
+@pytest.mark.slow
 def test_sweep_figure_shows_each_cell_s_rliable_iqm_in_every_format(tmp_path):
     """sweep.png/.pdf/.svg: per cell the IQM over seeds with rliable's
     stratified-bootstrap interval (aggregate.interval_estimates, reused), and

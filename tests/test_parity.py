@@ -115,6 +115,7 @@ def test_clipline_matches_pygame():
 
 
 @pytest.mark.parametrize("env_id", ["FlappyBird-v0", "FlappyBird-lidar-v0"])
+@pytest.mark.slow
 def test_reference_reset_observation(env_id):
     env, params = rl_pg.make(env_id)
     results = _compare(env_id, [0.5], episodes=1, max_steps=5, seed=4)

@@ -13,6 +13,7 @@ def _leaves(params):
 
 
 @pytest.mark.parametrize("value", ["separate", "shared", None])
+@pytest.mark.slow
 def test_mlp_shapes_on_any_leading_dims(value):
     policy = policies.mlp_policy(3, hidden=(16, 16), value=value)
     params = policy.init(jax.random.PRNGKey(0), jnp.zeros(5))
@@ -35,6 +36,7 @@ def test_mlp_shapes_on_any_leading_dims(value):
 
 
 @pytest.mark.parametrize("value", ["separate", "shared", None])
+@pytest.mark.slow
 def test_mlp_and_cnn_take_empty_batches(value):
     """Zero rows keep their shape through the layers' one-batch-axis reshapes."""
     mlp = policies.mlp_policy(3, hidden=(8,), value=value)
@@ -48,6 +50,7 @@ def test_mlp_and_cnn_take_empty_batches(value):
     assert logits.shape == (0, 2, 2) and v.shape == (0, 2)
 
 
+@pytest.mark.slow
 def test_mlp_value_modes_differ_in_parameters():
     sizes = {}
     for value in ["separate", "shared", None]:
@@ -85,6 +88,7 @@ def test_mlp_orthogonal_init_like_purejaxrl():
 
 
 @pytest.mark.parametrize("value", ["shared", "separate", None])
+@pytest.mark.slow
 def test_cnn_shapes_and_uint8_scaling(value):
     policy = policies.cnn_policy(2, channels=(4, 8), hidden=(16,), value=value)
     rng = np.random.default_rng(0)
@@ -137,6 +141,7 @@ def test_entropy():
     assert np.all(np.isfinite(grad))
 
 
+@pytest.mark.slow
 def test_jit_vmap_grad_through_apply():
     policy = policies.mlp_policy(2, hidden=(8,), value="shared")
     params = policy.init(jax.random.PRNGKey(0), jnp.zeros(3))

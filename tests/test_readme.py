@@ -140,6 +140,7 @@ def check_command(command: list[str]) -> str | None:
     return None
 
 
+@pytest.mark.slow
 def test_python_blocks_run_as_written(tmp_path, monkeypatch):
     import tempfile
 

@@ -98,6 +98,7 @@ def test_sampling_is_deterministic_given_the_key_and_empty_gives_zeros():
     np.testing.assert_array_equal(buf.sample(buf.init(), key, 4).id, 0)
 
 
+@pytest.mark.slow
 def test_jit_and_scan_match_eager():
     buf = replay.make_replay(6, EXAMPLE)
     batches = jax.tree.map(  # 4 batches of 3

@@ -220,6 +220,7 @@ def test_padding_after_termination_changes_nothing(garbage):
         assert np.all(np.isfinite(dirty[live]))
 
 
+@pytest.mark.slow
 def test_batch_helpers_map_over_axis_one():
     r, v, nv, term, trunc = _random_sequences(7, 5, 6)
     tm = lambda x: jnp.swapaxes(x, 0, 1)  # [B, T] -> [T, B]

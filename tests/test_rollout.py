@@ -25,6 +25,7 @@ def setup():
     return env, env_params, policy, params
 
 
+@pytest.mark.slow
 def test_episodic_masks_and_truncation(setup):
     env, env_params, policy, params = setup
     reset_keys = jax.random.split(KEY, 16)
@@ -80,6 +81,7 @@ def test_grouped_rollouts_share_levels_and_differ_in_actions(setup):
     assert not (actions[:, 0] == actions[:, 1]).all()
 
 
+@pytest.mark.slow
 def test_streaming_autoreset_and_bootstrap_values(setup):
     env, _, policy, params = setup
     env_params = env.default_params.replace(max_steps_in_episode=40)
@@ -111,6 +113,7 @@ def test_streaming_autoreset_and_bootstrap_values(setup):
     np.testing.assert_array_equal(traj2.level[0], stream.episode)
 
 
+@pytest.mark.slow
 def test_bootstrap_values_equal_a_second_pass_per_step(setup):
     # next_values without a second network pass per step equals what a second
     # pass gives where it is read: truncated steps (time limit: V of the final

@@ -72,6 +72,7 @@ def test_hyperparameters_are_traced_and_reach_the_update():
         with_hyperparameters(config, {"num_envs": 3})
 
 
+@pytest.mark.slow
 def test_the_learning_rate_is_a_traced_argument_of_one_compilation():
     config = train.make_config("ppo", TINY)
     key = jax.random.PRNGKey(0)
@@ -233,6 +234,7 @@ def test_a_seed_trains_bit_for_bit_the_same_beside_any_other_seeds(config):
     assert len(jax.tree.leaves(two[1].metrics)) >= 4
 
 
+@pytest.mark.slow
 def test_chunk_sizes_end_with_the_remainder_and_train_runs_each_group(tmp_path):
     """A budget that is not a multiple of the evaluation interval ends with a
     shorter chunk (TINY above has none, so that its runs compile one chunk
@@ -264,6 +266,7 @@ def test_chunk_sizes_end_with_the_remainder_and_train_runs_each_group(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_a_stopped_run_stops_changing_inside_jit():
     config = train.make_config("ppo", {**TINY, "stop-at-score": "1"})
     unconfirmed = train.make_config(
@@ -417,6 +420,7 @@ def test_a_sweep_logs_each_run_s_metrics_csv_to_tensorboard(swept):
         assert hparams["config/seed"] == config["seed"]
 
 
+@pytest.mark.slow
 def test_train_log_tensorboard_matches_metrics_csv(tmp_path):
     """``rl-pg train --log tensorboard``: the events hold metrics.csv (TINY, whose
     one-run chunk program the tests above compiled: lr is traced)."""

@@ -111,6 +111,7 @@ def test_normal_score_closed_form():
 # ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_registry_names_and_signature():
     assert list(sf.ESTIMATORS) == [
         "score_function",
@@ -234,6 +235,7 @@ def test_quadrature_baseline_matches_exact(cost, k):
 
 
 @pytest.mark.parametrize("k", [0.5, 5.0])
+@pytest.mark.slow
 def test_square_cost_variances_closed_form(k):
     # Square cost at sigma = 1, d = mu - k, eps ~ N(0, 1) (E eps^2,4,6,8 = 1,3,15,105),
     # R ~ Rayleigh (E R = sqrt(pi/2), E R^2 = 2, Var R = 2 - pi/2),
@@ -304,6 +306,7 @@ def test_variance_matches_brute_force_monte_carlo(cost, k, estimator):
     assert np.all(mc.variance_stderr < 0.01 * exact)
 
 
+@pytest.mark.slow
 def test_variance_is_zero_for_a_constant_cost():
     # k = 0: f = 1, the exact gradient is 0 and pathwise / measure-valued / baseline
     # estimates are identically 0; the score function is f s with Var = E s^2 = (1, 2).
@@ -317,6 +320,7 @@ def test_variance_is_zero_for_a_constant_cost():
         )
 
 
+@pytest.mark.slow
 def test_vector_k_matches_scalar_k():
     ks = np.array([-3.0, 0.5, 1.0, 5.0, 10.0])
     vector = sf.estimator_variance("cos", ks, "measure_valued", "sigma")
@@ -432,6 +436,7 @@ def load_script():
     return module
 
 
+@pytest.mark.slow
 def test_experiment_script_end_to_end(tmp_path, capsys):
     script = load_script()
     out = tmp_path / "run"

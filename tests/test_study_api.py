@@ -33,6 +33,7 @@ def scaled_reinforce(params, batch, *, apply_fn):
     return 3.0 * loss, aux
 
 
+@pytest.mark.slow
 def test_readme_example_runs(capsys):
     text = README.read_text()
     match = re.search(
@@ -51,6 +52,7 @@ def test_readme_example_runs(capsys):
     )
 
 
+@pytest.mark.slow
 def test_a_scaled_copy_has_exactly_the_scaled_variance():
     rows = run_study(
         problem="enumerable", estimators=["reinforce", scaled_reinforce], **SMALL
@@ -67,6 +69,7 @@ def test_a_scaled_copy_has_exactly_the_scaled_variance():
         assert np.isnan(copy["exact_bias2"])  # nothing is assumed about it
 
 
+@pytest.mark.slow
 def test_registry_rejects_duplicates_and_accepts_new_estimators():
     with pytest.raises(ValueError, match="already registered"):
         estimators.register(estimators.EstimatorSpec("reinforce", estimators.reinforce))
@@ -99,6 +102,7 @@ def _results(path):
     return (path / "results.csv").read_bytes()
 
 
+@pytest.mark.slow
 def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
     (tmp_path / "my_estimators.py").write_text(
         "from rl_pg import estimators\n\n\n"
@@ -296,6 +300,7 @@ def test_a_user_loss_that_fails_is_reported_before_anything_is_written(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_run_study_in_a_loop_compiles_once(caplog):
     """A second study with the same sizes (another seed, other params) reuses the
     compiled runners: a calibration or a sweep of studies compiles once."""

@@ -132,6 +132,7 @@ def test_every_algo_goes_through_the_one_driver(tmp_path, monkeypatch, algo, ove
 # ------------------------------------------------------------------ a whole run
 
 
+@pytest.mark.slow
 def test_run_writes_the_contract_files(full_run, config):
     out = full_run.out_dir
     for name in ("config.json", "metrics.csv", "eval.json", "learning_curve.png"):
@@ -167,6 +168,7 @@ def test_short_ppo_run_learns(full_run):
     assert full_run.eval["mean_score"] >= 1
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip(full_run, config, tmp_path):
     best = full_run.out_dir / "checkpoints" / "best"
     policy, params, _, env_params, meta = checkpoint.load_policy(best)
@@ -228,6 +230,7 @@ def _snapshot(directory):
     }
 
 
+@pytest.mark.slow
 def test_resume_on_a_finished_run_leaves_it_as_it_is(full_run, config, capsys):
     out = full_run.out_dir
     before = _snapshot(out)
@@ -256,6 +259,7 @@ def test_resume_after_an_early_stop_trains_no_further(config, tmp_path):
     assert done.eval["scores"] == stopped.eval["scores"]
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_resumes(full_run, config, tmp_path):
     out = tmp_path / "killed"
     algorithm = train.algorithm_of(config)
@@ -283,6 +287,7 @@ def test_a_broken_train_state_names_the_file(tmp_path):
         files.load_train_state(path, None)
 
 
+@pytest.mark.slow
 def test_a_non_finite_loss_stops_with_an_error_naming_the_update(tmp_path):
     config = train.make_config(
         "ppo",
@@ -306,6 +311,7 @@ def test_a_non_finite_loss_stops_with_an_error_naming_the_update(tmp_path):
     assert not (out / "eval.json").exists()
 
 
+@pytest.mark.slow
 def test_train_main_resume_reads_the_saved_config(config, tmp_path):
     out = tmp_path / "cli"
     train.run(config, out, progress=False, max_evals=2)
@@ -392,6 +398,7 @@ def test_stop_rule_needs_a_confirmation_on_fresh_validation_levels():
     assert not stop(dataclasses.replace(config, stop_at_score=None), good, 1e4, 1e4)
 
 
+@pytest.mark.slow
 def test_cartpole_trains_end_to_end(tmp_path):
     # Any gymnax env with discrete actions: CartPole-v1 with PureJaxRL's PPO
     # settings, scored by episode return (random play returns ~22).

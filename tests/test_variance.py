@@ -54,6 +54,7 @@ def _se(row, metric):
     return (row[f"{metric}_hi"] - row[f"{metric}_lo"]) / (2 * 1.96)
 
 
+@pytest.mark.slow
 def test_reference_gradient_is_close_to_the_exact_gradient(setup):
     params, _, runners, result, g = setup
     moments, _ = variance.trajectory_moments(
@@ -68,6 +69,7 @@ def test_reference_gradient_is_close_to_the_exact_gradient(setup):
     assert result.reference_norm == pytest.approx(np.linalg.norm(g), rel=0.2)
 
 
+@pytest.mark.slow
 def test_reference_error_treats_levels_as_clusters(setup):
     params, _, runners, result, _ = setup
     exact_se2 = exact.reference_se2(params, CONFIG.reference_trajectories, G)
@@ -97,6 +99,7 @@ def test_reference_error_counts_correlated_levels_once():
     assert naive < truth / 3
 
 
+@pytest.mark.slow
 def test_unbiased_estimators_have_zero_bias_within_their_error(setup):
     *_, result, _ = setup
     for name in IID + ("rloo",):
@@ -105,6 +108,7 @@ def test_unbiased_estimators_have_zero_bias_within_their_error(setup):
             assert abs(row["bias2"]) < 5 * _se(row, "bias2"), (name, n, row)
 
 
+@pytest.mark.slow
 def test_mean_baseline_shrinks_by_g_minus_one_over_g(setup):
     *_, result, g = setup
     expected = float(np.sum(g**2)) / G**2  # ||((G-1)/G - 1) g||^2, at every n
@@ -115,6 +119,7 @@ def test_mean_baseline_shrinks_by_g_minus_one_over_g(setup):
         assert row["cos_mean"] > 0.98  # the same direction: a pure rescaling
 
 
+@pytest.mark.slow
 def test_dr_grpo_shrink_is_exact(setup):
     *_, result, g = setup
     c = (G - 1) / (G * enumerable.DEFAULT_MDP.horizon)
@@ -123,6 +128,7 @@ def test_dr_grpo_shrink_is_exact(setup):
         assert abs(row["bias2"] - row["exact_bias2"]) < 5 * _se(row, "bias2"), n
 
 
+@pytest.mark.slow
 def test_iid_batch_variance_matches_the_exact_grouped_variance(setup):
     *_, result, _ = setup
     for name in IID + ("gae",):
@@ -139,6 +145,7 @@ def test_iid_batch_variance_matches_the_exact_grouped_variance(setup):
         assert abs(slope + 1) < 0.15 and lo < -1 < hi, (name, slope, lo, hi)
 
 
+@pytest.mark.slow
 def test_sub_batches_give_more_batches_at_small_sizes(setup):
     *_, runners, result, _ = setup
     assert runners.sub_batches == {4: 16, 16: 4, 64: 1}
@@ -146,6 +153,7 @@ def test_sub_batches_give_more_batches_at_small_sizes(setup):
     assert [rows[n]["num_batches"] for n in (4, 16, 64)] == [512, 128, 32]
 
 
+@pytest.mark.slow
 def test_baselines_reduce_per_trajectory_variance(setup):
     *_, result, _ = setup
     v = result.per_trajectory
@@ -154,6 +162,7 @@ def test_baselines_reduce_per_trajectory_variance(setup):
     assert v["constant b = E[R]"] < v["reinforce (b = 0)"]
 
 
+@pytest.mark.slow
 def test_critic_calibration_is_computed_on_the_study_scale(setup):
     params, *_ = setup
     problem = exact.enumerable_problem(G)
@@ -201,6 +210,7 @@ def test_chunked_moments_equal_unchunked():
 
 
 @pytest.mark.parametrize("block_steps", [8, 2048])  # blocks of 2 trajectories, 1 block
+@pytest.mark.slow
 def test_trajectory_gradients_equal_the_estimators_per_trajectory(setup, block_steps):
     params, problem, *_ = setup
     config = dataclasses.replace(CONFIG, block_steps=block_steps)
@@ -223,6 +233,7 @@ def test_trajectory_gradients_equal_the_estimators_per_trajectory(setup, block_s
         )
 
 
+@pytest.mark.slow
 def test_batch_estimates_do_not_depend_on_chunking(setup):
     params, _, runners, _, _ = setup
     key = jax.random.PRNGKey(5)
@@ -300,6 +311,7 @@ def test_log_slope_and_its_interval():
     assert slope2 == pytest.approx(-0.5)
 
 
+@pytest.mark.slow
 def test_exact_mode_job_writes_every_output(tmp_path):
     """`rl-pg variance --problem enumerable` end to end, on small sizes."""
     config = dataclasses.replace(CONFIG, num_batches=8, max_batches_per_size=32)
@@ -348,6 +360,7 @@ def test_stage_labels_are_unique():
         stages_lib.stage_labels(["a/best", "a/best"])
 
 
+@pytest.mark.slow
 def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path, capsys):
     """`rl-pg variance --problem enumerable --decompose`: estimates beside exact,
     and a progress bar over the policies while it decomposes."""
@@ -385,6 +398,7 @@ def test_decompose_in_exact_mode_writes_the_decomposition(tmp_path, capsys):
     assert "Variance decomposed" in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_study_whose_returns_are_all_equal_is_well_defined(recwarn):
     """No signal: the reference gradient is 0 with error 0; no NaN warnings."""
     mdp = enumerable.DEFAULT_MDP._replace(
@@ -485,6 +499,7 @@ def fast_and_loss_path():
     return params, runners, results
 
 
+@pytest.mark.slow
 def test_fast_batch_estimates_equal_each_loss_gradient(fast_and_loss_path):
     params, runners, _ = fast_and_loss_path
     key = jax.random.PRNGKey(11)
@@ -503,6 +518,7 @@ def test_fast_batch_estimates_equal_each_loss_gradient(fast_and_loss_path):
             )
 
 
+@pytest.mark.slow
 def test_fast_path_gives_the_same_results(fast_and_loss_path):
     """The rows of results.csv, up to float rounding."""
     _, _, results = fast_and_loss_path
@@ -521,6 +537,7 @@ def test_fast_path_gives_the_same_results(fast_and_loss_path):
         np.testing.assert_allclose(fast.slopes[name], by_loss.slopes[name], rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_device_chunk_sums_equal_the_host_float64_moments(setup):
     """trajectory_moments reduces each chunk on the device (float32, products with R
     about the chunk's mean return); the moments equal a float64 accumulation of the
@@ -557,6 +574,7 @@ def test_device_chunk_sums_equal_the_host_float64_moments(setup):
     np.testing.assert_allclose(np.stack(moments.group_R_s), group_R_s, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
     """Chunks dealt to devices in turn (here one device listed twice, so a process
     with one device runs the same code path) are merged in order: the moments equal
@@ -590,6 +608,7 @@ def test_concurrent_devices_give_the_one_device_numbers_bit_for_bit(setup):
         variance.make_runners(problem, CONFIG, mesh, concurrent_devices=[device])
 
 
+@pytest.mark.slow
 def test_dealt_batch_calls_give_the_one_device_estimates_bit_for_bit(
     setup, monkeypatch
 ):
