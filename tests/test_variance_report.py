@@ -7,7 +7,6 @@ import csv
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import time
 
@@ -15,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from terminal import rl_pg_argv
+from terminal import press_ctrl_c, rl_pg_argv, without_jax_gc_noise
 
 from rl_pg import checkpoint, cli, figures, io, policies
 from rl_pg.runs import files
@@ -316,9 +315,8 @@ def test_ctrl_c_ends_in_one_line_and_the_same_command_runs_again(tmp_path):
             time.sleep(0.05)  # until the study of the first policy has begun
         time.sleep(2)
         assert proc.poll() is None and (out / "config.json").is_file()
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
-    err = log.read_text()
+        press_ctrl_c(proc, log)
+    err = without_jax_gc_noise(log.read_text())
     lines = [
         line
         for line in err.replace("\r", "\n").splitlines()
