@@ -23,7 +23,7 @@ def rl_pg_argv(*args: str) -> list[str]:
 
 
 def press_ctrl_c(proc: subprocess.Popen, stderr_log: Path, presses: int = 5) -> int:
-    """Ctrl-C, pressed again (as a user would) while ``proc`` runs on without
+    """Ctrl-C, pressed again (every 5 s, as a user would) while ``proc`` runs on without
     having said "interrupted" on stderr; returns its exit status.
 
     Once in a while a Ctrl-C is lost inside JAX, not rl_pg: a KeyboardInterrupt
@@ -33,11 +33,11 @@ def press_ctrl_c(proc: subprocess.Popen, stderr_log: Path, presses: int = 5) -> 
     saw a run train to the end after one). The gc callback's case prints
     "Exception ignored" and a traceback: see :func:`without_jax_gc_noise`.
     """
-    assert proc.poll() is None, "the command ended before Ctrl-C"
+    assert proc.poll() is None, f"ended before Ctrl-C:\n{stderr_log.read_text()}"
     for _ in range(presses):
         proc.send_signal(signal.SIGINT)
         try:
-            return proc.wait(timeout=3)
+            return proc.wait(timeout=5)  # a compile in C++ first
         except subprocess.TimeoutExpired:
             if "interrupted" in stderr_log.read_text():
                 break  # heard: it is cleaning up
