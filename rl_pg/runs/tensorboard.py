@@ -60,11 +60,12 @@ class TensorBoardLog:
         extras.require("tensorboardX", "rl-pg train --log tensorboard")
         from tensorboardX import summary
         from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto import event_pb2
 
         log_dir = Path(run_dir) / LOG_DIR
         log_dir.mkdir(parents=True, exist_ok=True)
         self._events = EventsWriter(str(log_dir / "events"))
-        self._scalar = summary.scalar
+        self._scalar, self._event = summary.scalar, event_pb2.Event
         experiment, start, self._end = summary.hparams(
             flat_hparams(hparams), {m: math.nan for m in HPARAM_METRICS}
         )
@@ -73,9 +74,7 @@ class TensorBoardLog:
         self._events.flush()
 
     def _add(self, summary, step: int | None = None) -> None:
-        from tensorboardX.proto import event_pb2
-
-        event = event_pb2.Event(summary=summary, wall_time=time.time())
+        event = self._event(summary=summary, wall_time=time.time())
         if step is not None:
             event.step = step
         self._events.write_event(event)
