@@ -5,13 +5,14 @@ import sys
 import time
 from pathlib import Path
 
+from rl_pg import io
 from rl_pg.algos import registry
 
 EPILOG = "Every command writes into a new directory (or file) and never overwrites one."
 
 
 def _bench(args) -> None:
-    from rl_pg import io, throughput
+    from rl_pg import throughput
 
     num_envs = throughput.parse_ints(args.num_envs, "--num-envs")
     modes = args.modes.split(",")
@@ -741,8 +742,9 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
         else:
             args.func(args)
     except KeyboardInterrupt:  # Ctrl-C: one line, what to run next, exit 130
-        hint = _recovery(args, argv, None)
-        print(f"rl-pg {args.command}: interrupted{hint}", file=sys.stderr)
+        with io.ctrl_c_ignored():  # pressed again: the line is still written
+            hint = _recovery(args, argv, None)
+            print(f"rl-pg {args.command}: interrupted{hint}", file=sys.stderr)
         raise SystemExit(130) from None
     except (ValueError, OSError, ImportError) as error:  # bad input, files, extras
         message = " ".join(str(error).split())  # one line

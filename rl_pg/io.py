@@ -6,8 +6,10 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -70,17 +72,34 @@ def owned_output(path: str | os.PathLike, command: str = "rl-pg"):
     except BaseException as error:
         if isinstance(error, SystemExit) and not error.code:
             raise  # a normal exit is not a failure
-        _remove_contents(out)
-        if not existed:
-            out.rmdir()
+        with ctrl_c_ignored():  # a second Ctrl-C cannot leave half a cleanup
+            _remove_contents(out)
+            if not existed:
+                out.rmdir()
+            if isinstance(error, KeyboardInterrupt):
+                print(
+                    f"{command}: interrupted; removed the partial results in {out}: "
+                    "the same command starts again",
+                    file=sys.stderr,
+                )
         if isinstance(error, KeyboardInterrupt):
-            print(
-                f"{command}: interrupted; removed the partial results in {out}: "
-                "the same command starts again",
-                file=sys.stderr,
-            )
             raise SystemExit(130) from None
         raise
+
+
+@contextlib.contextmanager
+def ctrl_c_ignored():
+    """Ignore SIGINT inside (in the main thread; elsewhere a no-op), then restore
+    the handler: the cleanup after a first Ctrl-C runs to its end however often
+    the user presses it again."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:  # None: a handler not set from Python; the default is the closest
+        signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
 
 
 def _remove_contents(path: Path) -> None:

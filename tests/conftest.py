@@ -1,5 +1,6 @@
 import gc
 import os
+import signal
 import sys
 
 import pytest
@@ -43,3 +44,12 @@ def _release_compiled_programs():
             array.block_until_ready()  # nothing in flight on a freed program
         jax.clear_caches()
         gc.collect()
+
+
+@pytest.fixture
+def ctrl_c_raises():
+    """SIGINT raises KeyboardInterrupt in this process, as in a terminal (a test
+    worker may have set it otherwise); the handler is restored afterwards."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -4,6 +4,7 @@ resumable (or, where resuming would fail again, says to delete it)."""
 
 import os
 import shlex
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -64,6 +65,32 @@ def test_ctrl_c_ends_with_one_line_exit_130_and_a_resumable_run(tmp_path):
     assert not (out / "eval.json").exists()
     cli.main(_command_in(stderr))  # the command it names completes the run
     assert (out / "eval.json").is_file()
+
+
+def test_ctrl_c_pressed_again_still_gets_its_one_line(
+    tmp_path, monkeypatch, capsys, ctrl_c_raises
+):
+    """A second Ctrl-C while rl-pg writes the first one's line: no traceback."""
+    real = cli._recovery
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def pressed_again(*args):
+        signal.raise_signal(signal.SIGINT)  # handled here, unless ignored
+        return real(*args)
+
+    monkeypatch.setattr(driver, "train_batch", interrupted)
+    monkeypatch.setattr(cli, "_recovery", pressed_again)
+    try:
+        cli.main(_train_argv(tmp_path / "run"))
+    except KeyboardInterrupt:  # not re-raised: pytest would stop the session
+        pytest.fail("the second Ctrl-C cut the message short")
+    except SystemExit as stop:
+        assert stop.code == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("rl-pg train: interrupted")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_an_interrupt_names_the_directory_and_the_resume_command(

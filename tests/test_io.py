@@ -1,5 +1,7 @@
 """Output directories are claimed by one run only; writes are atomic."""
 
+import signal
+
 import pytest
 
 from rl_pg import io
@@ -85,6 +87,34 @@ def test_owned_output_on_ctrl_c_removes_what_it_wrote_and_exits_130(tmp_path, ca
     assert err.count("\n") == 1 and err.startswith("rl-pg variance: interrupted")
     with io.owned_output(out) as again:  # the same command may run again
         assert again == out
+
+
+def test_a_second_ctrl_c_does_not_cut_the_cleanup_short(
+    tmp_path, monkeypatch, capsys, ctrl_c_raises
+):
+    """Ctrl-C pressed again while the first one's cleanup runs: the cleanup ends,
+    the one line is written, the exit is 130, and Ctrl-C works again after."""
+    out = tmp_path / "study"
+    remove = io._remove_contents
+
+    def pressed_again(path):
+        signal.raise_signal(signal.SIGINT)  # handled here, unless ignored
+        remove(path)
+
+    monkeypatch.setattr(io, "_remove_contents", pressed_again)
+    try:
+        with io.owned_output(out) as claimed:
+            (claimed / "results.csv").write_text("partial")
+            raise KeyboardInterrupt
+    except KeyboardInterrupt:  # not re-raised: pytest would stop the session
+        pytest.fail("the second Ctrl-C cut the cleanup short")
+    except SystemExit as stop:
+        assert stop.code == 130
+    assert not out.exists()
+    assert capsys.readouterr().err.startswith("rl-pg: interrupted; removed")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_owned_output_on_an_error_empties_a_given_empty_directory(tmp_path):
