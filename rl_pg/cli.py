@@ -761,7 +761,15 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
 
 def _recovery(args, argv: list[str], error: BaseException | None) -> str:
     """``rl-pg train``: the run directory left behind and the command to run
-    (``rl_pg.runs.commands.recovery_hint``); other commands: ``""``."""
+    (``rl_pg.runs.commands.recovery_hint``); ``rl-pg sweep`` stopped after
+    training: what it kept (``rl_pg.runs.sweep.trained_runs_hint``); other
+    commands: ``""``."""
+    if args.command == "sweep" and args.out:
+        if isinstance(error, FileExistsError):
+            return ""  # the refusal of its --out says it already
+        from rl_pg.runs import sweep
+
+        return sweep.trained_runs_hint(args.out)
     if args.command != "train" or not args.out or args.help_config:
         return ""
     from rl_pg.runs import commands

@@ -270,6 +270,44 @@ def test_a_diverging_sweep_run_is_named_by_cell_and_seed(tmp_path, monkeypatch, 
 
 
 @pytest.mark.slow
+def test_ctrl_c_after_a_sweep_trained_keeps_every_run(tmp_path, monkeypatch, capsys):
+    """Ctrl-C while the first trained run is evaluated: every run's policies were
+    saved before it; the one line and the refusal of the same command say what
+    is kept (nothing is removed) instead of `rm -r` alone."""
+    from rl_pg.algos import base
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "held_out", interrupted)  # the first run's
+    out = tmp_path / "sweep"
+    argv = _sweep_argv(out) + ["--num-seeds", "2"]
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    line = err.splitlines()[-1]  # after the progress bar's
+    assert line.startswith(
+        "rl-pg sweep: interrupted; its trained runs are kept (2 of 2"
+    )
+    assert "0 evaluated" in line and "summary.csv was not written" in line
+    runs = sorted(out.glob("cell_*_seed_*"))
+    assert len(runs) == 2 and not (out / "summary.csv").exists()
+    for run in runs:  # each run's policies (Q-tables), evaluated or not
+        for name in ("best.npz", "last.npz"):
+            assert (run / "checkpoints" / name).is_file()
+    assert not any((run / "eval.json").is_file() for run in runs)
+    with pytest.raises(SystemExit) as stop:  # the same command: what is kept
+        cli.main(argv)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds a sweep that stopped after training (or is still" in err
+    assert err.count("its trained runs") == 1 and err.count("\n") == 1
+    assert len(sorted(out.glob("cell_*_seed_*"))) == 2  # nothing removed
+
+
+@pytest.mark.slow
 def test_a_failing_sweep_figure_keeps_the_trained_runs(tmp_path, monkeypatch, capsys):
     """After training nothing is removed: a figure that fails is skipped with
     one line naming the redraw command, and summary.csv is still written."""

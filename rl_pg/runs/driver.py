@@ -209,18 +209,27 @@ class Member:
             validation_median=_item(run.best_median),
         )
 
-    def finish(self, run: base.RunState, gif: bool) -> dict[str, Any]:
-        """Last and best policies, ``eval.json``, the learning curve, the GIF."""
+    def keep(self, run: base.RunState) -> None:
+        """The trained run's last and best policies and resumable state (seconds;
+        :meth:`finish` does it first unless told it is done)."""
+        self.save(
+            self.ckpt_dir / "last",
+            self.algorithm.params(run.train),
+            update=self.rows[-1].get("update", _item(run.evals)) if self.rows else 0,
+            env_steps=_item(self.algorithm.env_steps(run.train)),
+        )
+        self.checkpoint(run)
+
+    def finish(
+        self, run: base.RunState, gif: bool, kept: bool = False
+    ) -> dict[str, Any]:
+        """Last and best policies (unless ``kept``), ``eval.json``, the learning
+        curve, the GIF."""
         algorithm, config = self.algorithm, self.config
         train_wall_clock = self.progress.wall_clock_s
         trained_steps = _item(algorithm.env_steps(run.train))
-        self.save(
-            self.ckpt_dir / "last",
-            algorithm.params(run.train),
-            update=self.rows[-1].get("update", _item(run.evals)) if self.rows else 0,
-            env_steps=trained_steps,
-        )
-        self.checkpoint(run)
+        if not kept:
+            self.keep(run)
         eval_start = time.perf_counter()
         result = base.held_out(algorithm, config, run.best_params)
         data = evaluation.write_eval_json(

@@ -17,6 +17,7 @@ seeds with its stratified-bootstrap 95% interval, and the sweep writes
 import csv
 import dataclasses
 import itertools
+import shlex
 import time
 import typing
 from collections.abc import Mapping
@@ -131,10 +132,17 @@ def sweep_main(
     everything it wrote, so the same command starts again (its runs train side
     by side in one program: there is no single run to resume); one killed
     outright is named by the next command (:func:`rl_pg.io.check_owned_out`).
-    After training nothing is removed: a failing figure or statistic is skipped
-    with one line."""
+    After training nothing is removed: every run's policies are saved first, a
+    failing figure or statistic is skipped with one line, and a Ctrl-C or error
+    while the runs are evaluated leaves them named by :func:`trained_runs_hint`."""
     tensorboard.check_log(log)
     grid_cells, runs = plan(algo, options, num_seeds)
+    kept = trained_runs_hint(out_dir)
+    if kept:
+        raise FileExistsError(
+            f"{out_dir} holds a sweep that stopped after training (or is still "
+            f"evaluating its runs){kept}"
+        )
     io.check_owned_out(out_dir, "a sweep", SUMMARY_FILE, ("sweep",))
     algorithm = registry.get(algo)
     with io.owned_output(out_dir, "rl-pg sweep") as out:  # until trained
@@ -157,9 +165,13 @@ def sweep_main(
             member.clock = start
         batch = Batch.of(members)
         states = _train(batch, runs, grid_cells, progress)
-    summary = []  # trained: from here on nothing is removed
+    # trained: from here on nothing is removed, and every run's policies are
+    # saved first (seconds), before the evaluations and GIFs (minutes)
+    for i, member in enumerate(members):
+        member.keep(pick(states, i))
+    summary = []
     for i, (member, (cell, seed, _)) in enumerate(zip(members, runs, strict=True)):
-        data = member.finish(pick(states, i), gif)
+        data = member.finish(pick(states, i), gif, kept=True)
         summary.append(_summary_row(member, data, cell, seed, grid_cells[cell]))
     try:  # a figure or statistic that fails costs no trained run
         stats = seed_statistics(out, summary, grid_cells)
@@ -171,6 +183,29 @@ def sweep_main(
         )
     _write_summary(out / SUMMARY_FILE, summary, list(grid_cells[0]))
     return summary
+
+
+def trained_runs_hint(out_dir: str | Path) -> str:
+    """What a sweep that stopped after training (a Ctrl-C or an error while its
+    runs were evaluated or drawn: no ``summary.csv``) kept in ``out_dir``, as
+    ``"; ..."`` to end a one-line message; ``""`` for any other directory."""
+    out = Path(out_dir)
+    if not out.is_dir() or (out / SUMMARY_FILE).exists():
+        return ""
+    if io.written_by(out) != "sweep":
+        return ""
+    runs = sorted(p for p in out.glob("cell_*_seed_*") if p.is_dir())
+    saved = sum(any((p / "checkpoints").glob("last*")) for p in runs)  # dir or .npz
+    if not saved:
+        return ""
+    evaluated = sum((p / "eval.json").is_file() for p in runs)
+    return (
+        f"; its trained runs are kept ({saved} of {len(runs)} with their best and "
+        f"last policies in cell_*/checkpoints, {evaluated} evaluated in eval.json) "
+        "but summary.csv was not written: score a run with rl-pg eval --checkpoint "
+        f"RUN_DIR, or remove the directory (rm -r {shlex.quote(str(out))}) to sweep "
+        "again"
+    )
 
 
 def _train(batch: Batch, runs: list, grid_cells: list[dict], progress: bool):
