@@ -765,8 +765,8 @@ def _recovery(args, argv: list[str], error: BaseException | None) -> str:
     training: what it kept (``rl_pg.runs.sweep.trained_runs_hint``); other
     commands: ``""``."""
     if args.command == "sweep" and args.out:
-        if isinstance(error, FileExistsError):
-            return ""  # the refusal of its --out says it already
+        if isinstance(error, (ValueError, FileExistsError, ImportError)):
+            return ""  # bad input, before training (the refusal of --out says it)
         from rl_pg.runs import sweep
 
         return sweep.trained_runs_hint(args.out)

@@ -304,6 +304,9 @@ def test_ctrl_c_after_a_sweep_trained_keeps_every_run(tmp_path, monkeypatch, cap
     err = capsys.readouterr().err
     assert "holds a sweep that stopped after training (or is still" in err
     assert err.count("its trained runs") == 1 and err.count("\n") == 1
+    with pytest.raises(SystemExit):  # bad input is only bad input
+        cli.main([*argv, "--num-seeds", "0"])
+    assert "its trained runs" not in capsys.readouterr().err
     assert len(sorted(out.glob("cell_*_seed_*"))) == 2  # nothing removed
 
 

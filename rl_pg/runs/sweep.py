@@ -203,8 +203,8 @@ def trained_runs_hint(out_dir: str | Path) -> str:
         f"; its trained runs are kept ({saved} of {len(runs)} with their best and "
         f"last policies in cell_*/checkpoints, {evaluated} evaluated in eval.json) "
         "but summary.csv was not written: score a run with rl-pg eval --checkpoint "
-        f"RUN_DIR, or remove the directory (rm -r {shlex.quote(str(out))}) to sweep "
-        "again"
+        "RUN_DIR --out DIR, or, if it is not running, remove it (rm -r "
+        f"{shlex.quote(str(out))}) to sweep again"
     )
 
 
