@@ -192,23 +192,35 @@ def series_styles(names: Iterable[str]) -> dict[str, dict[str, Any]]:
 _ENV_STEPS = re.compile(r"env_steps_(\d+)")  # a kept checkpoint's directory name
 
 
-def steps_text(steps: float) -> str:
-    """A step count as a reader says it: 512, 1.6k, 2.5M, 1.2B."""
+def steps_text(steps: float, digits: int = 3) -> str:
+    """A step count as a reader says it: 512, 1.6k, 2.5M, 1.2B (``digits``
+    significant digits)."""
     for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(steps) >= size:
-            return f"{steps / size:.3g}{suffix}"
-    return f"{steps:.3g}"
+            return f"{steps / size:.{digits}g}{suffix}"
+    return f"{steps:.{digits}g}"
 
 
-def stage_label(label: Any, width: int = 18) -> str:
+def stage_label(label: Any, width: int = 18, digits: int = 3) -> str:
     """How a stage (a panel row, a panel) is named in a figure: a kept
     checkpoint ``env_steps_000000001600`` as "1.6k steps", other long labels
     wrapped to lines of ``width`` characters."""
     label = str(label)
     match = _ENV_STEPS.fullmatch(label)
     if match:
-        return f"{steps_text(int(match.group(1)))} steps"
+        return f"{steps_text(int(match.group(1)), digits)} steps"
     return "\n".join(textwrap.wrap(label, width, break_on_hyphens=False)) or label
+
+
+def stage_titles(labels: Sequence[Any], width: int = 18) -> dict[Any, str]:
+    """:func:`stage_label` of each of a figure's stages, with as many significant
+    digits as keep kept checkpoints apart ("100.2M steps", "100.4M steps" where
+    3 digits would name both "100M steps")."""
+    for digits in range(3, 16):
+        names = {label: stage_label(label, width, digits) for label in labels}
+        if len(set(names.values())) == len(names):
+            break
+    return names
 
 
 def steps_axis(ax) -> None:
@@ -370,6 +382,7 @@ def facet_figure(
     styles = series_styles(names)
     families = _families(names, styles)
     rows = list(table)
+    row_names = stage_titles(rows)
     yscale, limits = axis_limits(
         scale, _all(table, "y"), _all(table, "lo"), _all(table, "hi")
     )
@@ -404,7 +417,7 @@ def facet_figure(
                 )
                 _decorate(ax, yscale, limits, scale, xlog, xticks)
                 _label_panel(
-                    ax, mine, family, stage_label(row), xlabel,
+                    ax, mine, family, row_names[row], xlabel,
                     i == len(rows) - 1, j, i,
                 )  # fmt: skip
         fig.supylabel(ylabel, fontsize=STYLE["axes.labelsize"])
@@ -962,6 +975,7 @@ def decomposition_figure(rows: Sequence[dict]):
     the separately measured total with its 95% interval (black diamond)."""
     plt = pyplot()
     checkpoints = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    titles = stage_titles(checkpoints)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(
             1,
@@ -992,7 +1006,7 @@ def decomposition_figure(rows: Sequence[dict]):
                 color="black", ms=3, capsize=2, lw=0.8, label="total (measured apart)",
             )  # fmt: skip
             ax.set_xticks(x, [display_name(n) for n in names], rotation=35, ha="right")
-            ax.set_title(stage_label(ckpt) or "policy")
+            ax.set_title(titles[ckpt] or "policy")
             ax.grid(axis="y", alpha=0.25, lw=0.5)
         axes[0, 0].set_ylabel(
             r"$\mathrm{tr}\,\mathrm{Var}(y)$, $y = \hat A\,\nabla\log\pi(a|s)$"

@@ -263,6 +263,22 @@ def test_kept_checkpoints_are_labelled_in_steps_and_long_labels_wrap(tmp_path):
     ]  # fmt: skip
     fig = figures.decomposition_figure(decomposition)
     assert [ax.get_title() for ax in fig.axes] == ["1.6k steps", "3.2k steps"]
+    close = ("env_steps_000100200000", "env_steps_000100400000", stages[0])
+    assert list(figures.stage_titles(close).values()) == [
+        "100.2M steps", "100.4M steps", "1.6k steps"
+    ]  # fmt: skip
+    fig = figures.study_figure(_results(tmp_path / "close", close), "variance")
+    rows = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert rows == ["100.2M steps", "100.4M steps", "1.6k steps"]
+    fig = figures.decomposition_figure(
+        [dict(row, checkpoint=close[stages.index(row["checkpoint"])])
+         for row in decomposition] + decomposition[:4]
+    )  # fmt: skip
+    assert [ax.get_title() for ax in fig.axes] == [
+        "100.2M steps",
+        "100.4M steps",
+        "1.6k steps",
+    ]
 
 
 def test_a_single_evaluation_is_drawn_as_a_marker(tmp_path):

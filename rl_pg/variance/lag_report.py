@@ -146,6 +146,7 @@ def lag_rows(rows: list[dict], with_k: bool):
     )
     names = list(dict.fromkeys(r["estimator"] for r in rows))
     grid = []
+    titles = figures.stage_titles(stages)
     for stage in stages:
         mine = [i for i, r in enumerate(rows) if with_k or r["checkpoint"] == stage]
         for metric, label, scale in LAG_METRICS:
@@ -155,7 +156,7 @@ def lag_rows(rows: list[dict], with_k: bool):
                     continue  # not on grad J's scale: cosine only
                 sel = [i for i in mine if rows[i]["estimator"] == name]
                 table[name] = _lag_series([rows[i] for i in sel], x_all[sel], metric)
-            text = figures.stage_label(stage)
+            text = titles[stage]
             grid.append(
                 figures.GridRow(f"{stage}:{metric}", f"{text}\n{label}", scale, table)
             )
