@@ -339,6 +339,7 @@ def test_parse_grid_splits_fixed_fields_from_the_grid():
         (["--lr", "1e-3,,3e-4"], "--lr: empty value"),
         (["--lr", "1e-3,x"], "--lr: cannot parse"),
         (["--lr", "1e-3,1e-3"], "--lr: repeated value"),
+        (["--lr", "1e-3,0.0010000001"], "equal to 6 significant digits"),
         (["--lr", "1e-3,2.0"], "lr must be a number in"),
         (["--num-seeds", "0"], "--num-seeds must be an int >= 1"),
     ],

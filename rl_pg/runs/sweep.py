@@ -76,6 +76,12 @@ def parse_grid(
         values = [overrides.parse_overrides(config_cls, {key: p})[name] for p in parts]
         if len(set(values)) != len(values):
             raise ValueError(f"{option}: repeated value in {text!r}")
+        if len({f"{v:g}" for v in values}) != len(values):
+            raise ValueError(
+                f"{option}: values in {text!r} are equal to 6 significant digits, "
+                "and a cell is named (and its runs grouped) by them: give values "
+                "that differ there"
+            )
         grid[name] = values
     return fixed, grid
 
