@@ -90,6 +90,20 @@ def test_registry_rejects_duplicates_and_accepts_new_estimators():
         estimators.ESTIMATORS.pop("triple_reinforce")
 
 
+@pytest.mark.slow
+def test_exact_mode_without_a_per_trajectory_estimator():
+    """Only batch-level estimators: their exact bias from the mean factor, no
+    exact variance (there is no one-column estimate to enumerate)."""
+    rows = run_study(problem="enumerable", estimators=["rloo", "dr_grpo"], **SMALL)
+    assert {r["estimator"] for r in rows} == {"rloo", "dr_grpo"}
+    for row in rows:
+        assert np.isnan(row["exact_variance"])
+        if row["estimator"] == "rloo":  # unbiased
+            assert row["exact_bias2"] == pytest.approx(0.0, abs=1e-9)
+        else:  # shrunk by 1/T: biased
+            assert row["exact_bias2"] > 0
+
+
 def _cli(args, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["variance", *args])

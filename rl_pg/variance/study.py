@@ -473,6 +473,8 @@ def _exact_values(params, runners: Runners, config: StudyConfig, mean_return: fl
         return {}
 
     def column_grads(batch):
+        if not runners.column_names:  # no per-trajectory estimator: means only
+            return {}
         b = jnp.float32(mean_return)
         y = np.asarray(runners.column_grads(params, batch, b), np.float64)
         return {name: y[:, i] for i, name in enumerate(runners.column_names)}
