@@ -79,6 +79,27 @@ class LossAux(NamedTuple):
     clip_fraction: jax.Array
 
 
+def as_loss_aux(aux: Any, loss: jax.Array, name: str = "loss") -> LossAux:
+    """A loss's ``aux`` as training logs it: a :class:`LossAux` as it is; a mapping
+    of some of its fields (a user's loss may return ``{}``) or None with the
+    others 0 and ``pg_loss`` the loss itself.
+
+    Raises:
+      ValueError: for keys that are not :class:`LossAux` fields, or another type.
+    """
+    if isinstance(aux, LossAux):
+        return aux
+    fields = {} if aux is None else aux
+    if not isinstance(fields, dict) or set(fields) - set(LossAux._fields):
+        raise ValueError(
+            f"estimator {name!r} returned aux {aux!r}: training takes a LossAux, "
+            f"or a dict of some of its fields ({', '.join(LossAux._fields)}), or {{}}"
+        )
+    zero = jnp.zeros((), jnp.float32)
+    default = {"pg_loss": loss}
+    return LossAux(**{f: fields.get(f, default.get(f, zero)) for f in LossAux._fields})
+
+
 class _Forward(NamedTuple):
     logits: jax.Array  # [T, B, A]
     values: jax.Array  # [T, B] V(s_t) under params (with gradient)

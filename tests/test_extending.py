@@ -84,3 +84,39 @@ def test_the_toy_loss_gradient_is_its_declared_weighting(toy):
     )(params)
     for a, b in zip(jax.tree.leaves(grad), jax.tree.leaves(half), strict=True):
         np.testing.assert_allclose(a, 0.5 * b, rtol=1e-5, atol=1e-7)
+
+
+def test_training_logs_a_user_loss_whatever_aux_it_returns(toy):
+    """A user's loss may return ``{}`` or some of LossAux's fields (the README's
+    median_baseline does): training logs those, pg_loss the loss and 0 the rest."""
+    from rl_pg import enumerable
+    from rl_pg.algos import loop
+
+    mdp = enumerable.DEFAULT_MDP
+    policy = enumerable.tabular_policy(mdp.num_states, mdp.num_actions)
+    params = policy.init(jax.random.PRNGKey(0), None)
+    batch = enumerable.sample_batch(jax.random.PRNGKey(1), params, 8, mdp)
+    name = "user_loss_toy"
+    for aux, expected in [
+        ({}, {"entropy": 0.0}),
+        (None, {"entropy": 0.0}),
+        ({"entropy": 0.25}, {"entropy": 0.25}),
+    ]:
+
+        def user_loss(params, batch, *, apply_fn, aux=aux):
+            loss, _ = toy.loss(params, batch, apply_fn=apply_fn)
+            return 2.0 * loss, aux
+
+        estimators.register(EstimatorSpec(name, user_loss, in_study=False))
+        try:
+            loss = loop.make_loss(name, policy.apply, batch_length=4)
+            (value, logged), _ = jax.value_and_grad(loss, has_aux=True)(params, batch)
+        finally:
+            estimators.REGISTRY.pop(name)
+            estimators.ESTIMATORS.pop(name)
+        assert isinstance(logged, estimators.LossAux)
+        assert float(logged.pg_loss) == pytest.approx(4 * float(value))  # unscaled
+        assert float(logged.entropy) == expected["entropy"]
+        assert float(logged.clip_fraction) == 0.0
+    with pytest.raises(ValueError, match="LossAux, or a dict of some of its fields"):
+        estimators.as_loss_aux({"my_metric": 1.0}, 0.0, name)

@@ -277,7 +277,7 @@ def make_loss(
 
     def loss(params, batch, **call_kwargs):
         value, aux = estimator(params, batch, **call_kwargs)
-        return value * scale, aux
+        return value * scale, estimators.as_loss_aux(aux, value, name)
 
     return loss
 
