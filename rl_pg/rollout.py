@@ -64,7 +64,8 @@ def episodic_rollout(
     level: jax.Array | None = None,
     mesh: Mesh | None = None,
 ) -> Trajectory:
-    """One episode per reset key, ``horizon`` steps, masked after it ends.
+    """One episode per reset key, ``horizon`` steps, masked after it ends (the
+    env's time limit, ``env.is_truncated``, ends it as ``truncated``).
 
     Args:
       key: action-sampling key (the dynamics never use it).
@@ -80,12 +81,16 @@ def episodic_rollout(
       Trajectory ``[T, B]``; steps after a column's episode ended have mask 0 and
       hold the (ignored) continuation of a crashed bird.
     """
+    _check_keys(reset_keys, "reset_keys")
+    if not (isinstance(horizon, int) and horizon >= 1):
+        raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
     num = reset_keys.shape[0]
     distributed.check_divisible(num, mesh, "rollout batch")
     reset_keys = distributed.constrain(reset_keys, mesh)
     level = jnp.arange(num, dtype=jnp.int32) if level is None else level
     obs, state = jax.vmap(env.reset_env, in_axes=(0, None))(reset_keys, env_params)
     step = jax.vmap(env.step_env, in_axes=(None, 0, 0, None))
+    time_limit = jax.vmap(env.is_truncated, in_axes=(0, None))
 
     def body(carry, key):
         obs, state, alive = carry
@@ -93,6 +98,7 @@ def episodic_rollout(
         next_obs, next_state, reward, terminated, info = step(
             key, state, action, env_params
         )
+        cut = alive & ~terminated & time_limit(next_state, env_params)
         out = dict(
             observations=obs,
             actions=action,
@@ -100,24 +106,34 @@ def episodic_rollout(
             log_probs=log_prob,
             values=value,
             terminated=terminated & alive,
+            truncated=cut,
             mask=alive.astype(jnp.float32),
             score=info["score"],
         )
-        return (next_obs, next_state, alive & ~terminated), out
+        return (next_obs, next_state, alive & ~terminated & ~cut), out
 
     keys = jax.random.split(key, horizon)
     (last_obs, _, alive), out = jax.lax.scan(
         body, (obs, state, jnp.ones(num, bool)), keys
     )
-    truncated = jnp.zeros((horizon, num), bool).at[-1].set(alive)
+    out["truncated"] = out["truncated"].at[-1].set(out["truncated"][-1] | alive)
     _, last_value = apply_fn(params, last_obs)  # one pass, for the cut at T - 1
     traj = Trajectory(
-        truncated=truncated,
         next_values=_shift_in(out["values"], last_value),
         level=jnp.broadcast_to(level, (horizon, num)),
         **out,
     )
     return distributed.constrain(traj, mesh, axis=1)
+
+
+def _check_keys(keys: jax.Array, name: str) -> None:
+    """``keys`` is a batch of PRNG keys ([B] typed keys or [B, 2] raw ones)."""
+    typed = jax.dtypes.issubdtype(keys.dtype, jax.dtypes.prng_key)
+    if keys.ndim != (1 if typed else 2):
+        raise ValueError(
+            f"{name} must be a batch of keys (jax.random.split(key, n)), "
+            f"got an array of shape {keys.shape}"
+        )
 
 
 def grouped_rollout(
@@ -137,6 +153,7 @@ def grouped_rollout(
     only in their sampled actions. With a ``mesh`` the levels are split across
     its devices (``L`` divisible by their number), whole groups per device.
     """
+    _check_keys(level_keys, "level_keys")
     num_levels = level_keys.shape[0]
     distributed.check_divisible(num_levels, mesh, "number of levels")
     level_keys = distributed.constrain(level_keys, mesh)

@@ -62,6 +62,31 @@ def test_episodic_masks_and_truncation(setup):
         np.testing.assert_array_equal(x, y)
 
 
+def test_the_time_limit_ends_an_episodic_rollout_as_truncated(setup):
+    """max_steps_in_episode = 5 within a 12-step horizon: the episode ends after
+    its 5th step as truncated (not terminated) and bootstraps from the state it
+    reached; bad keys and horizons are refused before tracing."""
+    _, _, policy, params = setup
+    env, env_params = rl_pg.make("FlappyBird-v0", max_steps_in_episode=5)
+    traj = jax.jit(
+        lambda k: grouped_rollout(
+            k, params, policy.apply, env, env_params, jax.random.split(KEY, 2), 2, 12
+        )
+    )(jax.random.PRNGKey(3))
+    np.testing.assert_array_equal(traj.mask.sum(0), [5, 5, 5, 5])
+    np.testing.assert_array_equal(np.flatnonzero(traj.truncated.any(1)), [4])
+    assert not traj.terminated.any()
+    np.testing.assert_array_equal(traj.next_values[4], traj.values[5])
+    for keys, horizon, match in [
+        (KEY, 12, "batch of keys"),
+        (jax.random.split(KEY, 2), 0, "horizon must be an int >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            grouped_rollout(
+                KEY, params, policy.apply, env, env_params, keys, 2, horizon
+            )
+
+
 def test_grouped_rollouts_share_levels_and_differ_in_actions(setup):
     env, env_params, policy, params = setup
     level_keys = jax.random.split(KEY, 3)
