@@ -1814,6 +1814,13 @@ def load_function(ref: str) -> Callable:
 
 def reference(fn: Callable) -> str:
     """The ``module:function`` reference of an importable function."""
+    if isinstance(fn, functools.partial):
+        raise ValueError(
+            f"{fn!r} is a functools.partial (as get_estimator returns): the study "
+            "binds each estimator's hyperparameters itself (group_size, gamma, lam, "
+            "b), so give the estimator's name or a loss function defined at a "
+            "module's top level"
+        )
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
     if not module or "<" in qualname:
         raise ValueError(

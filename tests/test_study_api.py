@@ -180,6 +180,9 @@ def test_run_study_needs_the_policy_of_its_params():
         run_study(policies={"a": {"w": jnp.zeros(2)}}, **SMALL)
     with pytest.raises(ValueError, match="problem"):
         run_study(problem="atari", **SMALL)
+    bound = estimators.get_estimator("rloo", group_size=2)
+    with pytest.raises(ValueError, match="functools.partial .* binds each"):
+        run_study(problem="enumerable", estimators=[bound], **SMALL)
     assert stages.stage_labels(["x/best"]) == ["best"]
 
 
