@@ -2132,3 +2132,9 @@ def _validate(name: str, kwargs: dict) -> None:
                 f"Invalid {key}={value!r} for estimator {name!r}: "
                 f"expected {description}."
             )
+    size, minimum = kwargs.get("group_size"), spec(name).min_group_size
+    if isinstance(size, numbers.Integral) and size < minimum:
+        raise ValueError(
+            f"Invalid group_size={size!r} for estimator {name!r}: it compares the "
+            f"episodes of a level, so it needs groups of at least {minimum}."
+        )
