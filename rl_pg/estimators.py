@@ -139,8 +139,12 @@ def _per_live_step(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def _clean_inputs(batch: Trajectory) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(observations, actions, mask) with padding observations and actions zeroed."""
-    chex.assert_rank([batch.actions, batch.rewards, batch.mask], 2)
-    chex.assert_equal_shape([batch.actions, batch.rewards, batch.mask])
+    per_step = [
+        batch.actions, batch.rewards, batch.mask, batch.log_probs, batch.values,
+        batch.next_values, batch.terminated, batch.truncated,
+    ]  # fmt: skip
+    chex.assert_rank(per_step, 2)
+    chex.assert_equal_shape(per_step)  # e.g. no [T, 1] log_probs broadcast over B
     mask = batch.mask.astype(jnp.float32)
     live = _live(mask)
     obs_live = live.reshape(live.shape + (1,) * (batch.observations.ndim - 2))

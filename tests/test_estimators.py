@@ -1030,3 +1030,14 @@ def test_optimal_baselines_are_exactly_zero_when_every_return_is_equal():
         assert np.all(np.asarray(b) == np.float32(25.7)), group_size
     varied = batch._replace(rewards=rewards.at[0, 3].set(30.0))
     assert np.any(np.asarray(per_parameter(varied, scores)) != 0.0)
+
+
+def test_a_per_step_field_of_another_shape_is_refused(small_batch):
+    """Every [T, B] field has the actions' shape: behaviour log-probs of one
+    column ([T, 1]) would silently broadcast over the batch's ratios."""
+    loss = _loss("ppo_clip")
+    jax.eval_shape(loss, PARAMS, small_batch)
+    for field in ("log_probs", "values", "next_values", "truncated"):
+        bad = small_batch._replace(**{field: getattr(small_batch, field)[:, :1]})
+        with pytest.raises(AssertionError, match="shape"):
+            jax.eval_shape(loss, PARAMS, bad)
