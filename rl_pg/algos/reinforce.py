@@ -45,7 +45,8 @@ class ReinforceConfig(OnPolicyConfig):
       num_levels: levels per batch.
       group_size: episodes per level (>= 2 for ``rloo``).
       horizon: steps per episode at most (batch length T).
-      baseline: b of ``constant_baseline``.
+      baseline: b of ``constant_baseline``, on the scale of the rewards times
+        ``reward_scale`` (at its default 0.1, a raw mean return of 20 is b = 2).
       gamma, lam, vf_coef, ent_coef: passed to estimators that take them
         (``value_baseline``, ``gae``, ``ppo_clip``, ``grpo``, ...).
     """
