@@ -180,6 +180,14 @@ def test_run_study_needs_the_policy_of_its_params():
         run_study(policies={"a": {"w": jnp.zeros(2)}}, **SMALL)
     with pytest.raises(ValueError, match="problem"):
         run_study(problem="atari", **SMALL)
+    for ignored in [
+        dict(problem="enumerable", checkpoints=["x"]),
+        dict(problem="enumerable", env_id="CartPole-v1"),
+        dict(problem="enumerable", horizon=7),
+        dict(policies={"a": {}}, checkpoints=["x"]),
+    ]:
+        with pytest.raises(ValueError, match="would be ignored"):
+            run_study(**ignored, **SMALL)
     bound = estimators.get_estimator("rloo", group_size=2)
     with pytest.raises(ValueError, match="functools.partial .* binds each"):
         run_study(problem="enumerable", estimators=[bound], **SMALL)

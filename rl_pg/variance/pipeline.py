@@ -239,7 +239,7 @@ def run_study(
     *,
     policy: "policies.Policy | None" = None,
     checkpoints: "list[str | Path] | None" = None,
-    env_id: str = "FlappyBird-v0",
+    env_id: str | None = None,
     problem: str = "flappy",
     estimators: "list[str | Callable] | None" = None,
     batch_sizes: tuple[int, ...] = (4, 16, 64),
@@ -248,7 +248,7 @@ def run_study(
     reference_trajectories: int = 16_384,
     reference_groups: int = 128,
     chunk: int = 1024,
-    horizon: int = 128,
+    horizon: int | None = None,
     group_size: int = 4,
     seed: int = 0,
     mesh=None,
@@ -267,7 +267,8 @@ def run_study(
         aux)`` (named in the outputs by their function name); default: every
         registered estimator marked ``in_study``.
       batch_sizes ... chunk: the :class:`~rl_pg.variance.study.StudyConfig`.
-      horizon: steps per Flappy Bird episode (the enumerable MDP has 4).
+      env_id: the policies' env (default FlappyBird-v0; not with the exact problem).
+      horizon: steps per episode (default 128; the enumerable MDP has 4 of its own).
       group_size: G episodes per level.
       mesh: a :func:`rl_pg.distributed.batch_mesh` to shard the study over.
       out_dir: also write the CLI's outputs into this new directory.
@@ -287,15 +288,24 @@ def run_study(
         suite=SuiteConfig(names=_estimator_refs(estimators)),
     )
     enumerable_ = problem == "enumerable"
+    given = dict(checkpoints=checkpoints, env_id=env_id, horizon=horizon)
+    ignored = [k for k, v in given.items() if v is not None and enumerable_]
+    if checkpoints is not None and policies is not None:
+        ignored.append("checkpoints (with policies)")
+    if ignored:
+        raise ValueError(
+            f"run_study: {', '.join(ignored)} would be ignored: the exact problem "
+            "studies its own MDP and policies, and policies= replaces checkpoints="
+        )
     job = job_lib.VarianceJob(
         preset=None,
         problem=problem,
         study=config,
-        horizon=job_lib.ENUMERABLE_HORIZON if enumerable_ else horizon,
+        horizon=job_lib.ENUMERABLE_HORIZON if enumerable_ else horizon or 128,
         group_size=group_size,
         seed=seed,
         checkpoints=None if enumerable_ or policies is not None else checkpoints,
-        env_id=None if enumerable_ else env_id,
+        env_id=None if enumerable_ else env_id or "FlappyBird-v0",
     )
     found = stages.job_stages(job, policies, policy)
     _, results = execute(job, found, out_dir, progress, mesh, command="run_study")
