@@ -1321,7 +1321,9 @@ def _truncated_is(
           prod_{k <= t'} min(rho_k, c) r_t'.
 
     Biased (the truncated mass is dropped); bounded weights. ``clip_fraction`` is
-    the fraction of truncated steps. Episodic batches.
+    the fraction of truncated steps. Episodic batches. The loss value is the
+    plain surrogate -(1/B) sum w_t log pi_theta(a_t|s_t) (not an estimate of -J,
+    unlike ``per_decision_is``'s and ``trajectory_is``'s).
 
     Args:
       truncation: c > 0, the per-step ratio cap.
