@@ -20,6 +20,7 @@ RL?").
 """
 
 import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -102,11 +103,19 @@ def entropy(logits: jax.Array) -> jax.Array:
     return -jnp.sum(probs * safe_log_pi, axis=-1)
 
 
-def _check_common(num_actions: int, value: str | None) -> None:
-    if not isinstance(num_actions, int) or num_actions < 1:
+def _positive_int(v: Any) -> int | None:
+    """``v`` as an int if it is a positive integer (numpy's too; not a bool)."""
+    if isinstance(v, bool | np.bool_) or not isinstance(v, numbers.Integral):
+        return None
+    return int(v) if v > 0 else None
+
+
+def _check_common(num_actions: int, value: str | None) -> int:
+    if _positive_int(num_actions) is None:
         raise ValueError(f"num_actions must be a positive int, got {num_actions!r}.")
     if value not in _VALUE_MODES:
         raise ValueError(f"value must be one of {_VALUE_MODES}, got {value!r}.")
+    return int(num_actions)
 
 
 def _get_activation(activation: str) -> Callable[[jax.Array], jax.Array]:
@@ -119,9 +128,9 @@ def _get_activation(activation: str) -> Callable[[jax.Array], jax.Array]:
 
 def _check_sizes(name: str, sizes: Sequence[int]) -> tuple[int, ...]:
     sizes = tuple(sizes)
-    if not all(isinstance(s, int) and s > 0 for s in sizes):
+    if not all(_positive_int(s) for s in sizes):
         raise ValueError(f"{name} must be positive ints, got {sizes!r}.")
-    return sizes
+    return tuple(int(s) for s in sizes)
 
 
 def _on_rows(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
@@ -242,7 +251,7 @@ def mlp_policy(
     Returns:
       A ``Policy``; ``apply(params, obs [..., D]) -> (logits [..., A], value [...])``.
     """
-    _check_common(num_actions, value)
+    num_actions = _check_common(num_actions, value)
     hidden = _check_sizes("hidden", hidden)
     act = _get_activation(activation)
     critic = _MLPTorso(hidden, act) if value == "separate" else None
@@ -278,7 +287,7 @@ def cnn_policy(
       A ``Policy``; ``apply(params, obs [..., H, W, C]) -> (logits [..., A],
       value [...])``.
     """
-    _check_common(num_actions, value)
+    num_actions = _check_common(num_actions, value)
     channels = _check_sizes("channels", channels)
     kernel_sizes = _check_sizes("kernel_sizes", kernel_sizes)
     strides = _check_sizes("strides", strides)

@@ -177,6 +177,9 @@ def test_init_is_deterministic_per_key():
     "factory, kwargs",
     [
         (policies.mlp_policy, {"num_actions": 0}),
+        (policies.mlp_policy, {"num_actions": True}),
+        (policies.mlp_policy, {"num_actions": 2.0}),
+        (policies.mlp_policy, {"num_actions": 2, "hidden": (8.0,)}),
         (policies.mlp_policy, {"num_actions": 2, "value": "both"}),
         (policies.mlp_policy, {"num_actions": 2, "activation": "sigmoidish"}),
         (policies.mlp_policy, {"num_actions": 2, "hidden": (8, 0)}),
@@ -186,3 +189,13 @@ def test_init_is_deterministic_per_key():
 def test_factories_validate_arguments(factory, kwargs):
     with pytest.raises(ValueError):
         factory(**kwargs)
+
+
+def test_numpy_integers_are_ints():
+    """np.int64 sizes (e.g. read from an array) build the same policy as ints."""
+    policy = policies.mlp_policy(np.int64(3), hidden=np.array([4, 4]))
+    assert type(policy.num_actions) is int and policy.num_actions == 3
+    obs = jnp.zeros(5)
+    shapes = jax.tree.map(jnp.shape, policy.init(jax.random.PRNGKey(0), obs))
+    ints = policies.mlp_policy(3, hidden=(4, 4))
+    assert shapes == jax.tree.map(jnp.shape, ints.init(jax.random.PRNGKey(0), obs))
