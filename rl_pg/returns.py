@@ -22,6 +22,8 @@ select with ``jnp.where`` rather than multiplying by 0, so even non-finite paddi
 put. Values returned at padding steps are meaningless.
 """
 
+import numbers
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,13 @@ import jax.numpy as jnp
 
 def _as_float(x: jax.Array) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
+
+
+def _check_unit(**values: float) -> None:
+    """A Python number given as gamma or lam lies in [0, 1] (arrays: unchecked)."""
+    for name, v in values.items():
+        if isinstance(v, numbers.Real) and not 0.0 <= v <= 1.0:
+            raise ValueError(f"{name} must be in [0, 1], got {v!r}")
 
 
 def _done(terminated: jax.Array, truncated: jax.Array) -> jax.Array:
@@ -147,6 +156,7 @@ def discounted_returns(
     """
     chex.assert_rank([rewards, terminated, truncated, next_values], 1)
     chex.assert_equal_shape([rewards, terminated, truncated, next_values])
+    _check_unit(gamma=gamma)
     r = _as_float(rewards)
     next_values = _as_float(next_values)
 
@@ -198,6 +208,7 @@ def gae(
     """
     chex.assert_rank([rewards, values, next_values, terminated, truncated], 1)
     chex.assert_equal_shape([rewards, values, next_values, terminated, truncated])
+    _check_unit(gamma=gamma, lam=lam)
     r = _as_float(rewards)
     values = _as_float(values)
     v_next = _bootstrap_values(values, _as_float(next_values), truncated)

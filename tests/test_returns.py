@@ -277,6 +277,18 @@ def test_rank_is_checked():
         returns.gae(x, x, x, x.astype(bool), x.astype(bool), 0.9, 0.9)
 
 
+def test_a_discount_outside_the_unit_interval_is_refused():
+    x, flags = jnp.zeros(3), jnp.zeros(3, bool)
+    for gamma, lam in [(-0.5, 0.9), (1.5, 0.9), (0.9, 2.0)]:
+        with pytest.raises(ValueError, match="must be in \\[0, 1\\]"):
+            returns.gae(x, x, x, flags, flags, gamma, lam)
+    with pytest.raises(ValueError, match="gamma must be in"):
+        returns.batch_discounted_returns(
+            x[:, None], flags[:, None], flags[:, None], x[:, None], 2.0
+        )
+    returns.gae(x, x, x, flags, flags, jnp.float32(1.5), 0.9)  # arrays: vmappable
+
+
 def test_length_one_sequence():
     g = returns.gae(
         jnp.array([2.0]),
