@@ -291,7 +291,7 @@ def without_critic(found: list[Stage], suite: problems.SuiteConfig) -> dict:
         raise ValueError(
             f"estimator(s) {', '.join(critic)} need a critic, which the policy(ies) "
             f"{', '.join(lacking)} do not have (trained without a value head): drop "
-            "them from --estimators"
+            "them from the estimators (--estimators, or run_study's estimators=)"
         )
     return {label: critic for label in lacking}
 
