@@ -161,6 +161,17 @@ VARIANCE_FIELDS = ("horizon", "group_size", "env_id", "devices")
 VARIANCE_OVERRIDES = ("estimators",) + VARIANCE_SIZES + VARIANCE_FIELDS
 
 
+def _seed(text: str) -> int:
+    """A seed: an int in [0, 2**32) (``jax.random.PRNGKey`` wraps beyond)."""
+    try:
+        seed = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= seed < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an int in [0, 2**32), got {text}")
+    return seed
+
+
 def _int_list(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))
@@ -379,7 +390,7 @@ def _add_variance_inputs(group) -> None:
     group.add_argument(
         "--config", help="a previous run's config.json: run it again as it was"
     )
-    group.add_argument("--seed", type=int, default=None, help="default 0")
+    group.add_argument("--seed", type=_seed, default=None, help="default 0")
     group.add_argument(
         "--lag-kl",
         help="policy-lag study: comma-separated KL(mu || pi) levels, e.g. "
@@ -635,7 +646,7 @@ def _add_eval(sub) -> None:
         action="store_true",
         help="sample actions instead of taking the argmax",
     )
-    inputs.add_argument("--seed", type=int, default=0, help="action-sampling seed")
+    inputs.add_argument("--seed", type=_seed, default=0, help="action-sampling seed")
     sizes = ev.add_argument_group("sizes")
     sizes.add_argument("--episodes", type=int, default=32, help="held-out levels")
     sizes.add_argument(
@@ -675,7 +686,7 @@ def _add_render(sub) -> None:
         default=0.1,
         help="flap probability of the random policy",
     )
-    policy.add_argument("--seed", type=int, default=0, help="level and policy seed")
+    policy.add_argument("--seed", type=_seed, default=0, help="level and policy seed")
     sizes = render.add_argument_group("sizes")
     sizes.add_argument("--steps", type=int, default=600, help="maximum steps")
     sizes.add_argument(

@@ -342,6 +342,7 @@ def test_parse_grid_splits_fixed_fields_from_the_grid():
         (["--lr", "1e-3,0.0010000001"], "equal to 6 significant digits"),
         (["--lr", "1e-3,2.0"], "lr must be a number in"),
         (["--num-seeds", "0"], "--num-seeds must be an int >= 1"),
+        (["--seed", "4294967295", "--num-seeds", "2"], "reach seed 4294967296"),
     ],
 )
 def test_bad_sweep_input_is_a_one_line_error_before_any_work(

@@ -163,6 +163,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--config", "missing.json"], "no such file"),
         (["--config", "c.json", "--seed", "3"], "drop --seed"),
         (["--reference-trajectories", "0"], "reference_trajectories must be"),
+        (["--seed", "4294967296"], "--seed: expected an int in [0, 2**32)"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error_and_writes_nothing(
@@ -188,6 +189,8 @@ def test_run_study_needs_the_policy_of_its_params():
     ]:
         with pytest.raises(ValueError, match="would be ignored"):
             run_study(**ignored, **SMALL)
+    with pytest.raises(ValueError, match="seed must be an int in"):
+        run_study(problem="enumerable", seed=2**32, **SMALL)
     bound = estimators.get_estimator("rloo", group_size=2)
     with pytest.raises(ValueError, match="functools.partial .* binds each"):
         run_study(problem="enumerable", estimators=[bound], **SMALL)

@@ -88,6 +88,8 @@ def test_overrides_are_parsed_to_field_types(config):
         ({"num-envs": "0"}, "num_envs must be an int >= 1"),
         ({"eval-max-score": "1e9"}, "eval_max_score must be <= 50000000, got 10+$"),
         ({"max-steps-in-episode": "3e9"}, "max_steps_in_episode must fit int32"),
+        ({"seed": "4294967296"}, r"seed must be an int in \[0, 2\*\*32\)"),
+        ({"seed": "-1"}, r"seed must be an int in \[0, 2\*\*32\)"),
     ],
 )
 def test_bad_overrides_raise_before_compiling(overrides, message, tmp_path):

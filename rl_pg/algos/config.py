@@ -36,6 +36,18 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+SEED_LIMIT = (
+    2**32
+)  # jax.random.PRNGKey(seed) wraps beyond: PRNGKey(2**32) == PRNGKey(0)
+
+
+def seed_problem(seed: Any, name: str = "seed") -> str | None:
+    """Why ``seed`` is not a seed (an int in [0, 2**32)), or None."""
+    if not _is_int(seed) or not 0 <= seed < SEED_LIMIT:
+        return f"{name} must be an int in [0, 2**32), got {seed!r}"
+    return None
+
+
 def _is_real(value: Any) -> bool:
     return (
         isinstance(value, numbers.Real)
@@ -168,7 +180,8 @@ class RunConfig:
 
     def check(self, checks: Checks) -> None:
         """Adds this config's problems to ``checks``; subclasses extend it."""
-        checks.require(_is_int(self.seed), f"seed must be an int, got {self.seed!r}")
+        problem = seed_problem(self.seed)
+        checks.require(problem is None, problem)
         for name in (
             "total_env_steps",
             "eval_every_steps",

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rl_pg import io
+from rl_pg.algos import config as config_lib
 from rl_pg.algos import registry
 from rl_pg.runs import files, overrides, tensorboard
 from rl_pg.runs.driver import Batch, Member, NonFiniteLossError, pick, train_batch
@@ -105,6 +106,12 @@ def plan(
     fixed, grid = parse_grid(algo, options)
     config_cls = overrides.config_class(algo)
     base_config = config_cls(**fixed)
+    last = base_config.seed + num_seeds - 1
+    if last >= config_lib.SEED_LIMIT:
+        raise ValueError(
+            f"--seed {base_config.seed} and --num-seeds {num_seeds} reach seed {last}: "
+            "seeds are ints in [0, 2**32)"
+        )
     grid_cells = cells(grid)
     runs = []
     for c, cell in enumerate(grid_cells):

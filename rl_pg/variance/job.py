@@ -21,6 +21,7 @@ from typing import Any
 
 from rl_pg import enumerable
 from rl_pg import estimators as estimators_lib
+from rl_pg.algos.config import seed_problem
 from rl_pg.variance.problems import SuiteConfig, suite_specs
 from rl_pg.variance.study import StudyConfig
 
@@ -142,6 +143,8 @@ class VarianceJob:
             )
         if not isinstance(self.study, StudyConfig):
             raise ValueError(f"study must be a StudyConfig, got {self.study!r}")
+        if (problem := seed_problem(self.seed)) is not None:
+            raise ValueError(problem)
         if self.horizon < 1 or self.group_size < 1:
             raise ValueError(
                 "horizon and group_size must be >= 1, got "
