@@ -104,13 +104,29 @@ def _best_in(directory: Path) -> Path | None:
     return files[0] if files else None
 
 
+def _saved_config(run: Path) -> dict:
+    """A run's ``config.json`` ({} if unreadable)."""
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def _run_algo(run: Path) -> str:
     """The ``algo`` that a run's ``config.json`` records (``ALGO`` if unreadable)."""
-    try:
-        algo = json.loads((run / "config.json").read_text()).get("algo")
-    except (OSError, ValueError, AttributeError):
-        algo = None
+    algo = _saved_config(run).get("algo")
     return algo if isinstance(algo, str) else "ALGO"
+
+
+def sweep_hint(path: Path) -> str | None:
+    """If ``path`` holds an ``rl-pg sweep`` (its ``config.json`` lists cells), what
+    to pass instead: one of its runs."""
+    if "cells" not in _saved_config(path):
+        return None
+    runs = sorted(p.name for p in path.glob("cell_*_seed_*") if p.is_dir())
+    example = f" ({path / runs[0]}, ...)" if runs else ""
+    return f"{path} holds an rl-pg sweep: pass one of its runs, cell_*_seed_*{example}"
 
 
 def policy_dir(path: str | Path) -> Path:
@@ -138,6 +154,8 @@ def policy_dir(path: str | Path) -> Path:
         best = _best_in(checkpoints) if checkpoints.is_dir() else None
         if best is not None:
             return best
+    if (hint := sweep_hint(path)) is not None:
+        raise CheckpointError(hint)
     if (path / "config.json").is_file():
         raise CheckpointError(
             f"training run {path} has no best policy yet (checkpoints/best is "

@@ -199,3 +199,21 @@ def test_policy_dir_says_what_to_pass(tmp_path):
         checkpoint.policy_dir(run)
     assert "has no best policy yet" in str(error.value)
     assert f"rl-pg train --algo dqn --resume --out {run}" in str(error.value)
+
+
+def test_a_sweep_directory_is_named_as_one(tmp_path):
+    """eval / render / the study and `rl-pg train --resume` given a sweep say to
+    pass one of its runs (train --resume crashed on its config.json)."""
+    from rl_pg import train
+
+    sweep = tmp_path / "sweep"
+    (sweep / "cell_000_seed_0" / "checkpoints").mkdir(parents=True)
+    (sweep / "config.json").write_text(json.dumps({"algo": "ppo", "cells": [{}]}))
+    expected = f"holds an rl-pg sweep: pass one of its runs, cell_*_seed_* ({sweep}/"
+    with pytest.raises(checkpoint.CheckpointError) as error:
+        checkpoint.policy_dir(sweep)
+    assert expected in str(error.value)
+    with pytest.raises(ValueError) as error:
+        train.train_main("ppo", sweep, {}, resume=True, progress=False)
+    assert "--resume resumes a training run" in str(error.value)
+    assert expected in str(error.value)

@@ -10,8 +10,8 @@ from typing import Any
 
 import jax
 
+from rl_pg import checkpoint, io
 from rl_pg import evaluate as evaluation
-from rl_pg import io
 from rl_pg.algos import base, registry
 from rl_pg.runs import driver, files, overrides
 
@@ -49,6 +49,8 @@ def train_main(
             f"got {keep_checkpoints!r}"
         )
     config_path = Path(out_dir) / "config.json"
+    if resume and (hint := checkpoint.sweep_hint(Path(out_dir))) is not None:
+        raise ValueError(f"--resume resumes a training run, and {hint}")
     if resume and config_path.is_file():
         saved = json.loads(config_path.read_text())
         if saved.get("algo") != algo:
