@@ -1008,6 +1008,12 @@ def _weighted_return_baseline(
     as the estimator's exact value), and R - b keeps its digits when returns vary
     little against their size.
     """
+    if group_size == 1:  # each return its own baseline (or b = 0 left out)
+        raise ValueError(
+            "optimal_baseline needs group_size >= 2 (or None, the whole batch): in "
+            "groups of 1 the baseline is the return itself (a gradient of 0) or, "
+            "left out, nothing"
+        )
     first = _grouped_last(total, group_size)[..., :1]
     shift = jnp.broadcast_to(first, _grouped_last(total, group_size).shape)
     shift = shift.reshape(total.shape)
@@ -1893,6 +1899,9 @@ _RLOO_GROUPS = {
         "None or an int >= 2 (leave-one-out needs another sample)",
     ),
 }
+_BASELINE_GROUPS = {  # groups of 1: each return is its own baseline
+    "group_size": (lambda v: _group_size_ok(v, minimum=2), "None or an int >= 2"),
+}
 
 for _spec in (
     EstimatorSpec(
@@ -1921,6 +1930,7 @@ for _spec in (
         "mean_baseline",
         mean_baseline,
         trajectory_level=True,
+        min_group_size=2,
         mean_factor=_group_mean_shrink,
         rescaled=True,
         weights=mean_baseline_weights,
@@ -1939,6 +1949,7 @@ for _spec in (
         optimal_baseline,
         trajectory_level=True,
         mean_factor=_unbiased,
+        checks=_BASELINE_GROUPS,
         study_kwargs={"group_size": None},  # leave-one-out over the whole batch
         weights=optimal_baseline_weights,
     ),
@@ -1947,6 +1958,7 @@ for _spec in (
         optimal_baseline_per_parameter,
         trajectory_level=True,
         mean_factor=_unbiased,
+        checks=_BASELINE_GROUPS,
         study_kwargs={"group_size": None},
         from_scores=optimal_baseline_per_parameter_from_scores,
     ),
@@ -1984,6 +1996,7 @@ for _spec in (
         dr_grpo,
         trajectory_level=True,
         self_normalised=True,
+        min_group_size=2,
         mean_factor=_dr_grpo_shrink,
         rescaled=True,
         weights=dr_grpo_weights,

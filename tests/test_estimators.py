@@ -620,6 +620,9 @@ def test_get_estimator_rejects_bad_input(small_batch):
         ("grpo", {"group_size": 2.5}),
         ("grpo", {"group_size": 1}),  # min_group_size 2: a gradient of 0
         ("gspo", {"group_size": 1}),
+        ("mean_baseline", {"group_size": 1}),  # R - R: a gradient of 0
+        ("dr_grpo", {"group_size": 1}),
+        ("optimal_baseline", {"group_size": 1}),
         ("optimal_baseline", {"variant": "diagonal"}),
         ("ppo_clip", {"normalize_advantages": 1}),
         ("value_baseline", {"vf_coef": -1.0}),
