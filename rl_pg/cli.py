@@ -298,7 +298,9 @@ def _add_plot_parser(sub) -> None:
         "--estimators", help="comma-separated estimators (a study's figures)"
     )
     plot.add_argument(
-        "--format", choices=["png", "pdf", "svg"], default="pdf", help="file format"
+        "--format",
+        choices=["png", "pdf", "svg"],
+        help="file format (default: --out's suffix, else pdf)",
     )
     plot.add_argument(
         "--out",

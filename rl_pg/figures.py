@@ -798,7 +798,7 @@ def plot_study(
     results_dir: str | os.PathLike,
     metric: str = "rel_variance",
     estimators: Sequence[str] | None = None,
-    fmt: str = "pdf",
+    fmt: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> Path:
     """Redraw ``metric`` against batch size from a finished study's
@@ -814,10 +814,17 @@ def plot_study(
     return out
 
 
-def _out_path(out, default: Path, fmt: str) -> Path:
+def _out_path(out, default: Path, fmt: str | None) -> Path:
     """The figure file to create: ``out`` (FileExistsError if it exists), or by
     default ``default`` with the format's suffix, or if the run already holds
-    that file ``<stem>_redrawn``, ``<stem>_redrawn_2``, ... (never overwritten)."""
+    that file ``<stem>_redrawn``, ``<stem>_redrawn_2``, ... (never overwritten).
+    ``fmt`` None: ``out``'s suffix, else pdf; given, it must agree with that suffix."""
+    suffix = Path(out).suffix.lstrip(".").lower() if out is not None else ""
+    if suffix and suffix not in FORMATS:
+        raise ValueError(f"--out must end in one of {FORMATS}, got {out}")
+    if fmt is not None and suffix and suffix != fmt:
+        raise ValueError(f"--out {out} and --format {fmt} disagree: give one of them")
+    fmt = fmt or suffix or "pdf"
     if fmt not in FORMATS:
         raise ValueError(f"--format must be one of {FORMATS}, got {fmt!r}")
     if out is None:
@@ -828,11 +835,7 @@ def _out_path(out, default: Path, fmt: str) -> Path:
             )
             k += 1
         return path
-    path = Path(out)
-    if not path.suffix:
-        path = path.with_suffix(f".{fmt}")
-    if path.suffix.lstrip(".").lower() not in FORMATS:
-        raise ValueError(f"--out must end in one of {FORMATS}, got {path}")
+    path = Path(out) if suffix else Path(out).with_suffix(f".{fmt}")
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
     return path
@@ -1108,7 +1111,7 @@ def run_figure(run_dir: str | os.PathLike, metric: str = "score"):
 def plot_run(
     run_dir: str | os.PathLike,
     metric: str = "score",
-    fmt: str = "pdf",
+    fmt: str | None = None,
     out: str | os.PathLike | None = None,
 ) -> Path:
     """Redraw a training run's (or a sweep's) ``metric`` from its metrics.csv
@@ -1220,15 +1223,17 @@ REDRAWN = {  # rl-pg plot --figure: what it draws, from which files
     "(metrics.csv)",
     "sweep": "a sweep's IQM and seeds per cell (summary.csv, aggregate.csv)",
     "performance_profile": "a sweep's performance profiles (summary.csv; rliable)",
+    "vs_staleness": "a lag study's relative MSE and cosine against KL (results.csv "
+    "with lag_kl)",
 }
-STUDY_REDRAWN = ("batch_size", "along_training", "decomposition")
+STUDY_REDRAWN = ("batch_size", "along_training", "decomposition", "vs_staleness")
 
 
 def plot(
     directory: str | os.PathLike,
     metric: str | None = None,
     estimators: Sequence[str] | None = None,
-    fmt: str = "pdf",
+    fmt: str | None = None,
     out: str | os.PathLike | None = None,
     figure: str | None = None,
 ) -> Path:
@@ -1241,12 +1246,23 @@ def plot(
     if not directory.is_dir():
         raise ValueError(f"{directory}: no such directory")
     study = (directory / "results.csv").is_file()
-    figure = figure or ("batch_size" if study else "learning_curve")
+    lag = study and "lag_kl" in _header(directory / "results.csv")
+    default = "vs_staleness" if lag else "batch_size" if study else "learning_curve"
+    figure = figure or default
     if figure not in REDRAWN:
         raise ValueError(f"--figure must be one of {list(REDRAWN)}, got {figure!r}")
+    if lag != (figure == "vs_staleness") and figure in STUDY_REDRAWN:
+        raise ValueError(
+            f"{directory} is a lag study: its figure is --figure vs_staleness"
+            if lag
+            else f"--figure vs_staleness draws a lag study (rl-pg variance --lag-kl "
+            f"or --lag-checkpoints); {directory} is not one"
+        )
     if estimators and figure not in STUDY_REDRAWN:
         raise ValueError("--estimators applies to a variance study's figures only")
-    if metric and figure in ("decomposition", "sweep", "performance_profile"):
+    if metric and figure in (
+        "decomposition", "sweep", "performance_profile", "vs_staleness"
+    ):  # fmt: skip
         raise ValueError(f"--metric does not apply to --figure {figure}")
     if figure == "batch_size":
         return plot_study(directory, metric or "rel_variance", estimators, fmt, out)
@@ -1257,6 +1273,11 @@ def plot(
     save(fig, path)
     pyplot().close(fig)
     return path
+
+
+def _header(path: Path) -> list[str]:
+    with open(path, newline="") as f:
+        return next(csv.reader(f), [])
 
 
 def _study_rows(directory: Path, name: str = "results.csv") -> list[dict]:
@@ -1303,7 +1324,15 @@ def _redraw_profile(directory: Path, metric, estimators):
     return profile_figure(aggregate.performance_profiles(scores, feature=feature))
 
 
+def _redraw_staleness(directory: Path, metric, estimators):
+    from rl_pg.variance import lag_report
+
+    rows = _pick(_study_rows(directory), estimators)
+    return lag_report.figure(rows, "lag_checkpoints" in rows[0])
+
+
 _REDRAW = {
+    "vs_staleness": _redraw_staleness,
     "along_training": _redraw_along_training,
     "decomposition": _redraw_decomposition,
     "sweep": _redraw_sweep,

@@ -379,6 +379,8 @@ def test_plot_figure_errors_in_one_line(tmp_path, capsys):
         ("study", ["--figure", "sweep"], "has no summary.csv (not a sweep)"),
         ("sweep", ["--figure", "sweep", "--metric", "loss"], "--metric does not apply"),
         ("sweep", ["--estimators", "gae"], "--estimators applies to a variance study"),
+        ("study", ["--figure", "vs_staleness"], "draws a lag study (rl-pg variance"),
+        ("study", ["--out", str(tmp_path / "x.png")], "and --format svg disagree"),
     ):
         with pytest.raises(SystemExit):
             cli.main(["plot", str(tmp_path / directory), *argv, "--format", "svg"])

@@ -213,6 +213,16 @@ def test_lag_preset_end_to_end_tiny(tmp_path):
     text = (out / "report.md").read_text()
     assert "## Staleness" in text and "Lowest relative MSE" in text
     assert "bias2 overtakes variance" in text
+    # rl-pg plot redraws a lag study's own figure, and no batch-size figure of it
+    from rl_pg import figures
+
+    redrawn = figures.plot(out, estimators=["naive", "trajectory_is"], fmt="svg")
+    assert redrawn == out / "vs_staleness.svg" or redrawn.name.startswith(
+        "vs_staleness_redrawn"
+    )
+    assert "series:good:mse:naive" in redrawn.read_text()
+    with pytest.raises(ValueError, match="is a lag study: its figure is"):
+        figures.plot(out, figure="batch_size")
 
 
 @pytest.mark.slow
