@@ -1,6 +1,7 @@
 """The ``rl-pg`` command line: thin wrappers around library functions."""
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -806,8 +807,19 @@ def _mesh_requested(args) -> bool:
 
 
 def console() -> None:
-    """The ``rl-pg`` command (and ``python -m rl_pg.cli``)."""
-    main(cpu_cores=True)
+    """The ``rl-pg`` command (and ``python -m rl_pg.cli``).
+
+    After Ctrl-C (exit 130, its line written, its files removed or kept) the
+    process ends at once: XLA may still be compiling on its own threads, and the
+    interpreter's teardown beside them segfaulted now and then (exit 139)."""
+    try:
+        main(cpu_cores=True)
+    except SystemExit as stop:
+        if stop.code != 130:
+            raise
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

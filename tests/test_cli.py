@@ -440,3 +440,25 @@ def test_eval_and_render_compile_once_per_policy(capsys, caplog, tmp_path):
     assert compiles(lambda: eval_and_render(0), caplog)
     assert compiles(lambda: eval_and_render(1), caplog) == []
     capsys.readouterr()
+
+
+@pytest.mark.parametrize("code, ends_at_once", [(130, True), (2, False), (0, False)])
+def test_the_command_ends_at_once_after_ctrl_c(monkeypatch, code, ends_at_once):
+    """`rl-pg` after Ctrl-C (exit 130) leaves with os._exit, skipping the
+    interpreter's teardown beside XLA's threads (a segfault now and then);
+    other exits go through SystemExit as before."""
+    exits = []
+
+    def main(cpu_cores):
+        assert cpu_cores
+        raise SystemExit(code)
+
+    monkeypatch.setattr(cli, "main", main)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    if ends_at_once:
+        cli.console()
+        assert exits == [130]
+    else:
+        with pytest.raises(SystemExit) as stop:
+            cli.console()
+        assert stop.value.code == code and exits == []
