@@ -363,6 +363,10 @@ def test_defaults_are_valid_and_static():
         (dict(num_envs=32, eval_every_steps=1000), r"num_envs \(32\) must divide"),
         (dict(buffer_size=16, num_envs=32), r"buffer_size \(16\) must hold"),
         (dict(total_env_steps=1000), "must be at least one chunk"),
+        (
+            dict(total_env_steps=8192, eval_every_steps=4096),
+            r"learning_starts \(10000\) must be below the env steps trained \(8192\)",
+        ),
         (dict(eval_max_score=10**9), "eval_max_score must be <="),
     ],
 )

@@ -153,6 +153,7 @@ def test_greedy_policy_is_hashable_by_value():
         (dict(stop_at_score=0), "stop_at_score must be None or an int"),
         (dict(use_velocity=1), "use_velocity must be a bool"),
         (dict(total_env_steps=1.5), "total_env_steps must be an int"),
+        (dict(total_env_steps=1), r"total_env_steps \(1\) must be at least one chunk"),
         (dict(eval_max_score=10**9), "eval_max_score must be <="),
     ],
 )

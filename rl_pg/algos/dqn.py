@@ -212,6 +212,12 @@ class DQNConfig(RunConfig):
                 f"total_env_steps ({self.total_env_steps}) must be at least one "
                 f"chunk (eval_every_steps = {self.eval_every_steps})",
             )
+            trained = self.num_chunks * self.eval_every_steps
+            checks.require(
+                self.learning_starts < trained,
+                f"learning_starts ({self.learning_starts}) must be below the env "
+                f"steps trained ({trained}): no gradient step would be taken",
+            )
 
     @property
     def num_chunks(self) -> int:

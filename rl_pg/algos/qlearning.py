@@ -75,7 +75,8 @@ class QLearningConfig(RunConfig):
 
     Attributes:
       num_envs: environments stepping in parallel, sharing one table.
-      total_env_steps: training budget in env steps (all envs together).
+      total_env_steps: training budget in env steps (all envs together); the run
+        takes ``num_chunks * eval_every_steps`` of them (whole chunks).
       eval_every_steps: env steps between validation evaluations (a multiple of
         ``num_envs``); also the length of one jitted training chunk.
       alpha: step size.
@@ -132,6 +133,12 @@ class QLearningConfig(RunConfig):
         for name in ("num_envs", "max_steps_in_episode"):
             checks.int_at_least(name, 1)
         checks.divides("num_envs", "eval_every_steps")
+        if not checks.problems:  # relations between fields that passed alone
+            checks.require(
+                self.total_env_steps >= self.eval_every_steps,
+                f"total_env_steps ({self.total_env_steps}) must be at least one "
+                f"chunk (eval_every_steps = {self.eval_every_steps})",
+            )
         checks.real_in("alpha", 0.0, 1.0, low_open=True)
         checks.real_in("gamma", 0.0, 1.0)
         checks.real_in("epsilon", 0.0, 1.0)
@@ -158,7 +165,7 @@ class QLearningConfig(RunConfig):
     @property
     def num_chunks(self) -> int:
         """Training chunks (one validation evaluation each) in the budget."""
-        return max(1, self.total_env_steps // self.eval_every_steps)
+        return self.total_env_steps // self.eval_every_steps
 
 
 PRESETS: dict[str, QLearningConfig] = {
