@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from rl_pg import figures, io
-from rl_pg.variance import decomposition, exact, problems, statistics
+from rl_pg.variance import decomposition, exact, problems, runners, statistics
 from rl_pg.variance.problems import suite_specs
 from rl_pg.variance.study import StageResult, StudyConfig
 
@@ -112,9 +112,7 @@ def settings_lines(results: JobResults) -> list[str]:
          f"{config.suite.gamma}, {config.suite.lam} (where an estimator uses them)"),
         ("group size G", f"{job.group_size} episodes per level"),
         ("batch sizes n", ", ".join(str(n) for n in config.batch_sizes)),
-        ("number of batches M",
-         f"{config.num_batches} top-level batches of {max(config.batch_sizes)} "
-         f"(up to {config.max_batches_per_size} sub-batches per size)"),
+        ("number of batches M", _batches_text(config)),
         ("reference",
          f"{config.reference_trajectories} trajectories in "
          f"{config.reference_groups} groups of whole levels"),
@@ -131,6 +129,18 @@ def settings_lines(results: JobResults) -> list[str]:
     lines = ["## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in rows]
     return lines + [""] + _estimator_lines(config, job.group_size, results) + [""]
+
+
+def _batches_text(config: StudyConfig) -> str:
+    """ "8 top-level batches of 16, cut into 32 batches of 4 and 8 of 16"."""
+    counts = runners.sub_batch_counts(config)
+    cut = [f"{config.num_batches * c} of {n}" for n, c in sorted(counts.items())]
+    return (
+        f"{config.num_batches} top-level batches of {max(config.batch_sizes)}, cut "
+        f"into {cut[0].replace(' of ', ' batches of ', 1)}"
+        + "".join(f", {c}" for c in cut[1:-1])
+        + (f" and {cut[-1]}" if len(cut) > 1 else "")
+    )
 
 
 def _policies_text(results: JobResults) -> str:
@@ -464,8 +474,7 @@ def report(
         "# Policy-gradient estimator study",
         "",
         f"{len(results)} policies, batch sizes {list(config.batch_sizes)} "
-        f"({config.num_batches} top-level batches of {max(config.batch_sizes)}, cut "
-        f"into up to {config.max_batches_per_size} sub-batches per size), reference "
+        f"({_batches_text(config)}), reference "
         f"gradient from {config.reference_trajectories} trajectories in "
         f"{config.reference_groups} groups of whole levels (REINFORCE with the "
         f"mean-return baseline). Wall-clock {wall:.0f} s. Figures and every other "
