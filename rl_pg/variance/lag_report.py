@@ -192,7 +192,7 @@ def plot(path: Path, rows: list[dict], with_k: bool) -> None:
 
 
 def _g(x: float) -> str:
-    return "nan" if x is None or not math.isfinite(x) else f"{x:.3g}"
+    return "n/a" if x is None or math.isnan(x) else f"{x:.3g}"  # inf stays inf
 
 
 def _rel(r: dict, metric: str = "mse") -> str:
