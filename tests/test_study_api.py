@@ -164,6 +164,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--config", "c.json", "--seed", "3"], "drop --seed"),
         (["--reference-trajectories", "0"], "reference_trajectories must be"),
         (["--seed", "4294967296"], "--seed: expected an int in [0, 2**32)"),
+        (["--batch-sizes", "4,4,16"], "batch_sizes must differ"),
     ],
 )
 def test_cli_bad_input_is_a_clear_error_and_writes_nothing(
@@ -173,6 +174,15 @@ def test_cli_bad_input_is_a_clear_error_and_writes_nothing(
     code, out = _cli(["--out", "out", *args], capsys)
     assert code == 2 and message in out, out
     assert "Traceback" not in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_one_policy_under_two_paths_is_refused(tmp_path, capsys):
+    good = stages.shipped_checkpoints()[-1]
+    (tmp_path / "alias").symlink_to(good)
+    args = ["--checkpoints", str(good), str(tmp_path / "alias")]
+    code, out = _cli(["--out", str(tmp_path / "out"), *args], capsys)
+    assert code == 2 and "the same policy is given twice" in out, out
     assert not (tmp_path / "out").exists()
 
 

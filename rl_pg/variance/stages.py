@@ -127,7 +127,13 @@ def flappy_stages(
         labels = stage_labels(paths)
         for p in paths:
             check_policy_gradient(p, *_written_by(p))
-        paths = [checkpoint.policy_dir(p) for p in paths]
+        given, paths = paths, [checkpoint.policy_dir(p) for p in paths]
+        resolved = [os.path.realpath(p) for p in paths]
+        if len(set(resolved)) < len(resolved):
+            raise ValueError(
+                "the same policy is given twice: "
+                f"{', '.join(map(str, given))} name {', '.join(resolved)}"
+            )
     else:
         paths = shipped_checkpoints()
         if env_id not in (None, "FlappyBird-v0") or not paths:

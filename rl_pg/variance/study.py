@@ -307,6 +307,8 @@ class StudyConfig:
         sizes = tuple(int(n) for n in self.batch_sizes)
         if not sizes or any(n < 1 for n in sizes):
             problems.append(f"batch_sizes must be positive, got {self.batch_sizes}")
+        elif len(set(sizes)) < len(sizes):
+            problems.append(f"batch_sizes must differ, got {self.batch_sizes}")
         elif any(max(sizes) % n for n in sizes):
             problems.append(
                 f"every batch size must divide the largest, got {self.batch_sizes}"
