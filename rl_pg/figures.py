@@ -1046,6 +1046,12 @@ def _runs(run_dir: Path) -> dict[str, list[Path]]:
     if (run_dir / "metrics.csv").is_file():
         return {"": [run_dir]}
     summary = run_dir / "summary.csv"
+    if (run_dir / "results.csv").is_file():
+        raise ValueError(
+            f"{run_dir} is a variance study (results.csv): its figures are "
+            "--figure batch_size, along_training, decomposition (a lag study's: "
+            "vs_staleness); learning curves are a training run's or sweep's"
+        )
     if not summary.is_file():
         raise ValueError(
             f"{run_dir} has neither metrics.csv (a training run) nor summary.csv "

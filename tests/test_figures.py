@@ -380,6 +380,7 @@ def test_plot_figure_errors_in_one_line(tmp_path, capsys):
         ("sweep", ["--figure", "sweep", "--metric", "loss"], "--metric does not apply"),
         ("sweep", ["--estimators", "gae"], "--estimators applies to a variance study"),
         ("study", ["--figure", "vs_staleness"], "draws a lag study (rl-pg variance"),
+        ("study", ["--figure", "learning_curve"], "is a variance study (results.csv)"),
         ("study", ["--out", str(tmp_path / "x.png")], "and --format svg disagree"),
     ):
         with pytest.raises(SystemExit):

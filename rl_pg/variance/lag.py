@@ -361,7 +361,7 @@ def _bracket(kl_at: Callable, level: float, lo: float, config: LagConfig):
             raise ValueError(
                 f"KL level {level} is unreachable: KL(mu || pi) is only {kl:.3g} at "
                 f"the largest step alpha = max_step = {config.max_step:g}; lower the "
-                "level or raise LagConfig.max_step"
+                "level (--lag-kl), or from Python raise LagConfig.max_step"
             )
         lo, hi = hi, min(2.0 * hi, config.max_step)
 
