@@ -159,7 +159,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--group-size", "3", "--problem", "enumerable"], "multiples of group_size"),
         (["--env-id", "FlappyBird-lidar-v0", "--problem", "enumerable"], "flappy only"),
         (["--checkpoints", "missing_dir"], "not found"),
-        (["--devices", "99"], "devices must be between"),
+        (["--devices", "99"], "JAX_NUM_CPU_DEVICES=N gives the process N devices"),
         (["--config", "missing.json"], "no such file"),
         (["--config", "c.json", "--seed", "3"], "drop --seed"),
         (["--reference-trajectories", "0"], "reference_trajectories must be"),

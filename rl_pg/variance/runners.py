@@ -377,7 +377,15 @@ def device_mesh(devices: "int | str | None"):
                 f"devices must be a positive int or 'all', got {devices!r}"
             ) from None
         if not 1 <= count <= len(local):
+            cpu = jax.default_backend() == "cpu"
             raise ValueError(
-                f"devices must be between 1 and {len(local)} (local devices), got {count}"
+                f"devices must be between 1 and {len(local)} (local devices), got "
+                f"{count}"
+                + (
+                    "; on a CPU, JAX_NUM_CPU_DEVICES=N gives the process N devices, "
+                    "and without --devices rl-pg variance already uses one per core"
+                    if cpu
+                    else ""
+                )
             )
     return distributed.batch_mesh(local[:count])
