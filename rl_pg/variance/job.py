@@ -326,6 +326,12 @@ def preset(
     setting = PRESETS[name]
     fields = {k: v for k, v in fields.items() if v is not None}
     enumerable_ = problem == "enumerable"
+    if enumerable_ and name == "full":
+        raise ValueError(
+            "--preset full sizes the Flappy Bird study; the exact problem "
+            "(--problem enumerable) has its own sizes: drop --preset full, or give "
+            "--batch-sizes, --num-batches or --reference-trajectories"
+        )
     lag = fields.get("lag_kl") is not None or fields.get("lag_checkpoints")
     if name == "lag" and not lag:
         fields["lag_kl"] = LAG_LEVELS
@@ -339,7 +345,7 @@ def preset(
     }
     merged = base | fields
     sizes = {k: v for k, v in (sizes or {}).items() if v is not None}
-    if sizes or estimators:
+    if sizes or estimators is not None:
         merged["study"] = override_study(
             merged["study"], estimators, merged["group_size"], **sizes
         )
@@ -366,8 +372,10 @@ def override_study(
         changes |= _reference_sizes(
             base, int(changes["reference_trajectories"]), group_size
         )
-    if estimators:
-        names = tuple(e.strip() for e in estimators.split(",") if e.strip())
+    if estimators is not None:
+        names = tuple(e.strip() for e in estimators.split(","))
+        if not all(names):
+            raise ValueError(f"--estimators: empty name in the list {estimators!r}")
         changes["suite"] = dataclasses.replace(base.suite, names=names)
     config = dataclasses.replace(base, **changes)
     suite_specs(config.suite)  # unknown names fail here, before compiling
