@@ -165,6 +165,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--reference-trajectories", "0"], "reference_trajectories must be"),
         (["--seed", "4294967296"], "--seed: expected an int in [0, 2**32)"),
         (["--batch-sizes", "4,4,16"], "batch_sizes must differ"),
+        (["--horizon", "100000000"], "horizon must be <= 10,000"),
         (["--estimators", "reinforce,"], "--estimators: empty name in the list"),
         (["--estimators", ""], "--estimators: empty name in the list"),
         (["--preset", "full", "--problem", "enumerable"], "has its own sizes"),

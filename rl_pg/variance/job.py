@@ -94,6 +94,7 @@ ENUMERABLE_STUDY = StudyConfig(
     chunk=2**13,
 )
 ENUMERABLE_HORIZON = enumerable.DEFAULT_MDP.horizon
+MAX_HORIZON = 10_000  # Flappy Bird's time limit (gymnax's classic envs: <= 1,000)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +150,11 @@ class VarianceJob:
             raise ValueError(
                 "horizon and group_size must be >= 1, got "
                 f"{self.horizon}, {self.group_size}"
+            )
+        if self.horizon > MAX_HORIZON:
+            raise ValueError(
+                f"horizon must be <= {MAX_HORIZON:,} (Flappy Bird's time limit: "
+                f"an episode ends there), got {self.horizon:,}"
             )
         if self.problem == "enumerable":
             _check_enumerable(self)
