@@ -38,6 +38,7 @@ def _check_render_args(args) -> Path:
         raise ValueError(f"--out must name a .gif file, got {out}")
     if out.exists():
         raise FileExistsError(f"{out} exists; refusing to overwrite it")
+    io.check_can_create(out)
     if args.frame_skip < 1:
         raise ValueError(f"--frame-skip must be >= 1, got {args.frame_skip}")
     if args.steps < 1:

@@ -838,7 +838,7 @@ def _out_path(out, default: Path, fmt: str | None) -> Path:
     path = Path(out) if suffix else Path(out).with_suffix(f".{fmt}")
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    return path
+    return io.check_can_create(path)
 
 
 ALONG_TRAINING = ("cos_true", "snr", "rel_variance")  # the along-training rows

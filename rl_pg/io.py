@@ -126,6 +126,16 @@ def check_out_dir(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_can_create(path: str | os.PathLike) -> Path:
+    """Raise OSError now if the file ``path`` could not be created (its nearest
+    existing directory is not writable), before the work that would write it."""
+    path = Path(path)
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot create {path}: {parent} is not a writable directory")
+    return path
+
+
 def check_owned_out(
     path: str | os.PathLike, what: str, finished: str, commands: tuple[str, ...]
 ) -> Path:

@@ -129,3 +129,23 @@ def test_owned_output_on_an_error_empties_a_given_empty_directory(tmp_path):
         (claimed / "results.csv").write_text("partial")
         raise SystemExit(2)
     assert stop.value.code == 2 and not any(out.iterdir())
+
+
+def test_a_file_that_could_not_be_created_is_refused_before_the_work(
+    tmp_path, monkeypatch
+):
+    """render and plot check --out's directory first (a read-only mount failed
+    only after the rendering). Tests may run as root, who may write anywhere:
+    os.access says what a read-only mount would say."""
+    from rl_pg import cli
+
+    assert io.check_can_create(tmp_path / "new" / "x.gif") == tmp_path / "new/x.gif"
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match="is not a writable directory"):
+        io.check_can_create(tmp_path / "file" / "x.gif")
+    monkeypatch.setattr(io.os, "access", lambda path, mode: False)
+    with pytest.raises(OSError, match=f"{tmp_path} is not a writable directory"):
+        io.check_can_create(tmp_path / "new" / "x.gif")
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["render", "--out", str(tmp_path / "x.gif")])
+    assert stop.value.code == 2 and not (tmp_path / "x.gif").exists()
