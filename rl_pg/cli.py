@@ -761,6 +761,8 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
             hint = _recovery(args, argv, None)
             print(f"rl-pg {args.command}: interrupted{hint}", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # `rl-pg ... | head` closed the pipe: end quietly
+        raise SystemExit(141) from None
     except (ValueError, OSError, ImportError) as error:  # bad input, files, extras
         message = " ".join(str(error).split())  # one line
         hint = _recovery(args, argv, error)
@@ -816,6 +818,8 @@ def console() -> None:
     try:
         main(cpu_cores=True)
     except SystemExit as stop:
+        if stop.code == 141:  # the reader of stdout is gone: nothing left to flush
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if stop.code != 130:
             raise
         sys.stdout.flush()

@@ -462,3 +462,18 @@ def test_the_command_ends_at_once_after_ctrl_c(monkeypatch, code, ends_at_once):
         with pytest.raises(SystemExit) as stop:
             cli.console()
         assert stop.value.code == code and exits == []
+
+
+def test_a_closed_pipe_ends_the_command_quietly(monkeypatch, capsys):
+    """`rl-pg train --help-config | head`: no "error: [Errno 32] Broken pipe"."""
+
+    def closed(args):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    parser = cli.build_parser()
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setattr(parser, "parse_known_args", lambda argv: (
+        argparse.Namespace(command="bench", func=closed), []))  # fmt: skip
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["bench"])
+    assert stop.value.code == 141 and capsys.readouterr().err == ""
