@@ -58,16 +58,18 @@ def train_main(
         config = overrides.config_from_saved(algo, saved["config"], options)
     else:  # a new run (or one killed before it wrote its config)
         config = overrides.make_config(algo, options)
-    if resume and (Path(out_dir) / "eval.json").is_file():
-        print(f"{out_dir} is a finished run (eval.json exists): left as it is")
-    return driver.run(
+    finished = resume and (Path(out_dir) / "eval.json").is_file()
+    result = driver.run(
         config,
         out_dir,
         resume=resume,
         progress=progress,
         keep_checkpoints=keep_checkpoints,
         log=log,
-    ).eval
+    ).eval  # a finished run: its config checked against the options, then read
+    if finished:
+        print(f"{out_dir} is a finished run (eval.json exists): left as it is")
+    return result
 
 
 def _load_agent(path: Path, greedy: bool) -> tuple[Path, base.Agent]:
