@@ -78,12 +78,14 @@ def log_prob(logits: jax.Array, actions: jax.Array) -> jax.Array:
       actions: [...] integer actions.
 
     Returns:
-      [...] log-probabilities of ``actions``.
+      [...] log-probabilities of ``actions``; nan for an action outside [0, A)
+      (indexing would wrap -1 to A - 1 without a word), so a loss on it is nan.
     """
     log_pi = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(log_pi, actions[..., None].astype(jnp.int32), axis=-1)[
-        ..., 0
-    ]
+    actions = actions.astype(jnp.int32)
+    found = jnp.take_along_axis(log_pi, actions[..., None], axis=-1)[..., 0]
+    valid = (actions >= 0) & (actions < logits.shape[-1])
+    return jnp.where(valid, found, jnp.nan)
 
 
 def entropy(logits: jax.Array) -> jax.Array:

@@ -114,6 +114,9 @@ def test_log_prob_and_sample():
     all_actions = jnp.broadcast_to(jnp.arange(3)[:, None], (3, 2))
     probs = jnp.exp(policies.log_prob(jnp.broadcast_to(logits, (3, 2, 3)), all_actions))
     np.testing.assert_allclose(probs.sum(0), [1.0, 1.0], rtol=1e-6)
+    # An action outside [0, A) is nan, not a wrapped or clipped index.
+    bad = policies.log_prob(jnp.broadcast_to(logits[0], (3, 3)), jnp.array([-1, 3, 2]))
+    assert np.isnan(bad[:2]).all() and bad[2] == pytest.approx(log_pi[0, 2], rel=1e-6)
 
     n = 20000
     samples = policies.sample(
