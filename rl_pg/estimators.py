@@ -145,6 +145,11 @@ def _clean_inputs(batch: Trajectory) -> tuple[jax.Array, jax.Array, jax.Array]:
     ]  # fmt: skip
     chex.assert_rank(per_step, 2)
     chex.assert_equal_shape(per_step)  # e.g. no [T, 1] log_probs broadcast over B
+    if 0 in batch.mask.shape:
+        shape = batch.mask.shape
+        raise ValueError(
+            f"an estimator needs a batch [T, B] with T, B >= 1, got {shape}"
+        )
     mask = batch.mask.astype(jnp.float32)
     live = _live(mask)
     obs_live = live.reshape(live.shape + (1,) * (batch.observations.ndim - 2))

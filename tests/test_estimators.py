@@ -1044,3 +1044,7 @@ def test_a_per_step_field_of_another_shape_is_refused(small_batch):
         bad = small_batch._replace(**{field: getattr(small_batch, field)[:, :1]})
         with pytest.raises(AssertionError, match="shape"):
             jax.eval_shape(loss, PARAMS, bad)
+    for empty in (small_batch.mask[:, :0].shape, small_batch.mask[:0].shape):
+        cut = jax.tree.map(lambda x, e=empty: x[: e[0], : e[1]], small_batch)
+        with pytest.raises(ValueError, match="needs a batch"):
+            jax.eval_shape(_loss("reinforce"), PARAMS, cut)
