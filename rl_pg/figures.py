@@ -1218,6 +1218,99 @@ def sweep_scores(
     return scores, ({str(r["label"]): r for r in table} or None)
 
 
+# ------------------------------------------------------------- vs_staleness
+
+
+def _staleness_x(rows: list[dict], with_k: bool) -> tuple[np.ndarray, float]:
+    """x positions on a log axis (KL 0 at a visible left edge) and that edge."""
+    kl = np.array([r["lag_kl"] if with_k else r["lag_level"] for r in rows], float)
+    positive = kl[kl > 0]
+    edge = (positive.min() / 3.0) if positive.size else 1e-3
+    return np.where(kl > 0, kl, edge), edge
+
+
+# the figure's metrics: (column, y label, scale as in METRICS)
+RELATIVE_MSE = r"$\mathbb{E}\|\hat g - g\|^2 / \|g\|^2$"
+KL_LABEL = r"$\mathrm{KL}(\mu\,\|\,\pi)$ per step"
+STALENESS_METRICS = (
+    ("mse", RELATIVE_MSE, "log"),
+    ("cos_true", METRICS["cos_true"][0], "cosine"),
+)
+
+
+def _staleness_xticks(x: np.ndarray, edge: float) -> tuple[list[float], list[str]]:
+    """Every x when few (KL levels), else the edge and the decades between."""
+    ticks = sorted(set(x.tolist()))
+    if len(ticks) > 7:
+        inner = [t for t in ticks if t > edge]
+        low, high = (
+            math.ceil(math.log10(min(inner))),
+            math.floor(math.log10(max(inner))),
+        )
+        ticks = [edge] + [10.0**k for k in range(low, high + 1)]
+    return ticks, ["0" if t == edge else f"{t:g}" for t in ticks]
+
+
+def _lag_series(rows: list[dict], x: np.ndarray, metric: str) -> Series:
+    """One estimator's ``metric`` against KL (mse relative to |g|^2)."""
+    order = np.argsort(x, kind="stable")
+    rows = [rows[i] for i in order]
+    scale = np.array([r["reference_norm2"] if metric == "mse" else 1.0 for r in rows])
+    scale = np.where(scale > 0, scale, np.nan)  # a zero truth: no relative MSE
+    col = lambda k: np.array([r[k] for r in rows], float) / scale  # noqa: E731
+    return Series(x[order], col(metric), col(f"{metric}_lo"), col(f"{metric}_hi"))
+
+
+def staleness_rows(rows: list[dict], with_k: bool, rescaled: frozenset):
+    """The figure's rows of panels (stage x metric, at the largest batch size),
+    the x ticks and their labels, and the batch size."""
+    largest = max(r["batch_size"] for r in rows)
+    rows = [r for r in rows if r["batch_size"] == largest]
+    x_all, edge = _staleness_x(rows, with_k)
+    stages = (
+        ["training lag"]
+        if with_k
+        else list(dict.fromkeys(r["checkpoint"] for r in rows))
+    )
+    names = list(dict.fromkeys(r["estimator"] for r in rows))
+    grid = []
+    titles = stage_titles(stages)
+    for stage in stages:
+        mine = [i for i, r in enumerate(rows) if with_k or r["checkpoint"] == stage]
+        for metric, label, scale in STALENESS_METRICS:
+            table = {}
+            for name in names:
+                if metric == "mse" and name in rescaled:
+                    continue  # not on grad J's scale: cosine only
+                sel = [i for i in mine if rows[i]["estimator"] == name]
+                table[name] = _lag_series([rows[i] for i in sel], x_all[sel], metric)
+            text = titles[stage]
+            grid.append(GridRow(f"{stage}:{metric}", f"{text}\n{label}", scale, table))
+    return grid, _staleness_xticks(x_all, edge), largest
+
+
+def staleness_figure(
+    rows: list[dict], with_k: bool, rescaled: frozenset = KNOWN_RESCALED
+):
+    """The vs_staleness figure: relative MSE (non-rescaled estimators) and
+    cosine to the true gradient against KL, a row of panels per stage and
+    metric (one stage "training lag" with --lag-checkpoints), a column per
+    estimator family, at the largest batch size, with 95% bands; ``rescaled``:
+    the estimators not on grad J's scale (cosine only). Rows of a lag study's
+    ``results.csv`` (:mod:`rl_pg.variance.lag_report` draws it)."""
+    grid, (ticks, labels), largest = staleness_rows(rows, with_k, rescaled)
+    return grid_figure(
+        grid,
+        KL_LABEL,
+        xticks=ticks,
+        xticklabels=labels,
+        rescaled=rescaled,
+        empty="rescaled: cosine only",
+        title=f"batch size $n = {largest:g}$",
+        notes=[r"* not on $\nabla J$'s scale: no relative MSE"],
+    )
+
+
 # -------------------------------------------------------------- rl-pg plot
 
 REDRAWN = {  # rl-pg plot --figure: what it draws, from which files
@@ -1331,10 +1424,8 @@ def _redraw_profile(directory: Path, metric, estimators):
 
 
 def _redraw_staleness(directory: Path, metric, estimators):
-    from rl_pg.variance import lag_report
-
     rows = _pick(_study_rows(directory), estimators)
-    return lag_report.figure(rows, "lag_checkpoints" in rows[0])
+    return staleness_figure(rows, "lag_checkpoints" in rows[0])
 
 
 _REDRAW = {

@@ -91,99 +91,10 @@ def _rescaled(name: str) -> bool:
     return bool(spec and spec.rescaled)
 
 
-def _x(rows: list[dict], with_k: bool) -> tuple[np.ndarray, float]:
-    """x positions on a log axis (KL 0 at a visible left edge) and that edge."""
-    kl = np.array([r["lag_kl"] if with_k else r["lag_level"] for r in rows], float)
-    positive = kl[kl > 0]
-    edge = (positive.min() / 3.0) if positive.size else 1e-3
-    return np.where(kl > 0, kl, edge), edge
-
-
-# the figure's metrics: (column, y label, scale as in figures.METRICS)
-RELATIVE_MSE = r"$\mathbb{E}\|\hat g - g\|^2 / \|g\|^2$"
-KL_LABEL = r"$\mathrm{KL}(\mu\,\|\,\pi)$ per step"
-LAG_METRICS = (
-    ("mse", RELATIVE_MSE, "log"),
-    ("cos_true", figures.METRICS["cos_true"][0], "cosine"),
-)
-
-
-def _xticks(x: np.ndarray, edge: float) -> tuple[list[float], list[str]]:
-    """Every x when few (KL levels), else the edge and the decades between."""
-    ticks = sorted(set(x.tolist()))
-    if len(ticks) > 7:
-        inner = [t for t in ticks if t > edge]
-        low, high = (
-            math.ceil(math.log10(min(inner))),
-            math.floor(math.log10(max(inner))),
-        )
-        ticks = [edge] + [10.0**k for k in range(low, high + 1)]
-    return ticks, ["0" if t == edge else f"{t:g}" for t in ticks]
-
-
-def _lag_series(rows: list[dict], x: np.ndarray, metric: str) -> figures.Series:
-    """One estimator's ``metric`` against KL (mse relative to |g|^2)."""
-    order = np.argsort(x, kind="stable")
-    rows = [rows[i] for i in order]
-    scale = np.array([r["reference_norm2"] if metric == "mse" else 1.0 for r in rows])
-    scale = np.where(scale > 0, scale, np.nan)  # a zero truth: no relative MSE
-    col = lambda k: np.array([r[k] for r in rows], float) / scale  # noqa: E731
-    return figures.Series(
-        x[order], col(metric), col(f"{metric}_lo"), col(f"{metric}_hi")
-    )
-
-
-def lag_rows(rows: list[dict], with_k: bool):
-    """The figure's rows of panels (stage x metric, at the largest batch size),
-    the x ticks and their labels, and the batch size."""
-    largest = max(r["batch_size"] for r in rows)
-    rows = [r for r in rows if r["batch_size"] == largest]
-    x_all, edge = _x(rows, with_k)
-    stages = (
-        ["training lag"]
-        if with_k
-        else list(dict.fromkeys(r["checkpoint"] for r in rows))
-    )
-    names = list(dict.fromkeys(r["estimator"] for r in rows))
-    grid = []
-    titles = figures.stage_titles(stages)
-    for stage in stages:
-        mine = [i for i, r in enumerate(rows) if with_k or r["checkpoint"] == stage]
-        for metric, label, scale in LAG_METRICS:
-            table = {}
-            for name in names:
-                if metric == "mse" and _rescaled(name):
-                    continue  # not on grad J's scale: cosine only
-                sel = [i for i in mine if rows[i]["estimator"] == name]
-                table[name] = _lag_series([rows[i] for i in sel], x_all[sel], metric)
-            text = titles[stage]
-            grid.append(
-                figures.GridRow(f"{stage}:{metric}", f"{text}\n{label}", scale, table)
-            )
-    return grid, _xticks(x_all, edge), largest
-
-
-def figure(rows: list[dict], with_k: bool):
-    """The vs_staleness figure: relative MSE (non-rescaled estimators) and
-    cosine to the true gradient against KL, a row of panels per stage and
-    metric (one stage "training lag" with --lag-checkpoints), a column per
-    estimator family, at the largest batch size, with 95% bands."""
-    grid, (ticks, labels), largest = lag_rows(rows, with_k)
-    return figures.grid_figure(
-        grid,
-        KL_LABEL,
-        xticks=ticks,
-        xticklabels=labels,
-        rescaled=figures.KNOWN_RESCALED,
-        empty="rescaled: cosine only",
-        title=f"batch size $n = {largest:g}$",
-        notes=[r"* not on $\nabla J$'s scale: no relative MSE"],
-    )
-
-
 def plot(path: Path, rows: list[dict], with_k: bool) -> None:
-    """vs_staleness.png (.pdf, .svg): :func:`figure`."""
-    fig = figure(rows, with_k)
+    """vs_staleness.png (.pdf, .svg): :func:`rl_pg.figures.staleness_figure`."""
+    rescaled = frozenset(r["estimator"] for r in rows if _rescaled(r["estimator"]))
+    fig = figures.staleness_figure(rows, with_k, rescaled)
     figures.save(fig, path, figures.FORMATS)
     figures.pyplot().close(fig)
 
