@@ -761,7 +761,10 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
             hint = _recovery(args, argv, None)
             print(f"rl-pg {args.command}: interrupted{hint}", file=sys.stderr)
         raise SystemExit(130) from None
-    except BrokenPipeError:  # `rl-pg ... | head` closed the pipe: end quietly
+    except BrokenPipeError:  # `rl-pg ... | head` closed stdout: no error line
+        hint = _recovery(args, argv, None)
+        if hint:  # a training run left behind: say how to resume it
+            print(f"rl-pg {args.command}: stdout was closed{hint}", file=sys.stderr)
         raise SystemExit(141) from None
     except (ValueError, OSError, ImportError) as error:  # bad input, files, extras
         message = " ".join(str(error).split())  # one line
@@ -773,7 +776,10 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
         if hint:
             print(f"rl-pg {args.command}: failed{hint}", file=sys.stderr)
         raise
-    print(f"done in {time.perf_counter() - start:.1f} s")
+    try:
+        print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
+    except BrokenPipeError:
+        raise SystemExit(141) from None
 
 
 def _recovery(args, argv: list[str], error: BaseException | None) -> str:
@@ -818,7 +824,7 @@ def console() -> None:
     try:
         main(cpu_cores=True)
     except SystemExit as stop:
-        if stop.code == 141:  # the reader of stdout is gone: nothing left to flush
+        if stop.code == 141:  # stdout's reader is gone: nothing is left to flush
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         if stop.code != 130:
             raise
