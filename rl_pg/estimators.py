@@ -1013,11 +1013,11 @@ def _weighted_return_baseline(
     as the estimator's exact value), and R - b keeps its digits when returns vary
     little against their size.
     """
-    if group_size == 1:  # each return its own baseline (or b = 0 left out)
+    if group_size == 1 and not leave_one_out:  # each return its own baseline
         raise ValueError(
-            "optimal_baseline needs group_size >= 2 (or None, the whole batch): in "
-            "groups of 1 the baseline is the return itself (a gradient of 0) or, "
-            "left out, nothing"
+            "optimal_baseline with leave_one_out=False needs group_size >= 2 (or "
+            "None, the whole batch): in groups of 1 the baseline is the return "
+            "itself, a gradient of 0"
         )
     first = _grouped_last(total, group_size)[..., :1]
     shift = jnp.broadcast_to(first, _grouped_last(total, group_size).shape)
@@ -1904,9 +1904,6 @@ _RLOO_GROUPS = {
         "None or an int >= 2 (leave-one-out needs another sample)",
     ),
 }
-_BASELINE_GROUPS = {  # groups of 1: each return is its own baseline
-    "group_size": (lambda v: _group_size_ok(v, minimum=2), "None or an int >= 2"),
-}
 
 for _spec in (
     EstimatorSpec(
@@ -1954,7 +1951,6 @@ for _spec in (
         optimal_baseline,
         trajectory_level=True,
         mean_factor=_unbiased,
-        checks=_BASELINE_GROUPS,
         study_kwargs={"group_size": None},  # leave-one-out over the whole batch
         weights=optimal_baseline_weights,
     ),
@@ -1963,7 +1959,6 @@ for _spec in (
         optimal_baseline_per_parameter,
         trajectory_level=True,
         mean_factor=_unbiased,
-        checks=_BASELINE_GROUPS,
         study_kwargs={"group_size": None},
         from_scores=optimal_baseline_per_parameter_from_scores,
     ),

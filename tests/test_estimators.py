@@ -622,7 +622,6 @@ def test_get_estimator_rejects_bad_input(small_batch):
         ("gspo", {"group_size": 1}),
         ("mean_baseline", {"group_size": 1}),  # R - R: a gradient of 0
         ("dr_grpo", {"group_size": 1}),
-        ("optimal_baseline", {"group_size": 1}),
         ("optimal_baseline", {"variant": "diagonal"}),
         ("ppo_clip", {"normalize_advantages": 1}),
         ("value_baseline", {"vf_coef": -1.0}),
@@ -632,6 +631,15 @@ def test_get_estimator_rejects_bad_input(small_batch):
     for name, kwargs in bad_values:
         with pytest.raises(ValueError, match=f"Invalid {next(iter(kwargs))}="):
             estimators.get_estimator(name, **kwargs)
+    # Groups of 1 without leave-one-out: each return its own baseline (with it,
+    # b = 0: plain REINFORCE, allowed); caught when the loss sees the batch.
+    with pytest.raises(ValueError, match="leave_one_out=False needs group_size >= 2"):
+        jax.eval_shape(
+            _loss("optimal_baseline", group_size=1, leave_one_out=False),
+            PARAMS,
+            small_batch,
+        )
+    jax.eval_shape(_loss("optimal_baseline", group_size=1), PARAMS, small_batch)
     # A group size that does not divide B is caught when the loss sees the batch.
     with pytest.raises(ValueError, match="must divide"):
         jax.eval_shape(_loss("rloo", group_size=3), PARAMS, small_batch)
