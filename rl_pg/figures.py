@@ -838,7 +838,9 @@ def _out_path(out, default: Path, fmt: str | None) -> Path:
     path = Path(out) if suffix else Path(out).with_suffix(f".{fmt}")
     if path.exists():
         raise FileExistsError(f"{path} exists; refusing to overwrite it")
-    return io.check_can_create(path)
+    io.check_can_create(path)
+    path.parent.mkdir(parents=True, exist_ok=True)  # as rl-pg render does
+    return path
 
 
 ALONG_TRAINING = ("cos_true", "snr", "rel_variance")  # the along-training rows
@@ -1340,7 +1342,8 @@ def plot(
     directory's files into ``out`` (default: named after the figure in
     ``directory``, ``_redrawn`` added if taken: never overwritten);
     by default a study's (results.csv) ``metric`` against batch size (default
-    rel_variance), a training run's or sweep's learning curves (default score)."""
+    rel_variance), a lag study's vs_staleness, a training run's or sweep's
+    learning curves (default score)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ValueError(f"{directory}: no such directory")

@@ -5,7 +5,8 @@ Three ways to collect a :class:`~rl_pg.trajectory.Trajectory` ``[T, B]``, each a
 
 * :func:`episodic_rollout`: one episode per column from a given level (reset
   key), fixed horizon ``T``, no auto-reset; ``mask`` is 0 after the episode ends
-  and ``truncated`` marks columns still alive at ``T - 1``.
+  and ``truncated`` marks where the env's time limit cut it, or columns still
+  alive at ``T - 1``.
 * :func:`grouped_rollout`: ``L`` levels x ``G`` rollouts per level; the ``G``
   columns of a level share its reset key and differ only in action sampling
   (GRPO's group; common random numbers for estimator comparisons).
@@ -21,6 +22,7 @@ devices. Random bits do not depend on the layout, so the trajectories are those
 of the unsharded call.
 """
 
+import numbers
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -82,7 +84,11 @@ def episodic_rollout(
       hold the (ignored) continuation of a crashed bird.
     """
     _check_keys(reset_keys, "reset_keys")
-    if not (isinstance(horizon, int) and horizon >= 1):
+    if (
+        isinstance(horizon, bool)
+        or not isinstance(horizon, numbers.Integral)
+        or horizon < 1
+    ):
         raise ValueError(f"horizon must be an int >= 1, got {horizon!r}")
     num = reset_keys.shape[0]
     distributed.check_divisible(num, mesh, "rollout batch")

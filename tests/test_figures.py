@@ -159,7 +159,7 @@ def test_small_multiples_one_column_per_family(tmp_path):
 
 def test_plot_command_redraws_chosen_series_without_jax(tmp_path):
     _results(tmp_path / "study")
-    out = tmp_path / "fig.svg"
+    out = tmp_path / "new" / "fig.svg"  # its directory is created
     code = (
         "import sys; from rl_pg import cli; cli.main(['plot', sys.argv[1], "
         "'--metric', 'cos_true', '--estimators', 'gae,reinforce', '--out', "

@@ -70,8 +70,15 @@ def test_the_time_limit_ends_an_episodic_rollout_as_truncated(setup):
     env, env_params = rl_pg.make("FlappyBird-v0", max_steps_in_episode=5)
     traj = jax.jit(
         lambda k: grouped_rollout(
-            k, params, policy.apply, env, env_params, jax.random.split(KEY, 2), 2, 12
-        )
+            k,
+            params,
+            policy.apply,
+            env,
+            env_params,
+            jax.random.split(KEY, 2),
+            2,
+            np.int64(12),  # numpy ints are ints
+        )  # fmt: skip
     )(jax.random.PRNGKey(3))
     np.testing.assert_array_equal(traj.mask.sum(0), [5, 5, 5, 5])
     np.testing.assert_array_equal(np.flatnonzero(traj.truncated.any(1)), [4])

@@ -159,7 +159,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--group-size", "3", "--problem", "enumerable"], "multiples of group_size"),
         (["--env-id", "FlappyBird-lidar-v0", "--problem", "enumerable"], "flappy only"),
         (["--checkpoints", "missing_dir"], "not found"),
-        (["--devices", "99"], "JAX_NUM_CPU_DEVICES=N gives the process N devices"),
+        (["--devices", "99"], "devices must be between 1 and"),
         (["--config", "missing.json"], "no such file"),
         (["--config", "c.json", "--seed", "3"], "drop --seed"),
         (["--reference-trajectories", "0"], "reference_trajectories must be"),
@@ -168,6 +168,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--horizon", "100000000"], "horizon must be <= 10,000"),
         (["--estimators", "reinforce,"], "--estimators: empty name in the list"),
         (["--estimators", ""], "--estimators: empty name in the list"),
+        (["--preset", "lag", "--estimators", ""], "--estimators: empty name"),
         (["--preset", "full", "--problem", "enumerable"], "has its own sizes"),
     ],
 )
@@ -205,6 +206,8 @@ def test_run_study_needs_the_policy_of_its_params():
             run_study(**ignored, **SMALL)
     with pytest.raises(ValueError, match="seed must be an int in"):
         run_study(problem="enumerable", seed=2**32, **SMALL)
+    with pytest.raises(ValueError, match="horizon and group_size must be >= 1"):
+        run_study(horizon=0, **SMALL)
     bound = estimators.get_estimator("rloo", group_size=2)
     with pytest.raises(ValueError, match="functools.partial .* binds each"):
         run_study(problem="enumerable", estimators=[bound], **SMALL)

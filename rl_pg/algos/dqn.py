@@ -216,7 +216,7 @@ class DQNConfig(RunConfig):
             checks.require(
                 self.learning_starts < trained,
                 f"learning_starts ({self.learning_starts}) must be below the env "
-                f"steps trained ({trained}): no gradient step would be taken",
+                f"steps trained ({trained}): hardly a gradient step would be taken",
             )
 
     @property

@@ -335,13 +335,13 @@ def preset(
     if enumerable_ and name == "full":
         raise ValueError(
             "--preset full sizes the Flappy Bird study; the exact problem "
-            "(--problem enumerable) has its own sizes: drop --preset full, or give "
-            "--batch-sizes, --num-batches or --reference-trajectories"
+            "(--problem enumerable) has its own sizes: drop --preset full (the "
+            "exact sizes take --batch-sizes, --num-batches, --reference-trajectories)"
         )
     lag = fields.get("lag_kl") is not None or fields.get("lag_checkpoints")
     if name == "lag" and not lag:
         fields["lag_kl"] = LAG_LEVELS
-    if (lag or name == "lag") and not estimators:  # the lag study's estimators
+    if (lag or name == "lag") and estimators is None:  # the lag study's estimators
         estimators = ",".join(LAG_ESTIMATORS)
     base = {
         "study": ENUMERABLE_STUDY if enumerable_ else setting["study"],

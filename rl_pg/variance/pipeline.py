@@ -301,11 +301,15 @@ def run_study(
         preset=None,
         problem=problem,
         study=config,
-        horizon=job_lib.ENUMERABLE_HORIZON if enumerable_ else horizon or 128,
+        horizon=job_lib.ENUMERABLE_HORIZON
+        if enumerable_
+        else 128
+        if horizon is None
+        else horizon,
         group_size=group_size,
         seed=seed,
         checkpoints=None if enumerable_ or policies is not None else checkpoints,
-        env_id=None if enumerable_ else env_id or "FlappyBird-v0",
+        env_id=None if enumerable_ else "FlappyBird-v0" if env_id is None else env_id,
     )
     found = stages.job_stages(job, policies, policy)
     _, results = execute(job, found, out_dir, progress, mesh, command="run_study")
