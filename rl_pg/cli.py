@@ -163,6 +163,13 @@ VARIANCE_FIELDS = ("horizon", "group_size", "env_id", "devices")
 VARIANCE_OVERRIDES = ("estimators",) + VARIANCE_SIZES + VARIANCE_FIELDS
 
 
+def _path(text: str) -> str:
+    """A path option's value: not empty (Path("") is the current directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a path, got an empty string")
+    return text
+
+
 def _seed(text: str) -> int:
     """A seed: an int in [0, 2**32) (``jax.random.PRNGKey`` wraps beyond)."""
     try:
@@ -306,6 +313,7 @@ def _add_plot_parser(sub) -> None:
     )
     plot.add_argument(
         "--out",
+        type=_path,
         help="file to create (default: in RESULTS_DIR, named after the figure, "
         "with _redrawn added where the run already holds that file; never "
         "overwritten)",
@@ -366,7 +374,9 @@ def _add_bench(sub) -> None:
         help="seconds to time the Python reference per mode",
     )
     outputs = bench.add_argument_group("outputs")
-    outputs.add_argument("--out", required=True, help="new output directory")
+    outputs.add_argument(
+        "--out", type=_path, required=True, help="new output directory"
+    )
 
 
 def _add_variance_inputs(group) -> None:
@@ -381,6 +391,7 @@ def _add_variance_inputs(group) -> None:
     )
     group.add_argument(
         "--checkpoints",
+        type=_path,
         nargs="+",
         help="policy checkpoint directories, or training run directories (their "
         "best policy) (default: the shipped initial, partial and good policies); "
@@ -388,11 +399,14 @@ def _add_variance_inputs(group) -> None:
     )
     group.add_argument(
         "--run",
+        type=_path,
         help="a training run trained with --keep-checkpoints all: study every kept "
         "policy in training order and plot along_training.png/.pdf/.svg",
     )
     group.add_argument(
-        "--config", help="a previous run's config.json: run it again as it was"
+        "--config",
+        type=_path,
+        help="a previous run's config.json: run it again as it was",
     )
     group.add_argument("--seed", type=_seed, default=None, help="default 0")
     group.add_argument(
@@ -537,7 +551,9 @@ def _add_variance(sub) -> None:
         var.add_argument_group("sizes", "unset: the sizes of --preset (or --config)")
     )
     outputs = var.add_argument_group("outputs")
-    outputs.add_argument("--out", required=True, help="new output directory")
+    outputs.add_argument(
+        "--out", type=_path, required=True, help="new output directory"
+    )
     outputs.add_argument(
         "--decompose",
         action="store_true",
@@ -563,7 +579,9 @@ def _add_algo_options(
         metavar="ALGO",
         help="the algorithm: " + ", ".join(registry.NAMES),
     )
-    run.add_argument("--out", help=f"{what} (required unless --help-config)")
+    run.add_argument(
+        "--out", type=_path, help=f"{what} (required unless --help-config)"
+    )
     info = parser.add_argument_group("help")
     info.add_argument("--help-config", action="store_true", help=config_help)
     parser.set_defaults(takes_extra=True)
@@ -641,6 +659,7 @@ def _add_eval(sub) -> None:
     inputs = ev.add_argument_group("inputs")
     inputs.add_argument(
         "--checkpoint",
+        type=_path,
         required=True,
         help="a training run directory (its best policy) or a checkpoint, of any "
         "algorithm",
@@ -660,7 +679,9 @@ def _add_eval(sub) -> None:
         help="an episode stops at this many pipes",
     )
     outputs = ev.add_argument_group("outputs")
-    outputs.add_argument("--out", required=True, help="new output directory")
+    outputs.add_argument(
+        "--out", type=_path, required=True, help="new output directory"
+    )
     outputs.add_argument("--gif", action="store_true", help="also write agent.gif")
 
 
@@ -682,6 +703,7 @@ def _add_render(sub) -> None:
     )
     policy.add_argument(
         "--checkpoint",
+        type=_path,
         help="a trained policy: a training run directory or a policy checkpoint",
     )
     policy.add_argument(
@@ -697,7 +719,7 @@ def _add_render(sub) -> None:
         "--frame-skip", type=int, default=2, help="keep every k-th frame (smaller GIFs)"
     )
     outputs = render.add_argument_group("outputs")
-    outputs.add_argument("--out", required=True, help="GIF file to create")
+    outputs.add_argument("--out", type=_path, required=True, help="GIF file to create")
 
 
 COMMANDS = (

@@ -96,6 +96,20 @@ def test_eval_bad_numbers(capsys, tmp_path, flags, expected):
     assert not out.exists()
 
 
+def test_an_empty_path_is_refused_by_the_parser(capsys, tmp_path):
+    """`--checkpoint ""` is no path (it was read as the current directory)."""
+    for argv in (
+        ["eval", "--checkpoint", "", "--out", str(tmp_path / "e")],
+        ["variance", "--checkpoints", "", "--out", str(tmp_path / "v")],
+        ["render", "--out", ""],
+    ):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and "expected a path, got an empty string" in err
+    assert not list(tmp_path.iterdir())
+
+
 def test_eval_bad_checkpoints(capsys, tmp_path, broken_checkpoint):
     out = tmp_path / "eval"
     missing = tmp_path / "missing"
