@@ -297,19 +297,17 @@ def run_study(
             f"run_study: {', '.join(ignored)} would be ignored: the exact problem "
             "studies its own MDP and policies, and policies= replaces checkpoints="
         )
+    horizon = 128 if horizon is None else horizon  # the defaults, once checked
+    env_id = "FlappyBird-v0" if env_id is None else env_id
     job = job_lib.VarianceJob(
         preset=None,
         problem=problem,
         study=config,
-        horizon=job_lib.ENUMERABLE_HORIZON
-        if enumerable_
-        else 128
-        if horizon is None
-        else horizon,
+        horizon=job_lib.ENUMERABLE_HORIZON if enumerable_ else horizon,
         group_size=group_size,
         seed=seed,
         checkpoints=None if enumerable_ or policies is not None else checkpoints,
-        env_id=None if enumerable_ else "FlappyBird-v0" if env_id is None else env_id,
+        env_id=None if enumerable_ else env_id,
     )
     found = stages.job_stages(job, policies, policy)
     _, results = execute(job, found, out_dir, progress, mesh, command="run_study")

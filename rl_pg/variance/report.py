@@ -133,14 +133,12 @@ def settings_lines(results: JobResults) -> list[str]:
 
 def _batches_text(config: StudyConfig) -> str:
     """ "8 top-level batches of 16, cut into 32 batches of 4 and 8 of 16"."""
-    counts = runners.sub_batch_counts(config)
-    cut = [f"{config.num_batches * c} of {n}" for n, c in sorted(counts.items())]
-    return (
-        f"{config.num_batches} top-level batches of {max(config.batch_sizes)}, cut "
-        f"into {cut[0].replace(' of ', ' batches of ', 1)}"
-        + "".join(f", {c}" for c in cut[1:-1])
-        + (f" and {cut[-1]}" if len(cut) > 1 else "")
-    )
+    counts = sorted(runners.sub_batch_counts(config).items())
+    cut = [f"{config.num_batches * c} of {n}" for n, c in counts]
+    cut[0] = cut[0].replace(" of ", " batches of ", 1)
+    listed = cut[0] if len(cut) == 1 else ", ".join(cut[:-1]) + f" and {cut[-1]}"
+    largest = max(config.batch_sizes)
+    return f"{config.num_batches} top-level batches of {largest}, cut into {listed}"
 
 
 def _policies_text(results: JobResults) -> str:
