@@ -287,7 +287,7 @@ def sample_batch(
       the end are zero padding with mask 0. ``log_probs`` and ``values`` come from
       ``params`` (so importance ratios are 1 at ``params``).
     """
-    if group_size < 1 or n % group_size:
+    if group_size < 1 or n < 1 or n % group_size:
         raise ValueError(
             f"n={n} must be a positive multiple of group_size={group_size}."
         )
@@ -366,10 +366,12 @@ def sample_batches(
     Returns:
       A ``Trajectory`` whose fields are [M, T, n, ...].
     """
-    if group_size < 1 or n % group_size:
+    if group_size < 1 or n < 1 or n % group_size:
         raise ValueError(
             f"n={n} must be a positive multiple of group_size={group_size}."
         )
+    if num_batches < 1:
+        raise ValueError(f"num_batches={num_batches} must be at least 1.")
     big = sample_batch(key, params, num_batches * n, mdp, group_size=group_size)
 
     def split(x: jax.Array) -> jax.Array:

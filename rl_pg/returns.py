@@ -167,8 +167,9 @@ def discounted_returns(
         return g_t, g_t
 
     # The carry entering t = T - 1 is next_values[T - 1]: the sequence end is a cut.
+    last = next_values[-1] if r.shape[0] else jnp.zeros((), jnp.float32)  # T = 0
     _, g = jax.lax.scan(
-        body, next_values[-1], (r, terminated, truncated, next_values), reverse=True
+        body, last, (r, terminated, truncated, next_values), reverse=True
     )
     return g
 

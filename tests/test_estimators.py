@@ -210,6 +210,13 @@ def test_exact_objective_matches_dynamic_programming():
     assert np.any(e.mask == 0)  # early termination happens
 
 
+def test_empty_samples_are_refused():
+    with pytest.raises(ValueError, match="n=0 must be a positive multiple"):
+        enumerable.sample_batch(jax.random.PRNGKey(0), PARAMS, 0, MDP)
+    with pytest.raises(ValueError, match="num_batches=0 must be at least 1"):
+        enumerable.sample_batches(jax.random.PRNGKey(0), PARAMS, 0, 4, MDP)
+
+
 def test_sample_batch_structure(small_batch):
     b = small_batch
     assert_trajectory(b)

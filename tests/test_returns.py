@@ -301,3 +301,16 @@ def test_length_one_sequence():
     )
     # Cut by the sequence end: A = 2 + 0.5 * 1 - 0.5 = 2
     chex.assert_trees_all_close(g, jnp.array([2.0]))
+
+
+def test_an_empty_sequence_has_empty_returns():
+    """T = 0: every function returns [0] (discounted_returns read next_values[-1])."""
+    e, flags = jnp.zeros((0,)), _flags()
+    for g in (
+        returns.reward_to_go(e, e, flags),
+        returns.total_return(e, e, flags),
+        returns.discounted_returns(e, flags, flags, e, 0.9),
+        returns.gae(e, e, e, flags, flags, 0.9, 0.8),
+        returns.lambda_returns(e, e, e, flags, flags, 0.9, 0.8),
+    ):
+        assert g.shape == (0,) and g.dtype == jnp.float32
