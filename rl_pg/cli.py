@@ -789,7 +789,7 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
             print(f"rl-pg {args.command}: stdout was closed{hint}", file=sys.stderr)
         raise SystemExit(141) from None
     except (ValueError, OSError, ImportError) as error:  # bad input, files, extras
-        message = " ".join(str(error).split())  # one line
+        message = _one_line(error)
         hint = _recovery(args, argv, error)
         print(f"rl-pg {args.command}: error: {message}{hint}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -802,6 +802,14 @@ def main(argv: list[str] | None = None, *, cpu_cores: bool = False) -> None:
         print(f"done in {time.perf_counter() - start:.1f} s", flush=True)
     except BrokenPipeError:
         raise SystemExit(141) from None
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line; a system call's OSError as "what: path"
+    (Python's "[Errno 2] No such file or directory: '/proc/x'" reads as a bug)."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    return " ".join(str(error).split())
 
 
 def _recovery(args, argv: list[str], error: BaseException | None) -> str:

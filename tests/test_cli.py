@@ -47,6 +47,17 @@ def _fails(capsys, argv, *expected):
     for text in expected:
         assert text in lines[0], lines[0]
     assert "Traceback" not in captured.err and "done in" not in captured.out
+    return lines[0]
+
+
+def test_a_system_error_is_one_plain_line(capsys):
+    """An OSError from the system reads "what: path", without "[Errno 2]"."""
+    error = FileNotFoundError(2, "No such file or directory", "/proc/x")
+    assert cli._one_line(error) == "No such file or directory: /proc/x"
+    assert cli._one_line(ValueError("a\n  b")) == "a b"
+    if Path("/proc/self").is_dir():  # Linux: /proc refuses new directories
+        line = _fails(capsys, ["variance", "--out", "/proc/rl_pg/out"], "/proc/rl_pg")
+        assert "Errno" not in line
 
 
 @pytest.fixture
