@@ -278,6 +278,9 @@ def _call_keys(keys, start: int, per_call: int, put: Callable, mesh):
 # ---------------------------------------------------------------- the study
 
 
+MAX_BATCHES_PER_SIZE = 16_384  # an M x M float64 Gram matrix: 2 GiB
+
+
 @dataclasses.dataclass(frozen=True)
 class StudyConfig:
     """Sizes of one study (see the presets in :mod:`rl_pg.variance.report`).
@@ -315,6 +318,12 @@ class StudyConfig:
             )
         if self.num_batches < 4:
             problems.append(f"num_batches must be >= 4, got {self.num_batches}")
+        if self.max_batches_per_size > MAX_BATCHES_PER_SIZE:
+            problems.append(
+                f"num_batches and max_batches_per_size must be <= "
+                f"{MAX_BATCHES_PER_SIZE:,} (the statistics keep an M x M Gram "
+                f"matrix per estimator and size), got {self.max_batches_per_size:,}"
+            )
         if self.max_batches_per_size < self.num_batches:
             problems.append(
                 f"max_batches_per_size ({self.max_batches_per_size}) must be >= "
