@@ -198,10 +198,11 @@ def test_ratio_aware_weights_are_the_gradient_of_the_objective(name):
     fast = estimators.weighted_gradient(params, ENUMERATED, step, POLICY.apply)
     np.testing.assert_allclose(fast["logits"], expected, rtol=1e-5, atol=1e-6)
     assert np.abs(expected).max() > 1e-3
-    # The loss's own gradient is the same weighting.
+    # The loss's own gradient is the same weighting, and its value is -J_hat.
     loss = estimators.get_estimator(name, apply_fn=POLICY.apply, **kwargs)
-    by_loss = jax.grad(lambda p: loss(p, ENUMERATED)[0])(params)["logits"]
-    np.testing.assert_allclose(-by_loss, expected, rtol=1e-5, atol=1e-6)
+    value, by_loss = jax.value_and_grad(lambda p: loss(p, ENUMERATED)[0])(params)
+    np.testing.assert_allclose(-by_loss["logits"], expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(value, -objective(params), rtol=1e-5, atol=1e-6)
 
 
 COUNTERPARTS = {
