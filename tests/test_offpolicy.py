@@ -312,20 +312,23 @@ def test_gae_matches_rlax():
     np.testing.assert_allclose(-grad["logits"], expected, rtol=1e-5, atol=1e-6)
 
 
-def test_ppo_clip_matches_rlax_away_from_the_behaviour():
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ppo_clip_matches_rlax_away_from_the_behaviour(normalize):
+    """Normalised: (A - mean) / (std + 1e-8) over the batch's steps (all live)."""
     batch = _full_length_batch(MU, seed=2)
-    adv = jnp.asarray(np.random.default_rng(2).normal(size=(5, 4)), jnp.float32)
+    adv = jnp.asarray(np.random.default_rng(2).normal(1.0, 2.0, (5, 4)), jnp.float32)
+    given = (adv - adv.mean()) / (adv.std() + 1e-8) if normalize else adv
 
     def oracle(p):
         logits, _ = POLICY.apply(p, batch.observations)
         ratio = jnp.exp(policies.log_prob(logits, batch.actions) - batch.log_probs)
-        return rlax.clipped_surrogate_pg_loss(ratio.ravel(), adv.ravel(), 0.2)
+        return rlax.clipped_surrogate_pg_loss(ratio.ravel(), given.ravel(), 0.2)
 
     loss = estimators.get_estimator(
         "ppo_clip",
         apply_fn=POLICY.apply,
         advantages=adv,
-        normalize_advantages=False,
+        normalize_advantages=normalize,
         vf_coef=0.0,
         ent_coef=0.0,
     )
