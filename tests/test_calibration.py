@@ -137,6 +137,47 @@ def test_trace_sigma_squared_is_unbiased():
     assert np.mean(values) == pytest.approx(np.trace(sigma @ sigma), rel=0.05)
 
 
+def test_the_jackknife_se_of_a_difference_of_means_is_the_textbook_one():
+    """Delete-one replicates of xbar - ybar: s_x^2 / M + s_y^2 / K exactly."""
+    rng = np.random.default_rng(6)
+    x, y = rng.normal(size=64), 3.0 * rng.normal(size=16)
+    values = np.concatenate(
+        [
+            [x.mean() - y.mean()],
+            (x.sum() - x) / 63 - y.mean(),
+            x.mean() - (y.sum() - y) / 15,
+        ]
+    )
+    expected = np.sqrt(x.var(ddof=1) / 64 + y.var(ddof=1) / 16)
+    assert statistics._jackknife_se(values, 64) == pytest.approx(expected, rel=1e-9)
+
+
+def test_the_degenerate_part_is_bias2_s_variance_at_an_unbiased_estimator():
+    """At mu_x = mu_y bias2's first-order part is 0, so the point's variance is
+    2 tr Sx^2 / (M (M-1)) + 2 tr Sy^2 / (K (K-1)) + 4 tr(Sx Sy) / (M K)
+    (simulated), and ``_degenerate_part`` estimates it without bias."""
+    rng = np.random.default_rng(5)
+    d, M, K = 6, 8, 6
+    A, B = rng.normal(size=(2, d, d)) / 3
+    Sx, Sy = A @ A.T, B @ B.T
+    exact = (
+        2 * np.trace(Sx @ Sx) / (M * (M - 1))
+        + 2 * np.trace(Sy @ Sy) / (K * (K - 1))
+        + 4 * np.trace(Sx @ Sy) / (M * K)
+    )
+    X = 1.0 + rng.normal(size=(20_000, M, d)) @ A.T
+    Y = 1.0 + rng.normal(size=(20_000, K, d)) @ B.T
+    diff = X.mean(1) - Y.mean(1)
+    noise = X.var(1, ddof=1).sum(-1) / M + Y.var(1, ddof=1).sum(-1) / K
+    points = np.sum(diff**2, -1) - noise
+    assert np.var(points) == pytest.approx(exact, rel=0.05)
+    estimates = [
+        statistics._degenerate_part(x @ x.T, x @ y.T, y @ y.T)
+        for x, y in zip(X[:4000], Y[:4000], strict=True)
+    ]
+    assert np.mean(estimates) == pytest.approx(exact, rel=0.05)
+
+
 @pytest.mark.slow
 def test_exact_mode_intervals_cover_the_exact_values():
     config = variance.StudyConfig(
