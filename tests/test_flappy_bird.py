@@ -86,6 +86,11 @@ def test_ground_clamps_position_and_crashes(features_env):
     assert bool(terminated)
     assert float(reward) == -1.0
     assert float(new.bird_vel) == 0.0  # the reference zeroes it on a crash
+    # Within a pixel of the ground is a crash too (y + 24 >= 404.48 - 1): from 370
+    # at 9 + 1 px/step the bird stops at 380 (404 < 404.48) and crashes there.
+    state = _state(params, bird_vel=9.0, bird_y=370.0)
+    _, new, _, terminated, _ = _step(features_env, state, 0)
+    assert float(new.bird_y) == 380.0 and bool(terminated)
 
 
 @pytest.mark.slow
