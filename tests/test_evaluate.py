@@ -116,6 +116,25 @@ def test_greedy_scores_depend_on_levels_not_on_the_key(env_and_params):
     assert not np.array_equal(a.lengths, c.lengths)
 
 
+def test_the_median_is_known_once_both_middle_ranks_are():
+    """Crashed episodes fill the lowest ranks, finished uncrashed ones the highest;
+    the median of N needs ranks (N + 1) // 2 and N // 2 + 1 (two when N is even)."""
+
+    def known(crashed, survived):
+        n = len(crashed)
+        crashed, survived = np.array(crashed, bool), np.array(survived, bool)
+        carry = ev._EvalCarry(None, crashed | survived, crashed, None)
+        return bool(ev._median_known(carry, n))
+
+    assert not known([1, 1, 0, 0], [0, 0, 0, 0])  # rank 3 of 4 still running
+    assert known([1, 1, 1, 0], [0, 0, 0, 0])
+    assert known([1, 1, 0, 0], [0, 0, 1, 1])  # ranks 3 and 4 finished high
+    assert not known([1, 0, 0, 0], [0, 0, 0, 1])  # rank 2 unknown
+    assert not known([1, 1, 0, 0, 0], [0, 0, 0, 0, 0])  # rank 3 of 5
+    assert known([1, 1, 1, 0, 0], [0, 0, 0, 0, 0])
+    assert known([0, 0, 0, 0, 0], [0, 0, 1, 1, 1])
+
+
 def test_median_only_gives_the_same_median(env_and_params):
     env, params = env_and_params
     key = jax.random.PRNGKey(0)
