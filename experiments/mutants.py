@@ -179,6 +179,10 @@ MUTANTS = [
            "else -np.inf)", LAG),
     Mutant("crossover at the last KL", "rl_pg/variance/lag_report.py",
            "            r = over[0]\n", "            r = over[-1]\n", LAG),
+    Mutant("crossover significant without the lower end",
+           "rl_pg/variance/lag_report.py",
+           'sure = r["bias2_lo"] > r["variance_hi"]',
+           'sure = r["bias2"] > r["variance_hi"]', LAG),
 ]  # fmt: skip
 
 

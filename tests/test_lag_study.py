@@ -360,3 +360,42 @@ def test_rl_pg_plot_redraws_a_lag_study_without_jax(tmp_path):
     assert ids == {f"{s}:cos_true:{e}" for s in ("initial", "good")
                    for e in ("naive", "grpo")} | {
         f"{s}:mse:naive" for s in ("initial", "good")}  # fmt: skip
+
+
+def _report_row(estimator, kl, n, mse, bias2, variance):
+    """A results row as the lag report reads it: (value, lo, hi) triples."""
+    row = {"checkpoint": "good", "estimator": estimator, "lag_kl": kl}
+    row |= {"batch_size": n, "reference_norm2": 4.0}
+    for name, (v, lo, hi) in {"mse": mse, "bias2": bias2, "variance": variance}.items():
+        row |= {name: v, f"{name}_lo": lo, f"{name}_hi": hi}
+    return row
+
+
+def test_the_lag_report_names_the_best_and_where_bias_overtakes_by_hand():
+    from rl_pg.variance import lag_report
+
+    one = (1.0, 0.8, 1.2)
+    rows = [  # naive: bias2 clears the variance at KL 0.1 (and 0.3), significantly
+        _report_row("naive", 0.01, 8, (1.1, 1, 2), (0.1, 0, 0.2), one),
+        _report_row("naive", 0.1, 8, (3.0, 2, 4), (2.0, 1.5, 3), one),
+        _report_row("naive", 0.3, 8, (6.0, 5, 7), (5.0, 4, 6), one),
+        # truncated_is: over the variance's upper end at 0.1, its own interval not
+        _report_row("truncated_is", 0.01, 8, (2.0, 1, 3), (0.0, -1, 1), one),
+        _report_row("truncated_is", 0.1, 8, (2.5, 2, 3), (1.5, 0.5, 3), one),
+        _report_row("truncated_is", 0.3, 8, (2.6, 2, 3), (0.5, 0, 1), one),
+        _report_row("trajectory_is", 0.01, 8, (1.5, 1, 2), (0.0, -1, 1), one),
+        _report_row("trajectory_is", 0.1, 8, (2.8, 2, 3), (3.0, 0, 9), one),
+        _report_row("trajectory_is", 0.3, 8, (9.0, 8, 10), (0.0, -1, 1), one),
+        _report_row("naive", 0.3, 4, (0.1, 0, 1), (0.0, -1, 1), one),  # n = 4: unread
+    ]
+    assert lag_report.best_lines(rows, "lag_kl") == [
+        "- good, KL 0.01: **naive**, relative MSE 0.275 [0.25, 0.5]",
+        "- good, KL 0.1: **truncated_is**, relative MSE 0.625 [0.5, 0.75]",
+        "- good, KL 0.3: **truncated_is**, relative MSE 0.65 [0.5, 0.75]",
+    ]
+    assert lag_report.crossover_lines(rows, "lag_kl") == [
+        "- good, naive: KL 0.1 (bias2 2 [1.5, 3] > variance 1 [0.8, 1.2], "
+        "significantly)",
+        "- good, truncated_is: KL 0.1 (bias2 1.5 [0.5, 3] > variance 1 [0.8, 1.2], "
+        "intervals overlap)",
+    ]  # trajectory_is is unbiased under lag: not listed
