@@ -42,6 +42,8 @@ ENV = "tests/test_flappy_bird.py tests/test_parity.py"
 LAG = "tests/test_lag.py tests/test_lag_study.py"
 QL, DQN = "tests/test_qlearning.py", "tests/test_dqn.py tests/test_replay.py"
 PG = "rl_pg/estimators.py"
+REPORT = "rl_pg/variance/report.py"
+REPORT_TESTS = "tests/test_variance_report.py tests/test_variance.py"
 
 MUTANTS = [
     Mutant("reward_to_go ignores done", "rl_pg/returns.py",
@@ -179,6 +181,15 @@ MUTANTS = [
            "else -np.inf)", LAG),
     Mutant("crossover at the last KL", "rl_pg/variance/lag_report.py",
            "            r = over[0]\n", "            r = over[-1]\n", LAG),
+    Mutant("report's lowest relative variance is the highest", REPORT,
+           'best = min(finite, key=lambda r: r["rel_variance"])',
+           'best = max(finite, key=lambda r: r["rel_variance"])', REPORT_TESTS),
+    Mutant("tilted below 0.9", REPORT, 'r["cos_mean_hi"] < 0.99',
+           'r["cos_mean_hi"] < 0.9', REPORT_TESTS),
+    Mutant("stage table without the smallest size", REPORT,
+           "not in (smallest, largest):", "not in (largest,):", REPORT_TESTS),
+    Mutant("interval ends swapped", REPORT, 'for s in ("lo", "hi"))',
+           'for s in ("hi", "lo"))', REPORT_TESTS),
     Mutant("crossover significant without the lower end",
            "rl_pg/variance/lag_report.py",
            'sure = r["bias2_lo"] > r["variance_hi"]',

@@ -351,3 +351,38 @@ def test_the_decomposition_figure_is_written_in_every_format(tmp_path):
     ]
     svg = (tmp_path / "decomposition.svg").read_text()
     assert "value baseline" in svg and "trajectory (rest)" in svg
+
+
+def _stage_row(estimator, n, rel_variance, cos_true, cos_mean_hi):
+    row = {"estimator": estimator, "batch_size": n, "num_batches": 8}
+    row |= {"rel_variance": rel_variance, "cos_true": cos_true}
+    row |= {"cos_mean": 0.9, "cos_mean_lo": 0.8, "cos_mean_hi": cos_mean_hi}
+    for m in ("rel_variance", "cos_true", "snr", "bias2", "variance"):
+        row.setdefault(m, 1.0)
+        row |= {f"{m}_lo": row[m] - 0.5, f"{m}_hi": row[m] + 0.5}
+    return row
+
+
+def test_a_stage_s_summary_and_table_by_hand():
+    """Best and worst by relative variance among the finite, closest by cos_true,
+    a mean indistinguishable from 0 (rel_variance inf) named, tilted rows those
+    whose cos_mean interval ends below 0.99; the table keeps the smallest and
+    largest sizes, each value with [lo, hi]."""
+    rows = [
+        _stage_row("reinforce", 16, 4.0, 0.3, 0.95),
+        _stage_row("rloo", 16, 0.5, 0.6, 1.0),
+        _stage_row("gae", 16, 1.0, 0.8, 0.985),
+        _stage_row("grpo", 16, np.inf, 0.1, np.nan),
+    ]
+    assert report._stage_summary(rows, 16) == [
+        "At n = 16, rloo has the lowest relative variance (0.5) and reinforce the "
+        "highest (4); the mean of grpo is indistinguishable from 0 here; gae points "
+        "closest to the true gradient (mean cosine 0.80).",
+        "Mean estimate tilted away from g (cos_mean interval below 0.99; n/a where "
+        "the mean is indistinguishable from 0): reinforce, gae.",
+    ]
+    config = dataclasses.replace(job_lib.QUICK_STUDY, batch_sizes=(4, 8, 16))
+    sized = [_stage_row("rloo", n, 0.5, 0.6, 1.0) for n in (4, 8, 16)]
+    table = report._stage_table(sized, config, False, frozenset({"rloo"}))
+    assert [line.split(" | ")[1] for line in table[2:]] == ["4", "16"]
+    assert table[2].startswith("| rloo* | 4 | 8 | 0.600 [0.100, 1.100] |")
