@@ -445,7 +445,9 @@ def _add_variance_inputs(group) -> None:
 def _add_variance_sizes(group) -> None:
     """``rl-pg variance``'s sizes (None: the preset's)."""
     group.add_argument("--batch-sizes", type=_int_list, help="e.g. 4,16,64")
-    group.add_argument("--num-batches", type=int, help="top-level batches (>= 4)")
+    group.add_argument(
+        "--num-batches", type=int, help="top-level batches (4 to 16,384)"
+    )
     group.add_argument(
         "--reference-trajectories",
         type=int,
@@ -808,7 +810,8 @@ def _one_line(error: BaseException) -> str:
     """The error's message on one line; a system call's OSError as "what: path"
     (Python's "[Errno 2] No such file or directory: '/proc/x'" reads as a bug)."""
     if isinstance(error, OSError) and error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename}"
+        target = f" -> {error.filename2}" if error.filename2 else ""  # a rename
+        return f"{error.strerror}: {error.filename}{target}"
     return " ".join(str(error).split())
 
 

@@ -55,6 +55,8 @@ def test_a_system_error_is_one_plain_line(capsys):
     error = FileNotFoundError(2, "No such file or directory", "/proc/x")
     assert cli._one_line(error) == "No such file or directory: /proc/x"
     assert cli._one_line(ValueError("a\n  b")) == "a b"
+    rename = FileExistsError(17, "File exists", "/tmp/a.tmp", None, "/tmp/a")
+    assert cli._one_line(rename) == "File exists: /tmp/a.tmp -> /tmp/a"
     if Path("/proc/self").is_dir():  # Linux: /proc refuses new directories
         line = _fails(capsys, ["variance", "--out", "/proc/rl_pg/out"], "/proc/rl_pg")
         assert "Errno" not in line

@@ -130,6 +130,7 @@ def test_the_median_is_known_once_both_middle_ranks_are():
     assert known([1, 1, 1, 0], [0, 0, 0, 0])
     assert known([1, 1, 0, 0], [0, 0, 1, 1])  # ranks 3 and 4 finished high
     assert not known([1, 0, 0, 0], [0, 0, 0, 1])  # rank 2 unknown
+    assert not known([1, 1, 0, 0], [0, 0, 0, 1])  # rank 3 unknown
     assert not known([1, 1, 0, 0, 0], [0, 0, 0, 0, 0])  # rank 3 of 5
     assert known([1, 1, 1, 0, 0], [0, 0, 0, 0, 0])
     assert known([0, 0, 0, 0, 0], [0, 0, 1, 1, 1])

@@ -304,7 +304,8 @@ def test_length_one_sequence():
 
 
 def test_an_empty_sequence_has_empty_returns():
-    """T = 0: every function returns [0] (discounted_returns read next_values[-1])."""
+    """T = 0: every function returns an array of shape (0,) (discounted_returns
+    read next_values[-1])."""
     e, flags = jnp.zeros((0,)), _flags()
     for g in (
         returns.reward_to_go(e, e, flags),

@@ -156,7 +156,7 @@ def test_cli_user_estimator_and_config_rerun(tmp_path, monkeypatch, capsys):
         (["--estimators", "reinforce,reinforce"], "two studied estimators"),
         (["--batch-sizes", "4,6"], "divide the largest"),
         (["--num-batches", "2"], "num_batches"),
-        (["--num-batches", "16385"], "must be <= 16,384"),
+        (["--num-batches", "16385"], "num_batches must be <= 16,384"),
         (["--group-size", "3", "--problem", "enumerable"], "multiples of group_size"),
         (["--env-id", "FlappyBird-lidar-v0", "--problem", "enumerable"], "flappy only"),
         (["--checkpoints", "missing_dir"], "not found"),

@@ -258,6 +258,9 @@ def test_batch_estimates_do_not_depend_on_chunking(setup):
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="num_batches"):
         variance.StudyConfig(num_batches=1)
+    variance.StudyConfig(num_batches=16_384, max_batches_per_size=16_384)  # the cap
+    with pytest.raises(ValueError, match="max_batches_per_size must be <= 16,384"):
+        variance.StudyConfig(max_batches_per_size=16_385)
     with pytest.raises(ValueError, match="chunk"):
         variance.StudyConfig(reference_trajectories=1000, chunk=300)
     with pytest.raises(ValueError, match="divide the largest"):

@@ -278,7 +278,7 @@ def _call_keys(keys, start: int, per_call: int, put: Callable, mesh):
 # ---------------------------------------------------------------- the study
 
 
-MAX_BATCHES_PER_SIZE = 16_384  # an M x M float64 Gram matrix: 2 GiB
+MAX_BATCHES_PER_SIZE = 16_384  # an M x M float64 Gram matrix is 2 GiB (several live)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,12 +318,13 @@ class StudyConfig:
             )
         if self.num_batches < 4:
             problems.append(f"num_batches must be >= 4, got {self.num_batches}")
-        if self.max_batches_per_size > MAX_BATCHES_PER_SIZE:
-            problems.append(
-                f"num_batches and max_batches_per_size must be <= "
-                f"{MAX_BATCHES_PER_SIZE:,} (the statistics keep an M x M Gram "
-                f"matrix per estimator and size), got {self.max_batches_per_size:,}"
-            )
+        for name in ("num_batches", "max_batches_per_size"):
+            if getattr(self, name) > MAX_BATCHES_PER_SIZE:
+                problems.append(
+                    f"{name} must be <= {MAX_BATCHES_PER_SIZE:,} (the statistics "
+                    "keep M x M Gram matrices per estimator and size), got "
+                    f"{getattr(self, name):,}"
+                )
         if self.max_batches_per_size < self.num_batches:
             problems.append(
                 f"max_batches_per_size ({self.max_batches_per_size}) must be >= "
